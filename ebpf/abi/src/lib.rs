@@ -1,0 +1,454 @@
+//! The kernel/user-space contract of the ferrox datapath.
+//!
+//! Every map key and value, every map name and every constant that both the kernel programs
+//! (`ferrox-ebpf`) and user space (`ferrox-datapath` and above) read lives here and nowhere else.
+//!
+//! Rules this crate must never break:
+//! - `#[repr(C)]`, `Copy`, no `bool`, explicit `_pad` fields, and a size/offset assertion for
+//!   every type, so that the two sides can never disagree on a layout.
+//! - A pinned map is never reinterpreted: a layout change means a new map name (`.._V2`) and
+//!   pin directory version, never an edit of a `_V1` type.
+//! - Addresses and ports are stored in network byte order; each field says so.
+#![no_std]
+
+use core::mem::{offset_of, size_of};
+
+/// Version of the pinned-object layout. Pins live under `<bpffs root>/v1/`.
+pub const PIN_VERSION: &str = "v1";
+
+/// Names of the maps, as the kernel and the pin directory know them (at most 15 bytes).
+pub mod map_names {
+    /// [`crate::ServiceKey`] -> [`crate::ServiceValue`]: frontends and their backend slots.
+    pub const SERVICES: &str = "SVC_V1";
+    /// `u32` backend id -> [`crate::Backend`].
+    pub const BACKENDS: &str = "BACKENDS_V1";
+    /// [`crate::SockRevNatKey`] -> [`crate::SockRevNatValue`]: which frontend a socket dialled.
+    pub const SOCK_REVNAT: &str = "SOCK_RNAT_V1";
+    /// Per-CPU array of [`crate::CounterValue`], indexed by [`crate::counter_index`].
+    pub const COUNTERS: &str = "COUNTERS_V1";
+    /// [`crate::EndpointKey`] -> [`crate::EndpointInfo`]: the pods of this node.
+    pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+
+    /// Every map the datapath pins, in a stable order.
+    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, SOCK_REVNAT, COUNTERS, ENDPOINTS];
+}
+
+/// Names of the programs (the function names in `ferrox-ebpf`, also their pin names).
+pub mod program_names {
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// Attached at TC ingress of a pod's host-side veth: packets leaving the pod.
+    pub const TC_FROM_POD: &str = "tc_from_pod";
+    /// Attached at TC ingress of the node's uplink.
+    pub const TC_UPLINK_INGRESS: &str = "tc_uplink_in";
+    /// Attached at TC egress of the node's uplink.
+    pub const TC_UPLINK_EGRESS: &str = "tc_uplink_out";
+}
+
+/// Map capacities. Sized for a large cluster; user space reports fill levels against these.
+pub mod capacity {
+    /// Frontend master entries plus one entry per backend slot.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 131_072;
+    pub const SOCK_REVNAT: u32 = 262_144;
+    pub const ENDPOINTS: u32 = 16_384;
+}
+
+/// IP protocol numbers as they appear in [`ServiceKey::proto`] and [`Backend::proto`].
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// Key of the services map. Slot 0 is the frontend's master entry; slots `1..=count` hold the
+/// backend ids, so a backend is chosen with two lookups and no loop in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order (the bytes of the address in memory order).
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// IP protocol, see [`proto`].
+    pub proto: u8,
+    /// Reserved for the internal/external scope split of traffic policies; 0 today.
+    pub scope: u8,
+    /// 0 for the master entry, `1..=count` for backend slots.
+    pub slot: u16,
+    pub _pad: [u8; 2],
+}
+
+impl ServiceKey {
+    pub const fn master(addr: u32, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope: 0,
+            slot: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    pub const fn with_slot(self, slot: u16) -> Self {
+        Self { slot, ..self }
+    }
+}
+
+/// Value of the services map. In the master entry (slot 0) `count`, `rev_nat_id`, `flags` and
+/// `affinity_timeout` are meaningful; in a backend slot only `backend_id` is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Backend id (slot > 0), key of the backends map.
+    pub backend_id: u32,
+    /// Number of backend slots (master entry). 0 means the frontend exists but has no backend:
+    /// connections are refused, as kube-proxy does.
+    pub count: u16,
+    /// Identifies the frontend for reverse translation.
+    pub rev_nat_id: u16,
+    /// [`svc_flags`] bits.
+    pub flags: u16,
+    pub _pad: [u8; 2],
+    /// Session affinity timeout in seconds when [`svc_flags::AFFINITY`] is set.
+    pub affinity_timeout: u32,
+}
+
+/// Bits of [`ServiceValue::flags`]: the kind of frontend and its policies.
+pub mod svc_flags {
+    pub const CLUSTER_IP: u16 = 1 << 0;
+    pub const NODE_PORT: u16 = 1 << 1;
+    pub const EXTERNAL_IP: u16 = 1 << 2;
+    pub const LOAD_BALANCER: u16 = 1 << 3;
+    pub const AFFINITY: u16 = 1 << 4;
+    pub const EXTERNAL_LOCAL: u16 = 1 << 5;
+    pub const INTERNAL_LOCAL: u16 = 1 << 6;
+}
+
+/// Value of the backends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// IP protocol, see [`proto`].
+    pub proto: u8,
+    /// [`backend_flags`] bits.
+    pub flags: u8,
+}
+
+/// Bits of [`Backend::flags`].
+pub mod backend_flags {
+    /// The endpoint is terminating but still serving.
+    pub const TERMINATING: u8 = 1 << 0;
+    /// The endpoint runs on this node.
+    pub const LOCAL: u8 = 1 << 1;
+}
+
+/// Key of the socket reverse-translation map: which backend a socket was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie()` of the socket.
+    pub cookie: u64,
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the socket reverse-translation map: the frontend the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub rev_nat_id: u16,
+}
+
+/// Key of the endpoints map: a local pod's IPv4 address, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub addr: u32,
+}
+
+/// Value of the endpoints map: where a local pod lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointInfo {
+    /// Interface index of the pod's host-side veth.
+    pub ifindex: u32,
+    /// [`endpoint_flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`EndpointInfo::flags`].
+pub mod endpoint_flags {
+    pub const POD: u32 = 1 << 0;
+}
+
+/// One counter cell: packets (or socket operations) and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Where a counter was incremented.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    SockConnect4 = 0,
+    SockSendmsg4 = 1,
+    SockRecvmsg4 = 2,
+    SockGetpeername4 = 3,
+    TcFromPod = 4,
+    TcUplinkIngress = 5,
+    TcUplinkEgress = 6,
+}
+
+impl Hook {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::SockConnect4,
+        Self::SockSendmsg4,
+        Self::SockRecvmsg4,
+        Self::SockGetpeername4,
+        Self::TcFromPod,
+        Self::TcUplinkIngress,
+        Self::TcUplinkEgress,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SockConnect4 => "sock-connect4",
+            Self::SockSendmsg4 => "sock-sendmsg4",
+            Self::SockRecvmsg4 => "sock-recvmsg4",
+            Self::SockGetpeername4 => "sock-getpeername4",
+            Self::TcFromPod => "tc-from-pod",
+            Self::TcUplinkIngress => "tc-uplink-ingress",
+            Self::TcUplinkEgress => "tc-uplink-egress",
+        }
+    }
+}
+
+/// What a program decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Let the packet or socket operation go on unchanged.
+    Pass,
+    /// Rewrote the destination (or source, on the reverse path) and let it go on.
+    Translate,
+    /// Dropped the packet or refused the socket operation.
+    Drop,
+}
+
+/// Why a program reached its verdict. Every path of every program ends in one of these; every
+/// drop has its own reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    // Pass: classified and let through.
+    PassNotIpv4 = 0,
+    PassTcp = 1,
+    PassUdp = 2,
+    PassIcmp = 3,
+    PassOtherL4 = 4,
+    PassIpv4Fragment = 5,
+    /// Socket hook: the destination is not a service frontend.
+    PassNoService = 6,
+    /// Socket hook: the protocol is neither TCP nor UDP.
+    PassUnsupportedProto = 7,
+    /// Reverse socket hooks: the peer is not a translated backend.
+    PassNoRevNat = 8,
+    // Translate.
+    /// Socket hook: the destination was a frontend, rewritten to a backend.
+    TranslateToBackend = 9,
+    /// Reverse socket hooks: the backend's address was rewritten back to the frontend's.
+    TranslateToFrontend = 10,
+    // Drop.
+    /// The IPv4 header is truncated or invalid (version, IHL, total length).
+    DropMalformedIpv4 = 11,
+    /// The frontend exists but has no backend: the connection is refused.
+    DropNoBackend = 12,
+    /// A backend slot or backend entry the frontend refers to is missing.
+    DropBackendMissing = 13,
+    /// The UDP reverse-translation entry could not be stored, so replies could not be mapped.
+    DropRevNatFull = 14,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 15;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::PassNotIpv4,
+        Self::PassTcp,
+        Self::PassUdp,
+        Self::PassIcmp,
+        Self::PassOtherL4,
+        Self::PassIpv4Fragment,
+        Self::PassNoService,
+        Self::PassUnsupportedProto,
+        Self::PassNoRevNat,
+        Self::TranslateToBackend,
+        Self::TranslateToFrontend,
+        Self::DropMalformedIpv4,
+        Self::DropNoBackend,
+        Self::DropBackendMissing,
+        Self::DropRevNatFull,
+    ];
+
+    pub const fn verdict(self) -> Verdict {
+        match self {
+            Self::PassNotIpv4
+            | Self::PassTcp
+            | Self::PassUdp
+            | Self::PassIcmp
+            | Self::PassOtherL4
+            | Self::PassIpv4Fragment
+            | Self::PassNoService
+            | Self::PassUnsupportedProto
+            | Self::PassNoRevNat => Verdict::Pass,
+            Self::TranslateToBackend | Self::TranslateToFrontend => Verdict::Translate,
+            Self::DropMalformedIpv4
+            | Self::DropNoBackend
+            | Self::DropBackendMissing
+            | Self::DropRevNatFull => Verdict::Drop,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PassNotIpv4 => "not-ipv4",
+            Self::PassTcp => "tcp",
+            Self::PassUdp => "udp",
+            Self::PassIcmp => "icmp",
+            Self::PassOtherL4 => "other-l4",
+            Self::PassIpv4Fragment => "ipv4-fragment",
+            Self::PassNoService => "no-service",
+            Self::PassUnsupportedProto => "unsupported-proto",
+            Self::PassNoRevNat => "no-revnat",
+            Self::TranslateToBackend => "to-backend",
+            Self::TranslateToFrontend => "to-frontend",
+            Self::DropMalformedIpv4 => "malformed-ipv4",
+            Self::DropNoBackend => "no-backend",
+            Self::DropBackendMissing => "backend-missing",
+            Self::DropRevNatFull => "revnat-full",
+        }
+    }
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        if v < Self::COUNT {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+}
+
+/// Size of the counters array: one cell per (hook, reason).
+pub const COUNTER_SLOTS: u32 = Hook::COUNT * Reason::COUNT;
+
+/// Index of the (hook, reason) cell in the counters map.
+#[inline(always)]
+pub const fn counter_index(hook: Hook, reason: Reason) -> u32 {
+    hook as u32 * Reason::COUNT + reason as u32
+}
+
+/// Inverse of [`counter_index`].
+pub const fn counter_cell(index: u32) -> Option<(Hook, Reason)> {
+    let hook = index / Reason::COUNT;
+    if hook >= Hook::COUNT {
+        return None;
+    }
+    match Reason::from_u32(index % Reason::COUNT) {
+        Some(reason) => Some((Hook::ALL[hook as usize], reason)),
+        None => None,
+    }
+}
+
+/// Link-local address every pod uses as its default gateway (answered by proxy ARP on the
+/// host-side veth), as in Calico.
+pub const POD_GATEWAY: [u8; 4] = [169, 254, 1, 1];
+
+// Layout checks: a change here is an ABI change and needs a new map version.
+const _: () = {
+    assert!(size_of::<ServiceKey>() == 12);
+    assert!(offset_of!(ServiceKey, port) == 4);
+    assert!(offset_of!(ServiceKey, proto) == 6);
+    assert!(offset_of!(ServiceKey, slot) == 8);
+    assert!(size_of::<ServiceValue>() == 16);
+    assert!(offset_of!(ServiceValue, count) == 4);
+    assert!(offset_of!(ServiceValue, flags) == 8);
+    assert!(offset_of!(ServiceValue, affinity_timeout) == 12);
+    assert!(size_of::<Backend>() == 8);
+    assert!(offset_of!(Backend, port) == 4);
+    assert!(offset_of!(Backend, flags) == 7);
+    assert!(size_of::<SockRevNatKey>() == 16);
+    assert!(offset_of!(SockRevNatKey, addr) == 8);
+    assert!(size_of::<SockRevNatValue>() == 8);
+    assert!(size_of::<EndpointKey>() == 4);
+    assert!(size_of::<EndpointInfo>() == 8);
+    assert!(size_of::<CounterValue>() == 16);
+    assert!(Reason::ALL.len() == Reason::COUNT as usize);
+    assert!(Hook::ALL.len() == Hook::COUNT as usize);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    //! SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, with all padding
+    //! explicit (checked by the size asserts above), so any bit pattern is a valid value.
+    use super::*;
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for CounterValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_index_round_trips_for_every_cell() {
+        for hook in Hook::ALL {
+            for reason in Reason::ALL {
+                let i = counter_index(hook, reason);
+                assert!(i < COUNTER_SLOTS);
+                assert_eq!(counter_cell(i), Some((hook, reason)));
+            }
+        }
+        assert_eq!(counter_cell(COUNTER_SLOTS), None);
+    }
+
+    #[test]
+    fn enum_discriminants_match_their_position() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        for (i, h) in Hook::ALL.iter().enumerate() {
+            assert_eq!(*h as usize, i, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in map_names::ALL {
+            assert!(name.len() <= 15, "{name}");
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Attaching programs through pinned links, and re-adopting links that are already pinned.
+//!
+//! A link is adopted when its pin exists, its target (cgroup, interface) is the one asked for
+//! and still exists; if it runs an older copy of the program it is moved to the current one with
+//! `bpf_link_update`, atomically. Only a link that points elsewhere or at nothing is replaced.
+
+use std::{
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttach, TcAttachType,
+    cgroup_sock_addr::CgroupSockAddrLink,
+    links::{FdLink, LinkOrder, PinnedLink},
+    tc::SchedClassifierLink,
+};
+use ferrox_abi::program_names as names;
+
+use crate::{
+    Datapath, DatapathError, PinLayout, Result,
+    link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info},
+};
+
+/// What happened to one attachment.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachOutcome {
+    /// The pinned link already ran the current program on the right target.
+    Adopted,
+    /// The pinned link was moved to the current program (`bpf_link_update`).
+    Updated,
+    /// No usable link was pinned; a new one was created and pinned.
+    Created,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attachment {
+    pub program: &'static str,
+    pub pin: PathBuf,
+    pub link_id: u32,
+    pub outcome: AttachOutcome,
+}
+
+/// Identifies a cgroup v2 directory the way the kernel reports it in link info.
+fn cgroup_id(path: &Path) -> Result<u64> {
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| DatapathError::Cgroup {
+            path: path.into(),
+            source,
+        })
+}
+
+/// Index of `ifname` in the calling thread's network namespace.
+pub fn ifindex(ifname: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|_| DatapathError::NoInterface {
+        name: ifname.to_owned(),
+    })
+}
+
+/// What to do with a pinned link, from what it is attached to and which program it runs.
+#[derive(Debug, PartialEq, Eq)]
+enum LinkAction {
+    Adopt,
+    Update,
+    Replace,
+}
+
+fn link_action(existing: &PinnedLinkInfo, wanted: &LinkTarget, prog_id: u32) -> LinkAction {
+    let same_target = match (existing.target, *wanted) {
+        (LinkTarget::Cgroup { cgroup_id: a, .. }, LinkTarget::Cgroup { cgroup_id: b, .. }) => {
+            a == b
+        }
+        (LinkTarget::Tcx { ifindex: a, .. }, LinkTarget::Tcx { ifindex: b, .. }) => a == b,
+        (LinkTarget::Xdp { ifindex: a }, LinkTarget::Xdp { ifindex: b }) => a == b,
+        _ => false,
+    };
+    if !same_target || !existing.target.is_live() {
+        LinkAction::Replace
+    } else if existing.prog_id == prog_id {
+        LinkAction::Adopt
+    } else {
+        LinkAction::Update
+    }
+}
+
+/// What to do for one attachment, decided from its pin.
+enum Plan {
+    Adopt,
+    /// Move this link to the current program.
+    Update(FdLink),
+    /// Attach anew and pin (any unusable pin has been removed).
+    Create,
+}
+
+fn plan(pin: &Path, wanted: LinkTarget, prog_id: u32) -> Result<Plan> {
+    if !pin.exists() {
+        return Ok(Plan::Create);
+    }
+    let action = match pinned_link_info(pin) {
+        Ok(info) => link_action(&info, &wanted, prog_id),
+        Err(e) => {
+            tracing::warn!(pin = %pin.display(), error = %e, "pinned link unreadable; replacing it");
+            LinkAction::Replace
+        }
+    };
+    match action {
+        LinkAction::Adopt => Ok(Plan::Adopt),
+        LinkAction::Update => {
+            let link = PinnedLink::from_pin(pin).map_err(|e| DatapathError::link(pin, e))?;
+            Ok(Plan::Update(FdLink::from(link)))
+        }
+        LinkAction::Replace => {
+            std::fs::remove_file(pin).map_err(|e| DatapathError::io("unpinning", pin, e))?;
+            Ok(Plan::Create)
+        }
+    }
+}
+
+fn pin_link(link: FdLink, pin: &Path) -> Result<()> {
+    link.pin(pin)
+        .map(drop)
+        .map_err(|source| DatapathError::Pin {
+            path: pin.into(),
+            source,
+        })
+}
+
+fn report(program: &'static str, pin: &Path, outcome: AttachOutcome) -> Result<Attachment> {
+    let info = pinned_link_info(pin)?;
+    tracing::debug!(program, pin = %pin.display(), link_id = info.id, ?outcome, "attached");
+    Ok(Attachment {
+        program,
+        pin: pin.into(),
+        link_id: info.id,
+        outcome,
+    })
+}
+
+/// Attaches (or adopts) one TC program at a TCX hook of `ifindex`, pinned at `pin`.
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    pin: &Path,
+    ifindex: u32,
+    direction: TcAttachType,
+) -> Result<Attachment> {
+    let op = |op| move |e| DatapathError::program(op, name, e);
+    let id = prog.info().map_err(op("inspecting"))?.id();
+    let outcome = match plan(
+        pin,
+        LinkTarget::Tcx {
+            ifindex,
+            attach_type: 0,
+        },
+        id,
+    )? {
+        Plan::Adopt => AttachOutcome::Adopted,
+        Plan::Update(link) => {
+            let link =
+                SchedClassifierLink::try_from(link).map_err(|e| DatapathError::link(pin, e))?;
+            let link_id = prog.attach_to_link(link).map_err(op("updating link of"))?;
+            // Drop our handle only; the pin keeps the link.
+            drop(prog.take_link(link_id).map_err(op("releasing link of"))?);
+            AttachOutcome::Updated
+        }
+        Plan::Create => {
+            let attach = TcAttach::Tcx {
+                attach_type: direction,
+                order: LinkOrder::default(),
+            };
+            let link_id = prog.attach(ifindex, attach).map_err(op("attaching"))?;
+            let link = prog.take_link(link_id).map_err(op("taking link of"))?;
+            pin_link(
+                FdLink::try_from(link).map_err(|e| DatapathError::link(pin, e))?,
+                pin,
+            )?;
+            AttachOutcome::Created
+        }
+    };
+    report(name, pin, outcome)
+}
+
+/// Attaches (or adopts) one cgroup sock_addr program at `cgroup`, pinned at `pin`.
+fn attach_sock(
+    prog: &mut CgroupSockAddr,
+    name: &'static str,
+    pin: &Path,
+    cgroup: &std::fs::File,
+    cgroup_id: u64,
+) -> Result<Attachment> {
+    let op = |op| move |e| DatapathError::program(op, name, e);
+    let id = prog.info().map_err(op("inspecting"))?.id();
+    let outcome = match plan(
+        pin,
+        LinkTarget::Cgroup {
+            cgroup_id,
+            attach_type: 0,
+        },
+        id,
+    )? {
+        Plan::Adopt => AttachOutcome::Adopted,
+        Plan::Update(link) => {
+            let link =
+                CgroupSockAddrLink::try_from(link).map_err(|e| DatapathError::link(pin, e))?;
+            let link_id = prog.attach_to_link(link).map_err(op("updating link of"))?;
+            drop(prog.take_link(link_id).map_err(op("releasing link of"))?);
+            AttachOutcome::Updated
+        }
+        Plan::Create => {
+            // AllowMultiple: other tools may attach their own programs to the same cgroup.
+            let link_id = prog
+                .attach(cgroup, CgroupAttachMode::AllowMultiple)
+                .map_err(op("attaching"))?;
+            let link = prog.take_link(link_id).map_err(op("taking link of"))?;
+            pin_link(
+                FdLink::try_from(link).map_err(|e| DatapathError::link(pin, e))?,
+                pin,
+            )?;
+            AttachOutcome::Created
+        }
+    };
+    report(name, pin, outcome)
+}
+
+impl Datapath {
+    /// Attaches the socket-level service translation to the cgroup v2 at `cgroup` (its whole
+    /// subtree). Tests and the demo pass a per-node cgroup; a real node passes the root cgroup.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<Vec<Attachment>> {
+        let cg_id = cgroup_id(cgroup)?;
+        let cg = std::fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.into(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for (name, prog) in &mut self.programs.sock {
+            let pin = self.layout.link(&format!("cgroup_{name}"));
+            out.push(attach_sock(prog, name, &pin, &cg, cg_id)?);
+        }
+        Ok(out)
+    }
+
+    /// Attaches the uplink programs at TCX ingress and egress of `ifname`.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<Vec<Attachment>> {
+        let ifindex = ifindex(ifname)?;
+        let mut out = Vec::new();
+        for (name, direction, pin) in [
+            (
+                names::TC_UPLINK_INGRESS,
+                TcAttachType::Ingress,
+                "uplink_ingress",
+            ),
+            (
+                names::TC_UPLINK_EGRESS,
+                TcAttachType::Egress,
+                "uplink_egress",
+            ),
+        ] {
+            let pin = self.layout.link(pin);
+            let prog = self.programs.tc(name)?;
+            out.push(attach_tcx(prog, name, &pin, ifindex, direction)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Attaches the pod-facing program at TCX ingress of a pod's host-side veth (packets leaving
+/// the pod). Used by the CNI plugin: it needs only the pins, not a loaded datapath.
+pub fn attach_pod(layout: &PinLayout, host_ifname: &str) -> Result<Attachment> {
+    let name = names::TC_FROM_POD;
+    let mut prog = SchedClassifier::from_pin(layout.program(name))
+        .map_err(|e| DatapathError::program("opening pinned", name, e))?;
+    let ifindex = ifindex(host_ifname)?;
+    attach_tcx(
+        &mut prog,
+        name,
+        &layout.pod_link(host_ifname),
+        ifindex,
+        TcAttachType::Ingress,
+    )
+}
+
+/// Removes a pod's link pin. Returns false when there was none (idempotent DEL).
+pub fn detach_pod(layout: &PinLayout, host_ifname: &str) -> Result<bool> {
+    let pin = layout.pod_link(host_ifname);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(DatapathError::io("unpinning", pin, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcx(ifindex: u32, prog_id: u32) -> PinnedLinkInfo {
+        PinnedLinkInfo {
+            id: 1,
+            prog_id,
+            target: LinkTarget::Tcx {
+                ifindex,
+                attach_type: 46,
+            },
+        }
+    }
+
+    #[test]
+    fn link_decisions() {
+        let want = LinkTarget::Tcx {
+            ifindex: 5,
+            attach_type: 0,
+        };
+        assert_eq!(link_action(&tcx(5, 9), &want, 9), LinkAction::Adopt);
+        assert_eq!(link_action(&tcx(5, 8), &want, 9), LinkAction::Update);
+        assert_eq!(link_action(&tcx(6, 9), &want, 9), LinkAction::Replace);
+        // A link whose interface is gone is defunct: replace it, even if the index matched.
+        let gone = LinkTarget::Tcx {
+            ifindex: 0,
+            attach_type: 0,
+        };
+        assert_eq!(link_action(&tcx(0, 9), &gone, 9), LinkAction::Replace);
+        let cg = PinnedLinkInfo {
+            id: 1,
+            prog_id: 9,
+            target: LinkTarget::Cgroup {
+                cgroup_id: 77,
+                attach_type: 10,
+            },
+        };
+        assert_eq!(
+            link_action(
+                &cg,
+                &LinkTarget::Cgroup {
+                    cgroup_id: 77,
+                    attach_type: 0
+                },
+                9
+            ),
+            LinkAction::Adopt
+        );
+        assert_eq!(
+            link_action(
+                &cg,
+                &LinkTarget::Cgroup {
+                    cgroup_id: 78,
+                    attach_type: 0
+                },
+                9
+            ),
+            LinkAction::Replace
+        );
+        assert_eq!(link_action(&cg, &want, 9), LinkAction::Replace);
+    }
+}

@@ -1,0 +1,142 @@
+//! What is pinned, with kernel ids: the proof that a restart re-adopted rather than re-created,
+//! and the first thing to look at on a node.
+
+use std::path::PathBuf;
+
+use aya::{maps::MapInfo, programs::ProgramInfo};
+
+use crate::{
+    DatapathError, PinLayout, Result,
+    link_info::{LinkTarget, pinned_link_info},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObjectKind {
+    Map,
+    Program,
+    Link,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PinnedObject {
+    pub kind: ObjectKind,
+    /// Path relative to `<root>/v1`, e.g. `maps/SVC_V1`.
+    pub name: String,
+    pub path: PathBuf,
+    pub id: u32,
+    /// For links: what they are attached to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<LinkTarget>,
+}
+
+fn files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(DatapathError::io("listing", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| DatapathError::io("listing", dir, e))?;
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path)?);
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every object pinned under the layout's version directory.
+pub fn inventory(layout: &PinLayout) -> Result<Vec<PinnedObject>> {
+    let base = layout.versioned();
+    let name_of = |p: &PathBuf| p.strip_prefix(&base).unwrap_or(p).display().to_string();
+    let mut out = Vec::new();
+    for path in files(&layout.maps_dir())? {
+        let info =
+            MapInfo::from_pin(&path).map_err(|e| DatapathError::map("inspecting", "pinned", e))?;
+        out.push(PinnedObject {
+            kind: ObjectKind::Map,
+            name: name_of(&path),
+            id: info.id(),
+            path,
+            target: None,
+        });
+    }
+    for path in files(&layout.progs_dir())? {
+        let info = ProgramInfo::from_pin(&path)
+            .map_err(|e| DatapathError::program("inspecting", "pinned", e))?;
+        out.push(PinnedObject {
+            kind: ObjectKind::Program,
+            name: name_of(&path),
+            id: info.id(),
+            path,
+            target: None,
+        });
+    }
+    for path in files(&layout.links_dir())? {
+        let info = pinned_link_info(&path)?;
+        out.push(PinnedObject {
+            kind: ObjectKind::Link,
+            name: name_of(&path),
+            id: info.id,
+            path,
+            target: Some(info.target),
+        });
+    }
+    Ok(out)
+}
+
+/// What [`cleanup`] removed.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CleanupReport {
+    pub links: usize,
+    pub programs: usize,
+    pub maps: usize,
+}
+
+/// Removes every pin of the layout: links first (which detaches the programs), then programs,
+/// then maps, then the empty directories. The kernel frees each object when its last pin and
+/// file descriptor are gone. Safe to run twice.
+pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    for (dir, count) in [
+        (layout.links_dir(), &mut report.links),
+        (layout.progs_dir(), &mut report.programs),
+        (layout.maps_dir(), &mut report.maps),
+    ] {
+        for path in files(&dir)? {
+            match std::fs::remove_file(&path) {
+                Ok(()) => *count += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DatapathError::io("unpinning", path, e)),
+            }
+        }
+    }
+    for dir in [
+        layout.pod_links_dir(),
+        layout.links_dir(),
+        layout.progs_dir(),
+        layout.maps_dir(),
+        layout.versioned(),
+    ] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DatapathError::io("removing", dir, e)),
+        }
+    }
+    // The root itself goes only when nothing else (another version) lives in it.
+    if let Err(e) = std::fs::remove_dir(layout.root())
+        && !matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+        )
+    {
+        return Err(DatapathError::io("removing", layout.root(), e));
+    }
+    Ok(report)
+}

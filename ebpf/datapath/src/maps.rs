@@ -1,0 +1,246 @@
+//! Typed handles to the pinned maps. They open the pins directly, so the CLI can read them while
+//! the agent is down, and every error names the map it concerns. A full map is its own error
+//! ([`MapFull`]), never a silent partial write.
+
+use std::marker::PhantomData;
+
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
+};
+use ferrox_abi::{
+    Backend, COUNTER_SLOTS, CounterValue, EndpointInfo, EndpointKey, Hook, Reason, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, counter_cell, counter_index, map_names,
+};
+
+use crate::{DatapathError, PinLayout, Result};
+
+/// A write failed because the map holds `max_entries` entries already.
+#[derive(Debug, thiserror::Error)]
+#[error("map {name} is full ({capacity} entries)")]
+pub struct MapFull {
+    pub name: &'static str,
+    pub capacity: u32,
+}
+
+/// Outcome of a write to a hash map.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Full(#[from] MapFull),
+    #[error(transparent)]
+    Other(#[from] DatapathError),
+}
+
+/// A pinned hash (or LRU hash) map with key `K` and value `V`.
+pub struct TypedHash<K, V> {
+    name: &'static str,
+    capacity: u32,
+    id: u32,
+    map: HashMap<MapData, K, V>,
+    _kv: PhantomData<(K, V)>,
+}
+
+fn open_map(layout: &PinLayout, name: &'static str) -> Result<(Map, MapInfo)> {
+    let path = layout.map(name);
+    let data =
+        MapData::from_pin(&path).map_err(|e| DatapathError::map("opening pinned", name, e))?;
+    let info = data
+        .info()
+        .map_err(|e| DatapathError::map("inspecting", name, e))?;
+    let map = Map::from_map_data(data).map_err(|e| DatapathError::map("typing", name, e))?;
+    Ok((map, info))
+}
+
+impl<K: Pod, V: Pod> TypedHash<K, V> {
+    fn open(layout: &PinLayout, name: &'static str) -> Result<Self> {
+        let (map, info) = open_map(layout, name)?;
+        let map = HashMap::try_from(map).map_err(|e| match e {
+            MapError::InvalidKeySize { size, expected }
+            | MapError::InvalidValueSize { size, expected } => DatapathError::MapLayout {
+                name,
+                path: layout.map(name),
+                expected: format!("{expected} bytes"),
+                found: format!("{size} bytes"),
+            },
+            e => DatapathError::map("typing", name, e),
+        })?;
+        Ok(Self {
+            name,
+            capacity: info.max_entries(),
+            id: info.id(),
+            map,
+            _kv: PhantomData,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The kernel's id of this map (stable while it stays pinned).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn get(&self, key: &K) -> Result<Option<V>> {
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(DatapathError::map("reading", self.name, e)),
+        }
+    }
+
+    pub fn insert(&mut self, key: &K, value: &V) -> Result<(), WriteError> {
+        match self.map.insert(key, value, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(MapFull {
+                    name: self.name,
+                    capacity: self.capacity,
+                }
+                .into())
+            }
+            Err(e) => Err(DatapathError::map("writing", self.name, e).into()),
+        }
+    }
+
+    /// Removes `key`; false when it was not there.
+    pub fn remove(&mut self, key: &K) -> Result<bool> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
+            Err(e) => Err(DatapathError::map("deleting from", self.name, e)),
+        }
+    }
+
+    /// Every entry. Entries removed while iterating are skipped.
+    pub fn entries(&self) -> Result<Vec<(K, V)>> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(DatapathError::map("iterating", self.name, e)),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> Result<usize> {
+        let mut n = 0;
+        for key in self.map.keys() {
+            key.map_err(|e| DatapathError::map("iterating", self.name, e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// One non-zero counter cell, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CounterRow {
+    pub hook: &'static str,
+    pub reason: &'static str,
+    pub verdict: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The per-CPU verdict and drop-reason counters.
+pub struct Counters {
+    id: u32,
+    map: PerCpuArray<MapData, CounterValue>,
+}
+
+impl Counters {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let name = map_names::COUNTERS;
+        let (map, info) = open_map(layout, name)?;
+        if info.max_entries() != COUNTER_SLOTS {
+            return Err(DatapathError::MapLayout {
+                name,
+                path: layout.map(name),
+                expected: format!("{COUNTER_SLOTS} cells"),
+                found: format!("{} cells", info.max_entries()),
+            });
+        }
+        let map = PerCpuArray::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self { id: info.id(), map })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The (hook, reason) cell summed over all CPUs.
+    pub fn get(&self, hook: Hook, reason: Reason) -> Result<CounterValue> {
+        let values = self
+            .map
+            .get(&counter_index(hook, reason), 0)
+            .map_err(|e| DatapathError::map("reading", map_names::COUNTERS, e))?;
+        Ok(values
+            .iter()
+            .fold(CounterValue::default(), |acc, v| CounterValue {
+                packets: acc.packets + v.packets,
+                bytes: acc.bytes + v.bytes,
+            }))
+    }
+
+    /// Every non-zero cell, summed over CPUs, in (hook, reason) order.
+    pub fn snapshot(&self) -> Result<Vec<CounterRow>> {
+        let mut rows = Vec::new();
+        for index in 0..COUNTER_SLOTS {
+            let Some((hook, reason)) = counter_cell(index) else {
+                continue;
+            };
+            let v = self.get(hook, reason)?;
+            if v.packets == 0 {
+                continue;
+            }
+            let verdict = match reason.verdict() {
+                ferrox_abi::Verdict::Pass => "pass",
+                ferrox_abi::Verdict::Translate => "translate",
+                ferrox_abi::Verdict::Drop => "drop",
+            };
+            rows.push(CounterRow {
+                hook: hook.name(),
+                reason: reason.name(),
+                verdict,
+                packets: v.packets,
+                bytes: v.bytes,
+            });
+        }
+        Ok(rows)
+    }
+}
+
+/// Every map of the datapath, opened from its pin.
+pub struct Maps {
+    pub services: TypedHash<ServiceKey, ServiceValue>,
+    pub backends: TypedHash<u32, Backend>,
+    pub sock_revnat: TypedHash<SockRevNatKey, SockRevNatValue>,
+    pub endpoints: TypedHash<EndpointKey, EndpointInfo>,
+    pub counters: Counters,
+}
+
+impl Maps {
+    /// Opens the pinned maps of `layout`. Fails with a clear error when they are not pinned
+    /// (the agent has not run) or were pinned by an incompatible version.
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        Ok(Self {
+            services: TypedHash::open(layout, map_names::SERVICES)?,
+            backends: TypedHash::open(layout, map_names::BACKENDS)?,
+            sock_revnat: TypedHash::open(layout, map_names::SOCK_REVNAT)?,
+            endpoints: TypedHash::open(layout, map_names::ENDPOINTS)?,
+            counters: Counters::open(layout)?,
+        })
+    }
+}

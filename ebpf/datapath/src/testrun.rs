@@ -1,0 +1,65 @@
+//! Running the TC programs on a crafted packet with `BPF_PROG_TEST_RUN`: the datapath tests and
+//! the per-packet benchmarks drive the real programs this way, without any interface.
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use ferrox_abi::program_names as names;
+
+use crate::{Datapath, DatapathError, Result};
+
+/// The TC programs that can be test-run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcProgram {
+    FromPod,
+    UplinkIngress,
+    UplinkEgress,
+}
+
+impl TcProgram {
+    pub const ALL: [Self; 3] = [Self::FromPod, Self::UplinkIngress, Self::UplinkEgress];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::FromPod => names::TC_FROM_POD,
+            Self::UplinkIngress => names::TC_UPLINK_INGRESS,
+            Self::UplinkEgress => names::TC_UPLINK_EGRESS,
+        }
+    }
+}
+
+/// What one test run returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunOutput {
+    /// The program's return value (a TC action, e.g. -1 = TC_ACT_UNSPEC, 2 = TC_ACT_SHOT).
+    pub action: i32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Average run time per repetition, as the kernel measured it.
+    pub duration_ns: u64,
+}
+
+impl Datapath {
+    /// Runs `program` `repeat` times on `packet` (which starts at the Ethernet header).
+    pub fn test_run_tc(
+        &mut self,
+        program: TcProgram,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutput> {
+        let name = program.name();
+        let prog = self.programs.tc(name)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let result = prog
+            .test_run(opts)
+            .map_err(|e| DatapathError::program("test-running", name, e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: result.return_value as i32,
+            packet: out,
+            duration_ns: result.duration.as_nanos() as u64,
+        })
+    }
+}

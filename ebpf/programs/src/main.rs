@@ -1,0 +1,71 @@
+//! The ferrox kernel programs. Each entry point is a thin shell: it calls into a module that
+//! owns one job, and returns the verdict that module chose. Every path ends in a named
+//! [`Reason`](ferrox_abi::Reason), counted in `COUNTERS_V1`.
+#![no_std]
+#![no_main]
+
+mod classify;
+mod counters;
+mod maps;
+mod packet;
+mod sock_lb;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use ferrox_abi::Hook;
+
+/// Services reached by a socket: translate the destination before the connection is made.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock_lb::forward(&ctx, Hook::SockConnect4)
+}
+
+/// Unconnected UDP datagrams to a service: translate each datagram's destination.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_lb::forward(&ctx, Hook::SockSendmsg4)
+}
+
+/// UDP replies from a backend: show the application the frontend it sent to.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_lb::reverse(&ctx, Hook::SockRecvmsg4)
+}
+
+/// `getpeername()` on a translated socket: report the frontend, not the backend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_lb::reverse(&ctx, Hook::SockGetpeername4)
+}
+
+/// Packets leaving a pod (TC ingress of its host-side veth).
+#[classifier]
+pub fn tc_from_pod(ctx: TcContext) -> i32 {
+    classify::classify_and_pass(&ctx, Hook::TcFromPod)
+}
+
+/// Packets entering the node from its uplink.
+#[classifier]
+pub fn tc_uplink_in(ctx: TcContext) -> i32 {
+    classify::classify_and_pass(&ctx, Hook::TcUplinkIngress)
+}
+
+/// Packets leaving the node through its uplink.
+#[classifier]
+pub fn tc_uplink_out(ctx: TcContext) -> i32 {
+    classify::classify_and_pass(&ctx, Hook::TcUplinkEgress)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program in which a panic is reachable; nothing calls this.
+    loop {}
+}
+
+/// GPL-compatible, as the kernel requires for some helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
