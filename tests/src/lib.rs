@@ -1,1 +1,11 @@
+//! ferrox-tests: the machinery of ferrox's end-to-end tests and demo.
+//!
+//! - [`apiserver`]: a Kubernetes API test server (list/watch with resourceVersions, bookmarks,
+//!   410 Gone) that the agent's real `kube` client talks to unchanged.
+//! - [`harness`]: a cluster of nodes built from network namespaces on one machine, each with its
+//!   own uplink, cgroup, bpffs and agent process; pods created by the real `ferrox-cni`.
+//!
+//! This is test support: a failure stops the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support: failures should panic with context")]
 
+pub mod apiserver;
