@@ -1,1 +1,8 @@
+//! ferrox: the node agent (`ferrox agent`) and the node CLI, as a library so that the tests can
+//! reach its pure parts.
 
+pub mod cli;
+pub mod daemon;
+pub mod inspect;
+pub mod node;
+pub mod services;

@@ -9,3 +9,4 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support: failures should panic with context")]
 
 pub mod apiserver;
+pub mod harness;

@@ -64,4 +64,9 @@ impl Datapath {
     pub fn maps_mut(&mut self) -> &mut Maps {
         &mut self.maps
     }
+
+    /// Keeps only the map handles; programs stay loaded and attached through their pins.
+    pub fn into_maps(self) -> Maps {
+        self.maps
+    }
 }

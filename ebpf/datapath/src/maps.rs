@@ -134,6 +134,10 @@ impl<K: Pod, V: Pod> TypedHash<K, V> {
         Ok(out)
     }
 
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.map.keys().next().is_none())
+    }
+
     pub fn len(&self) -> Result<usize> {
         let mut n = 0;
         for key in self.map.keys() {

@@ -1,0 +1,99 @@
+//! The command line of the `ferrox` binary: the agent daemon and the node CLI share it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferrox", version, about = "ferrox: eBPF networking data plane for Kubernetes")]
+pub struct Cli {
+    /// Where the datapath is pinned on this node.
+    #[arg(long, global = true, env = "FERROX_BPFFS_ROOT", default_value = ferrox_datapath::DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent (or, with --cleanup, remove everything it created).
+    Agent(AgentArgs),
+    /// Services as the datapath holds them.
+    #[command(subcommand)]
+    Svc(SvcCommand),
+    /// Verdict and drop-reason counters of the kernel programs.
+    Counters(OutputArgs),
+    /// Pinned maps, programs and links, with kernel ids and attach targets.
+    Datapath(OutputArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SvcCommand {
+    /// Frontends and their backends.
+    List(OutputArgs),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for scripts; the field names are a stable interface.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// This node's name (its Node object).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Kubeconfig to reach the API server; without it, the in-cluster configuration is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// cgroup v2 whose sockets get service translation; default: the cgroup2 root.
+    #[arg(long, env = "FERROX_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// The node's uplink interface; default: the interface of the default route.
+    #[arg(long, env = "FERROX_UPLINK")]
+    pub uplink: Option<String>,
+
+    /// Where to write the node configuration the CNI plugin reads.
+    #[arg(long, env = "FERROX_NODE_CONFIG", default_value = ferrox_cni::node_config::DEFAULT_PATH)]
+    pub node_config: PathBuf,
+
+    /// Directory of the IPAM store (handed to the CNI plugin through the node configuration).
+    #[arg(long, env = "FERROX_IPAM_DIR", default_value = "/var/lib/ferrox/ipam")]
+    pub ipam_dir: PathBuf,
+
+    /// Pod CIDR of this node; default: the Node's spec.podCIDRs.
+    #[arg(long, env = "FERROX_POD_CIDR")]
+    pub pod_cidr: Vec<ipnet::Ipv4Net>,
+
+    /// MTU of pod interfaces; default: the uplink's MTU.
+    #[arg(long, env = "FERROX_MTU")]
+    pub mtu: Option<u32>,
+
+    #[arg(long, value_enum, env = "FERROX_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Remove every pin, link and file the agent created, then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}

@@ -1,0 +1,128 @@
+//! `ferrox agent`: the node daemon's start-up and shutdown.
+//!
+//! Order matters: the datapath is loaded (or re-adopted) and attached first, the node
+//! configuration for the CNI plugin is written only once that is done, then the service maps
+//! are kept in sync with the API until SIGTERM. On exit everything stays pinned and attached, so
+//! traffic goes on while the agent restarts.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use ferrox_cni::node_config::{NodeConfig, SCHEMA_VERSION, TunnelMode};
+use ferrox_datapath::{Datapath, PinLayout};
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, Client, Config, config::KubeConfigOptions};
+use tracing::{info, warn};
+
+use crate::{cli::AgentArgs, node, services};
+
+pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
+    if args.cleanup {
+        return cleanup(&args, &layout);
+    }
+
+    let mut dp = Datapath::open(&layout).context("loading the datapath")?;
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => node::cgroup2_mount()?,
+    };
+    for a in dp.attach_cgroup(&cgroup).with_context(|| format!("attaching to cgroup {}", cgroup.display()))? {
+        info!(program = a.program, link_id = a.link_id, outcome = ?a.outcome, cgroup = %cgroup.display(), "socket hook");
+    }
+    let uplink = match &args.uplink {
+        Some(u) => u.clone(),
+        None => node::default_route_interface()?,
+    };
+    for a in dp.attach_uplink(&uplink).with_context(|| format!("attaching to uplink {uplink}"))? {
+        info!(program = a.program, link_id = a.link_id, outcome = ?a.outcome, uplink = %uplink, "uplink hook");
+    }
+    info!(origin = ?dp.origin(), "datapath attached");
+
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let node = wait_for_node(&client, &args.node_name).await;
+    let pod_cidrs = if args.pod_cidr.is_empty() { node_pod_cidrs(&node)? } else { args.pod_cidr.clone() };
+    let mtu = match args.mtu {
+        Some(m) => m,
+        None => node::interface_mtu(&uplink)?,
+    };
+    let config = NodeConfig {
+        version: SCHEMA_VERSION,
+        node_name: args.node_name.clone(),
+        pod_cidrs,
+        gateway: ferrox_abi::POD_GATEWAY.into(),
+        mtu,
+        tunnel_mode: TunnelMode::None,
+        bpffs_root: layout.root().to_path_buf(),
+        ipam_dir: args.ipam_dir.clone(),
+    };
+    config.write(&args.node_config)?;
+    info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
+
+    tokio::select! {
+        r = services::sync::run(client, dp.into_maps()) => r,
+        signal = shutdown_signal() => {
+            info!(signal = signal?, "shutting down; the datapath stays pinned and attached");
+            Ok(())
+        }
+    }
+}
+
+/// `ferrox agent --cleanup`: removes pins (detaching every program) and the node configuration.
+fn cleanup(args: &AgentArgs, layout: &PinLayout) -> anyhow::Result<()> {
+    let report = ferrox_datapath::cleanup(layout)?;
+    match std::fs::remove_file(&args.node_config) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", args.node_config.display())),
+    }
+    info!(links = report.links, programs = report.programs, maps = report.maps, "removed the datapath");
+    Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => Config::infer().await?,
+    };
+    info!(api_server = %config.cluster_url, "connecting to the Kubernetes API");
+    Ok(Client::try_from(config)?)
+}
+
+/// Gets this node's Node object, retrying (with a capped backoff) until the API answers.
+async fn wait_for_node(client: &Client, name: &str) -> Node {
+    let api = Api::<Node>::all(client.clone());
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match api.get(name).await {
+            Ok(node) => return node,
+            Err(e) => warn!(node = name, error = %e, retry_in_ms = delay.as_millis() as u64, "reading this node's Node object"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+fn node_pod_cidrs(node: &Node) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+    let spec = node.spec.as_ref();
+    let cidrs: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(list) if !list.is_empty() => list.iter().collect(),
+        _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
+    };
+    let v4: Vec<ipnet::Ipv4Net> = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+    anyhow::ensure!(!v4.is_empty(), "Node has no IPv4 spec.podCIDRs; pass --pod-cidr");
+    Ok(v4)
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,88 @@
+//! The async shell around the pure service logic: watch Services and EndpointSlices through the
+//! Kubernetes API, and on every change recompute the desired table and reconcile the maps.
+
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+use super::{
+    desired::desired,
+    reconcile::{Reconciler, SyncReport},
+};
+use ferrox_datapath::Maps;
+
+/// Spawns a reflector for `K` that wakes `notify` on every event, and returns its store.
+fn watch<K>(api: Api<K>, notify: Arc<Notify>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&()).into_owned();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .for_each(move |event| {
+            match event {
+                Ok(_) => notify.notify_one(),
+                Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying with backoff"),
+            }
+            futures::future::ready(())
+        });
+    tokio::spawn(stream);
+    reader
+}
+
+/// Runs until the process ends: keeps the service maps equal to what the API says.
+pub async fn run(client: Client, mut maps: Maps) -> anyhow::Result<()> {
+    let notify = Arc::new(Notify::new());
+    let services = watch(Api::<Service>::all(client.clone()), notify.clone());
+    let slices = watch(Api::<EndpointSlice>::all(client), notify.clone());
+    services.wait_until_ready().await?;
+    slices.wait_until_ready().await?;
+    info!("service and endpointslice caches synced");
+
+    let mut reconciler = Reconciler::load(&maps)?;
+    let (frontends, backends) = reconciler.size();
+    info!(frontends, backends, "adopted the programmed service table");
+
+    loop {
+        let svc_state = services.state();
+        let slice_state = slices.state();
+        let started = std::time::Instant::now();
+        let table = desired(svc_state.iter().map(AsRef::as_ref), slice_state.iter().map(AsRef::as_ref));
+        let report = reconciler.sync(&table, &mut maps);
+        log_report(&report, table.skipped.len(), started.elapsed());
+        for s in &table.skipped {
+            debug!(service = %format!("{}/{}", s.namespace, s.name), reason = ?s.reason, "service not programmed");
+        }
+        // Events that arrive while syncing leave one permit: they coalesce into the next sync.
+        notify.notified().await;
+    }
+}
+
+fn log_report(report: &SyncReport, skipped: usize, took: std::time::Duration) {
+    for f in &report.failures {
+        if f.map_full {
+            error!(frontend = %f.frontend, error = %f.error, "service map full: frontend keeps its previous backends");
+        } else {
+            error!(frontend = %f.frontend, error = %f.error, "programming frontend failed");
+        }
+    }
+    if report.changed() {
+        info!(
+            frontends = report.frontends,
+            backends = report.backends,
+            writes = report.writes,
+            deletes = report.deletes,
+            skipped,
+            took_us = took.as_micros() as u64,
+            "service maps synced"
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! The CNI commands. Each takes the invocation and the configuration and returns what goes on
+//! stdout, or a [`CniError`] with the right code and a message that says what to fix. ADD undoes
+//! everything it did when a later step fails; DEL succeeds whatever is already gone.
+
+use std::path::{Path, PathBuf};
+
+use ferrox_abi::{EndpointInfo, EndpointKey, endpoint_flags};
+use ferrox_datapath::{Maps, PinLayout};
+use ipnet::Ipv4Net;
+
+use crate::{
+    ipam::{self, Allocation, IpamError},
+    node_config::{self, NodeConfig, NodeConfigError},
+    pod,
+    spec::{AddResult, CNI_VERSION, CniError, Command, Interface, Invocation, IpConfig, NetConf, RouteConfig, SUPPORTED_VERSIONS, code},
+};
+
+/// Runs one invocation; `Ok(Some(json))` is printed on stdout.
+pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<Option<String>, CniError> {
+    match inv.command {
+        Command::Version => Ok(Some(version(stdin))),
+        Command::Add => add(inv, &NetConf::parse(stdin)?).map(Some),
+        Command::Del => del(inv, &NetConf::parse(stdin)?).map(|()| None),
+        Command::Status => status(&NetConf::parse(stdin)?).map(|()| None),
+        Command::Check | Command::Gc => Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("{:?} is not implemented by this version of ferrox-cni", inv.command),
+        )),
+    }
+}
+
+fn version(stdin: &[u8]) -> String {
+    let requested = serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(|s| s.as_str()).map(str::to_owned))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| CNI_VERSION.to_owned());
+    serde_json::json!({ "cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS }).to_string()
+}
+
+fn node_config_path(conf: &NetConf) -> PathBuf {
+    conf.node_config.clone().unwrap_or_else(|| PathBuf::from(node_config::DEFAULT_PATH))
+}
+
+fn read_node_config(conf: &NetConf) -> Result<NodeConfig, CniError> {
+    NodeConfig::read(&node_config_path(conf)).map_err(|e| {
+        let code = match e {
+            NodeConfigError::Missing { .. } => code::TRY_AGAIN_LATER,
+            NodeConfigError::Version { .. } => code::INCOMPATIBLE_VERSION,
+            _ => code::IO_FAILURE,
+        };
+        CniError::new(code, e.to_string()).with_source(&e)
+    })
+}
+
+fn datapath_error(what: &str, layout: &PinLayout, e: &(dyn std::error::Error + 'static)) -> CniError {
+    CniError::new(
+        code::DATAPATH,
+        format!("{what}: the datapath pinned at {} is not usable; is the ferrox agent running?", layout.root().display()),
+    )
+    .with_source(e)
+}
+
+/// Steps to undo, run in reverse order unless the ADD completes.
+struct Rollback {
+    steps: Vec<Box<dyn FnOnce()>>,
+}
+
+impl Rollback {
+    fn push(&mut self, f: impl FnOnce() + 'static) {
+        self.steps.push(Box::new(f));
+    }
+
+    fn commit(mut self) {
+        self.steps.clear();
+    }
+}
+
+impl Drop for Rollback {
+    fn drop(&mut self) {
+        while let Some(step) = self.steps.pop() {
+            step();
+        }
+    }
+}
+
+fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
+    let node = read_node_config(conf)?;
+    let layout = PinLayout::new(&node.bpffs_root);
+    let netns = inv.netns.clone().unwrap_or_default();
+    if !netns.exists() {
+        return Err(CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {} does not exist", netns.display())));
+    }
+    let mut rollback = Rollback { steps: Vec::new() };
+
+    // 1. An address.
+    let store = ipam::Store::new(&node.ipam_dir);
+    let pod_ref = inv.pod();
+    let record = Allocation {
+        ip: std::net::Ipv4Addr::UNSPECIFIED,
+        container_id: inv.container_id.clone(),
+        ifname: inv.ifname.clone(),
+        pod_namespace: pod_ref.namespace,
+        pod_name: pod_ref.name,
+    };
+    let alloc = store.allocate(&node.pod_cidrs, record).map_err(|e| match &e {
+        IpamError::Exhausted { .. } => CniError::new(code::ADDRESSES_EXHAUSTED, e.to_string()),
+        _ => CniError::new(code::IO_FAILURE, "allocating an address").with_source(&e),
+    })?;
+    {
+        let (dir, cid, ifname) = (node.ipam_dir.clone(), inv.container_id.clone(), inv.ifname.clone());
+        rollback.push(move || {
+            let _ = ipam::Store::new(dir).release(&cid, &ifname);
+        });
+    }
+
+    // 2. The veth pair, addresses and routes.
+    let host_ifname = pod::host_ifname(&inv.container_id, &inv.ifname);
+    {
+        let name = host_ifname.clone();
+        rollback.push(move || {
+            let _ = pod::teardown(&name);
+        });
+    }
+    let net = pod::setup(&netns, &inv.container_id, &inv.ifname, alloc.ip, node.gateway, node.mtu)
+        .map_err(|e| CniError::new(code::IO_FAILURE, "setting up the pod's network").with_source(&e))?;
+
+    // 3. The pod-facing program and the endpoint entry.
+    {
+        let (layout, name) = (layout.clone(), host_ifname.clone());
+        rollback.push(move || {
+            let _ = ferrox_datapath::detach_pod(&layout, &name);
+        });
+    }
+    ferrox_datapath::attach_pod(&layout, &host_ifname).map_err(|e| datapath_error("attaching the pod program", &layout, &e))?;
+    let mut maps = Maps::open(&layout).map_err(|e| datapath_error("opening the maps", &layout, &e))?;
+    let key = EndpointKey { addr: u32::from_ne_bytes(alloc.ip.octets()) };
+    maps.endpoints
+        .insert(&key, &EndpointInfo { ifindex: net.host_ifindex, flags: endpoint_flags::POD })
+        .map_err(|e| datapath_error("registering the endpoint", &layout, &e))?;
+    rollback.commit();
+
+    let mac = |m: Option<crate::netlink::MacAddr>| m.map(|m| m.to_string()).unwrap_or_default();
+    let result = AddResult {
+        cni_version: conf.cni_version.clone(),
+        interfaces: vec![
+            Interface { name: net.host_ifname.clone(), mac: mac(net.host_mac), mtu: Some(node.mtu), sandbox: None },
+            Interface { name: net.pod_ifname.clone(), mac: mac(net.pod_mac), mtu: Some(node.mtu), sandbox: Some(netns.display().to_string()) },
+        ],
+        ips: vec![IpConfig { address: Ipv4Net::from(alloc.ip), gateway: Some(node.gateway), interface: Some(1) }],
+        routes: vec![RouteConfig { dst: Ipv4Net::default(), gw: Some(node.gateway) }],
+        dns: conf.dns.clone(),
+    };
+    let mut json = serde_json::to_value(&result).map_err(|e| CniError::new(code::IO_FAILURE, "encoding the result").with_source(&e))?;
+    if conf.cni_version == "0.4.0"
+        && let Some(ips) = json.get_mut("ips").and_then(|v| v.as_array_mut())
+    {
+        // 0.4.0 results name the IP version of each address.
+        for ip in ips {
+            ip["version"] = "4".into();
+        }
+    }
+    Ok(json.to_string())
+}
+
+fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
+    let node = match read_node_config(conf) {
+        Ok(n) => n,
+        // Without the node configuration nothing of ours can be on this node any more.
+        Err(e) if e.code == code::TRY_AGAIN_LATER => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let layout = PinLayout::new(&node.bpffs_root);
+    let store = ipam::Store::new(&node.ipam_dir);
+    let host_ifname = pod::host_ifname(&inv.container_id, &inv.ifname);
+    let alloc = store
+        .list()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?
+        .into_iter()
+        .find(|a| a.container_id == inv.container_id && a.ifname == inv.ifname);
+
+    // Datapath state first, then the interface, and the address last, so that it is never
+    // handed out again while anything still refers to it.
+    if let Some(a) = &alloc
+        && layout_present(&layout)
+    {
+        let mut maps = Maps::open(&layout).map_err(|e| datapath_error("opening the maps", &layout, &e))?;
+        maps.endpoints
+            .remove(&EndpointKey { addr: u32::from_ne_bytes(a.ip.octets()) })
+            .map_err(|e| datapath_error("removing the endpoint", &layout, &e))?;
+    }
+    ferrox_datapath::detach_pod(&layout, &host_ifname).map_err(|e| datapath_error("detaching the pod program", &layout, &e))?;
+    pod::teardown(&host_ifname).map_err(|e| CniError::new(code::IO_FAILURE, "deleting the pod's veth").with_source(&e))?;
+    store
+        .release(&inv.container_id, &inv.ifname)
+        .map_err(|e| CniError::new(code::IO_FAILURE, "releasing the address").with_source(&e))?;
+    Ok(())
+}
+
+fn layout_present(layout: &PinLayout) -> bool {
+    layout.map(ferrox_abi::map_names::ENDPOINTS).exists()
+}
+
+/// Ready only when the agent has written the node configuration and the datapath is pinned.
+fn status(conf: &NetConf) -> Result<(), CniError> {
+    let node = read_node_config(conf).map_err(|e| CniError { code: code::NOT_AVAILABLE, ..e })?;
+    let layout = PinLayout::new(&node.bpffs_root);
+    let prog = layout.program(ferrox_abi::program_names::TC_FROM_POD);
+    for path in [prog.as_path(), layout.map(ferrox_abi::map_names::ENDPOINTS).as_path()] {
+        if !Path::new(path).exists() {
+            return Err(CniError::new(
+                code::NOT_AVAILABLE,
+                format!("the ferrox datapath is not loaded ({} is missing); is the ferrox agent running?", path.display()),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! fx-echo: the process the tests run inside pods.
+//!
+//! - `fx-echo serve --name web-0 --tcp 8080 --udp 8080`: a TCP server that greets each
+//!   connection with `fx-echo <name>` and then echoes bytes back, and a UDP server that answers
+//!   each datagram with `<name> <datagram>`.
+//! - `fx-echo call tcp|udp ADDR:PORT [--count N]`: N connections (or datagrams); prints one JSON
+//!   line per call with the backend's name and the peer address the application saw.
+//! - `fx-echo stream ADDR:PORT`: one TCP connection carrying a verified echo stream; prints
+//!   `progress <bytes>` lines, and on SIGTERM a JSON summary; any error ends it with status 1.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test tool: failures should be loud")]
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+    },
+    Call {
+        proto: Proto,
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        /// UDP only: connect() the socket instead of sendto() on an unconnected one.
+        #[arg(long)]
+        connected: bool,
+    },
+    Stream {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        chunk: usize,
+        /// Pause between chunks, to keep the machine's two cores for the rest of the test.
+        #[arg(long, default_value_t = 2)]
+        pause_ms: u64,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { name, tcp, udp } => serve(&name, &tcp, &udp),
+        Cmd::Call { proto, target, count, timeout_ms, connected } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            let mut failed = false;
+            for _ in 0..count {
+                let line = match proto {
+                    Proto::Tcp => call_tcp(target, timeout),
+                    Proto::Udp => call_udp(target, timeout, connected),
+                };
+                failed |= line.get("error").is_some();
+                println!("{line}");
+            }
+            std::process::exit(i32::from(failed));
+        }
+        Cmd::Stream { target, chunk, pause_ms } => stream(target, chunk, Duration::from_millis(pause_ms)),
+    }
+}
+
+fn serve(name: &str, tcp: &[u16], udp: &[u16]) {
+    let mut threads = Vec::new();
+    for &port in tcp {
+        let listener = TcpListener::bind(("0.0.0.0", port)).expect("binding the TCP port");
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || echo_tcp(conn, &name));
+            }
+        }));
+    }
+    for &port in udp {
+        let sock = UdpSocket::bind(("0.0.0.0", port)).expect("binding the UDP port");
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let mut reply = format!("{name} ").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, from);
+            }
+        }));
+    }
+    println!("serving");
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn echo_tcp(mut conn: TcpStream, name: &str) {
+    if conn.write_all(format!("fx-echo {name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16384];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn error(target: SocketAddr, e: impl std::fmt::Display) -> serde_json::Value {
+    serde_json::json!({ "target": target.to_string(), "error": e.to_string() })
+}
+
+fn call_tcp(target: SocketAddr, timeout: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    let mut conn = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(c) => c,
+        Err(e) => return error(target, e),
+    };
+    conn.set_read_timeout(Some(timeout)).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut greeting = String::new();
+    if let Err(e) = reader.read_line(&mut greeting) {
+        return error(target, e);
+    }
+    let Some(backend) = greeting.trim().strip_prefix("fx-echo ").map(str::to_owned) else {
+        return error(target, format!("unexpected greeting {greeting:?}"));
+    };
+    if let Err(e) = conn.write_all(b"ping\n") {
+        return error(target, e);
+    }
+    let mut echo = String::new();
+    if let Err(e) = reader.read_line(&mut echo) {
+        return error(target, e);
+    }
+    if echo != "ping\n" {
+        return error(target, format!("bad echo {echo:?}"));
+    }
+    serde_json::json!({
+        "target": target.to_string(),
+        "backend": backend,
+        "peer": conn.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "local": conn.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "micros": started.elapsed().as_micros() as u64,
+    })
+}
+
+fn call_udp(target: SocketAddr, timeout: Duration, connected: bool) -> serde_json::Value {
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(timeout)).unwrap();
+    let payload = b"ping";
+    let sent = if connected { sock.connect(target).and_then(|()| sock.send(payload)) } else { sock.send_to(payload, target) };
+    if let Err(e) = sent {
+        return error(target, e);
+    }
+    let mut buf = [0u8; 2048];
+    let (n, from) = match sock.recv_from(&mut buf) {
+        Ok(r) => r,
+        Err(e) => return error(target, e),
+    };
+    let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+    let Some(backend) = reply.strip_suffix(" ping") else {
+        return error(target, format!("bad reply {reply:?}"));
+    };
+    serde_json::json!({ "target": target.to_string(), "backend": backend, "from": from.to_string() })
+}
+
+fn stream(target: SocketAddr, chunk: usize, pause: Duration) {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+    }
+    let fail = |what: &str, e: &dyn std::fmt::Display, bytes: u64| -> ! {
+        println!("{}", serde_json::json!({ "error": format!("{what}: {e}"), "bytes": bytes }));
+        std::process::exit(1);
+    };
+    let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(3)).unwrap_or_else(|e| fail("connect", &e, 0));
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).unwrap_or_else(|e| fail("greeting", &e, 0));
+    let backend = greeting.trim().trim_start_matches("fx-echo ").to_owned();
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    println!("{}", serde_json::json!({ "connected": backend, "peer": peer }));
+
+    let mut bytes: u64 = 0;
+    let mut seq: u64 = 0;
+    let mut out = vec![0u8; chunk];
+    let mut back = vec![0u8; chunk];
+    let mut last_report = Instant::now();
+    while !STOP.load(Ordering::SeqCst) {
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = (seq as usize + i) as u8;
+        }
+        conn.write_all(&out).unwrap_or_else(|e| fail("write", &e, bytes));
+        reader.read_exact(&mut back).unwrap_or_else(|e| fail("read", &e, bytes));
+        if back != out {
+            fail("verify", &"echoed bytes differ from what was sent", bytes);
+        }
+        bytes += chunk as u64;
+        seq += 1;
+        if last_report.elapsed() >= Duration::from_millis(100) {
+            println!("progress {bytes}");
+            std::io::stdout().flush().ok();
+            last_report = Instant::now();
+        }
+        std::thread::sleep(pause);
+    }
+    println!("{}", serde_json::json!({ "done": true, "bytes": bytes, "backend": backend, "peer": peer }));
+}

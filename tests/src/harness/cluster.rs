@@ -1,0 +1,531 @@
+//! The cluster: underlay, nodes, agents, pods, and the teardown that removes all of it.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Mutex, atomic::{AtomicU32, Ordering}},
+    time::Duration,
+};
+
+use ferrox::inspect::ServiceRow;
+use ferrox_cni::spec::AddResult;
+use ferrox_datapath::PinLayout;
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::core::v1::{Node as K8sNode, NodeAddress, NodeSpec, NodeStatus, Pod as K8sPod, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::{
+    bins::bin_path,
+    leaks,
+    netns::{NetNs, run},
+    process::{Proc, spawn_in},
+    wait_for,
+};
+use crate::apiserver::ApiServer;
+
+/// The Service CIDR the tests allocate cluster IPs from.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The underlay host that serves the Kubernetes API.
+const API_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const API_PORT: u16 = 6443;
+const AGENT_READY: &str = "CNI ready";
+
+pub struct ClusterBuilder {
+    nodes: usize,
+    static_pod_routes: bool,
+}
+
+impl ClusterBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        assert!((1..=200).contains(&n), "1 to 200 nodes");
+        self.nodes = n;
+        self
+    }
+
+    /// Routes between the nodes' pod CIDRs over the underlay, installed by the harness (as a
+    /// cloud route table would). On by default until the agents route pods themselves.
+    pub fn static_pod_routes(mut self, on: bool) -> Self {
+        self.static_pod_routes = on;
+        self
+    }
+
+    pub fn build(self) -> Cluster {
+        Cluster::build(self)
+    }
+}
+
+struct PodRecord {
+    name: String,
+    node: usize,
+    container_id: String,
+    netns_path: PathBuf,
+    /// None once the test deleted the namespace (DEL must still work then).
+    netns: Option<NetNs>,
+}
+
+/// A node: its namespace, addresses, paths and agent.
+pub struct Node {
+    pub index: usize,
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+    netns: NetNs,
+    dir: PathBuf,
+    cgroup: PathBuf,
+    kubeconfig: PathBuf,
+    agent: Mutex<Option<Proc>>,
+}
+
+/// A pod created through the CNI plugin.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub container_id: String,
+    pub node: usize,
+    pub netns_path: PathBuf,
+    cgroup: PathBuf,
+    /// The CNI ADD result as the plugin printed it.
+    pub cni_result: AddResult,
+}
+
+pub struct Cluster {
+    id: String,
+    dir: PathBuf,
+    cgroup_dir: PathBuf,
+    api: Option<ApiServer>,
+    fabric: Option<NetNs>,
+    nodes: Vec<Node>,
+    pods: Mutex<Vec<PodRecord>>,
+    next_pod: AtomicU32,
+}
+
+fn cgroup_root() -> PathBuf {
+    ferrox::node::cgroup2_mount().expect("a cgroup2 mount")
+}
+
+fn unique_id() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{:x}{:02x}", std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Binds a TCP listener inside another network namespace (from a short-lived thread, so the
+/// caller's namespace never changes).
+fn listen_in(netns: &Path, addr: SocketAddr) -> TcpListener {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&netns).expect("opening netns");
+        // SAFETY: setns on this short-lived thread only; the fd is valid for the call.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns: {}", std::io::Error::last_os_error());
+        TcpListener::bind(addr).expect("binding the API server")
+    })
+    .join()
+    .expect("listener thread")
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder { nodes: 1, static_pod_routes: true }
+    }
+
+    fn build(b: ClusterBuilder) -> Self {
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the cluster harness needs root (network namespaces, bpf)");
+        let id = unique_id();
+        let dir = PathBuf::from(leaks::RUN_DIR).join(&id);
+        let cgroup_dir = cgroup_root().join(leaks::CGROUP_DIR).join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&cgroup_dir).unwrap();
+        // From here on, Drop cleans up whatever has been built, also if a step below panics.
+        let mut cluster = Self {
+            id: id.clone(),
+            dir,
+            cgroup_dir,
+            api: None,
+            fabric: None,
+            nodes: Vec::new(),
+            pods: Mutex::new(Vec::new()),
+            next_pod: AtomicU32::new(1),
+        };
+
+        let fabric = NetNs::create(&format!("{}{id}-fab", leaks::NETNS_PREFIX));
+        fabric.ip(&["link", "add", "br0", "type", "bridge"]);
+        fabric.ip(&["addr", "add", &format!("{API_ADDR}/24"), "dev", "br0"]);
+        fabric.ip(&["link", "set", "br0", "up"]);
+        let listener = listen_in(&fabric.path(), SocketAddr::from((API_ADDR, API_PORT)));
+        cluster.fabric = Some(fabric);
+        cluster.api = Some(ApiServer::start(listener));
+
+        let kubeconfig = cluster.dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{API_ADDR}:{API_PORT}\n\
+                 users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
+                 current-context: test\n"
+            ),
+        )
+        .unwrap();
+
+        for index in 1..=b.nodes {
+            let node = cluster.add_node(index, &kubeconfig);
+            cluster.nodes.push(node);
+        }
+        if b.static_pod_routes {
+            for n in &cluster.nodes {
+                for other in cluster.nodes.iter().filter(|o| o.index != n.index) {
+                    n.netns.ip(&["route", "add", &other.pod_cidr.to_string(), "via", &other.addr.to_string()]);
+                }
+            }
+        }
+        for n in &cluster.nodes {
+            n.start_agent();
+        }
+        for n in &cluster.nodes {
+            n.wait_agent_ready();
+        }
+        cluster
+    }
+
+    fn add_node(&self, index: usize, kubeconfig: &Path) -> Node {
+        let name = format!("node-{index}");
+        let addr = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
+        let pod_cidr: Ipv4Net = format!("10.244.{index}.0/24").parse().unwrap();
+        let netns = NetNs::create(&format!("{}{}-n{index}", leaks::NETNS_PREFIX, self.id));
+        let fabric = self.fabric.as_ref().unwrap();
+        let uplink = format!("n{index}");
+        fabric.ip(&["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", netns.name()]);
+        fabric.ip(&["link", "set", &uplink, "master", "br0", "up"]);
+        netns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", "default", "via", &API_ADDR.to_string()]);
+        netns.sysctl(&["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]);
+
+        let dir = self.dir.join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cgroup = self.cgroup_dir.join(&name);
+        std::fs::create_dir_all(&cgroup).unwrap();
+
+        self.api().apply(&K8sNode {
+            metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+            spec: Some(NodeSpec {
+                pod_cidr: Some(pod_cidr.to_string()),
+                pod_cidrs: Some(vec![pod_cidr.to_string()]),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: addr.to_string() }]),
+                ..Default::default()
+            }),
+        });
+        Node { index, name, addr, pod_cidr, netns, dir, cgroup, kubeconfig: kubeconfig.to_path_buf(), agent: Mutex::new(None) }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The Kubernetes API test server: create and change objects through it.
+    pub fn api(&self) -> &ApiServer {
+        self.api.as_ref().expect("api server")
+    }
+
+    /// Node `i`, counting from 1 like the node names.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Creates pod `name` on node `node` as a container runtime would: a fresh network namespace
+    /// and `ferrox-cni ADD`. Also records the Pod in the API.
+    pub fn add_pod(&self, node: usize, name: &str) -> Pod {
+        let n = self.node(node);
+        let k = self.next_pod.fetch_add(1, Ordering::Relaxed);
+        let netns = NetNs::create(&format!("{}{}-p{k}", leaks::NETNS_PREFIX, self.id));
+        let container_id = format!("{}{:04}{name}", self.id, k);
+        let out = n.cni("ADD", &container_id, Some(&netns.path()), name);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let netns_path = netns.path();
+        self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(PodRecord {
+            name: name.into(),
+            node,
+            container_id: container_id.clone(),
+            netns_path: netns_path.clone(),
+            netns: Some(netns),
+        });
+        assert!(out.status.success(), "CNI ADD of {name} failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let cni_result: AddResult = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("CNI result {stdout:?}: {e}"));
+        let ip = cni_result.ips[0].address.addr();
+        self.api().apply(&K8sPod {
+            metadata: ObjectMeta { name: Some(name.into()), namespace: Some("default".into()), ..Default::default() },
+            spec: Some(PodSpec { node_name: Some(n.name.clone()), ..Default::default() }),
+            status: Some(PodStatus { pod_ip: Some(ip.to_string()), phase: Some("Running".into()), ..Default::default() }),
+        });
+        Pod { name: name.into(), ip, container_id, node, netns_path, cgroup: n.cgroup.clone(), cni_result }
+    }
+
+    /// Runs `ferrox-cni DEL` for the pod (the namespace is kept, as a runtime may call DEL first).
+    pub fn cni_del(&self, pod: &Pod) -> std::process::Output {
+        self.node(pod.node).cni("DEL", &pod.container_id, Some(&pod.netns_path), &pod.name)
+    }
+
+    /// Deletes a pod's network namespace, as a runtime may before calling DEL.
+    pub fn delete_pod_netns(&self, pod: &Pod) {
+        let mut pods = self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = pods.iter_mut().find(|p| p.container_id == pod.container_id) {
+            p.netns.take();
+        }
+    }
+}
+
+impl Node {
+    pub fn netns(&self) -> &NetNs {
+        &self.netns
+    }
+
+    pub fn layout(&self) -> PinLayout {
+        PinLayout::new(self.bpffs_mount().join("ferrox"))
+    }
+
+    fn bpffs_mount(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    pub fn node_config(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    fn agent_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(bin_path("ferrox"));
+        cmd.arg("agent")
+            .args(["--node-name", &self.name])
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--uplink", "eth0"])
+            .arg("--node-config")
+            .arg(self.node_config())
+            .arg("--ipam-dir")
+            .arg(self.dir.join("ipam"))
+            .args(extra)
+            .env("FERROX_BPFFS_ROOT", self.layout().root())
+            .env("RUST_LOG", "info,ferrox=debug")
+            .env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// Starts the agent (replacing the handle of a previous, dead one).
+    pub fn start_agent(&self) {
+        let proc = Proc::spawn(&format!("agent {}", self.name), self.agent_command(&[]), &self.netns.path(), &self.cgroup);
+        *self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(proc);
+    }
+
+    /// Waits until the agent has the datapath up and the node configuration written.
+    pub fn wait_agent_ready(&self) {
+        let g = self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let agent = g.as_ref().expect("agent started");
+        agent.wait_for_line("the agent to be ready", Duration::from_secs(60), |l| l.contains(AGENT_READY));
+    }
+
+    /// `kill -9` the agent, as a crash would.
+    pub fn kill_agent(&self) {
+        let mut g = self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let agent = g.as_mut().expect("agent started");
+        agent.signal_and_wait(libc::SIGKILL);
+    }
+
+    /// The agent's output so far.
+    pub fn agent_log(&self) -> Vec<String> {
+        self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(Proc::lines).unwrap_or_default()
+    }
+
+    /// Runs the `ferrox` CLI on this node and returns its stdout.
+    pub fn ferrox(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new(bin_path("ferrox"));
+        cmd.args(args).env("FERROX_BPFFS_ROOT", self.layout().root());
+        let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
+        run(&mut cmd)
+    }
+
+    /// The services this node's datapath holds.
+    pub fn services(&self) -> Vec<ServiceRow> {
+        ferrox::inspect::services(&self.layout()).expect("reading the service maps")
+    }
+
+    /// Waits until `frontend` (e.g. `10.96.0.10:80/TCP`) has exactly `backends` backends.
+    pub fn wait_for_backends(&self, frontend: &str, backends: usize) -> ServiceRow {
+        wait_for(&format!("{frontend} with {backends} backends on {}", self.name), Duration::from_secs(30), || {
+            let rows = self.services();
+            match rows.into_iter().find(|r| r.frontend == frontend) {
+                Some(r) if r.backends.len() == backends => Ok(r),
+                Some(r) => Err(format!("{} backends: {:?}", r.backends.len(), r.backends)),
+                None => Err("frontend not programmed".into()),
+            }
+        })
+    }
+
+    /// Waits until `frontend` is not programmed any more.
+    pub fn wait_for_no_frontend(&self, frontend: &str) {
+        wait_for(&format!("{frontend} to be removed on {}", self.name), Duration::from_secs(30), || {
+            if self.services().iter().any(|r| r.frontend == frontend) { Err("still programmed".into()) } else { Ok(()) }
+        })
+    }
+
+    fn cni(&self, command: &str, container_id: &str, netns: Option<&Path>, pod: &str) -> std::process::Output {
+        let conf = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "ferrox",
+            "type": "ferrox-cni",
+            "nodeConfig": self.node_config(),
+        });
+        let mut cmd = Command::new(bin_path("ferrox-cni"));
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", bin_path("ferrox-cni").parent().unwrap())
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ns) = netns {
+            cmd.env("CNI_NETNS", ns);
+        }
+        let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
+        let mut child = cmd.spawn().expect("starting ferrox-cni");
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Pod {
+    /// Starts `fx-echo <args>` in this pod.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(bin_path("fx-echo"));
+        cmd.args(args);
+        Proc::spawn(&format!("{} {}", self.name, args.join(" ")), cmd, &self.netns_path, &self.cgroup)
+    }
+
+    /// Starts an echo server named after the pod on `port` (TCP and UDP) and waits until it serves.
+    pub fn serve(&self, port: u16) -> Proc {
+        let p = port.to_string();
+        let proc = self.spawn(&["serve", "--name", &self.name, "--tcp", &p, "--udp", &p]);
+        proc.wait_for_line("the echo server", Duration::from_secs(10), |l| l == "serving");
+        proc
+    }
+
+    /// Runs `fx-echo <args>` to completion in this pod; returns its JSON output lines.
+    pub fn run(&self, args: &[&str]) -> (std::process::ExitStatus, Vec<serde_json::Value>) {
+        let mut cmd = Command::new(bin_path("fx-echo"));
+        cmd.args(args).stdin(Stdio::null());
+        let _ns = spawn_in(&mut cmd, &self.netns_path, &self.cgroup);
+        let out = cmd.output().expect("running fx-echo");
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("fx-echo output {l:?}: {e}")))
+            .collect();
+        (out.status, lines)
+    }
+
+    /// `count` TCP calls to `target`; returns how many each backend answered, and the peer
+    /// addresses the application saw.
+    pub fn call_tcp(&self, target: &str, count: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+        let (status, lines) = self.run(&["call", "tcp", target, "--count", &count.to_string()]);
+        assert!(status.success(), "calls from {} to {target} failed: {lines:?}", self.name);
+        tally(&lines, "peer")
+    }
+
+    /// `count` UDP datagrams to `target` (unconnected socket: sendmsg/recvmsg).
+    pub fn call_udp(&self, target: &str, count: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+        let (status, lines) = self.run(&["call", "udp", target, "--count", &count.to_string()]);
+        assert!(status.success(), "datagrams from {} to {target} failed: {lines:?}", self.name);
+        tally(&lines, "from")
+    }
+}
+
+fn tally(lines: &[serde_json::Value], addr_field: &str) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut by_backend = BTreeMap::new();
+    let mut addrs = Vec::new();
+    for l in lines {
+        *by_backend.entry(l["backend"].as_str().unwrap_or_default().to_owned()).or_default() += 1;
+        addrs.push(l[addr_field].as_str().unwrap_or_default().to_owned());
+    }
+    (by_backend, addrs)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if failed {
+            for n in &self.nodes {
+                let log = n.agent_log();
+                let tail = &log[log.len().saturating_sub(40)..];
+                eprintln!("---- agent log of {} (last {} lines) ----\n{}", n.name, tail.len(), tail.join("\n"));
+            }
+        }
+        // 1. Stop every process of every node: agents, pod workloads.
+        for n in &self.nodes {
+            n.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            let _ = std::fs::write(n.cgroup.join("cgroup.kill"), "1");
+        }
+        for n in &self.nodes {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(n.cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // 2. Pods: CNI DEL as the runtime would, then their namespaces.
+        let pods = std::mem::take(&mut *self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for p in pods {
+            let out = self.nodes[p.node - 1].cni("DEL", &p.container_id, Some(&p.netns_path), &p.name);
+            if !out.status.success() {
+                eprintln!("harness: CNI DEL of {} failed: {}", p.name, String::from_utf8_lossy(&out.stdout));
+            }
+            drop(p.netns);
+        }
+        // 3. Nodes: the agent's own cleanup, then the bpffs, the namespace, the cgroup.
+        for n in self.nodes.drain(..) {
+            let mut cmd = n.agent_command(&["--cleanup"]);
+            let _ns = spawn_in(&mut cmd, &n.netns.path(), &n.cgroup);
+            match cmd.output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!("harness: agent --cleanup on {} failed: {}", n.name, String::from_utf8_lossy(&o.stderr)),
+                Err(e) => eprintln!("harness: agent --cleanup on {}: {e}", n.name),
+            }
+            let mount = n.bpffs_mount();
+            if ferrox_datapath::bpffs::is_bpffs(&mount)
+                && let Err(e) = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH)
+            {
+                eprintln!("harness: unmounting {}: {e}", mount.display());
+            }
+            drop(n.netns);
+            if let Err(e) = std::fs::remove_dir(&n.cgroup) {
+                eprintln!("harness: removing cgroup {}: {e}", n.cgroup.display());
+            }
+        }
+        // 4. The underlay, the API server, the cluster's directories.
+        self.fabric.take();
+        self.api.take();
+        let _ = std::fs::remove_dir(&self.cgroup_dir);
+        let _ = std::fs::remove_dir(self.cgroup_dir.parent().unwrap_or(Path::new("/")));
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("harness: removing {}: {e}", self.dir.display());
+        }
+        let _ = std::fs::remove_dir(leaks::RUN_DIR);
+    }
+}

@@ -1,0 +1,37 @@
+//! The netns cluster harness: `Cluster::builder().nodes(2).build()` gives a cluster of nodes on
+//! one machine, each a network namespace with its own uplink on a shared underlay bridge, its own
+//! cgroup, its own bpffs and its own `ferrox agent` process, all driven by a Kubernetes API test
+//! server. Pods are network namespaces set up by the real `ferrox-cni` binary, invoked as a
+//! container runtime would. Everything is torn down when the cluster is dropped, also when the
+//! test panics; [`leaks`] finds anything that was not.
+//!
+//! Nothing here touches the machine's own interfaces, routes or root cgroup.
+
+mod bins;
+mod cluster;
+pub mod leaks;
+mod netns;
+mod process;
+
+pub use bins::bin_path;
+pub use cluster::{Cluster, ClusterBuilder, Node, Pod, SERVICE_CIDR};
+pub use netns::NetNs;
+pub use process::{Proc, spawn_in};
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what` and the last
+/// observation. Tests wait for conditions, never for a fixed time.
+pub fn wait_for<T>(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut delay = std::time::Duration::from_millis(10);
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(last) if std::time::Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(std::time::Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,85 @@
+//! Cluster tier: `kill -9` of the agent in the middle of a TCP stream through a Service. The
+//! stream goes on while the agent is dead and after it is back; the restarted agent re-adopts
+//! the pinned maps, programs and links (same kernel ids) instead of re-creating them; new
+//! connections work throughout.
+
+use std::time::Duration;
+
+use ferrox::services::testing::{slice, svc};
+use ferrox_tests::harness::{Cluster, Proc};
+
+/// Kernel ids of everything pinned on the node, by pin name.
+fn pinned_ids(node: &ferrox_tests::harness::Node) -> Vec<(String, u64)> {
+    let out = node.ferrox(&["datapath", "-o", "json"]);
+    let objects: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    objects.iter().map(|o| (o["name"].as_str().unwrap().to_owned(), o["id"].as_u64().unwrap())).collect()
+}
+
+fn progress(stream: &Proc) -> u64 {
+    stream
+        .lines()
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("progress ").and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Waits until the stream has moved at least `more` bytes past `from`.
+fn wait_progress(stream: &Proc, from: u64, more: u64) -> u64 {
+    let line = stream.wait_for_line("stream progress", Duration::from_secs(20), |l| {
+        l.strip_prefix("progress ").and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= from + more)
+    });
+    line["progress ".len()..].parse().unwrap()
+}
+
+#[test]
+fn a_stream_survives_kill_9_of_the_agent_and_nothing_is_recreated() {
+    let c = Cluster::builder().nodes(2).build();
+    let server = c.add_pod(2, "server");
+    let client = c.add_pod(1, "client");
+    let _srv = server.serve(8080);
+    c.api().apply(&svc("echo").cluster_ip("10.96.0.30").port("", 80, "TCP").build());
+    c.api().apply(&slice("echo", "echo-1").port("", 8080, "TCP").ready(server.ip).build());
+    let node = c.node(1);
+    node.wait_for_backends("10.96.0.30:80/TCP", 1);
+
+    let mut stream = client.spawn(&["stream", "10.96.0.30:80"]);
+    let connected = stream.wait_for_line("stream connected", Duration::from_secs(10), |l| l.contains("\"connected\""));
+    assert!(connected.contains("10.96.0.30:80"), "the application sees the ClusterIP as its peer: {connected}");
+    let before_kill = wait_progress(&stream, 0, 64 * 1024);
+
+    let ids_before = pinned_ids(node);
+    assert!(ids_before.iter().any(|(n, _)| n == "maps/SVC_V1"), "{ids_before:?}");
+    assert!(ids_before.iter().any(|(n, _)| n == "links/cgroup_sock_connect4"), "{ids_before:?}");
+    assert!(ids_before.iter().any(|(n, _)| n == "links/uplink_ingress"), "{ids_before:?}");
+
+    node.kill_agent();
+    // With the agent dead, the stream goes on and new connections are still translated.
+    let during = wait_progress(&stream, before_kill, 64 * 1024);
+    let (by_backend, _) = client.call_tcp("10.96.0.30:80", 3);
+    assert_eq!(by_backend.get("server"), Some(&3));
+
+    node.start_agent();
+    node.wait_agent_ready();
+    let after_restart = wait_progress(&stream, during, 64 * 1024);
+    let (by_backend, _) = client.call_tcp("10.96.0.30:80", 3);
+    assert_eq!(by_backend.get("server"), Some(&3));
+
+    // Same maps, programs and links: re-adopted, not re-created.
+    assert_eq!(pinned_ids(node), ids_before);
+    let log = node.agent_log().join("\n");
+    assert!(log.contains("Adopted"), "the restarted agent reports adoption:\n{log}");
+
+    // The restarted agent still follows the API.
+    let second = c.add_pod(2, "second");
+    let _srv2 = second.serve(8080);
+    c.api().apply(&slice("echo", "echo-1").port("", 8080, "TCP").ready(server.ip).ready(second.ip).build());
+    node.wait_for_backends("10.96.0.30:80/TCP", 2);
+
+    let status = stream.signal_and_wait(libc::SIGTERM);
+    let summary = stream.lines().last().cloned().unwrap_or_default();
+    assert!(status.success(), "the stream ended with an error: {summary}");
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert!(summary["bytes"].as_u64().unwrap() >= after_restart, "{summary}");
+    assert!(progress(&stream) >= after_restart);
+}
