@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "ferrox", version, about = "ferrox: eBPF networking data plane for Kubernetes")]
+#[command(
+    name = "ferrox",
+    version,
+    about = "ferrox: eBPF networking data plane for Kubernetes"
+)]
 pub struct Cli {
     /// Where the datapath is pinned on this node.
     #[arg(long, global = true, env = "FERROX_BPFFS_ROOT", default_value = ferrox_datapath::DEFAULT_BPFFS_ROOT)]

@@ -26,21 +26,31 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => node::cgroup2_mount()?,
     };
-    for a in dp.attach_cgroup(&cgroup).with_context(|| format!("attaching to cgroup {}", cgroup.display()))? {
+    for a in dp
+        .attach_cgroup(&cgroup)
+        .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?
+    {
         info!(program = a.program, link_id = a.link_id, outcome = ?a.outcome, cgroup = %cgroup.display(), "socket hook");
     }
     let uplink = match &args.uplink {
         Some(u) => u.clone(),
         None => node::default_route_interface()?,
     };
-    for a in dp.attach_uplink(&uplink).with_context(|| format!("attaching to uplink {uplink}"))? {
+    for a in dp
+        .attach_uplink(&uplink)
+        .with_context(|| format!("attaching to uplink {uplink}"))?
+    {
         info!(program = a.program, link_id = a.link_id, outcome = ?a.outcome, uplink = %uplink, "uplink hook");
     }
     info!(origin = ?dp.origin(), "datapath attached");
 
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     let node = wait_for_node(&client, &args.node_name).await;
-    let pod_cidrs = if args.pod_cidr.is_empty() { node_pod_cidrs(&node)? } else { args.pod_cidr.clone() };
+    let pod_cidrs = if args.pod_cidr.is_empty() {
+        node_pod_cidrs(&node)?
+    } else {
+        args.pod_cidr.clone()
+    };
     let mtu = match args.mtu {
         Some(m) => m,
         None => node::interface_mtu(&uplink)?,
@@ -73,9 +83,16 @@ fn cleanup(args: &AgentArgs, layout: &PinLayout) -> anyhow::Result<()> {
     match std::fs::remove_file(&args.node_config) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", args.node_config.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing {}", args.node_config.display()));
+        }
     }
-    info!(links = report.links, programs = report.programs, maps = report.maps, "removed the datapath");
+    info!(
+        links = report.links,
+        programs = report.programs,
+        maps = report.maps,
+        "removed the datapath"
+    );
     Ok(())
 }
 
@@ -99,7 +116,9 @@ async fn wait_for_node(client: &Client, name: &str) -> Node {
     loop {
         match api.get(name).await {
             Ok(node) => return node,
-            Err(e) => warn!(node = name, error = %e, retry_in_ms = delay.as_millis() as u64, "reading this node's Node object"),
+            Err(e) => {
+                warn!(node = name, error = %e, retry_in_ms = delay.as_millis() as u64, "reading this node's Node object")
+            }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(std::time::Duration::from_secs(5));
@@ -113,7 +132,10 @@ fn node_pod_cidrs(node: &Node) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
         _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
     };
     let v4: Vec<ipnet::Ipv4Net> = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
-    anyhow::ensure!(!v4.is_empty(), "Node has no IPv4 spec.podCIDRs; pass --pod-cidr");
+    anyhow::ensure!(
+        !v4.is_empty(),
+        "Node has no IPv4 spec.podCIDRs; pass --pod-cidr"
+    );
     Ok(v4)
 }
 

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::{
     cli::Output,
-    services::reconcile::{addr_from_be, master_key},
     services::model::{Frontend, Proto},
+    services::reconcile::{addr_from_be, master_key},
 };
 
 #[derive(Debug, Serialize)]
@@ -52,11 +52,19 @@ pub fn services(layout: &PinLayout) -> anyhow::Result<Vec<ServiceRow>> {
     let backends: BTreeMap<_, _> = maps.backends.entries()?.into_iter().collect();
     let mut rows = Vec::new();
     for (key, master) in entries.iter().filter(|(k, _)| k.slot == 0) {
-        let Some(proto) = Proto::from_number(key.proto) else { continue };
-        let fe = Frontend { addr: addr_from_be(key.addr), port: u16::from_be(key.port), proto };
+        let Some(proto) = Proto::from_number(key.proto) else {
+            continue;
+        };
+        let fe = Frontend {
+            addr: addr_from_be(key.addr),
+            port: u16::from_be(key.port),
+            proto,
+        };
         let mut bs = Vec::new();
         for slot in 1..=master.count {
-            let Some(slot_entry) = entries.get(&master_key(&fe).with_slot(slot)) else { continue };
+            let Some(slot_entry) = entries.get(&master_key(&fe).with_slot(slot)) else {
+                continue;
+            };
             let id = slot_entry.backend_id;
             if let Some(b) = backends.get(&id) {
                 bs.push(BackendRow {
@@ -66,7 +74,12 @@ pub fn services(layout: &PinLayout) -> anyhow::Result<Vec<ServiceRow>> {
                 });
             }
         }
-        rows.push(ServiceRow { frontend: fe.to_string(), rev_nat_id: master.rev_nat_id, flags: flag_names(master.flags), backends: bs });
+        rows.push(ServiceRow {
+            frontend: fe.to_string(),
+            rev_nat_id: master.rev_nat_id,
+            flags: flag_names(master.flags),
+            backends: bs,
+        });
     }
     Ok(rows)
 }
@@ -84,7 +97,13 @@ pub fn print_services(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
                     } else {
                         r.backends
                             .iter()
-                            .map(|b| if b.terminating { format!("{} (terminating)", b.address) } else { b.address.clone() })
+                            .map(|b| {
+                                if b.terminating {
+                                    format!("{} (terminating)", b.address)
+                                } else {
+                                    b.address.clone()
+                                }
+                            })
                             .collect::<Vec<_>>()
                             .join(", ")
                     };
@@ -105,7 +124,15 @@ pub fn print_counters(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
         Output::Table => {
             let table: Vec<[String; 5]> = rows
                 .iter()
-                .map(|r| [r.hook.into(), r.verdict.into(), r.reason.into(), r.packets.to_string(), r.bytes.to_string()])
+                .map(|r| {
+                    [
+                        r.hook.into(),
+                        r.verdict.into(),
+                        r.reason.into(),
+                        r.packets.to_string(),
+                        r.bytes.to_string(),
+                    ]
+                })
                 .collect();
             print_table(["HOOK", "VERDICT", "REASON", "PACKETS", "BYTES"], &table);
         }
@@ -122,13 +149,26 @@ pub fn print_datapath(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
                 .iter()
                 .map(|o| {
                     let target = match o.target {
-                        Some(ferrox_datapath::LinkTarget::Cgroup { cgroup_id, .. }) => format!("cgroup id {cgroup_id}"),
-                        Some(ferrox_datapath::LinkTarget::Tcx { ifindex, .. }) => format!("tcx ifindex {ifindex}"),
-                        Some(ferrox_datapath::LinkTarget::Xdp { ifindex }) => format!("xdp ifindex {ifindex}"),
-                        Some(ferrox_datapath::LinkTarget::Other { link_type }) => format!("link type {link_type}"),
+                        Some(ferrox_datapath::LinkTarget::Cgroup { cgroup_id, .. }) => {
+                            format!("cgroup id {cgroup_id}")
+                        }
+                        Some(ferrox_datapath::LinkTarget::Tcx { ifindex, .. }) => {
+                            format!("tcx ifindex {ifindex}")
+                        }
+                        Some(ferrox_datapath::LinkTarget::Xdp { ifindex }) => {
+                            format!("xdp ifindex {ifindex}")
+                        }
+                        Some(ferrox_datapath::LinkTarget::Other { link_type }) => {
+                            format!("link type {link_type}")
+                        }
                         None => String::new(),
                     };
-                    [format!("{:?}", o.kind).to_lowercase(), o.name.clone(), o.id.to_string(), target]
+                    [
+                        format!("{:?}", o.kind).to_lowercase(),
+                        o.name.clone(),
+                        o.id.to_string(),
+                        target,
+                    ]
                 })
                 .collect();
             print_table(["KIND", "NAME", "ID", "ATTACHED TO"], &table);

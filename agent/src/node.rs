@@ -9,7 +9,9 @@ pub fn cgroup2_mount_from(mountinfo: &str) -> Option<PathBuf> {
     let mut found = Vec::new();
     for line in mountinfo.lines() {
         // "36 25 0:31 / /sys/fs/cgroup rw,... shared:9 - cgroup2 cgroup2 rw,..."
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() != Some("cgroup2") {
             continue;
         }
@@ -17,12 +19,17 @@ pub fn cgroup2_mount_from(mountinfo: &str) -> Option<PathBuf> {
             found.push(PathBuf::from(mount_point));
         }
     }
-    found.iter().find(|p| p.as_os_str() == "/sys/fs/cgroup").or(found.first()).cloned()
+    found
+        .iter()
+        .find(|p| p.as_os_str() == "/sys/fs/cgroup")
+        .or(found.first())
+        .cloned()
 }
 
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    cgroup2_mount_from(&mountinfo).ok_or_else(|| anyhow::anyhow!("no cgroup2 filesystem is mounted; pass --cgroup"))
+    cgroup2_mount_from(&mountinfo)
+        .ok_or_else(|| anyhow::anyhow!("no cgroup2 filesystem is mounted; pass --cgroup"))
 }
 
 /// The interface of the IPv4 default route, from `/proc/net/route` contents.
@@ -36,8 +43,19 @@ pub fn default_route_interface_from(route_table: &str) -> Option<String> {
 pub fn default_route_interface() -> anyhow::Result<String> {
     // /proc/net is per network namespace (of the reading thread), unlike /sys/class/net.
     let table = std::fs::read_to_string("/proc/net/route")?;
-    default_route_interface_from(&table)
-        .ok_or_else(|| anyhow::anyhow!("no IPv4 default route in this network namespace; pass --uplink"))
+    default_route_interface_from(&table).ok_or_else(|| {
+        anyhow::anyhow!("no IPv4 default route in this network namespace; pass --uplink")
+    })
+}
+
+/// MTU of `ifname` in this network namespace.
+pub fn interface_mtu(ifname: &str) -> anyhow::Result<u32> {
+    let nl = ferrox_cni::netlink::Netlink::open()?;
+    let link = nl
+        .link(ifname)?
+        .ok_or_else(|| anyhow::anyhow!("interface {ifname} not found"))?;
+    link.mtu
+        .ok_or_else(|| anyhow::anyhow!("interface {ifname} reports no MTU"))
 }
 
 #[cfg(test)]
@@ -51,10 +69,16 @@ mod tests {
 31 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
 32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
 33 31 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd";
-        assert_eq!(cgroup2_mount_from(hybrid), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(
+            cgroup2_mount_from(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
         let unified = "35 25 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw";
         assert_eq!(cgroup2_mount_from(unified), Some("/sys/fs/cgroup".into()));
-        assert_eq!(cgroup2_mount_from("1 2 3:4 / / rw - ext4 /dev/vda rw"), None);
+        assert_eq!(
+            cgroup2_mount_from("1 2 3:4 / / rw - ext4 /dev/vda rw"),
+            None
+        );
     }
 
     #[test]
@@ -66,11 +90,4 @@ eth0\t00000000\t0112A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0";
         assert_eq!(default_route_interface_from(table), Some("eth0".into()));
         assert_eq!(default_route_interface_from("Iface\tDestination\n"), None);
     }
-}
-
-/// MTU of `ifname` in this network namespace.
-pub fn interface_mtu(ifname: &str) -> anyhow::Result<u32> {
-    let nl = ferrox_cni::netlink::Netlink::open()?;
-    let link = nl.link(ifname)?.ok_or_else(|| anyhow::anyhow!("interface {ifname} not found"))?;
-    link.mtu.ok_or_else(|| anyhow::anyhow!("interface {ifname} reports no MTU"))
 }

@@ -51,7 +51,11 @@ pub enum IpamError {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> IpamError + 'a {
-    move |source| IpamError::Io { op, path: path.into(), source }
+    move |source| IpamError::Io {
+        op,
+        path: path.into(),
+        source,
+    }
 }
 
 /// The store at one directory.
@@ -76,10 +80,19 @@ impl Store {
     fn lock(&self) -> Result<Locked, IpamError> {
         std::fs::create_dir_all(self.allocations_dir()).map_err(io("creating", &self.dir))?;
         let path = self.dir.join("lock");
-        let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io("opening", &path))?;
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("opening", &path))?;
         // SAFETY: flock on a file descriptor we own; blocks until the lock is ours.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(IpamError::Io { op: "locking", path, source: std::io::Error::last_os_error() });
+            return Err(IpamError::Io {
+                op: "locking",
+                path,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(Locked { _file: file })
     }
@@ -90,7 +103,13 @@ impl Store {
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(IpamError::Io { op: "listing", path: dir, source: e }),
+            Err(e) => {
+                return Err(IpamError::Io {
+                    op: "listing",
+                    path: dir,
+                    source: e,
+                });
+            }
         };
         let mut out = Vec::new();
         for entry in entries {
@@ -99,7 +118,12 @@ impl Store {
                 continue; // a write that never finished
             }
             let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
-            out.push(serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt { path: path.clone(), source })?);
+            out.push(
+                serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?,
+            );
         }
         out.sort_by_key(|a: &Allocation| a.ip);
         Ok(out)
@@ -107,16 +131,29 @@ impl Store {
 
     /// Allocates an address for (container, ifname) from `blocks`, or returns the one it already
     /// has (a retried ADD gets the same address).
-    pub fn allocate(&self, blocks: &[Ipv4Net], mut record: Allocation) -> Result<Allocation, IpamError> {
+    pub fn allocate(
+        &self,
+        blocks: &[Ipv4Net],
+        mut record: Allocation,
+    ) -> Result<Allocation, IpamError> {
         let _lock = self.lock()?;
         let existing = self.list()?;
-        if let Some(a) = existing.iter().find(|a| a.container_id == record.container_id && a.ifname == record.ifname) {
+        if let Some(a) = existing
+            .iter()
+            .find(|a| a.container_id == record.container_id && a.ifname == record.ifname)
+        {
             return Ok(a.clone());
         }
         let used: std::collections::BTreeSet<Ipv4Addr> = existing.iter().map(|a| a.ip).collect();
-        let last = std::fs::read_to_string(self.dir.join("last")).ok().and_then(|s| s.trim().parse().ok());
+        let last = std::fs::read_to_string(self.dir.join("last"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         let ip = next_free(blocks, &used, last).ok_or_else(|| IpamError::Exhausted {
-            blocks: blocks.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            blocks: blocks
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         record.ip = ip;
         let body = serde_json::to_vec_pretty(&record).map_err(|e| IpamError::Io {
@@ -130,28 +167,46 @@ impl Store {
     }
 
     /// Releases the address of (container, ifname). Returns it, or None when there was none.
-    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Option<Allocation>, IpamError> {
+    pub fn release(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Allocation>, IpamError> {
         let _lock = self.lock()?;
-        let Some(a) = self.list()?.into_iter().find(|a| a.container_id == container_id && a.ifname == ifname) else {
+        let Some(a) = self
+            .list()?
+            .into_iter()
+            .find(|a| a.container_id == container_id && a.ifname == ifname)
+        else {
             return Ok(None);
         };
         let path = self.allocations_dir().join(a.ip.to_string());
         std::fs::remove_file(&path).map_err(io("removing", &path))?;
         let dir = self.allocations_dir();
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io("syncing", &dir))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing", &dir))?;
         Ok(Some(a))
     }
 }
 
 /// The first usable address after `last` (wrapping), skipping used ones and each block's
 /// network and broadcast addresses.
-pub fn next_free(blocks: &[Ipv4Net], used: &std::collections::BTreeSet<Ipv4Addr>, last: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+pub fn next_free(
+    blocks: &[Ipv4Net],
+    used: &std::collections::BTreeSet<Ipv4Addr>,
+    last: Option<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
     let candidates: Vec<Ipv4Addr> = blocks.iter().flat_map(|b| b.hosts()).collect();
     if candidates.is_empty() {
         return None;
     }
-    let start = last.and_then(|l| candidates.iter().position(|c| *c == l)).map_or(0, |i| i + 1);
-    (0..candidates.len()).map(|i| candidates[(start + i) % candidates.len()]).find(|c| !used.contains(c))
+    let start = last
+        .and_then(|l| candidates.iter().position(|c| *c == l))
+        .map_or(0, |i| i + 1);
+    (0..candidates.len())
+        .map(|i| candidates[(start + i) % candidates.len()])
+        .find(|c| !used.contains(c))
 }
 
 fn write_durably(path: &Path, body: &[u8]) -> Result<(), IpamError> {
@@ -161,7 +216,9 @@ fn write_durably(path: &Path, body: &[u8]) -> Result<(), IpamError> {
     f.sync_all().map_err(io("syncing", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("renaming", path))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing", dir))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing", dir))?;
     Ok(())
 }
 
@@ -172,15 +229,27 @@ mod tests {
     use super::*;
 
     fn rec(c: &str) -> Allocation {
-        Allocation { ip: Ipv4Addr::UNSPECIFIED, container_id: c.into(), ifname: "eth0".into(), pod_namespace: "default".into(), pod_name: c.into() }
+        Allocation {
+            ip: Ipv4Addr::UNSPECIFIED,
+            container_id: c.into(),
+            ifname: "eth0".into(),
+            pod_namespace: "default".into(),
+            pod_name: c.into(),
+        }
     }
 
     #[test]
     fn next_free_skips_used_network_and_broadcast_and_wraps() {
         let b: Vec<Ipv4Net> = vec!["10.0.0.0/30".parse().unwrap()]; // hosts .1 and .2
         let used = BTreeSet::from(["10.0.0.1".parse().unwrap()]);
-        assert_eq!(next_free(&b, &used, None), Some("10.0.0.2".parse().unwrap()));
-        assert_eq!(next_free(&b, &BTreeSet::new(), Some("10.0.0.2".parse().unwrap())), Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            next_free(&b, &used, None),
+            Some("10.0.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            next_free(&b, &BTreeSet::new(), Some("10.0.0.2".parse().unwrap())),
+            Some("10.0.0.1".parse().unwrap())
+        );
         let all = BTreeSet::from(["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()]);
         assert_eq!(next_free(&b, &all, None), None);
     }
@@ -193,9 +262,17 @@ mod tests {
         let a = store.allocate(&blocks, rec("a")).unwrap();
         let b = store.allocate(&blocks, rec("b")).unwrap();
         assert_ne!(a.ip, b.ip);
-        assert_eq!(store.allocate(&blocks, rec("a")).unwrap().ip, a.ip, "a retried ADD keeps its address");
+        assert_eq!(
+            store.allocate(&blocks, rec("a")).unwrap().ip,
+            a.ip,
+            "a retried ADD keeps its address"
+        );
         assert_eq!(store.release("a", "eth0").unwrap().unwrap().ip, a.ip);
-        assert_eq!(store.release("a", "eth0").unwrap(), None, "release is idempotent");
+        assert_eq!(
+            store.release("a", "eth0").unwrap(),
+            None,
+            "release is idempotent"
+        );
         // A freed address is not handed out again at once.
         let c = store.allocate(&blocks, rec("c")).unwrap();
         assert_ne!(c.ip, a.ip);
@@ -223,11 +300,21 @@ mod tests {
                 let path = dir.path().to_path_buf();
                 let blocks = blocks.clone();
                 std::thread::spawn(move || {
-                    (0..8).map(|j| Store::new(&path).allocate(&blocks, rec(&format!("c{i}-{j}"))).unwrap().ip).collect::<Vec<_>>()
+                    (0..8)
+                        .map(|j| {
+                            Store::new(&path)
+                                .allocate(&blocks, rec(&format!("c{i}-{j}")))
+                                .unwrap()
+                                .ip
+                        })
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let ips: Vec<Ipv4Addr> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let ips: Vec<Ipv4Addr> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let unique: BTreeSet<_> = ips.iter().collect();
         assert_eq!(unique.len(), ips.len());
         assert_eq!(Store::new(dir.path()).list().unwrap().len(), 128);

@@ -61,7 +61,9 @@ pub enum NodeConfigError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("node configuration {path} has schema version {found}; this plugin understands up to {SCHEMA_VERSION}")]
+    #[error(
+        "node configuration {path} has schema version {found}; this plugin understands up to {SCHEMA_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("writing node configuration {path}")]
     Write {
@@ -77,20 +79,32 @@ impl NodeConfig {
             if source.kind() == std::io::ErrorKind::NotFound {
                 NodeConfigError::Missing { path: path.into() }
             } else {
-                NodeConfigError::Read { path: path.into(), source }
+                NodeConfigError::Read {
+                    path: path.into(),
+                    source,
+                }
             }
         })?;
         let cfg: Self =
-            serde_json::from_slice(&bytes).map_err(|source| NodeConfigError::Parse { path: path.into(), source })?;
+            serde_json::from_slice(&bytes).map_err(|source| NodeConfigError::Parse {
+                path: path.into(),
+                source,
+            })?;
         if cfg.version > SCHEMA_VERSION {
-            return Err(NodeConfigError::Version { path: path.into(), found: cfg.version });
+            return Err(NodeConfigError::Version {
+                path: path.into(),
+                found: cfg.version,
+            });
         }
         Ok(cfg)
     }
 
     /// Writes the file atomically: a reader sees the old or the new file, never a partial one.
     pub fn write(&self, path: &Path) -> Result<(), NodeConfigError> {
-        let err = |source| NodeConfigError::Write { path: path.into(), source };
+        let err = |source| NodeConfigError::Write {
+            path: path.into(),
+            source,
+        };
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(err)?;
         let tmp = path.with_extension("json.tmp");
@@ -99,7 +113,9 @@ impl NodeConfig {
         f.write_all(&body).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
         Ok(())
     }
 }
@@ -135,7 +151,10 @@ mod tests {
     #[test]
     fn missing_file_says_to_check_the_agent() {
         let err = NodeConfig::read(Path::new("/nonexistent/node.json")).unwrap_err();
-        assert!(err.to_string().contains("is the ferrox agent running"), "{err}");
+        assert!(
+            err.to_string().contains("is the ferrox agent running"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -145,6 +164,9 @@ mod tests {
         let mut c = sample();
         c.version = SCHEMA_VERSION + 1;
         c.write(&path).unwrap();
-        assert!(matches!(NodeConfig::read(&path), Err(NodeConfigError::Version { .. })));
+        assert!(matches!(
+            NodeConfig::read(&path),
+            Err(NodeConfigError::Version { .. })
+        ));
     }
 }

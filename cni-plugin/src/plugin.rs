@@ -12,7 +12,10 @@ use crate::{
     ipam::{self, Allocation, IpamError},
     node_config::{self, NodeConfig, NodeConfigError},
     pod,
-    spec::{AddResult, CNI_VERSION, CniError, Command, Interface, Invocation, IpConfig, NetConf, RouteConfig, SUPPORTED_VERSIONS, code},
+    spec::{
+        AddResult, CNI_VERSION, CniError, Command, Interface, Invocation, IpConfig, NetConf,
+        RouteConfig, SUPPORTED_VERSIONS, code,
+    },
 };
 
 /// Runs one invocation; `Ok(Some(json))` is printed on stdout.
@@ -24,7 +27,10 @@ pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<Option<String>, CniError> {
         Command::Status => status(&NetConf::parse(stdin)?).map(|()| None),
         Command::Check | Command::Gc => Err(CniError::new(
             code::INVALID_ENVIRONMENT,
-            format!("{:?} is not implemented by this version of ferrox-cni", inv.command),
+            format!(
+                "{:?} is not implemented by this version of ferrox-cni",
+                inv.command
+            ),
         )),
     }
 }
@@ -32,14 +38,21 @@ pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<Option<String>, CniError> {
 fn version(stdin: &[u8]) -> String {
     let requested = serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|s| s.as_str()).map(str::to_owned))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+        })
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
         .unwrap_or_else(|| CNI_VERSION.to_owned());
-    serde_json::json!({ "cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS }).to_string()
+    serde_json::json!({ "cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS })
+        .to_string()
 }
 
 fn node_config_path(conf: &NetConf) -> PathBuf {
-    conf.node_config.clone().unwrap_or_else(|| PathBuf::from(node_config::DEFAULT_PATH))
+    conf.node_config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(node_config::DEFAULT_PATH))
 }
 
 fn read_node_config(conf: &NetConf) -> Result<NodeConfig, CniError> {
@@ -53,10 +66,17 @@ fn read_node_config(conf: &NetConf) -> Result<NodeConfig, CniError> {
     })
 }
 
-fn datapath_error(what: &str, layout: &PinLayout, e: &(dyn std::error::Error + 'static)) -> CniError {
+fn datapath_error(
+    what: &str,
+    layout: &PinLayout,
+    e: &(dyn std::error::Error + 'static),
+) -> CniError {
     CniError::new(
         code::DATAPATH,
-        format!("{what}: the datapath pinned at {} is not usable; is the ferrox agent running?", layout.root().display()),
+        format!(
+            "{what}: the datapath pinned at {} is not usable; is the ferrox agent running?",
+            layout.root().display()
+        ),
     )
     .with_source(e)
 }
@@ -89,7 +109,10 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     let layout = PinLayout::new(&node.bpffs_root);
     let netns = inv.netns.clone().unwrap_or_default();
     if !netns.exists() {
-        return Err(CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS {} does not exist", netns.display())));
+        return Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("CNI_NETNS {} does not exist", netns.display()),
+        ));
     }
     let mut rollback = Rollback { steps: Vec::new() };
 
@@ -103,12 +126,18 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
         pod_namespace: pod_ref.namespace,
         pod_name: pod_ref.name,
     };
-    let alloc = store.allocate(&node.pod_cidrs, record).map_err(|e| match &e {
-        IpamError::Exhausted { .. } => CniError::new(code::ADDRESSES_EXHAUSTED, e.to_string()),
-        _ => CniError::new(code::IO_FAILURE, "allocating an address").with_source(&e),
-    })?;
+    let alloc = store
+        .allocate(&node.pod_cidrs, record)
+        .map_err(|e| match &e {
+            IpamError::Exhausted { .. } => CniError::new(code::ADDRESSES_EXHAUSTED, e.to_string()),
+            _ => CniError::new(code::IO_FAILURE, "allocating an address").with_source(&e),
+        })?;
     {
-        let (dir, cid, ifname) = (node.ipam_dir.clone(), inv.container_id.clone(), inv.ifname.clone());
+        let (dir, cid, ifname) = (
+            node.ipam_dir.clone(),
+            inv.container_id.clone(),
+            inv.ifname.clone(),
+        );
         rollback.push(move || {
             let _ = ipam::Store::new(dir).release(&cid, &ifname);
         });
@@ -122,8 +151,15 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
             let _ = pod::teardown(&name);
         });
     }
-    let net = pod::setup(&netns, &inv.container_id, &inv.ifname, alloc.ip, node.gateway, node.mtu)
-        .map_err(|e| CniError::new(code::IO_FAILURE, "setting up the pod's network").with_source(&e))?;
+    let net = pod::setup(
+        &netns,
+        &inv.container_id,
+        &inv.ifname,
+        alloc.ip,
+        node.gateway,
+        node.mtu,
+    )
+    .map_err(|e| CniError::new(code::IO_FAILURE, "setting up the pod's network").with_source(&e))?;
 
     // 3. The pod-facing program and the endpoint entry.
     {
@@ -132,11 +168,21 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
             let _ = ferrox_datapath::detach_pod(&layout, &name);
         });
     }
-    ferrox_datapath::attach_pod(&layout, &host_ifname).map_err(|e| datapath_error("attaching the pod program", &layout, &e))?;
-    let mut maps = Maps::open(&layout).map_err(|e| datapath_error("opening the maps", &layout, &e))?;
-    let key = EndpointKey { addr: u32::from_ne_bytes(alloc.ip.octets()) };
+    ferrox_datapath::attach_pod(&layout, &host_ifname)
+        .map_err(|e| datapath_error("attaching the pod program", &layout, &e))?;
+    let mut maps =
+        Maps::open(&layout).map_err(|e| datapath_error("opening the maps", &layout, &e))?;
+    let key = EndpointKey {
+        addr: u32::from_ne_bytes(alloc.ip.octets()),
+    };
     maps.endpoints
-        .insert(&key, &EndpointInfo { ifindex: net.host_ifindex, flags: endpoint_flags::POD })
+        .insert(
+            &key,
+            &EndpointInfo {
+                ifindex: net.host_ifindex,
+                flags: endpoint_flags::POD,
+            },
+        )
         .map_err(|e| datapath_error("registering the endpoint", &layout, &e))?;
     rollback.commit();
 
@@ -144,14 +190,32 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     let result = AddResult {
         cni_version: conf.cni_version.clone(),
         interfaces: vec![
-            Interface { name: net.host_ifname.clone(), mac: mac(net.host_mac), mtu: Some(node.mtu), sandbox: None },
-            Interface { name: net.pod_ifname.clone(), mac: mac(net.pod_mac), mtu: Some(node.mtu), sandbox: Some(netns.display().to_string()) },
+            Interface {
+                name: net.host_ifname.clone(),
+                mac: mac(net.host_mac),
+                mtu: Some(node.mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: net.pod_ifname.clone(),
+                mac: mac(net.pod_mac),
+                mtu: Some(node.mtu),
+                sandbox: Some(netns.display().to_string()),
+            },
         ],
-        ips: vec![IpConfig { address: Ipv4Net::from(alloc.ip), gateway: Some(node.gateway), interface: Some(1) }],
-        routes: vec![RouteConfig { dst: Ipv4Net::default(), gw: Some(node.gateway) }],
+        ips: vec![IpConfig {
+            address: Ipv4Net::from(alloc.ip),
+            gateway: Some(node.gateway),
+            interface: Some(1),
+        }],
+        routes: vec![RouteConfig {
+            dst: Ipv4Net::default(),
+            gw: Some(node.gateway),
+        }],
         dns: conf.dns.clone(),
     };
-    let mut json = serde_json::to_value(&result).map_err(|e| CniError::new(code::IO_FAILURE, "encoding the result").with_source(&e))?;
+    let mut json = serde_json::to_value(&result)
+        .map_err(|e| CniError::new(code::IO_FAILURE, "encoding the result").with_source(&e))?;
     if conf.cni_version == "0.4.0"
         && let Some(ips) = json.get_mut("ips").and_then(|v| v.as_array_mut())
     {
@@ -184,13 +248,18 @@ fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     if let Some(a) = &alloc
         && layout_present(&layout)
     {
-        let mut maps = Maps::open(&layout).map_err(|e| datapath_error("opening the maps", &layout, &e))?;
+        let mut maps =
+            Maps::open(&layout).map_err(|e| datapath_error("opening the maps", &layout, &e))?;
         maps.endpoints
-            .remove(&EndpointKey { addr: u32::from_ne_bytes(a.ip.octets()) })
+            .remove(&EndpointKey {
+                addr: u32::from_ne_bytes(a.ip.octets()),
+            })
             .map_err(|e| datapath_error("removing the endpoint", &layout, &e))?;
     }
-    ferrox_datapath::detach_pod(&layout, &host_ifname).map_err(|e| datapath_error("detaching the pod program", &layout, &e))?;
-    pod::teardown(&host_ifname).map_err(|e| CniError::new(code::IO_FAILURE, "deleting the pod's veth").with_source(&e))?;
+    ferrox_datapath::detach_pod(&layout, &host_ifname)
+        .map_err(|e| datapath_error("detaching the pod program", &layout, &e))?;
+    pod::teardown(&host_ifname)
+        .map_err(|e| CniError::new(code::IO_FAILURE, "deleting the pod's veth").with_source(&e))?;
     store
         .release(&inv.container_id, &inv.ifname)
         .map_err(|e| CniError::new(code::IO_FAILURE, "releasing the address").with_source(&e))?;
@@ -203,14 +272,23 @@ fn layout_present(layout: &PinLayout) -> bool {
 
 /// Ready only when the agent has written the node configuration and the datapath is pinned.
 fn status(conf: &NetConf) -> Result<(), CniError> {
-    let node = read_node_config(conf).map_err(|e| CniError { code: code::NOT_AVAILABLE, ..e })?;
+    let node = read_node_config(conf).map_err(|e| CniError {
+        code: code::NOT_AVAILABLE,
+        ..e
+    })?;
     let layout = PinLayout::new(&node.bpffs_root);
     let prog = layout.program(ferrox_abi::program_names::TC_FROM_POD);
-    for path in [prog.as_path(), layout.map(ferrox_abi::map_names::ENDPOINTS).as_path()] {
+    for path in [
+        prog.as_path(),
+        layout.map(ferrox_abi::map_names::ENDPOINTS).as_path(),
+    ] {
         if !Path::new(path).exists() {
             return Err(CniError::new(
                 code::NOT_AVAILABLE,
-                format!("the ferrox datapath is not loaded ({} is missing); is the ferrox agent running?", path.display()),
+                format!(
+                    "the ferrox datapath is not loaded ({} is missing); is the ferrox agent running?",
+                    path.display()
+                ),
             ));
         }
     }

@@ -57,32 +57,66 @@ pub struct PodNetwork {
 
 /// Builds the pod's network. The calling thread must be in the host's network namespace.
 /// On error, whatever was created is left for the caller's rollback ([`teardown`]).
-pub fn setup(netns: &Path, container_id: &str, ifname: &str, ip: Ipv4Addr, gateway: Ipv4Addr, mtu: u32) -> Result<PodNetwork, PodError> {
-    let pod_ns = netlink::open_netns(netns).map_err(|source| PodError::Netns { path: netns.display().to_string(), source })?;
+pub fn setup(
+    netns: &Path,
+    container_id: &str,
+    ifname: &str,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+    mtu: u32,
+) -> Result<PodNetwork, PodError> {
+    let pod_ns = netlink::open_netns(netns).map_err(|source| PodError::Netns {
+        path: netns.display().to_string(),
+        source,
+    })?;
     let host = Netlink::open().map_err(step("opening netlink in the host namespace"))?;
     let host_ifname = host_ifname(container_id, ifname);
 
     match host.create_veth(&host_ifname, ifname, &pod_ns, Some(mtu)) {
         Err(e) if e.is_already_exists() => {
             // A retried ADD: start again from nothing.
-            host.delete_link(host_ifname.as_str()).map_err(step("removing a stale host veth"))?;
-            host.create_veth(&host_ifname, ifname, &pod_ns, Some(mtu)).map_err(step("creating the veth pair"))?;
+            host.delete_link(host_ifname.as_str())
+                .map_err(step("removing a stale host veth"))?;
+            host.create_veth(&host_ifname, ifname, &pod_ns, Some(mtu))
+                .map_err(step("creating the veth pair"))?;
         }
         r => r.map_err(step("creating the veth pair"))?,
     }
-    let host_link = host.link(host_ifname.as_str()).map_err(step("reading the host veth"))?.ok_or_else(|| PodError::Vanished { name: host_ifname.clone() })?;
+    let host_link = host
+        .link(host_ifname.as_str())
+        .map_err(step("reading the host veth"))?
+        .ok_or_else(|| PodError::Vanished {
+            name: host_ifname.clone(),
+        })?;
 
     // Pod side: lo and eth0 up, the /32, a link route to the gateway and the default route
     // through it, and a permanent neighbour entry so the gateway never needs ARP.
     let in_pod = Netlink::open_in(&pod_ns).map_err(step("opening netlink in the pod namespace"))?;
-    in_pod.set_up("lo").map_err(step("setting lo up in the pod"))?;
-    let pod_link = in_pod.link(ifname).map_err(step("reading the pod interface"))?.ok_or_else(|| PodError::Vanished { name: ifname.into() })?;
-    in_pod.set_up(pod_link.index).map_err(step("setting the pod interface up"))?;
-    in_pod.add_address(pod_link.index, Ipv4Net::from(ip)).map_err(step("adding the pod address"))?;
     in_pod
-        .add_route(&Route::new(Ipv4Net::from(gateway)).dev(pod_link.index).scope(Scope::Link))
+        .set_up("lo")
+        .map_err(step("setting lo up in the pod"))?;
+    let pod_link = in_pod
+        .link(ifname)
+        .map_err(step("reading the pod interface"))?
+        .ok_or_else(|| PodError::Vanished {
+            name: ifname.into(),
+        })?;
+    in_pod
+        .set_up(pod_link.index)
+        .map_err(step("setting the pod interface up"))?;
+    in_pod
+        .add_address(pod_link.index, Ipv4Net::from(ip))
+        .map_err(step("adding the pod address"))?;
+    in_pod
+        .add_route(
+            &Route::new(Ipv4Net::from(gateway))
+                .dev(pod_link.index)
+                .scope(Scope::Link),
+        )
         .map_err(step("adding the pod's route to its gateway"))?;
-    in_pod.add_route(&Route::default_v4().via(gateway).dev(pod_link.index)).map_err(step("adding the pod's default route"))?;
+    in_pod
+        .add_route(&Route::default_v4().via(gateway).dev(pod_link.index))
+        .map_err(step("adding the pod's default route"))?;
     if let Some(mac) = host_link.mac {
         in_pod
             .replace_neighbour(pod_link.index, gateway.into(), mac, true)
@@ -91,20 +125,32 @@ pub fn setup(netns: &Path, container_id: &str, ifname: &str, ip: Ipv4Addr, gatew
 
     // Host side: up, proxy ARP (answers for the gateway if the neighbour entry is ever
     // flushed), and the route to the pod.
-    host.set_up(host_link.index).map_err(step("setting the host veth up"))?;
-    netlink::set_sysctl(&format!("net/ipv4/conf/{host_ifname}/proxy_arp"), "1").map_err(step("enabling proxy ARP on the host veth"))?;
+    host.set_up(host_link.index)
+        .map_err(step("setting the host veth up"))?;
+    netlink::set_sysctl(&format!("net/ipv4/conf/{host_ifname}/proxy_arp"), "1")
+        .map_err(step("enabling proxy ARP on the host veth"))?;
     host.replace_route(
-        &Route::new(Ipv4Net::from(ip)).dev(host_link.index).scope(Scope::Link).protocol(ROUTE_PROTOCOL),
+        &Route::new(Ipv4Net::from(ip))
+            .dev(host_link.index)
+            .scope(Scope::Link)
+            .protocol(ROUTE_PROTOCOL),
     )
     .map_err(step("adding the host route to the pod"))?;
 
-    Ok(PodNetwork { host_ifname, host_ifindex: host_link.index, host_mac: host_link.mac, pod_ifname: ifname.into(), pod_mac: pod_link.mac })
+    Ok(PodNetwork {
+        host_ifname,
+        host_ifindex: host_link.index,
+        host_mac: host_link.mac,
+        pod_ifname: ifname.into(),
+        pod_mac: pod_link.mac,
+    })
 }
 
 /// Removes the pod's veth pair (its routes go with it). False when it was already gone.
 pub fn teardown(host_ifname: &str) -> Result<bool, PodError> {
     let host = Netlink::open().map_err(step("opening netlink in the host namespace"))?;
-    host.delete_link(host_ifname).map_err(step("deleting the host veth"))
+    host.delete_link(host_ifname)
+        .map_err(step("deleting the host veth"))
 }
 
 #[cfg(test)]

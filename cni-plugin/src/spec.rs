@@ -40,7 +40,11 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>) -> Self {
-        Self { code, msg: msg.into(), details: String::new() }
+        Self {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
     }
 
     /// Adds the underlying error chain as `details`.
@@ -99,34 +103,65 @@ impl Invocation {
             Some("GC") => Command::Gc,
             Some("STATUS") => Command::Status,
             Some("VERSION") => Command::Version,
-            Some(other) => return Err(CniError::new(code::INVALID_ENVIRONMENT, format!("unknown CNI_COMMAND {other:?}"))),
-            None => return Err(CniError::new(code::INVALID_ENVIRONMENT, "CNI_COMMAND is not set")),
+            Some(other) => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!("unknown CNI_COMMAND {other:?}"),
+                ));
+            }
+            None => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    "CNI_COMMAND is not set",
+                ));
+            }
         };
         let needs_container = matches!(command, Command::Add | Command::Del | Command::Check);
         let required = |name: &str| -> Result<String, CniError> {
             match get(name) {
                 Some(v) if !v.is_empty() => Ok(v),
-                _ if needs_container => Err(CniError::new(code::INVALID_ENVIRONMENT, format!("{name} is required for this command"))),
+                _ if needs_container => Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!("{name} is required for this command"),
+                )),
                 _ => Ok(String::new()),
             }
         };
         let container_id = required("CNI_CONTAINERID")?;
         let ifname = required("CNI_IFNAME")?;
         if ifname.len() > 15 || ifname.contains('/') {
-            return Err(CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_IFNAME {ifname:?} is not a valid interface name")));
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("CNI_IFNAME {ifname:?} is not a valid interface name"),
+            ));
         }
         // ADD and CHECK need the namespace; DEL must work without it (it may be gone already).
-        let netns = get("CNI_NETNS").filter(|s| !s.is_empty()).map(PathBuf::from);
+        let netns = get("CNI_NETNS")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
         if matches!(command, Command::Add | Command::Check) && netns.is_none() {
-            return Err(CniError::new(code::INVALID_ENVIRONMENT, "CNI_NETNS is required for this command"));
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                "CNI_NETNS is required for this command",
+            ));
         }
         let args = parse_cni_args(&get("CNI_ARGS").unwrap_or_default())?;
-        Ok(Self { command, container_id, netns, ifname, args })
+        Ok(Self {
+            command,
+            container_id,
+            netns,
+            ifname,
+            args,
+        })
     }
 
     pub fn pod(&self) -> PodRef {
         PodRef {
-            namespace: self.args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default(),
+            namespace: self
+                .args
+                .get("K8S_POD_NAMESPACE")
+                .cloned()
+                .unwrap_or_default(),
             name: self.args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
         }
     }
@@ -137,7 +172,10 @@ pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, CniError> {
     let mut out = BTreeMap::new();
     for pair in s.split(';').filter(|p| !p.is_empty()) {
         let Some((k, v)) = pair.split_once('=') else {
-            return Err(CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_ARGS entry {pair:?} is not KEY=VALUE")));
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("CNI_ARGS entry {pair:?} is not KEY=VALUE"),
+            ));
         };
         out.insert(k.to_owned(), v.to_owned());
     }
@@ -171,17 +209,27 @@ pub struct NetConf {
 impl NetConf {
     pub fn parse(bytes: &[u8]) -> Result<Self, CniError> {
         let conf: Self = serde_json::from_slice(bytes).map_err(|e| {
-            CniError::new(code::DECODING_FAILURE, "the network configuration on stdin is not valid JSON of the expected shape")
-                .with_source(&e)
+            CniError::new(
+                code::DECODING_FAILURE,
+                "the network configuration on stdin is not valid JSON of the expected shape",
+            )
+            .with_source(&e)
         })?;
         if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
-                format!("cniVersion {} is not supported; this plugin supports {}", conf.cni_version, SUPPORTED_VERSIONS.join(", ")),
+                format!(
+                    "cniVersion {} is not supported; this plugin supports {}",
+                    conf.cni_version,
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
             ));
         }
         if conf.name.is_empty() {
-            return Err(CniError::new(code::INVALID_NETWORK_CONFIG, "the network configuration has no name"));
+            return Err(CniError::new(
+                code::INVALID_NETWORK_CONFIG,
+                "the network configuration has no name",
+            ));
         }
         Ok(conf)
     }
@@ -231,7 +279,12 @@ mod tests {
     use super::*;
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
     }
 
     #[test]
@@ -241,18 +294,36 @@ mod tests {
             ("CNI_CONTAINERID", "abc123"),
             ("CNI_NETNS", "/run/netns/pod1"),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+            ),
         ]))
         .unwrap();
         assert_eq!(inv.command, Command::Add);
-        assert_eq!(inv.pod(), PodRef { namespace: "default".into(), name: "web-0".into() });
+        assert_eq!(
+            inv.pod(),
+            PodRef {
+                namespace: "default".into(),
+                name: "web-0".into()
+            }
+        );
     }
 
     #[test]
     fn del_works_without_a_netns_but_add_does_not() {
-        let del = Invocation::from_env(env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "a"), ("CNI_IFNAME", "eth0")])).unwrap();
+        let del = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "a"),
+            ("CNI_IFNAME", "eth0"),
+        ]))
+        .unwrap();
         assert_eq!(del.netns, None);
-        let add = Invocation::from_env(env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "a"), ("CNI_IFNAME", "eth0")]));
+        let add = Invocation::from_env(env(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "a"),
+            ("CNI_IFNAME", "eth0"),
+        ]));
         assert_eq!(add.unwrap_err().code, code::INVALID_ENVIRONMENT);
     }
 
@@ -263,7 +334,8 @@ mod tests {
         assert!(e.msg.contains("CNI_CONTAINERID"), "{e}");
         let e = Invocation::from_env(env(&[("CNI_COMMAND", "FROB")])).unwrap_err();
         assert_eq!(e.code, 4);
-        let e = Invocation::from_env(env(&[("CNI_COMMAND", "VERSION"), ("CNI_ARGS", "nonsense")])).unwrap_err();
+        let e = Invocation::from_env(env(&[("CNI_COMMAND", "VERSION"), ("CNI_ARGS", "nonsense")]))
+            .unwrap_err();
         assert_eq!(e.code, 4);
     }
 
@@ -271,7 +343,8 @@ mod tests {
     fn config_versions_and_shape_are_checked() {
         let ok = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"ferrox","type":"ferrox-cni","dns":{"nameservers":["10.96.0.10"]}}"#).unwrap();
         assert_eq!(ok.dns.unwrap()["nameservers"][0], "10.96.0.10");
-        let old = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"ferrox","type":"ferrox-cni"}"#).unwrap_err();
+        let old = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"ferrox","type":"ferrox-cni"}"#)
+            .unwrap_err();
         assert_eq!(old.code, code::INCOMPATIBLE_VERSION);
         assert!(old.msg.contains("1.1.0"), "{old}");
         let garbage = NetConf::parse(b"{").unwrap_err();
@@ -282,6 +355,9 @@ mod tests {
     fn error_json_has_the_spec_fields() {
         let e = CniError::new(7, "bad config");
         let v: serde_json::Value = serde_json::from_str(&e.to_json("1.1.0")).unwrap();
-        assert_eq!(v, serde_json::json!({"cniVersion": "1.1.0", "code": 7, "msg": "bad config"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"cniVersion": "1.1.0", "code": 7, "msg": "bad config"})
+        );
     }
 }

@@ -6,7 +6,12 @@
 //!   own uplink, cgroup, bpffs and agent process; pods created by the real `ferrox-cni`.
 //!
 //! This is test support: a failure stops the test loudly.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test support: failures should panic with context")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support: failures should panic with context"
+)]
 
 pub mod apiserver;
 pub mod harness;

@@ -2,6 +2,12 @@
 //! stream goes on while the agent is dead and after it is back; the restarted agent re-adopts
 //! the pinned maps, programs and links (same kernel ids) instead of re-creating them; new
 //! connections work throughout.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure should stop the test with its context"
+)]
 
 use std::time::Duration;
 
@@ -12,7 +18,15 @@ use ferrox_tests::harness::{Cluster, Proc};
 fn pinned_ids(node: &ferrox_tests::harness::Node) -> Vec<(String, u64)> {
     let out = node.ferrox(&["datapath", "-o", "json"]);
     let objects: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    objects.iter().map(|o| (o["name"].as_str().unwrap().to_owned(), o["id"].as_u64().unwrap())).collect()
+    objects
+        .iter()
+        .map(|o| {
+            (
+                o["name"].as_str().unwrap().to_owned(),
+                o["id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }
 
 fn progress(stream: &Proc) -> u64 {
@@ -27,7 +41,9 @@ fn progress(stream: &Proc) -> u64 {
 /// Waits until the stream has moved at least `more` bytes past `from`.
 fn wait_progress(stream: &Proc, from: u64, more: u64) -> u64 {
     let line = stream.wait_for_line("stream progress", Duration::from_secs(20), |l| {
-        l.strip_prefix("progress ").and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= from + more)
+        l.strip_prefix("progress ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= from + more)
     });
     line["progress ".len()..].parse().unwrap()
 }
@@ -38,20 +54,46 @@ fn a_stream_survives_kill_9_of_the_agent_and_nothing_is_recreated() {
     let server = c.add_pod(2, "server");
     let client = c.add_pod(1, "client");
     let _srv = server.serve(8080);
-    c.api().apply(&svc("echo").cluster_ip("10.96.0.30").port("", 80, "TCP").build());
-    c.api().apply(&slice("echo", "echo-1").port("", 8080, "TCP").ready(server.ip).build());
+    c.api().apply(
+        &svc("echo")
+            .cluster_ip("10.96.0.30")
+            .port("", 80, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("echo", "echo-1")
+            .port("", 8080, "TCP")
+            .ready(server.ip)
+            .build(),
+    );
     let node = c.node(1);
     node.wait_for_backends("10.96.0.30:80/TCP", 1);
 
     let mut stream = client.spawn(&["stream", "10.96.0.30:80"]);
-    let connected = stream.wait_for_line("stream connected", Duration::from_secs(10), |l| l.contains("\"connected\""));
-    assert!(connected.contains("10.96.0.30:80"), "the application sees the ClusterIP as its peer: {connected}");
+    let connected = stream.wait_for_line("stream connected", Duration::from_secs(10), |l| {
+        l.contains("\"connected\"")
+    });
+    assert!(
+        connected.contains("10.96.0.30:80"),
+        "the application sees the ClusterIP as its peer: {connected}"
+    );
     let before_kill = wait_progress(&stream, 0, 64 * 1024);
 
     let ids_before = pinned_ids(node);
-    assert!(ids_before.iter().any(|(n, _)| n == "maps/SVC_V1"), "{ids_before:?}");
-    assert!(ids_before.iter().any(|(n, _)| n == "links/cgroup_sock_connect4"), "{ids_before:?}");
-    assert!(ids_before.iter().any(|(n, _)| n == "links/uplink_ingress"), "{ids_before:?}");
+    assert!(
+        ids_before.iter().any(|(n, _)| n == "maps/SVC_V1"),
+        "{ids_before:?}"
+    );
+    assert!(
+        ids_before
+            .iter()
+            .any(|(n, _)| n == "links/cgroup_sock_connect4"),
+        "{ids_before:?}"
+    );
+    assert!(
+        ids_before.iter().any(|(n, _)| n == "links/uplink_ingress"),
+        "{ids_before:?}"
+    );
 
     node.kill_agent();
     // With the agent dead, the stream goes on and new connections are still translated.
@@ -68,18 +110,33 @@ fn a_stream_survives_kill_9_of_the_agent_and_nothing_is_recreated() {
     // Same maps, programs and links: re-adopted, not re-created.
     assert_eq!(pinned_ids(node), ids_before);
     let log = node.agent_log().join("\n");
-    assert!(log.contains("Adopted"), "the restarted agent reports adoption:\n{log}");
+    assert!(
+        log.contains("Adopted"),
+        "the restarted agent reports adoption:\n{log}"
+    );
 
     // The restarted agent still follows the API.
     let second = c.add_pod(2, "second");
     let _srv2 = second.serve(8080);
-    c.api().apply(&slice("echo", "echo-1").port("", 8080, "TCP").ready(server.ip).ready(second.ip).build());
+    c.api().apply(
+        &slice("echo", "echo-1")
+            .port("", 8080, "TCP")
+            .ready(server.ip)
+            .ready(second.ip)
+            .build(),
+    );
     node.wait_for_backends("10.96.0.30:80/TCP", 2);
 
     let status = stream.signal_and_wait(libc::SIGTERM);
     let summary = stream.lines().last().cloned().unwrap_or_default();
-    assert!(status.success(), "the stream ended with an error: {summary}");
+    assert!(
+        status.success(),
+        "the stream ended with an error: {summary}"
+    );
     let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
-    assert!(summary["bytes"].as_u64().unwrap() >= after_restart, "{summary}");
+    assert!(
+        summary["bytes"].as_u64().unwrap() >= after_restart,
+        "{summary}"
+    );
     assert!(progress(&stream) >= after_restart);
 }

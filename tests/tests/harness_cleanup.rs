@@ -1,5 +1,11 @@
 //! The harness cleans up after itself, also when a test panics half-way, and the CNI plugin's
 //! DEL is idempotent and works when the pod's namespace is already gone.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure should stop the test with its context"
+)]
 
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +20,10 @@ fn a_panicking_test_leaves_nothing_behind() {
         *seen.lock().unwrap() = c.id().to_owned();
         let p = c.add_pod(1, "doomed");
         let _server = p.serve(8080);
-        assert!(!leaks::find(c.id()).is_empty(), "the cluster exists while the test runs");
+        assert!(
+            !leaks::find(c.id()).is_empty(),
+            "the cluster exists while the test runs"
+        );
         panic!("on purpose, with a cluster, a pod and a process running");
     });
     assert!(result.is_err(), "the closure panicked");
@@ -36,16 +45,34 @@ fn cni_del_is_idempotent_and_works_without_the_namespace() {
 
     for _ in 0..2 {
         let out = c.cni_del(&p);
-        assert!(out.status.success(), "DEL: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "DEL: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
-    assert!(!n.netns().ip(&["-j", "link", "show"]).contains(&host_if), "the host veth is gone");
-    assert!(!n.layout().pod_link(&host_if).exists(), "the pod's link pin is gone");
+    assert!(
+        !n.netns().ip(&["-j", "link", "show"]).contains(&host_if),
+        "the host veth is gone"
+    );
+    assert!(
+        !n.layout().pod_link(&host_if).exists(),
+        "the pod's link pin is gone"
+    );
 
     c.delete_pod_netns(&q);
     let out = c.cni_del(&q);
-    assert!(out.status.success(), "DEL without netns: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "DEL without netns: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // Both addresses are free again: a new pod may get either.
     let ipam = ferrox_cni::ipam::Store::new(n.node_config().parent().unwrap().join("ipam"));
-    assert!(ipam.list().unwrap().is_empty(), "{:?}", ipam.list().unwrap());
+    assert!(
+        ipam.list().unwrap().is_empty(),
+        "{:?}",
+        ipam.list().unwrap()
+    );
 }

@@ -1,6 +1,12 @@
 //! Cluster tier: a pod reaches a ClusterIP Service programmed through the Kubernetes API, with
 //! backends on its own node and on the other one, over TCP and UDP, and sees the frontend
 //! address, never the backend's. Real binaries, real traffic, network namespaces.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure should stop the test with its context"
+)]
 
 use std::collections::BTreeSet;
 
@@ -19,9 +25,20 @@ fn pod_reaches_cluster_ip_backends_on_both_nodes_over_tcp_and_udp() {
     let _s1 = web1.serve(8080);
     let _s2 = web2.serve(8080);
 
-    c.api().apply(&svc("web").cluster_ip("10.96.0.10").port("", 80, "TCP").port("dns", 53, "UDP").build());
     c.api().apply(
-        &slice("web", "web-abc").port("", 8080, "TCP").port("dns", 8080, "UDP").ready(web1.ip).ready(web2.ip).build(),
+        &svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("", 80, "TCP")
+            .port("dns", 53, "UDP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("web", "web-abc")
+            .port("", 8080, "TCP")
+            .port("dns", 8080, "UDP")
+            .ready(web1.ip)
+            .ready(web2.ip)
+            .build(),
     );
     c.node(1).wait_for_backends("10.96.0.10:80/TCP", 2);
     c.node(1).wait_for_backends("10.96.0.10:53/UDP", 2);
@@ -29,30 +46,70 @@ fn pod_reaches_cluster_ip_backends_on_both_nodes_over_tcp_and_udp() {
     // TCP: 40 connections are spread over both backends (a backend missed by 40 fair coin
     // flips has probability 2^-39), and the application's peer is the ClusterIP.
     let (by_backend, peers) = client.call_tcp("10.96.0.10:80", 40);
-    assert_eq!(by_backend.keys().collect::<Vec<_>>(), ["web-1", "web-2"], "{by_backend:?}");
-    assert_eq!(peers.iter().collect::<BTreeSet<_>>(), BTreeSet::from([&"10.96.0.10:80".to_owned()]));
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "{by_backend:?}"
+    );
+    assert_eq!(
+        peers.iter().collect::<BTreeSet<_>>(),
+        BTreeSet::from([&"10.96.0.10:80".to_owned()])
+    );
 
     // UDP on an unconnected socket: each datagram is translated (sendmsg4) and each reply comes
     // from the ClusterIP (recvmsg4), as a DNS client requires.
     let (by_backend, froms) = client.call_udp("10.96.0.10:53", 30);
-    assert_eq!(by_backend.keys().collect::<Vec<_>>(), ["web-1", "web-2"], "{by_backend:?}");
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "{by_backend:?}"
+    );
     assert!(froms.iter().all(|f| f == "10.96.0.10:53"), "{froms:?}");
 
     // UDP on a connected socket goes through connect4 instead.
-    let (status, lines) = client.run(&["call", "udp", "10.96.0.10:53", "--connected", "--count", "5"]);
+    let (status, lines) = client.run(&[
+        "call",
+        "udp",
+        "10.96.0.10:53",
+        "--connected",
+        "--count",
+        "5",
+    ]);
     assert!(status.success(), "{lines:?}");
-    assert!(lines.iter().all(|l| l["from"] == "10.96.0.10:53"), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["from"] == "10.96.0.10:53"),
+        "{lines:?}"
+    );
 
     // The datapath counted what it did.
     let maps = Maps::open(&c.node(1).layout()).unwrap();
-    let connects = maps.counters.get(Hook::SockConnect4, Reason::TranslateToBackend).unwrap().packets;
-    let sends = maps.counters.get(Hook::SockSendmsg4, Reason::TranslateToBackend).unwrap().packets;
-    let reverse = maps.counters.get(Hook::SockRecvmsg4, Reason::TranslateToFrontend).unwrap().packets;
+    let connects = maps
+        .counters
+        .get(Hook::SockConnect4, Reason::TranslateToBackend)
+        .unwrap()
+        .packets;
+    let sends = maps
+        .counters
+        .get(Hook::SockSendmsg4, Reason::TranslateToBackend)
+        .unwrap()
+        .packets;
+    let reverse = maps
+        .counters
+        .get(Hook::SockRecvmsg4, Reason::TranslateToFrontend)
+        .unwrap()
+        .packets;
     assert!(connects >= 45, "connect4 translations: {connects}");
     assert!(sends >= 30, "sendmsg4 translations: {sends}");
     assert!(reverse >= 30, "recvmsg4 reverse translations: {reverse}");
-    let from_pod = maps.counters.get(Hook::TcFromPod, Reason::PassTcp).unwrap().packets;
-    assert!(from_pod > 0, "the pod-facing TC program saw the pods' TCP packets");
+    let from_pod = maps
+        .counters
+        .get(Hook::TcFromPod, Reason::PassTcp)
+        .unwrap()
+        .packets;
+    assert!(
+        from_pod > 0,
+        "the pod-facing TC program saw the pods' TCP packets"
+    );
 }
 
 #[test]
@@ -66,23 +123,46 @@ fn backends_follow_the_endpoints_and_a_service_without_endpoints_refuses() {
     let n = c.node(1);
 
     // No endpoints yet: the frontend exists and refuses at once, instead of timing out.
-    c.api().apply(&svc("api").cluster_ip("10.96.0.20").port("", 80, "TCP").build());
+    c.api().apply(
+        &svc("api")
+            .cluster_ip("10.96.0.20")
+            .port("", 80, "TCP")
+            .build(),
+    );
     n.wait_for_backends("10.96.0.20:80/TCP", 0);
     let (status, lines) = client.run(&["call", "tcp", "10.96.0.20:80", "--timeout-ms", "2000"]);
     assert!(!status.success());
     let err = lines[0]["error"].as_str().unwrap_or_default().to_owned();
-    assert!(err.contains("not permitted"), "connect should fail with EPERM, got {err:?}");
+    assert!(
+        err.contains("not permitted"),
+        "connect should fail with EPERM, got {err:?}"
+    );
 
     // Two endpoints, then one: calls follow.
-    c.api().apply(&slice("api", "api-1").port("", 8080, "TCP").ready(a.ip).ready(b.ip).build());
+    c.api().apply(
+        &slice("api", "api-1")
+            .port("", 8080, "TCP")
+            .ready(a.ip)
+            .ready(b.ip)
+            .build(),
+    );
     n.wait_for_backends("10.96.0.20:80/TCP", 2);
     let (by_backend, _) = client.call_tcp("10.96.0.20:80", 30);
     assert_eq!(by_backend.len(), 2, "{by_backend:?}");
 
-    c.api().apply(&slice("api", "api-1").port("", 8080, "TCP").ready(b.ip).not_ready(a.ip).build());
+    c.api().apply(
+        &slice("api", "api-1")
+            .port("", 8080, "TCP")
+            .ready(b.ip)
+            .not_ready(a.ip)
+            .build(),
+    );
     n.wait_for_backends("10.96.0.20:80/TCP", 1);
     let (by_backend, _) = client.call_tcp("10.96.0.20:80", 10);
-    assert_eq!(by_backend.into_iter().collect::<Vec<_>>(), [("b".to_owned(), 10)]);
+    assert_eq!(
+        by_backend.into_iter().collect::<Vec<_>>(),
+        [("b".to_owned(), 10)]
+    );
 
     // Deleting the Service removes its frontend and every backend entry.
     c.api().delete::<Service>(Some("default"), "api").unwrap();

@@ -46,7 +46,9 @@ fn bpf_linker_ok() -> bool {
     Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
 }
 
 fn step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
@@ -59,16 +61,26 @@ fn step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 pub fn run(mode: Mode) -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         if mode == Mode::Always {
             eprintln!("setup: apt packages present ({})", APT_PACKAGES.join(" "));
         }
     } else {
         if !is_root() {
-            bail!("missing packages {}; run `cargo xtask setup` as root", missing.join(" "));
+            bail!(
+                "missing packages {}; run `cargo xtask setup` as root",
+                missing.join(" ")
+            );
         }
-        step("apt-get update", Command::new("apt-get").args(["update", "-q"]))?;
+        step(
+            "apt-get update",
+            Command::new("apt-get").args(["update", "-q"]),
+        )?;
         step(
             &format!("installing {}", missing.join(" ")),
             Command::new("apt-get")
@@ -83,11 +95,23 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
             eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
         }
     } else {
-        let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{LLVM_PREFIX}/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         step(
-            &format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 6 minutes on 2 cores)"),
+            &format!(
+                "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 6 minutes on 2 cores)"
+            ),
             Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features", "--features", "llvm-22"])
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
                 .env("PATH", path)
                 .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
         )?;

@@ -32,11 +32,22 @@ pub fn desired<'a>(
     for svc in services {
         let namespace = svc.metadata.namespace.clone().unwrap_or_default();
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let skip = |reason| Skipped { namespace: namespace.clone(), name: name.clone(), reason };
+        let skip = |reason| Skipped {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            reason,
+        };
         let Some(spec) = &svc.spec else { continue };
 
-        if let Some(proxy) = svc.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_PROXY_NAME)) {
-            out.skipped.push(skip(SkipReason::OtherProxy { proxy: proxy.clone() }));
+        if let Some(proxy) = svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME))
+        {
+            out.skipped.push(skip(SkipReason::OtherProxy {
+                proxy: proxy.clone(),
+            }));
             continue;
         }
         if spec.type_.as_deref() == Some("ExternalName") {
@@ -48,7 +59,7 @@ pub fn desired<'a>(
             (_, Some(ip)) => vec![ip.as_str()],
             _ => vec![],
         };
-        if cluster_ips.iter().any(|ip| *ip == "None") {
+        if cluster_ips.contains(&"None") {
             out.skipped.push(skip(SkipReason::Headless));
             continue;
         }
@@ -92,17 +103,30 @@ pub fn desired<'a>(
                 }
             };
             let Ok(svc_port) = u16::try_from(port.port) else {
-                out.skipped.push(skip(SkipReason::Invalid { detail: format!("port {} out of range", port.port) }));
+                out.skipped.push(skip(SkipReason::Invalid {
+                    detail: format!("port {} out of range", port.port),
+                }));
                 continue;
             };
-            let frontend = Frontend { addr: cluster_ip, port: svc_port, proto };
+            let frontend = Frontend {
+                addr: cluster_ip,
+                port: svc_port,
+                proto,
+            };
             let service = ServiceRef {
                 namespace: namespace.clone(),
                 name: name.clone(),
                 port_name: port.name.clone().unwrap_or_default(),
             };
             let backends = backends_for(port, proto, slices);
-            out.frontends.insert(frontend, FrontendSpec { kind: FrontendKind::ClusterIp, service, backends });
+            out.frontends.insert(
+                frontend,
+                FrontendSpec {
+                    kind: FrontendKind::ClusterIp,
+                    service,
+                    backends,
+                },
+            );
         }
     }
     out
@@ -118,10 +142,18 @@ fn index_slices<'a>(
             continue;
         }
         let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
-        let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
             continue;
         };
-        by_service.entry((ns, svc.as_str())).or_default().push(slice);
+        by_service
+            .entry((ns, svc.as_str()))
+            .or_default()
+            .push(slice);
     }
     by_service
 }
@@ -150,7 +182,11 @@ fn backends_for(port: &ServicePort, proto: Proto, slices: &[&EndpointSlice]) -> 
         }) else {
             continue;
         };
-        let Some(target_port) = target.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+        let Some(target_port) = target
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
@@ -161,15 +197,28 @@ fn backends_for(port: &ServicePort, proto: Proto, slices: &[&EndpointSlice]) -> 
             } else {
                 continue;
             };
-            for addr in ep.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()) {
+            for addr in ep
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+            {
                 set.insert((addr, target_port));
             }
         }
     }
-    let (chosen, term) = if ready.is_empty() { (terminating, true) } else { (ready, false) };
+    let (chosen, term) = if ready.is_empty() {
+        (terminating, true)
+    } else {
+        (ready, false)
+    };
     chosen
         .into_iter()
-        .map(|(addr, port)| BackendAddr { addr, port, proto, terminating: term })
+        .map(|(addr, port)| BackendAddr {
+            addr,
+            port,
+            proto,
+            terminating: term,
+        })
         .collect()
 }
 
@@ -179,17 +228,31 @@ mod tests {
     use crate::services::testing::{slice, svc};
 
     fn fe(ip: &str, port: u16, proto: Proto) -> Frontend {
-        Frontend { addr: ip.parse().unwrap(), port, proto }
+        Frontend {
+            addr: ip.parse().unwrap(),
+            port,
+            proto,
+        }
     }
 
     fn addrs(spec: &FrontendSpec) -> Vec<String> {
-        spec.backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect()
+        spec.backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect()
     }
 
     #[test]
     fn cluster_ip_with_ready_endpoints() {
-        let s = svc("web").cluster_ip("10.96.0.10").port("http", 80, "TCP").build();
-        let sl = slice("web", "web-abc").port("http", 8080, "TCP").ready("10.244.1.5").ready("10.244.2.7").build();
+        let s = svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("http", 80, "TCP")
+            .build();
+        let sl = slice("web", "web-abc")
+            .port("http", 8080, "TCP")
+            .ready("10.244.1.5")
+            .ready("10.244.2.7")
+            .build();
         let d = desired([&s], [&sl]);
         let spec = &d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)];
         assert_eq!(addrs(spec), ["10.244.1.5:8080", "10.244.2.7:8080"]);
@@ -199,24 +262,46 @@ mod tests {
 
     #[test]
     fn not_ready_endpoints_are_left_out() {
-        let s = svc("web").cluster_ip("10.96.0.10").port("", 80, "TCP").build();
-        let sl = slice("web", "a").port("", 8080, "TCP").ready("10.244.1.5").not_ready("10.244.1.6").build();
+        let s = svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("", 80, "TCP")
+            .build();
+        let sl = slice("web", "a")
+            .port("", 8080, "TCP")
+            .ready("10.244.1.5")
+            .not_ready("10.244.1.6")
+            .build();
         let d = desired([&s], [&sl]);
-        assert_eq!(addrs(&d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]), ["10.244.1.5:8080"]);
+        assert_eq!(
+            addrs(&d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]),
+            ["10.244.1.5:8080"]
+        );
     }
 
     #[test]
     fn terminating_serving_endpoints_only_when_nothing_is_ready() {
-        let s = svc("web").cluster_ip("10.96.0.10").port("", 80, "TCP").build();
-        let draining = slice("web", "a").port("", 8080, "TCP").terminating_serving("10.244.1.5").build();
+        let s = svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("", 80, "TCP")
+            .build();
+        let draining = slice("web", "a")
+            .port("", 8080, "TCP")
+            .terminating_serving("10.244.1.5")
+            .build();
         let d = desired([&s], [&draining]);
         let spec = &d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)];
         assert_eq!(addrs(spec), ["10.244.1.5:8080"]);
         assert!(spec.backends[0].terminating);
 
-        let with_ready = slice("web", "b").port("", 8080, "TCP").ready("10.244.2.2").build();
+        let with_ready = slice("web", "b")
+            .port("", 8080, "TCP")
+            .ready("10.244.2.2")
+            .build();
         let d = desired([&s], [&draining, &with_ready]);
-        assert_eq!(addrs(&d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]), ["10.244.2.2:8080"]);
+        assert_eq!(
+            addrs(&d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]),
+            ["10.244.2.2:8080"]
+        );
     }
 
     #[test]
@@ -226,56 +311,118 @@ mod tests {
             .port("dns", 53, "UDP")
             .port("dns-tcp", 53, "TCP")
             .build();
-        let sl = slice("dns", "a").port("dns", 5353, "UDP").port("dns-tcp", 5354, "TCP").ready("10.244.1.9").build();
+        let sl = slice("dns", "a")
+            .port("dns", 5353, "UDP")
+            .port("dns-tcp", 5354, "TCP")
+            .ready("10.244.1.9")
+            .build();
         let d = desired([&s], [&sl]);
-        assert_eq!(addrs(&d.frontends[&fe("10.96.0.53", 53, Proto::Udp)]), ["10.244.1.9:5353"]);
-        assert_eq!(addrs(&d.frontends[&fe("10.96.0.53", 53, Proto::Tcp)]), ["10.244.1.9:5354"]);
+        assert_eq!(
+            addrs(&d.frontends[&fe("10.96.0.53", 53, Proto::Udp)]),
+            ["10.244.1.9:5353"]
+        );
+        assert_eq!(
+            addrs(&d.frontends[&fe("10.96.0.53", 53, Proto::Tcp)]),
+            ["10.244.1.9:5354"]
+        );
     }
 
     #[test]
     fn endpoints_from_several_slices_merge_without_duplicates() {
-        let s = svc("web").cluster_ip("10.96.0.10").port("", 80, "TCP").build();
-        let a = slice("web", "a").port("", 8080, "TCP").ready("10.244.1.5").build();
-        let b = slice("web", "b").port("", 8080, "TCP").ready("10.244.1.5").ready("10.244.3.3").build();
-        let other = slice("api", "c").port("", 8080, "TCP").ready("10.244.9.9").build();
+        let s = svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("", 80, "TCP")
+            .build();
+        let a = slice("web", "a")
+            .port("", 8080, "TCP")
+            .ready("10.244.1.5")
+            .build();
+        let b = slice("web", "b")
+            .port("", 8080, "TCP")
+            .ready("10.244.1.5")
+            .ready("10.244.3.3")
+            .build();
+        let other = slice("api", "c")
+            .port("", 8080, "TCP")
+            .ready("10.244.9.9")
+            .build();
         let d = desired([&s], [&a, &b, &other]);
-        assert_eq!(addrs(&d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]), ["10.244.1.5:8080", "10.244.3.3:8080"]);
+        assert_eq!(
+            addrs(&d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]),
+            ["10.244.1.5:8080", "10.244.3.3:8080"]
+        );
     }
 
     #[test]
     fn a_service_without_endpoints_still_has_its_frontend() {
         // Connections must be refused (no backend), not sent on to nowhere.
-        let s = svc("web").cluster_ip("10.96.0.10").port("", 80, "TCP").build();
+        let s = svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("", 80, "TCP")
+            .build();
         let d = desired([&s], []);
-        assert!(d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)].backends.is_empty());
+        assert!(
+            d.frontends[&fe("10.96.0.10", 80, Proto::Tcp)]
+                .backends
+                .is_empty()
+        );
     }
 
     #[test]
     fn skipped_services_are_reported_with_their_reason() {
         let headless = svc("h").cluster_ip("None").port("", 80, "TCP").build();
         let external = svc("e").external_name("example.org").build();
-        let other = svc("o").cluster_ip("10.96.0.11").label(SERVICE_PROXY_NAME, "other").port("", 80, "TCP").build();
-        let sctp = svc("s").cluster_ip("10.96.0.12").port("", 80, "SCTP").port("web", 81, "TCP").build();
+        let other = svc("o")
+            .cluster_ip("10.96.0.11")
+            .label(SERVICE_PROXY_NAME, "other")
+            .port("", 80, "TCP")
+            .build();
+        let sctp = svc("s")
+            .cluster_ip("10.96.0.12")
+            .port("", 80, "SCTP")
+            .port("web", 81, "TCP")
+            .build();
         let v6 = svc("six").cluster_ip("fd00::1").port("", 80, "TCP").build();
         let d = desired([&headless, &external, &other, &sctp, &v6], []);
-        let reasons: Vec<_> = d.skipped.iter().map(|s| (s.name.as_str(), s.reason.clone())).collect();
+        let reasons: Vec<_> = d
+            .skipped
+            .iter()
+            .map(|s| (s.name.as_str(), s.reason.clone()))
+            .collect();
         assert_eq!(
             reasons,
             [
                 ("h", SkipReason::Headless),
                 ("e", SkipReason::ExternalName),
-                ("o", SkipReason::OtherProxy { proxy: "other".into() }),
-                ("s", SkipReason::UnsupportedProtocol { port: 80, protocol: "SCTP".into() }),
+                (
+                    "o",
+                    SkipReason::OtherProxy {
+                        proxy: "other".into()
+                    }
+                ),
+                (
+                    "s",
+                    SkipReason::UnsupportedProtocol {
+                        port: 80,
+                        protocol: "SCTP".into()
+                    }
+                ),
                 ("six", SkipReason::NoIpv4ClusterIp),
             ]
         );
         // The TCP port of the SCTP Service is still served.
-        assert_eq!(d.frontends.keys().copied().collect::<Vec<_>>(), [fe("10.96.0.12", 81, Proto::Tcp)]);
+        assert_eq!(
+            d.frontends.keys().copied().collect::<Vec<_>>(),
+            [fe("10.96.0.12", 81, Proto::Tcp)]
+        );
     }
 
     #[test]
     fn dual_stack_services_use_their_ipv4_cluster_ip() {
-        let s = svc("ds").cluster_ips(&["fd00::10", "10.96.0.20"]).port("", 80, "TCP").build();
+        let s = svc("ds")
+            .cluster_ips(&["fd00::10", "10.96.0.20"])
+            .port("", 80, "TCP")
+            .build();
         let d = desired([&s], []);
         assert!(d.frontends.contains_key(&fe("10.96.0.20", 80, Proto::Tcp)));
     }

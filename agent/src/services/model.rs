@@ -108,15 +108,22 @@ pub struct FrontendSpec {
 #[serde(rename_all = "kebab-case", tag = "reason")]
 pub enum SkipReason {
     /// `service.kubernetes.io/service-proxy-name` names another proxy.
-    OtherProxy { proxy: String },
+    OtherProxy {
+        proxy: String,
+    },
     Headless,
     ExternalName,
     /// The protocol of this port (SCTP) is not supported by the datapath.
-    UnsupportedProtocol { port: i32, protocol: String },
+    UnsupportedProtocol {
+        port: i32,
+        protocol: String,
+    },
     /// The Service has no IPv4 cluster IP (IPv6-only); ferrox is IPv4-only for now.
     NoIpv4ClusterIp,
     /// The cluster IP or a port in the object is not valid.
-    Invalid { detail: String },
+    Invalid {
+        detail: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -25,7 +25,9 @@ pub trait ServiceMaps {
     fn write_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), WriteError>;
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError>;
     #[expect(clippy::type_complexity, reason = "two plain entry lists")]
-    fn read_all(&self) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError>;
+    fn read_all(
+        &self,
+    ) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError>;
 }
 
 impl ServiceMaps for Maps {
@@ -41,7 +43,9 @@ impl ServiceMaps for Maps {
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
         self.services.remove(key).map(drop)
     }
-    fn read_all(&self) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError> {
+    fn read_all(
+        &self,
+    ) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError> {
         Ok((self.services.entries()?, self.backends.entries()?))
     }
 }
@@ -60,7 +64,11 @@ pub fn master_key(fe: &Frontend) -> ServiceKey {
 }
 
 fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
-    Some(Frontend { addr: addr_from_be(key.addr), port: u16::from_be(key.port), proto: Proto::from_number(key.proto)? })
+    Some(Frontend {
+        addr: addr_from_be(key.addr),
+        port: u16::from_be(key.port),
+        proto: Proto::from_number(key.proto)?,
+    })
 }
 
 fn backend_value(b: &BackendAddr) -> Backend {
@@ -68,7 +76,11 @@ fn backend_value(b: &BackendAddr) -> Backend {
         addr: addr_be(b.addr),
         port: b.port.to_be(),
         proto: b.proto.number(),
-        flags: if b.terminating { backend_flags::TERMINATING } else { 0 },
+        flags: if b.terminating {
+            backend_flags::TERMINATING
+        } else {
+            0
+        },
     }
 }
 
@@ -121,9 +133,14 @@ impl Reconciler {
     /// Builds the mirror from what the maps hold now (entries of unknown protocols are ignored).
     pub fn load(maps: &impl ServiceMaps) -> Result<Self, DatapathError> {
         let (services, backends) = maps.read_all()?;
-        let mut r = Self { backends: backends.into_iter().collect(), ..Self::default() };
+        let mut r = Self {
+            backends: backends.into_iter().collect(),
+            ..Self::default()
+        };
         for (key, value) in services {
-            let Some(fe) = frontend_of(&key) else { continue };
+            let Some(fe) = frontend_of(&key) else {
+                continue;
+            };
             let entry = r.frontends.entry(fe).or_default();
             if key.slot == 0 {
                 entry.master = Some(value);
@@ -136,15 +153,28 @@ impl Reconciler {
 
     /// Number of frontends and backends currently programmed.
     pub fn size(&self) -> (usize, usize) {
-        (self.frontends.values().filter(|f| f.master.is_some()).count(), self.backends.len())
+        (
+            self.frontends
+                .values()
+                .filter(|f| f.master.is_some())
+                .count(),
+            self.backends.len(),
+        )
     }
 
     fn backend_id_index(&self) -> BTreeMap<(u32, u16, u8), u32> {
-        self.backends.iter().map(|(id, b)| ((b.addr, b.port, b.proto), *id)).collect()
+        self.backends
+            .iter()
+            .map(|(id, b)| ((b.addr, b.port, b.proto), *id))
+            .collect()
     }
 
     fn free_rev_nat_id(&self) -> Option<u16> {
-        let used: BTreeSet<u16> = self.frontends.values().filter_map(|f| f.master.map(|m| m.rev_nat_id)).collect();
+        let used: BTreeSet<u16> = self
+            .frontends
+            .values()
+            .filter_map(|f| f.master.map(|m| m.rev_nat_id))
+            .collect();
         (1..=u16::MAX).find(|id| !used.contains(id))
     }
 
@@ -152,19 +182,33 @@ impl Reconciler {
     pub fn sync(&mut self, desired: &Desired, maps: &mut impl ServiceMaps) -> SyncReport {
         let mut report = SyncReport::default();
         let mut ids = self.backend_id_index();
-        let mut next_id = self.backends.keys().next_back().copied().unwrap_or(0).saturating_add(1);
+        let mut next_id = self
+            .backends
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(1);
 
         for (fe, spec) in &desired.frontends {
-            if let Err(e) = self.sync_frontend(fe, spec, maps, &mut ids, &mut next_id, &mut report) {
+            if let Err(e) = self.sync_frontend(fe, spec, maps, &mut ids, &mut next_id, &mut report)
+            {
                 report.failures.push(e);
             }
         }
 
         // Frontends no longer wanted: master first (the frontend disappears at once), then slots.
-        let gone: Vec<Frontend> = self.frontends.keys().filter(|fe| !desired.frontends.contains_key(fe)).copied().collect();
+        let gone: Vec<Frontend> = self
+            .frontends
+            .keys()
+            .filter(|fe| !desired.frontends.contains_key(fe))
+            .copied()
+            .collect();
         for fe in gone {
             let key = master_key(&fe);
-            let Some(mirror) = self.frontends.get_mut(&fe) else { continue };
+            let Some(mirror) = self.frontends.get_mut(&fe) else {
+                continue;
+            };
             if mirror.master.is_some() {
                 if let Err(e) = maps.delete_service(&key) {
                     report.failures.push(failure(&fe, &WriteError::Other(e)));
@@ -189,15 +233,28 @@ impl Reconciler {
         }
 
         // Backends no slot refers to any more.
-        let referenced: BTreeSet<u32> = self.frontends.values().flat_map(|f| f.slots.values().copied()).collect();
-        let unused: Vec<u32> = self.backends.keys().filter(|id| !referenced.contains(id)).copied().collect();
+        let referenced: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.slots.values().copied())
+            .collect();
+        let unused: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
         for id in unused {
             match maps.delete_backend(id) {
                 Ok(()) => {
                     self.backends.remove(&id);
                     report.deletes += 1;
                 }
-                Err(e) => report.failures.push(Failure { frontend: format!("backend {id}"), error: e.to_string(), map_full: false }),
+                Err(e) => report.failures.push(Failure {
+                    frontend: format!("backend {id}"),
+                    error: e.to_string(),
+                    map_full: false,
+                }),
             }
         }
         (report.frontends, report.backends) = self.size();
@@ -224,7 +281,8 @@ impl Reconciler {
                 id
             });
             if self.backends.get(&id) != Some(&value) {
-                maps.write_backend(id, &value).map_err(|e| failure(fe, &e))?;
+                maps.write_backend(id, &value)
+                    .map_err(|e| failure(fe, &e))?;
                 self.backends.insert(id, value);
                 report.writes += 1;
             }
@@ -232,7 +290,11 @@ impl Reconciler {
         }
         let count = u16::try_from(slot_ids.len()).map_err(|_| Failure {
             frontend: fe.to_string(),
-            error: format!("{} backends exceed the datapath's limit of {}", slot_ids.len(), u16::MAX),
+            error: format!(
+                "{} backends exceed the datapath's limit of {}",
+                slot_ids.len(),
+                u16::MAX
+            ),
             map_full: false,
         })?;
 
@@ -250,25 +312,41 @@ impl Reconciler {
         for (i, id) in slot_ids.iter().enumerate() {
             let slot = i as u16 + 1;
             if mirror.slots.get(&slot) != Some(id) {
-                let value = ServiceValue { backend_id: *id, ..ServiceValue::default() };
-                maps.write_service(&key.with_slot(slot), &value).map_err(|e| failure(fe, &e))?;
+                let value = ServiceValue {
+                    backend_id: *id,
+                    ..ServiceValue::default()
+                };
+                maps.write_service(&key.with_slot(slot), &value)
+                    .map_err(|e| failure(fe, &e))?;
                 mirror.slots.insert(slot, *id);
                 report.writes += 1;
             }
         }
 
         // 3. Master: makes exactly `count` slots visible.
-        let master = ServiceValue { count, rev_nat_id, flags: kind_flags(spec.kind), ..ServiceValue::default() };
+        let master = ServiceValue {
+            count,
+            rev_nat_id,
+            flags: kind_flags(spec.kind),
+            ..ServiceValue::default()
+        };
         if mirror.master != Some(master) {
-            maps.write_service(&key, &master).map_err(|e| failure(fe, &e))?;
+            maps.write_service(&key, &master)
+                .map_err(|e| failure(fe, &e))?;
             mirror.master = Some(master);
             report.writes += 1;
         }
 
         // 4. Slots beyond the new count.
-        let extra: Vec<u16> = mirror.slots.keys().filter(|s| **s > count).copied().collect();
+        let extra: Vec<u16> = mirror
+            .slots
+            .keys()
+            .filter(|s| **s > count)
+            .copied()
+            .collect();
         for slot in extra {
-            maps.delete_service(&key.with_slot(slot)).map_err(|e| failure(fe, &WriteError::Other(e)))?;
+            maps.delete_service(&key.with_slot(slot))
+                .map_err(|e| failure(fe, &WriteError::Other(e)))?;
             mirror.slots.remove(&slot);
             report.deletes += 1;
         }
@@ -277,7 +355,11 @@ impl Reconciler {
 }
 
 fn failure(fe: &Frontend, e: &WriteError) -> Failure {
-    Failure { frontend: fe.to_string(), error: e.to_string(), map_full: matches!(e, WriteError::Full(MapFull { .. })) }
+    Failure {
+        frontend: fe.to_string(),
+        error: e.to_string(),
+        map_full: matches!(e, WriteError::Full(MapFull { .. })),
+    }
 }
 
 #[cfg(test)]
@@ -303,7 +385,10 @@ mod tests {
 
     impl FakeMaps {
         fn with_capacity(n: usize) -> Self {
-            Self { service_capacity: n, ..Self::default() }
+            Self {
+                service_capacity: n,
+                ..Self::default()
+            }
         }
 
         fn check(&mut self) {
@@ -314,9 +399,15 @@ mod tests {
                 }
                 for slot in 1..=v.count {
                     match self.services.get(&k.with_slot(slot)) {
-                        None => self.violations.push(format!("op {}: {k:?} count {} but slot {slot} missing", self.ops, v.count)),
+                        None => self.violations.push(format!(
+                            "op {}: {k:?} count {} but slot {slot} missing",
+                            self.ops, v.count
+                        )),
                         Some(s) if !self.backends.contains_key(&s.backend_id) => {
-                            self.violations.push(format!("op {}: slot {slot} names missing backend {}", self.ops, s.backend_id))
+                            self.violations.push(format!(
+                                "op {}: slot {slot} names missing backend {}",
+                                self.ops, s.backend_id
+                            ))
                         }
                         Some(_) => {}
                     }
@@ -356,9 +447,20 @@ mod tests {
             self.check();
             Ok(())
         }
-        fn write_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), WriteError> {
-            if self.service_capacity > 0 && !self.services.contains_key(key) && self.services.len() >= self.service_capacity {
-                return Err(MapFull { name: "SVC_V1", capacity: self.service_capacity as u32 }.into());
+        fn write_service(
+            &mut self,
+            key: &ServiceKey,
+            value: &ServiceValue,
+        ) -> Result<(), WriteError> {
+            if self.service_capacity > 0
+                && !self.services.contains_key(key)
+                && self.services.len() >= self.service_capacity
+            {
+                return Err(MapFull {
+                    name: "SVC_V1",
+                    capacity: self.service_capacity as u32,
+                }
+                .into());
             }
             self.services.insert(*key, *value);
             self.check();
@@ -369,13 +471,21 @@ mod tests {
             self.check();
             Ok(())
         }
-        fn read_all(&self) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError> {
-            Ok((self.services.iter().map(|(k, v)| (*k, *v)).collect(), self.backends.iter().map(|(k, v)| (*k, *v)).collect()))
+        fn read_all(
+            &self,
+        ) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError> {
+            Ok((
+                self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            ))
         }
     }
 
     fn web(backends: &[&str]) -> Desired {
-        let s = svc("web").cluster_ip("10.96.0.10").port("", 80, "TCP").build();
+        let s = svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("", 80, "TCP")
+            .build();
         let mut sl = slice("web", "a").port("", 8080, "TCP");
         for b in backends {
             sl = sl.ready(b);
@@ -384,7 +494,10 @@ mod tests {
     }
 
     fn view_of(backends: &[&str]) -> BTreeMap<String, Vec<String>> {
-        BTreeMap::from([("10.96.0.10:80/TCP".to_owned(), backends.iter().map(|b| format!("{b}:8080")).collect())])
+        BTreeMap::from([(
+            "10.96.0.10:80/TCP".to_owned(),
+            backends.iter().map(|b| format!("{b}:8080")).collect(),
+        )])
     }
 
     #[test]
@@ -437,8 +550,19 @@ mod tests {
         // deleted leaves an orphan slot; the next agent removes it.
         let mut maps = FakeMaps::default();
         Reconciler::default().sync(&web(&["10.244.1.5", "10.244.2.6"]), &mut maps);
-        let orphan = master_key(&Frontend { addr: "10.96.0.10".parse().unwrap(), port: 80, proto: Proto::Tcp }).with_slot(7);
-        maps.services.insert(orphan, ServiceValue { backend_id: 99, ..Default::default() });
+        let orphan = master_key(&Frontend {
+            addr: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            proto: Proto::Tcp,
+        })
+        .with_slot(7);
+        maps.services.insert(
+            orphan,
+            ServiceValue {
+                backend_id: 99,
+                ..Default::default()
+            },
+        );
         let mut r = Reconciler::load(&maps).unwrap();
         r.sync(&web(&["10.244.1.5", "10.244.2.6"]), &mut maps);
         assert!(!maps.services.contains_key(&orphan));
@@ -450,7 +574,11 @@ mod tests {
         // Room for the master and two slots only.
         let mut maps = FakeMaps::with_capacity(3);
         let mut r = Reconciler::default();
-        assert!(r.sync(&web(&["10.244.1.5", "10.244.2.6"]), &mut maps).failures.is_empty());
+        assert!(
+            r.sync(&web(&["10.244.1.5", "10.244.2.6"]), &mut maps)
+                .failures
+                .is_empty()
+        );
         let report = r.sync(&web(&["10.244.1.5", "10.244.2.6", "10.244.3.7"]), &mut maps);
         assert_eq!(report.failures.len(), 1, "{report:?}");
         assert!(report.failures[0].map_full);
@@ -469,12 +597,25 @@ mod tests {
         let mut maps = FakeMaps::default();
         let mut r = Reconciler::default();
         r.sync(&desired([&a, &b], []), &mut maps);
-        let ids: BTreeSet<u16> = maps.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.rev_nat_id).collect();
+        let ids: BTreeSet<u16> = maps
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(_, v)| v.rev_nat_id)
+            .collect();
         assert_eq!(ids.len(), 2);
         assert!(!ids.contains(&0));
-        let sl = slice("a", "x").port("", 8080, "TCP").ready("10.244.1.1").build();
+        let sl = slice("a", "x")
+            .port("", 8080, "TCP")
+            .ready("10.244.1.1")
+            .build();
         r.sync(&desired([&a, &b], [&sl]), &mut maps);
-        let after: BTreeSet<u16> = maps.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.rev_nat_id).collect();
+        let after: BTreeSet<u16> = maps
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(_, v)| v.rev_nat_id)
+            .collect();
         assert_eq!(ids, after);
     }
 }

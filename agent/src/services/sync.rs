@@ -21,7 +21,13 @@ use ferrox_datapath::Maps;
 /// Spawns a reflector for `K` that wakes `notify` on every event, and returns its store.
 fn watch<K>(api: Api<K>, notify: Arc<Notify>) -> reflector::Store<K>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).into_owned();
@@ -55,7 +61,10 @@ pub async fn run(client: Client, mut maps: Maps) -> anyhow::Result<()> {
         let svc_state = services.state();
         let slice_state = slices.state();
         let started = std::time::Instant::now();
-        let table = desired(svc_state.iter().map(AsRef::as_ref), slice_state.iter().map(AsRef::as_ref));
+        let table = desired(
+            svc_state.iter().map(AsRef::as_ref),
+            slice_state.iter().map(AsRef::as_ref),
+        );
         let report = reconciler.sync(&table, &mut maps);
         log_report(&report, table.skipped.len(), started.elapsed());
         for s in &table.skipped {

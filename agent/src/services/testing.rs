@@ -18,8 +18,15 @@ pub struct SvcBuilder(Service);
 
 pub fn svc(name: &str) -> SvcBuilder {
     SvcBuilder(Service {
-        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("default".into()), ..Default::default() },
-        spec: Some(ServiceSpec { type_: Some("ClusterIP".into()), ..Default::default() }),
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            ..Default::default()
+        }),
         status: None,
     })
 }
@@ -53,17 +60,24 @@ impl SvcBuilder {
     }
 
     pub fn label(mut self, k: &str, v: &str) -> Self {
-        self.0.metadata.labels.get_or_insert_with(BTreeMap::new).insert(k.into(), v.into());
+        self.0
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
         self
     }
 
     pub fn port(mut self, name: &str, port: i32, protocol: &str) -> Self {
-        self.spec().ports.get_or_insert_with(Vec::new).push(ServicePort {
-            name: (!name.is_empty()).then(|| name.to_owned()),
-            port,
-            protocol: Some(protocol.into()),
-            ..Default::default()
-        });
+        self.spec()
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(ServicePort {
+                name: (!name.is_empty()).then(|| name.to_owned()),
+                port,
+                protocol: Some(protocol.into()),
+                ..Default::default()
+            });
         self
     }
 
@@ -79,7 +93,10 @@ pub fn slice(service: &str, name: &str) -> SliceBuilder {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some("default".into()),
-            labels: Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())])),
+            labels: Some(BTreeMap::from([(
+                SERVICE_NAME_LABEL.to_owned(),
+                service.to_owned(),
+            )])),
             ..Default::default()
         },
         address_type: "IPv4".into(),
@@ -95,25 +112,31 @@ impl SliceBuilder {
     }
 
     pub fn port(mut self, name: &str, port: i32, protocol: &str) -> Self {
-        self.0.ports.get_or_insert_with(Vec::new).push(EndpointPort {
-            name: (!name.is_empty()).then(|| name.to_owned()),
-            port: Some(port),
-            protocol: Some(protocol.into()),
-            app_protocol: None,
-        });
+        self.0
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(EndpointPort {
+                name: (!name.is_empty()).then(|| name.to_owned()),
+                port: Some(port),
+                protocol: Some(protocol.into()),
+                app_protocol: None,
+            });
         self
     }
 
     fn endpoint(mut self, ip: &str, ready: bool, serving: bool, terminating: bool) -> Self {
-        self.0.endpoints.get_or_insert_with(Vec::new).push(Endpoint {
-            addresses: vec![ip.into()],
-            conditions: Some(EndpointConditions {
-                ready: Some(ready),
-                serving: Some(serving),
-                terminating: Some(terminating),
-            }),
-            ..Default::default()
-        });
+        self.0
+            .endpoints
+            .get_or_insert_with(Vec::new)
+            .push(Endpoint {
+                addresses: vec![ip.into()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(ready),
+                    serving: Some(serving),
+                    terminating: Some(terminating),
+                }),
+                ..Default::default()
+            });
         self
     }
 

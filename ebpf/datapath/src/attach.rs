@@ -211,7 +211,9 @@ fn attach_sock(
         Plan::Create => {
             // A cgroup bpf_link takes no attach flags (EINVAL otherwise) and always coexists with
             // other programs on the same cgroup, so the mode is the default.
-            let link_id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(op("attaching"))?;
+            let link_id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(op("attaching"))?;
             let link = prog.take_link(link_id).map_err(op("taking link of"))?;
             pin_link(
                 FdLink::try_from(link).map_err(|e| DatapathError::link(pin, e))?,

@@ -1,6 +1,12 @@
 //! Datapath tier: the TC programs driven with BPF_PROG_TEST_RUN. Each case is a crafted packet,
 //! the verdict we expect, and the one counter cell that must move; every other cell must not.
 //! Needs root (it loads programs into the kernel).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure should stop the test with its context"
+)]
 
 use std::path::Path;
 

@@ -3,6 +3,10 @@
 //! [`Reason`](ferrox_abi::Reason), counted in `COUNTERS_V1`.
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "aya's #[classifier] expands to an entry point taking the kernel's raw __sk_buff pointer"
+)]
 
 mod classify;
 mod counters;

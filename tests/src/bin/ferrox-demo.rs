@@ -31,29 +31,61 @@ fn main() {
     let _s2 = web2.serve(8080);
 
     let cluster_ip = "10.96.0.10";
-    cluster.api().apply(&svc("web").cluster_ip(cluster_ip).port("", 80, "TCP").build());
-    cluster.api().apply(&slice("web", "web-1").port("", 8080, "TCP").ready(web1.ip).ready(web2.ip).build());
-    cluster.node(1).wait_for_backends(&format!("{cluster_ip}:80/TCP"), 2);
+    cluster.api().apply(
+        &svc("web")
+            .cluster_ip(cluster_ip)
+            .port("", 80, "TCP")
+            .build(),
+    );
+    cluster.api().apply(
+        &slice("web", "web-1")
+            .port("", 8080, "TCP")
+            .ready(web1.ip)
+            .ready(web2.ip)
+            .build(),
+    );
+    cluster
+        .node(1)
+        .wait_for_backends(&format!("{cluster_ip}:80/TCP"), 2);
 
     let n1 = cluster.node(1);
     println!();
     println!("Cluster {} is up:", cluster.id());
     for n in cluster.nodes() {
-        println!("  {}  underlay {}  pods {}  netns {}", n.name, n.addr, n.pod_cidr, n.netns().name());
+        println!(
+            "  {}  underlay {}  pods {}  netns {}",
+            n.name,
+            n.addr,
+            n.pod_cidr,
+            n.netns().name()
+        );
     }
-    println!("  pods: web-1 {} (node-1), web-2 {} (node-2), client {} (node-1)", web1.ip, web2.ip, client.ip);
+    println!(
+        "  pods: web-1 {} (node-1), web-2 {} (node-2), client {} (node-1)",
+        web1.ip, web2.ip, client.ip
+    );
     println!("  Service web: {cluster_ip}:80 -> 8080 on web-1 and web-2");
     println!();
     println!("Look around (in another terminal, as root):");
     let bpffs = n1.layout().root().display().to_string();
-    let ferrox = ferrox_tests::harness::bin_path("ferrox").display().to_string();
+    let ferrox = ferrox_tests::harness::bin_path("ferrox")
+        .display()
+        .to_string();
     println!("  FERROX_BPFFS_ROOT={bpffs} {ferrox} svc list");
     println!("  FERROX_BPFFS_ROOT={bpffs} {ferrox} counters");
     println!("  FERROX_BPFFS_ROOT={bpffs} {ferrox} datapath");
-    println!("  nsenter --net=/run/netns/{} ip route          # node-1's routes", n1.netns().name());
-    println!("  nsenter --net={} ip addr       # the client pod", client.netns_path.display());
+    println!(
+        "  nsenter --net=/run/netns/{} ip route          # node-1's routes",
+        n1.netns().name()
+    );
+    println!(
+        "  nsenter --net={} ip addr       # the client pod",
+        client.netns_path.display()
+    );
     println!();
-    println!("The client pod calls http://{cluster_ip}:80 every second (Ctrl-C to stop and tear down):");
+    println!(
+        "The client pod calls http://{cluster_ip}:80 every second (Ctrl-C to stop and tear down):"
+    );
 
     let target = format!("{cluster_ip}:80");
     while !STOP.load(Ordering::SeqCst) {
@@ -61,7 +93,10 @@ fn main() {
         match lines.first() {
             Some(l) if status.success() => println!(
                 "  client -> {} answered by {:<6} (peer seen by the app: {}, {} us)",
-                target, l["backend"].as_str().unwrap_or("?"), l["peer"].as_str().unwrap_or("?"), l["micros"]
+                target,
+                l["backend"].as_str().unwrap_or("?"),
+                l["peer"].as_str().unwrap_or("?"),
+                l["micros"]
             ),
             other => println!("  client -> {target} failed: {other:?}"),
         }

@@ -7,7 +7,12 @@
 //!   line per call with the backend's name and the peer address the application saw.
 //! - `fx-echo stream ADDR:PORT`: one TCP connection carrying a verified echo stream; prints
 //!   `progress <bytes>` lines, and on SIGTERM a JSON summary; any error ends it with status 1.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test tool: failures should be loud")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test tool: failures should be loud"
+)]
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -71,7 +76,13 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve { name, tcp, udp } => serve(&name, &tcp, &udp),
-        Cmd::Call { proto, target, count, timeout_ms, connected } => {
+        Cmd::Call {
+            proto,
+            target,
+            count,
+            timeout_ms,
+            connected,
+        } => {
             let timeout = Duration::from_millis(timeout_ms);
             let mut failed = false;
             for _ in 0..count {
@@ -84,7 +95,11 @@ fn main() {
             }
             std::process::exit(i32::from(failed));
         }
-        Cmd::Stream { target, chunk, pause_ms } => stream(target, chunk, Duration::from_millis(pause_ms)),
+        Cmd::Stream {
+            target,
+            chunk,
+            pause_ms,
+        } => stream(target, chunk, Duration::from_millis(pause_ms)),
     }
 }
 
@@ -119,7 +134,10 @@ fn serve(name: &str, tcp: &[u16], udp: &[u16]) {
 }
 
 fn echo_tcp(mut conn: TcpStream, name: &str) {
-    if conn.write_all(format!("fx-echo {name}\n").as_bytes()).is_err() {
+    if conn
+        .write_all(format!("fx-echo {name}\n").as_bytes())
+        .is_err()
+    {
         return;
     }
     let mut buf = [0u8; 16384];
@@ -177,7 +195,11 @@ fn call_udp(target: SocketAddr, timeout: Duration, connected: bool) -> serde_jso
     let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
     sock.set_read_timeout(Some(timeout)).unwrap();
     let payload = b"ping";
-    let sent = if connected { sock.connect(target).and_then(|()| sock.send(payload)) } else { sock.send_to(payload, target) };
+    let sent = if connected {
+        sock.connect(target).and_then(|()| sock.send(payload))
+    } else {
+        sock.send_to(payload, target)
+    };
     if let Err(e) = sent {
         return error(target, e);
     }
@@ -199,17 +221,26 @@ fn stream(target: SocketAddr, chunk: usize, pause: Duration) {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
     }
     let fail = |what: &str, e: &dyn std::fmt::Display, bytes: u64| -> ! {
-        println!("{}", serde_json::json!({ "error": format!("{what}: {e}"), "bytes": bytes }));
+        println!(
+            "{}",
+            serde_json::json!({ "error": format!("{what}: {e}"), "bytes": bytes })
+        );
         std::process::exit(1);
     };
-    let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(3)).unwrap_or_else(|e| fail("connect", &e, 0));
+    let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        .unwrap_or_else(|e| fail("connect", &e, 0));
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut greeting = String::new();
-    reader.read_line(&mut greeting).unwrap_or_else(|e| fail("greeting", &e, 0));
+    reader
+        .read_line(&mut greeting)
+        .unwrap_or_else(|e| fail("greeting", &e, 0));
     let backend = greeting.trim().trim_start_matches("fx-echo ").to_owned();
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    println!("{}", serde_json::json!({ "connected": backend, "peer": peer }));
+    println!(
+        "{}",
+        serde_json::json!({ "connected": backend, "peer": peer })
+    );
 
     let mut bytes: u64 = 0;
     let mut seq: u64 = 0;
@@ -220,8 +251,11 @@ fn stream(target: SocketAddr, chunk: usize, pause: Duration) {
         for (i, b) in out.iter_mut().enumerate() {
             *b = (seq as usize + i) as u8;
         }
-        conn.write_all(&out).unwrap_or_else(|e| fail("write", &e, bytes));
-        reader.read_exact(&mut back).unwrap_or_else(|e| fail("read", &e, bytes));
+        conn.write_all(&out)
+            .unwrap_or_else(|e| fail("write", &e, bytes));
+        reader
+            .read_exact(&mut back)
+            .unwrap_or_else(|e| fail("read", &e, bytes));
         if back != out {
             fail("verify", &"echoed bytes differ from what was sent", bytes);
         }
@@ -234,5 +268,8 @@ fn stream(target: SocketAddr, chunk: usize, pause: Duration) {
         }
         std::thread::sleep(pause);
     }
-    println!("{}", serde_json::json!({ "done": true, "bytes": bytes, "backend": backend, "peer": peer }));
+    println!(
+        "{}",
+        serde_json::json!({ "done": true, "bytes": bytes, "backend": backend, "peer": peer })
+    );
 }

@@ -7,7 +7,10 @@ use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Mutex, atomic::{AtomicU32, Ordering}},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -16,7 +19,9 @@ use ferrox_cni::spec::AddResult;
 use ferrox_datapath::PinLayout;
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::core::v1::{Node as K8sNode, NodeAddress, NodeSpec, NodeStatus, Pod as K8sPod, PodSpec, PodStatus},
+    api::core::v1::{
+        Node as K8sNode, NodeAddress, NodeSpec, NodeStatus, Pod as K8sPod, PodSpec, PodStatus,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -112,7 +117,11 @@ fn cgroup_root() -> PathBuf {
 
 fn unique_id() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{:x}{:02x}", std::process::id() & 0xffff, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{:02x}",
+        std::process::id() & 0xffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Binds a TCP listener inside another network namespace (from a short-lived thread, so the
@@ -122,7 +131,12 @@ fn listen_in(netns: &Path, addr: SocketAddr) -> TcpListener {
     std::thread::spawn(move || {
         let f = std::fs::File::open(&netns).expect("opening netns");
         // SAFETY: setns on this short-lived thread only; the fd is valid for the call.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns: {}",
+            std::io::Error::last_os_error()
+        );
         TcpListener::bind(addr).expect("binding the API server")
     })
     .join()
@@ -131,11 +145,18 @@ fn listen_in(netns: &Path, addr: SocketAddr) -> TcpListener {
 
 impl Cluster {
     pub fn builder() -> ClusterBuilder {
-        ClusterBuilder { nodes: 1, static_pod_routes: true }
+        ClusterBuilder {
+            nodes: 1,
+            static_pod_routes: true,
+        }
     }
 
     fn build(b: ClusterBuilder) -> Self {
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the cluster harness needs root (network namespaces, bpf)");
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the cluster harness needs root (network namespaces, bpf)"
+        );
         let id = unique_id();
         let dir = PathBuf::from(leaks::RUN_DIR).join(&id);
         let cgroup_dir = cgroup_root().join(leaks::CGROUP_DIR).join(&id);
@@ -179,7 +200,13 @@ impl Cluster {
         if b.static_pod_routes {
             for n in &cluster.nodes {
                 for other in cluster.nodes.iter().filter(|o| o.index != n.index) {
-                    n.netns.ip(&["route", "add", &other.pod_cidr.to_string(), "via", &other.addr.to_string()]);
+                    n.netns.ip(&[
+                        "route",
+                        "add",
+                        &other.pod_cidr.to_string(),
+                        "via",
+                        &other.addr.to_string(),
+                    ]);
                 }
             }
         }
@@ -199,12 +226,27 @@ impl Cluster {
         let netns = NetNs::create(&format!("{}{}-n{index}", leaks::NETNS_PREFIX, self.id));
         let fabric = self.fabric.as_ref().unwrap();
         let uplink = format!("n{index}");
-        fabric.ip(&["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", netns.name()]);
+        fabric.ip(&[
+            "link",
+            "add",
+            &uplink,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ]);
         fabric.ip(&["link", "set", &uplink, "master", "br0", "up"]);
         netns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         netns.ip(&["link", "set", "eth0", "up"]);
         netns.ip(&["route", "add", "default", "via", &API_ADDR.to_string()]);
-        netns.sysctl(&["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]);
+        netns.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ]);
 
         let dir = self.dir.join(&name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -212,18 +254,34 @@ impl Cluster {
         std::fs::create_dir_all(&cgroup).unwrap();
 
         self.api().apply(&K8sNode {
-            metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
             spec: Some(NodeSpec {
                 pod_cidr: Some(pod_cidr.to_string()),
                 pod_cidrs: Some(vec![pod_cidr.to_string()]),
                 ..Default::default()
             }),
             status: Some(NodeStatus {
-                addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: addr.to_string() }]),
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: addr.to_string(),
+                }]),
                 ..Default::default()
             }),
         });
-        Node { index, name, addr, pod_cidr, netns, dir, cgroup, kubeconfig: kubeconfig.to_path_buf(), agent: Mutex::new(None) }
+        Node {
+            index,
+            name,
+            addr,
+            pod_cidr,
+            netns,
+            dir,
+            cgroup,
+            kubeconfig: kubeconfig.to_path_buf(),
+            agent: Mutex::new(None),
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -254,32 +312,63 @@ impl Cluster {
         let out = n.cni("ADD", &container_id, Some(&netns.path()), name);
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let netns_path = netns.path();
-        self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(PodRecord {
-            name: name.into(),
-            node,
-            container_id: container_id.clone(),
-            netns_path: netns_path.clone(),
-            netns: Some(netns),
-        });
-        assert!(out.status.success(), "CNI ADD of {name} failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-        let cni_result: AddResult = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("CNI result {stdout:?}: {e}"));
+        self.pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(PodRecord {
+                name: name.into(),
+                node,
+                container_id: container_id.clone(),
+                netns_path: netns_path.clone(),
+                netns: Some(netns),
+            });
+        assert!(
+            out.status.success(),
+            "CNI ADD of {name} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cni_result: AddResult =
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("CNI result {stdout:?}: {e}"));
         let ip = cni_result.ips[0].address.addr();
         self.api().apply(&K8sPod {
-            metadata: ObjectMeta { name: Some(name.into()), namespace: Some("default".into()), ..Default::default() },
-            spec: Some(PodSpec { node_name: Some(n.name.clone()), ..Default::default() }),
-            status: Some(PodStatus { pod_ip: Some(ip.to_string()), phase: Some("Running".into()), ..Default::default() }),
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(n.name.clone()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: Some(ip.to_string()),
+                phase: Some("Running".into()),
+                ..Default::default()
+            }),
         });
-        Pod { name: name.into(), ip, container_id, node, netns_path, cgroup: n.cgroup.clone(), cni_result }
+        Pod {
+            name: name.into(),
+            ip,
+            container_id,
+            node,
+            netns_path,
+            cgroup: n.cgroup.clone(),
+            cni_result,
+        }
     }
 
     /// Runs `ferrox-cni DEL` for the pod (the namespace is kept, as a runtime may call DEL first).
     pub fn cni_del(&self, pod: &Pod) -> std::process::Output {
-        self.node(pod.node).cni("DEL", &pod.container_id, Some(&pod.netns_path), &pod.name)
+        self.node(pod.node)
+            .cni("DEL", &pod.container_id, Some(&pod.netns_path), &pod.name)
     }
 
     /// Deletes a pod's network namespace, as a runtime may before calling DEL.
     pub fn delete_pod_netns(&self, pod: &Pod) {
-        let mut pods = self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pods = self
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(p) = pods.iter_mut().find(|p| p.container_id == pod.container_id) {
             p.netns.take();
         }
@@ -329,33 +418,55 @@ impl Node {
 
     /// Starts the agent (replacing the handle of a previous, dead one).
     pub fn start_agent(&self) {
-        let proc = Proc::spawn(&format!("agent {}", self.name), self.agent_command(&[]), &self.netns.path(), &self.cgroup);
-        *self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(proc);
+        let proc = Proc::spawn(
+            &format!("agent {}", self.name),
+            self.agent_command(&[]),
+            &self.netns.path(),
+            &self.cgroup,
+        );
+        *self
+            .agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(proc);
     }
 
     /// Waits until the agent has the datapath up and the node configuration written.
     pub fn wait_agent_ready(&self) {
-        let g = self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let g = self
+            .agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let agent = g.as_ref().expect("agent started");
-        agent.wait_for_line("the agent to be ready", Duration::from_secs(60), |l| l.contains(AGENT_READY));
+        agent.wait_for_line("the agent to be ready", Duration::from_secs(60), |l| {
+            l.contains(AGENT_READY)
+        });
     }
 
     /// `kill -9` the agent, as a crash would.
     pub fn kill_agent(&self) {
-        let mut g = self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut g = self
+            .agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let agent = g.as_mut().expect("agent started");
         agent.signal_and_wait(libc::SIGKILL);
     }
 
     /// The agent's output so far.
     pub fn agent_log(&self) -> Vec<String> {
-        self.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map(Proc::lines).unwrap_or_default()
+        self.agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(Proc::lines)
+            .unwrap_or_default()
     }
 
     /// Runs the `ferrox` CLI on this node and returns its stdout.
     pub fn ferrox(&self, args: &[&str]) -> String {
         let mut cmd = Command::new(bin_path("ferrox"));
-        cmd.args(args).env("FERROX_BPFFS_ROOT", self.layout().root());
+        cmd.args(args)
+            .env("FERROX_BPFFS_ROOT", self.layout().root());
         let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
         run(&mut cmd)
     }
@@ -367,24 +478,42 @@ impl Node {
 
     /// Waits until `frontend` (e.g. `10.96.0.10:80/TCP`) has exactly `backends` backends.
     pub fn wait_for_backends(&self, frontend: &str, backends: usize) -> ServiceRow {
-        wait_for(&format!("{frontend} with {backends} backends on {}", self.name), Duration::from_secs(30), || {
-            let rows = self.services();
-            match rows.into_iter().find(|r| r.frontend == frontend) {
-                Some(r) if r.backends.len() == backends => Ok(r),
-                Some(r) => Err(format!("{} backends: {:?}", r.backends.len(), r.backends)),
-                None => Err("frontend not programmed".into()),
-            }
-        })
+        wait_for(
+            &format!("{frontend} with {backends} backends on {}", self.name),
+            Duration::from_secs(30),
+            || {
+                let rows = self.services();
+                match rows.into_iter().find(|r| r.frontend == frontend) {
+                    Some(r) if r.backends.len() == backends => Ok(r),
+                    Some(r) => Err(format!("{} backends: {:?}", r.backends.len(), r.backends)),
+                    None => Err("frontend not programmed".into()),
+                }
+            },
+        )
     }
 
     /// Waits until `frontend` is not programmed any more.
     pub fn wait_for_no_frontend(&self, frontend: &str) {
-        wait_for(&format!("{frontend} to be removed on {}", self.name), Duration::from_secs(30), || {
-            if self.services().iter().any(|r| r.frontend == frontend) { Err("still programmed".into()) } else { Ok(()) }
-        })
+        wait_for(
+            &format!("{frontend} to be removed on {}", self.name),
+            Duration::from_secs(30),
+            || {
+                if self.services().iter().any(|r| r.frontend == frontend) {
+                    Err("still programmed".into())
+                } else {
+                    Ok(())
+                }
+            },
+        )
     }
 
-    fn cni(&self, command: &str, container_id: &str, netns: Option<&Path>, pod: &str) -> std::process::Output {
+    fn cni(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        pod: &str,
+    ) -> std::process::Output {
         let conf = serde_json::json!({
             "cniVersion": "1.1.0",
             "name": "ferrox",
@@ -397,7 +526,10 @@ impl Node {
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", bin_path("ferrox-cni").parent().unwrap())
-            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"))
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -406,7 +538,12 @@ impl Node {
         }
         let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
         let mut child = cmd.spawn().expect("starting ferrox-cni");
-        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     }
 }
@@ -416,14 +553,21 @@ impl Pod {
     pub fn spawn(&self, args: &[&str]) -> Proc {
         let mut cmd = Command::new(bin_path("fx-echo"));
         cmd.args(args);
-        Proc::spawn(&format!("{} {}", self.name, args.join(" ")), cmd, &self.netns_path, &self.cgroup)
+        Proc::spawn(
+            &format!("{} {}", self.name, args.join(" ")),
+            cmd,
+            &self.netns_path,
+            &self.cgroup,
+        )
     }
 
     /// Starts an echo server named after the pod on `port` (TCP and UDP) and waits until it serves.
     pub fn serve(&self, port: u16) -> Proc {
         let p = port.to_string();
         let proc = self.spawn(&["serve", "--name", &self.name, "--tcp", &p, "--udp", &p]);
-        proc.wait_for_line("the echo server", Duration::from_secs(10), |l| l == "serving");
+        proc.wait_for_line("the echo server", Duration::from_secs(10), |l| {
+            l == "serving"
+        });
         proc
     }
 
@@ -435,7 +579,9 @@ impl Pod {
         let out = cmd.output().expect("running fx-echo");
         let lines = String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("fx-echo output {l:?}: {e}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("fx-echo output {l:?}: {e}"))
+            })
             .collect();
         (out.status, lines)
     }
@@ -444,14 +590,22 @@ impl Pod {
     /// addresses the application saw.
     pub fn call_tcp(&self, target: &str, count: usize) -> (BTreeMap<String, usize>, Vec<String>) {
         let (status, lines) = self.run(&["call", "tcp", target, "--count", &count.to_string()]);
-        assert!(status.success(), "calls from {} to {target} failed: {lines:?}", self.name);
+        assert!(
+            status.success(),
+            "calls from {} to {target} failed: {lines:?}",
+            self.name
+        );
         tally(&lines, "peer")
     }
 
     /// `count` UDP datagrams to `target` (unconnected socket: sendmsg/recvmsg).
     pub fn call_udp(&self, target: &str, count: usize) -> (BTreeMap<String, usize>, Vec<String>) {
         let (status, lines) = self.run(&["call", "udp", target, "--count", &count.to_string()]);
-        assert!(status.success(), "datagrams from {} to {target} failed: {lines:?}", self.name);
+        assert!(
+            status.success(),
+            "datagrams from {} to {target} failed: {lines:?}",
+            self.name
+        );
         tally(&lines, "from")
     }
 }
@@ -460,7 +614,9 @@ fn tally(lines: &[serde_json::Value], addr_field: &str) -> (BTreeMap<String, usi
     let mut by_backend = BTreeMap::new();
     let mut addrs = Vec::new();
     for l in lines {
-        *by_backend.entry(l["backend"].as_str().unwrap_or_default().to_owned()).or_default() += 1;
+        *by_backend
+            .entry(l["backend"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
         addrs.push(l[addr_field].as_str().unwrap_or_default().to_owned());
     }
     (by_backend, addrs)
@@ -473,28 +629,47 @@ impl Drop for Cluster {
             for n in &self.nodes {
                 let log = n.agent_log();
                 let tail = &log[log.len().saturating_sub(40)..];
-                eprintln!("---- agent log of {} (last {} lines) ----\n{}", n.name, tail.len(), tail.join("\n"));
+                eprintln!(
+                    "---- agent log of {} (last {} lines) ----\n{}",
+                    n.name,
+                    tail.len(),
+                    tail.join("\n")
+                );
             }
         }
         // 1. Stop every process of every node: agents, pod workloads.
         for n in &self.nodes {
-            n.agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            n.agent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
             let _ = std::fs::write(n.cgroup.join("cgroup.kill"), "1");
         }
         for n in &self.nodes {
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while std::fs::read_to_string(n.cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+            while std::fs::read_to_string(n.cgroup.join("cgroup.procs"))
+                .is_ok_and(|p| !p.trim().is_empty())
                 && std::time::Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
         // 2. Pods: CNI DEL as the runtime would, then their namespaces.
-        let pods = std::mem::take(&mut *self.pods.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let pods = std::mem::take(
+            &mut *self
+                .pods
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for p in pods {
-            let out = self.nodes[p.node - 1].cni("DEL", &p.container_id, Some(&p.netns_path), &p.name);
+            let out =
+                self.nodes[p.node - 1].cni("DEL", &p.container_id, Some(&p.netns_path), &p.name);
             if !out.status.success() {
-                eprintln!("harness: CNI DEL of {} failed: {}", p.name, String::from_utf8_lossy(&out.stdout));
+                eprintln!(
+                    "harness: CNI DEL of {} failed: {}",
+                    p.name,
+                    String::from_utf8_lossy(&out.stdout)
+                );
             }
             drop(p.netns);
         }
@@ -504,7 +679,11 @@ impl Drop for Cluster {
             let _ns = spawn_in(&mut cmd, &n.netns.path(), &n.cgroup);
             match cmd.output() {
                 Ok(o) if o.status.success() => {}
-                Ok(o) => eprintln!("harness: agent --cleanup on {} failed: {}", n.name, String::from_utf8_lossy(&o.stderr)),
+                Ok(o) => eprintln!(
+                    "harness: agent --cleanup on {} failed: {}",
+                    n.name,
+                    String::from_utf8_lossy(&o.stderr)
+                ),
                 Err(e) => eprintln!("harness: agent --cleanup on {}: {e}", n.name),
             }
             let mount = n.bpffs_mount();

@@ -37,7 +37,9 @@ pub fn find(id: &str) -> Vec<String> {
     }
     if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
         for line in mountinfo.lines() {
-            let Some(mount_point) = line.split_whitespace().nth(4) else { continue };
+            let Some(mount_point) = line.split_whitespace().nth(4) else {
+                continue;
+            };
             let ours = mount_point.starts_with(RUN_DIR) || mount_point.starts_with(SCRATCH_BPFFS);
             if ours && mount_point.contains(id) {
                 out.push(format!("mount {mount_point}"));

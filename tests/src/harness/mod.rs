@@ -20,7 +20,11 @@ pub use process::{Proc, spawn_in};
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what` and the last
 /// observation. Tests wait for conditions, never for a fixed time.
-pub fn wait_for<T>(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
     let deadline = std::time::Instant::now() + timeout;
     let mut delay = std::time::Duration::from_millis(10);
     loop {

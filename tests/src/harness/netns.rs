@@ -8,7 +8,9 @@ pub struct NetNs {
 
 /// Runs a command to completion and panics with its output if it fails.
 pub(crate) fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}{}",
@@ -27,7 +29,9 @@ pub(crate) fn ip(args: &[&str]) -> String {
 impl NetNs {
     pub fn create(name: &str) -> Self {
         ip(&["netns", "add", name]);
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -50,19 +54,26 @@ impl NetNs {
     /// Sets sysctls (`key=value`) inside the namespace.
     pub fn sysctl(&self, settings: &[&str]) {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, "sysctl", "-qw"]).args(settings);
+        cmd.args(["netns", "exec", &self.name, "sysctl", "-qw"])
+            .args(settings);
         run(&mut cmd);
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
         if let Ok(o) = out
             && !o.status.success()
             && self.path().exists()
         {
-            eprintln!("harness: deleting netns {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+            eprintln!(
+                "harness: deleting netns {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
 }
