@@ -60,6 +60,14 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum XdpSetting {
+    #[default]
+    Off,
+    Native,
+    Generic,
+}
+
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// This node's name (its Node object).
@@ -93,6 +101,10 @@ pub struct AgentArgs {
     /// MTU of pod interfaces; default: the uplink's MTU.
     #[arg(long, env = "FERROX_MTU")]
     pub mtu: Option<u32>,
+
+    /// XDP on the uplink: off, native (in the driver) or generic (any interface, slower).
+    #[arg(long, value_enum, env = "FERROX_XDP", default_value_t = XdpSetting::Off)]
+    pub xdp: XdpSetting,
 
     #[arg(long, value_enum, env = "FERROX_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -9,12 +9,15 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use ferrox_cni::node_config::{NodeConfig, SCHEMA_VERSION, TunnelMode};
-use ferrox_datapath::{Datapath, PinLayout};
+use ferrox_datapath::{Datapath, PinLayout, XdpAttachMode};
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, Config, config::KubeConfigOptions};
 use tracing::{info, warn};
 
-use crate::{cli::AgentArgs, node, services};
+use crate::{
+    cli::{AgentArgs, XdpSetting},
+    node, services,
+};
 
 pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     if args.cleanup {
@@ -41,6 +44,24 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         .with_context(|| format!("attaching to uplink {uplink}"))?
     {
         info!(program = a.program, link_id = a.link_id, outcome = ?a.outcome, uplink = %uplink, "uplink hook");
+    }
+    let xdp_mode = match args.xdp {
+        XdpSetting::Off => None,
+        XdpSetting::Native => Some(XdpAttachMode::Native),
+        XdpSetting::Generic => Some(XdpAttachMode::Generic),
+    };
+    match xdp_mode {
+        Some(mode) => {
+            let a = dp
+                .attach_uplink_xdp(&uplink, mode)
+                .with_context(|| format!("attaching XDP ({mode:?}) to {uplink}"))?;
+            info!(program = a.program, link_id = a.link_id, outcome = ?a.outcome, uplink = %uplink, ?mode, "uplink XDP");
+        }
+        None => {
+            if dp.detach_uplink_xdp()? {
+                info!(uplink = %uplink, "XDP is off: removed the uplink's XDP program");
+            }
+        }
     }
     info!(origin = ?dp.origin(), "datapath attached");
 

@@ -1,7 +1,7 @@
 //! Cluster tier: `kill -9` of the agent in the middle of a TCP stream through a Service. The
 //! stream goes on while the agent is dead and after it is back; the restarted agent re-adopts
 //! the pinned maps, programs and links (same kernel ids) instead of re-creating them; new
-//! connections work throughout.
+//! connections work throughout. Then SIGTERM: a clean exit that leaves the datapath in place.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -126,6 +126,19 @@ fn a_stream_survives_kill_9_of_the_agent_and_nothing_is_recreated() {
             .build(),
     );
     node.wait_for_backends("10.96.0.30:80/TCP", 2);
+
+    // SIGTERM (a rollout): the agent exits cleanly and leaves everything pinned and working.
+    let status = node.stop_agent();
+    assert!(status.success(), "agent exit on SIGTERM: {status}");
+    assert!(
+        node.agent_log().iter().any(|l| l.contains("shutting down")),
+        "{:?}",
+        node.agent_log()
+    );
+    assert_eq!(pinned_ids(node), ids_before);
+    let (by_backend, _) = client.call_tcp("10.96.0.30:80", 4);
+    assert_eq!(by_backend.values().sum::<usize>(), 4);
+    wait_progress(&stream, after_restart, 64 * 1024);
 
     let status = stream.signal_and_wait(libc::SIGTERM);
     let summary = stream.lines().last().cloned().unwrap_or_default();

@@ -45,6 +45,8 @@ pub mod program_names {
     pub const TC_UPLINK_INGRESS: &str = "tc_uplink_in";
     /// Attached at TC egress of the node's uplink.
     pub const TC_UPLINK_EGRESS: &str = "tc_uplink_out";
+    /// Attached at XDP of the node's uplink, when XDP is enabled.
+    pub const XDP_UPLINK: &str = "xdp_uplink";
 }
 
 /// Map capacities. Sized for a large cluster; user space reports fill levels against these.
@@ -216,10 +218,11 @@ pub enum Hook {
     TcFromPod = 4,
     TcUplinkIngress = 5,
     TcUplinkEgress = 6,
+    XdpUplink = 7,
 }
 
 impl Hook {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::SockConnect4,
         Self::SockSendmsg4,
@@ -228,6 +231,7 @@ impl Hook {
         Self::TcFromPod,
         Self::TcUplinkIngress,
         Self::TcUplinkEgress,
+        Self::XdpUplink,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -239,6 +243,7 @@ impl Hook {
             Self::TcFromPod => "tc-from-pod",
             Self::TcUplinkIngress => "tc-uplink-ingress",
             Self::TcUplinkEgress => "tc-uplink-egress",
+            Self::XdpUplink => "xdp-uplink",
         }
     }
 }

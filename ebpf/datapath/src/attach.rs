@@ -10,10 +10,11 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttach, TcAttachType,
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttach, TcAttachType, Xdp,
     cgroup_sock_addr::CgroupSockAddrLink,
     links::{FdLink, LinkOrder, PinnedLink},
     tc::SchedClassifierLink,
+    xdp::{XdpLink, XdpMode},
 };
 use ferrox_abi::program_names as names;
 
@@ -225,7 +226,66 @@ fn attach_sock(
     report(name, pin, outcome)
 }
 
+/// How the XDP program runs on the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpAttachMode {
+    /// In the driver, before an skb exists (veth, most physical NICs).
+    Native,
+    /// After the skb is built: works on every interface, slower.
+    Generic,
+}
+
+/// Attaches (or adopts) the XDP program at `ifindex`, pinned at `pin`.
+fn attach_xdp(prog: &mut Xdp, pin: &Path, ifindex: u32, mode: XdpAttachMode) -> Result<Attachment> {
+    let name = crate::programs::XDP_PROGRAM;
+    let op = |op| move |e| DatapathError::program(op, name, e);
+    let id = prog.info().map_err(op("inspecting"))?.id();
+    let outcome = match plan(pin, LinkTarget::Xdp { ifindex }, id)? {
+        Plan::Adopt => AttachOutcome::Adopted,
+        Plan::Update(link) => {
+            let link = XdpLink::try_from(link).map_err(|e| DatapathError::link(pin, e))?;
+            let link_id = prog.attach_to_link(link).map_err(op("updating link of"))?;
+            drop(prog.take_link(link_id).map_err(op("releasing link of"))?);
+            AttachOutcome::Updated
+        }
+        Plan::Create => {
+            let xdp_mode = match mode {
+                XdpAttachMode::Native => XdpMode::Driver,
+                XdpAttachMode::Generic => XdpMode::Skb,
+            };
+            let link_id = prog.attach(ifindex, xdp_mode).map_err(op("attaching"))?;
+            let link = prog.take_link(link_id).map_err(op("taking link of"))?;
+            // Only a bpf_link can be pinned (and survive the agent); aya falls back to a
+            // netlink attachment on kernels without XDP links, which this refuses.
+            pin_link(
+                FdLink::try_from(link).map_err(|e| DatapathError::link(pin, e))?,
+                pin,
+            )?;
+            AttachOutcome::Created
+        }
+    };
+    report(name, pin, outcome)
+}
+
 impl Datapath {
+    /// Removes the uplink's XDP link, if one is pinned (XDP turned off). True when it removed one.
+    pub fn detach_uplink_xdp(&mut self) -> Result<bool> {
+        let pin = self.layout.link("uplink_xdp");
+        match std::fs::remove_file(&pin) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(DatapathError::io("unpinning", pin, e)),
+        }
+    }
+
+    /// Attaches the uplink's XDP program to `ifname` in `mode`.
+    pub fn attach_uplink_xdp(&mut self, ifname: &str, mode: XdpAttachMode) -> Result<Attachment> {
+        let ifindex = ifindex(ifname)?;
+        let pin = self.layout.link("uplink_xdp");
+        attach_xdp(&mut self.programs.xdp, &pin, ifindex, mode)
+    }
+
     /// Attaches the socket-level service translation to the cgroup v2 at `cgroup` (its whole
     /// subtree). Tests and the demo pass a per-node cgroup; a real node passes the root cgroup.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<Vec<Attachment>> {

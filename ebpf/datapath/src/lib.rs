@@ -15,7 +15,7 @@ mod maps;
 mod programs;
 mod testrun;
 
-pub use attach::{AttachOutcome, Attachment, attach_pod, detach_pod, ifindex};
+pub use attach::{AttachOutcome, Attachment, XdpAttachMode, attach_pod, detach_pod, ifindex};
 pub use error::{DatapathError, Result};
 pub use inventory::{CleanupReport, ObjectKind, PinnedObject, cleanup, inventory};
 pub use layout::{DEFAULT_BPFFS_ROOT, PinLayout};

@@ -6,10 +6,11 @@
 use aya::{
     EbpfLoader,
     programs::{
-        CgroupSockAddr, Program, ProgramInfo, SchedClassifier,
+        CgroupSockAddr, Program, ProgramInfo, SchedClassifier, Xdp,
         cgroup_sock_addr::CgroupSockAddrAttachType,
     },
 };
+use aya_obj::programs::XdpAttachType;
 use ferrox_abi::program_names as names;
 
 use crate::{DatapathError, PinLayout, Result};
@@ -35,6 +36,9 @@ pub const TC_PROGRAMS: [&str; 3] = [
     names::TC_UPLINK_EGRESS,
 ];
 
+/// The XDP program of the uplink.
+pub const XDP_PROGRAM: &str = names::XDP_UPLINK;
+
 /// How the programs came to be in the kernel on this start.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
@@ -54,6 +58,7 @@ pub enum Origin {
 pub(crate) struct Programs {
     pub(crate) sock: Vec<(&'static str, CgroupSockAddr)>,
     pub(crate) tc: Vec<(&'static str, SchedClassifier)>,
+    pub(crate) xdp: Xdp,
 }
 
 impl Programs {
@@ -93,7 +98,11 @@ pub(crate) fn load_or_adopt(layout: &PinLayout) -> Result<(Programs, Origin)> {
 
     let mut replaced = Vec::new();
     let mut added = Vec::new();
-    let all = SOCK_PROGRAMS.iter().map(|(n, _)| *n).chain(TC_PROGRAMS);
+    let all = SOCK_PROGRAMS
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(TC_PROGRAMS)
+        .chain([XDP_PROGRAM]);
     for name in all {
         let program = ebpf
             .program_mut(name)
@@ -101,6 +110,7 @@ pub(crate) fn load_or_adopt(layout: &PinLayout) -> Result<(Programs, Origin)> {
         let loaded = match program {
             Program::CgroupSockAddr(p) => p.load(),
             Program::SchedClassifier(p) => p.load(),
+            Program::Xdp(p) => p.load(),
             _ => return Err(DatapathError::ProgramMissing { name }),
         };
         loaded.map_err(|e| DatapathError::program("loading", name, e))?;
@@ -130,7 +140,7 @@ pub(crate) fn load_or_adopt(layout: &PinLayout) -> Result<(Programs, Origin)> {
     // Unpinned fresh copies are unloaded here; the maps stay, pinned.
     drop(ebpf);
 
-    let total = SOCK_PROGRAMS.len() + TC_PROGRAMS.len();
+    let total = SOCK_PROGRAMS.len() + TC_PROGRAMS.len() + 1;
     let origin = if added.len() == total {
         Origin::Loaded
     } else if added.is_empty() && replaced.is_empty() {
@@ -155,7 +165,9 @@ pub(crate) fn open_pinned(layout: &PinLayout) -> Result<Programs> {
             .map_err(|e| DatapathError::program("opening pinned", name, e))?;
         tc.push((name, p));
     }
-    Ok(Programs { sock, tc })
+    let xdp = Xdp::from_pin(layout.program(XDP_PROGRAM), XdpAttachType::Interface)
+        .map_err(|e| DatapathError::program("opening pinned", XDP_PROGRAM, e))?;
+    Ok(Programs { sock, tc, xdp })
 }
 
 #[cfg(test)]

@@ -62,4 +62,26 @@ impl Datapath {
             duration_ns: result.duration.as_nanos() as u64,
         })
     }
+
+    /// Runs the uplink's XDP program `repeat` times on `packet`; the action is an XDP action
+    /// (1 = XDP_DROP, 2 = XDP_PASS).
+    pub fn test_run_xdp(&mut self, packet: &[u8], repeat: u32) -> Result<TestRunOutput> {
+        let name = crate::programs::XDP_PROGRAM;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let result = self
+            .programs
+            .xdp
+            .test_run(opts)
+            .map_err(|e| DatapathError::program("test-running", name, e))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: result.return_value as i32,
+            packet: out,
+            duration_ns: result.duration.as_nanos() as u64,
+        })
+    }
 }

@@ -1,21 +1,22 @@
-//! Classification of packets at TC: which family, which L4 protocol, whether the IPv4 header is
-//! sound. For now every sound packet passes; a malformed IPv4 header is dropped and counted.
+//! Classification of frames at TC and XDP: which family, which L4 protocol, whether the IPv4
+//! header is sound. For now every sound frame passes; a malformed IPv4 header is dropped and
+//! counted.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    programs::{TcContext, XdpContext},
 };
 use ferrox_abi::{Hook, Reason, Verdict, proto};
 
 use crate::{
     counters::count,
-    packet::{ETH_HLEN, ETH_P_IP_BE, IP_OFFSET, IPV4_MIN_HLEN, Ipv4Hdr, header_at},
+    packet::{ETH_HLEN, Frame, IP_OFFSET, IPV4_MIN_HLEN, Ipv4Hdr},
 };
 
 /// Classifies the packet, counts it, and returns the TC verdict. "Pass" is `TC_ACT_UNSPEC`
 /// (TCX_NEXT): the packet goes on to any later TCX program, then to the stack.
 #[inline(always)]
-pub fn classify_and_pass(ctx: &TcContext, hook: Hook) -> i32 {
+pub fn tc_classify_and_pass(ctx: &TcContext, hook: Hook) -> i32 {
     let reason = classify(ctx);
     count(hook, reason, ctx.len());
     match reason.verdict() {
@@ -24,24 +25,34 @@ pub fn classify_and_pass(ctx: &TcContext, hook: Hook) -> i32 {
     }
 }
 
+/// The same at XDP: `XDP_PASS` or `XDP_DROP`.
 #[inline(always)]
-fn classify(ctx: &TcContext) -> Reason {
-    if ctx.skb.protocol() != ETH_P_IP_BE {
+pub fn xdp_classify_and_pass(ctx: &XdpContext, hook: Hook) -> u32 {
+    let reason = classify(ctx);
+    count(hook, reason, ctx.frame_len() as u32);
+    match reason.verdict() {
+        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Pass | Verdict::Translate => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn classify(frame: &impl Frame) -> Reason {
+    if !frame.is_ipv4() {
         return Reason::PassNotIpv4;
     }
-    let Some(ip) = header_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+    let Some(ip) = frame.header::<Ipv4Hdr>(ETH_HLEN) else {
         return Reason::DropMalformedIpv4;
     };
-    // SAFETY: `header_at` checked that a whole `Ipv4Hdr` lies inside the packet.
-    let ip = unsafe { *ip };
+    // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
+    let ip = unsafe { ip.read_unaligned() };
     let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
     let tot_len = usize::from(u16::from_be(ip.tot_len));
-    let l3_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    let l3_len = frame.frame_len().saturating_sub(ETH_HLEN);
     if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN || tot_len < ihl || tot_len > l3_len {
         return Reason::DropMalformedIpv4;
     }
-    let frag = u16::from_be(ip.frag_off);
-    if frag & IP_OFFSET != 0 {
+    if u16::from_be(ip.frag_off) & IP_OFFSET != 0 {
         // Not the first fragment: no L4 header to look at.
         return Reason::PassIpv4Fragment;
     }

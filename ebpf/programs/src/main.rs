@@ -15,8 +15,8 @@ mod packet;
 mod sock_lb;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ferrox_abi::Hook;
 
@@ -47,19 +47,25 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 /// Packets leaving a pod (TC ingress of its host-side veth).
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
-    classify::classify_and_pass(&ctx, Hook::TcFromPod)
+    classify::tc_classify_and_pass(&ctx, Hook::TcFromPod)
 }
 
 /// Packets entering the node from its uplink.
 #[classifier]
 pub fn tc_uplink_in(ctx: TcContext) -> i32 {
-    classify::classify_and_pass(&ctx, Hook::TcUplinkIngress)
+    classify::tc_classify_and_pass(&ctx, Hook::TcUplinkIngress)
 }
 
 /// Packets leaving the node through its uplink.
 #[classifier]
 pub fn tc_uplink_out(ctx: TcContext) -> i32 {
-    classify::classify_and_pass(&ctx, Hook::TcUplinkEgress)
+    classify::tc_classify_and_pass(&ctx, Hook::TcUplinkEgress)
+}
+
+/// Frames arriving on the uplink, before the stack allocates an skb (when XDP is enabled).
+#[xdp]
+pub fn xdp_uplink(ctx: XdpContext) -> u32 {
+    classify::xdp_classify_and_pass(&ctx, Hook::XdpUplink)
 }
 
 #[cfg(not(test))]

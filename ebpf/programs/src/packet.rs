@@ -1,12 +1,16 @@
-//! Header layouts and the one bounds-checked accessor for packet data.
+//! Header layouts, and the one bounds-checked accessor for packet data, for both TC and XDP.
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 
 pub const ETH_HLEN: usize = 14;
-/// `ETH_P_IP` as `__sk_buff.protocol` holds it (network byte order).
-pub const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
+/// Offset of the EtherType in an Ethernet header.
+const ETH_TYPE_OFFSET: usize = 12;
+/// `ETH_P_IP` in network byte order, as a `u16` read from the packet.
+const ETH_P_IP_BE16: u16 = 0x0800u16.to_be();
+/// `ETH_P_IP` as `__sk_buff.protocol` holds it (network byte order, in a `u32`).
+const ETH_P_IP_BE32: u32 = 0x0800u16.to_be() as u32;
 
 /// IPv4 header without options.
 #[repr(C)]
@@ -30,30 +34,71 @@ pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
 /// Fragment offset mask of `frag_off`, host byte order.
 pub const IP_OFFSET: u16 = 0x1fff;
 
-/// Returns a pointer to a `T` at `offset` bytes into the packet, or `None` when the packet's
-/// linear data is too short. The caller may dereference it for reading.
+/// Returns a pointer to a `T` at `offset` bytes into `[start, end)`, or `None` when it does not
+/// fit. The caller may dereference it for reading.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn ptr_in<T>(start: usize, end: usize, offset: usize) -> Option<*const T> {
     if start + offset + size_of::<T>() > end {
         return None;
     }
-    // SAFETY: `[start + offset, start + offset + size_of::<T>())` lies inside the packet's linear
-    // data, which is what the verifier checks against `data_end`.
+    // SAFETY: `[start + offset, start + offset + size_of::<T>())` lies inside the packet's
+    // linear data, which is what the verifier checks against `data_end`.
     Some((start + offset) as *const T)
 }
 
-/// Like [`ptr_at`], but first pulls the non-linear part of the packet into the linear area when
-/// the header is there (GSO, paged frames), so a valid packet is never mistaken for a short one.
-#[inline(always)]
-pub fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
-    if let Some(p) = ptr_at::<T>(ctx, offset) {
-        return Some(p);
+/// A frame that starts with an Ethernet header, as TC and XDP programs see it.
+pub trait Frame {
+    /// Length of the whole frame in bytes.
+    fn frame_len(&self) -> usize;
+    /// A pointer to a `T` at `offset`, when the frame holds one there.
+    fn header<T>(&self, offset: usize) -> Option<*const T>;
+    /// Whether the frame carries IPv4.
+    fn is_ipv4(&self) -> bool;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
     }
-    let want = (offset + size_of::<T>()) as u32;
-    if ctx.len() < want || ctx.pull_data(want).is_err() {
-        return None;
+
+    /// Pulls the non-linear part of the packet into the linear area when the header is there
+    /// (GSO, paged frames), so a valid packet is never mistaken for a short one.
+    #[inline(always)]
+    fn header<T>(&self, offset: usize) -> Option<*const T> {
+        if let Some(p) = ptr_in::<T>(self.data(), self.data_end(), offset) {
+            return Some(p);
+        }
+        let want = (offset + size_of::<T>()) as u32;
+        if self.len() < want || self.pull_data(want).is_err() {
+            return None;
+        }
+        ptr_in::<T>(self.data(), self.data_end(), offset)
     }
-    ptr_at::<T>(ctx, offset)
+
+    #[inline(always)]
+    fn is_ipv4(&self) -> bool {
+        self.skb.protocol() == ETH_P_IP_BE32
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    #[inline(always)]
+    fn header<T>(&self, offset: usize) -> Option<*const T> {
+        ptr_in::<T>(self.data(), self.data_end(), offset)
+    }
+
+    #[inline(always)]
+    fn is_ipv4(&self) -> bool {
+        match self.header::<u16>(ETH_TYPE_OFFSET) {
+            // SAFETY: `header` checked that the two bytes lie inside the frame.
+            Some(p) => (unsafe { p.read_unaligned() }) == ETH_P_IP_BE16,
+            None => false,
+        }
+    }
 }

@@ -452,6 +452,16 @@ impl Node {
         agent.signal_and_wait(libc::SIGKILL);
     }
 
+    /// Stops the agent with SIGTERM, as a DaemonSet rollout would; returns its exit status.
+    pub fn stop_agent(&self) -> std::process::ExitStatus {
+        let mut g = self
+            .agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let agent = g.as_mut().expect("agent started");
+        agent.signal_and_wait(libc::SIGTERM)
+    }
+
     /// The agent's output so far.
     pub fn agent_log(&self) -> Vec<String> {
         self.agent
