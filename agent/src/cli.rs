@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent (or, with --cleanup, remove everything it created).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Services as the datapath holds them.
     #[command(subcommand)]
     Svc(SvcCommand),
@@ -97,6 +97,19 @@ pub struct AgentArgs {
     /// Pod CIDR of this node; default: the Node's spec.podCIDRs.
     #[arg(long, env = "FERROX_POD_CIDR")]
     pub pod_cidr: Vec<ipnet::Ipv4Net>,
+
+    /// Node addresses that serve NodePorts (CIDRs, comma-separated or repeated); default: the
+    /// Node's InternalIP/ExternalIP addresses and 127.0.0.1.
+    #[arg(long, env = "FERROX_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<ipnet::Ipv4Net>,
+
+    /// Where `/healthz` is served (kube-proxy's port).
+    #[arg(
+        long,
+        env = "FERROX_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    pub healthz_bind_address: std::net::SocketAddr,
 
     /// MTU of pod interfaces; default: the uplink's MTU.
     #[arg(long, env = "FERROX_MTU")]

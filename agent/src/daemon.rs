@@ -89,8 +89,16 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
+    let health = crate::health::Health::default();
+    tokio::spawn(health.clone().serve_healthz(args.healthz_bind_address));
+    let sync_config = services::sync::SyncConfig {
+        node_name: args.node_name.clone(),
+        options: services::model::ProxyOptions {
+            nodeport_addresses: args.nodeport_addresses.clone(),
+        },
+    };
     tokio::select! {
-        r = services::sync::run(client, dp.into_maps()) => r,
+        r = services::sync::run(client, dp.into_maps(), sync_config, health) => r,
         signal = shutdown_signal() => {
             info!(signal = signal?, "shutting down; the datapath stays pinned and attached");
             Ok(())

@@ -9,16 +9,20 @@ use serde::Serialize;
 
 use crate::{
     cli::Output,
-    services::model::{Frontend, Proto},
-    services::reconcile::{addr_from_be, master_key},
+    services::model::Scope,
+    services::reconcile::{addr_from_be, entry_of},
 };
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceRow {
     pub frontend: String,
+    /// Internal: this node's pods and host; external: clients outside the node.
+    pub scope: Scope,
     pub rev_nat_id: u16,
     pub flags: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<u32>,
     pub backends: Vec<BackendRow>,
 }
 
@@ -27,6 +31,7 @@ pub struct BackendRow {
     pub id: u32,
     pub address: String,
     pub terminating: bool,
+    pub local: bool,
 }
 
 fn flag_names(flags: u16) -> Vec<&'static str> {
@@ -38,6 +43,7 @@ fn flag_names(flags: u16) -> Vec<&'static str> {
         (svc_flags::AFFINITY, "affinity"),
         (svc_flags::EXTERNAL_LOCAL, "external-local"),
         (svc_flags::INTERNAL_LOCAL, "internal-local"),
+        (svc_flags::SOURCE_RANGES, "source-ranges"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -45,24 +51,17 @@ fn flag_names(flags: u16) -> Vec<&'static str> {
     .collect()
 }
 
-/// Every frontend with its backends, read from the maps.
+/// Every frontend entry with its backends, read from the maps.
 pub fn services(layout: &PinLayout) -> anyhow::Result<Vec<ServiceRow>> {
     let maps = Maps::open(layout)?;
     let entries: BTreeMap<_, _> = maps.services.entries()?.into_iter().collect();
     let backends: BTreeMap<_, _> = maps.backends.entries()?.into_iter().collect();
     let mut rows = Vec::new();
     for (key, master) in entries.iter().filter(|(k, _)| k.slot == 0) {
-        let Some(proto) = Proto::from_number(key.proto) else {
-            continue;
-        };
-        let fe = Frontend {
-            addr: addr_from_be(key.addr),
-            port: u16::from_be(key.port),
-            proto,
-        };
+        let Some(entry) = entry_of(key) else { continue };
         let mut bs = Vec::new();
         for slot in 1..=master.count {
-            let Some(slot_entry) = entries.get(&master_key(&fe).with_slot(slot)) else {
+            let Some(slot_entry) = entries.get(&key.with_slot(slot)) else {
                 continue;
             };
             let id = slot_entry.backend_id;
@@ -71,13 +70,17 @@ pub fn services(layout: &PinLayout) -> anyhow::Result<Vec<ServiceRow>> {
                     id,
                     address: format!("{}:{}", addr_from_be(b.addr), u16::from_be(b.port)),
                     terminating: b.flags & backend_flags::TERMINATING != 0,
+                    local: b.flags & backend_flags::LOCAL != 0,
                 });
             }
         }
         rows.push(ServiceRow {
-            frontend: fe.to_string(),
+            frontend: entry.frontend.to_string(),
+            scope: entry.scope,
             rev_nat_id: master.rev_nat_id,
             flags: flag_names(master.flags),
+            affinity_timeout: (master.flags & svc_flags::AFFINITY != 0)
+                .then_some(master.affinity_timeout),
             backends: bs,
         });
     }
@@ -89,7 +92,7 @@ pub fn print_services(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Output::Table => {
-            let table: Vec<[String; 3]> = rows
+            let table: Vec<[String; 4]> = rows
                 .iter()
                 .map(|r| {
                     let backends = if r.backends.is_empty() {
@@ -98,19 +101,30 @@ pub fn print_services(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
                         r.backends
                             .iter()
                             .map(|b| {
-                                if b.terminating {
-                                    format!("{} (terminating)", b.address)
-                                } else {
-                                    b.address.clone()
+                                let mut s = b.address.clone();
+                                if b.local {
+                                    s.push_str(" (local)");
                                 }
+                                if b.terminating {
+                                    s.push_str(" (terminating)");
+                                }
+                                s
                             })
                             .collect::<Vec<_>>()
                             .join(", ")
                     };
-                    [r.frontend.clone(), r.flags.join(","), backends]
+                    let mut flags = r.flags.join(",");
+                    if let Some(t) = r.affinity_timeout {
+                        flags.push_str(&format!(" ({t}s)"));
+                    }
+                    let scope = match r.scope {
+                        Scope::Internal => "internal",
+                        Scope::External => "external",
+                    };
+                    [r.frontend.clone(), scope.to_owned(), flags, backends]
                 })
                 .collect();
-            print_table(["FRONTEND", "FLAGS", "BACKENDS"], &table);
+            print_table(["FRONTEND", "SCOPE", "FLAGS", "BACKENDS"], &table);
         }
     }
     Ok(())

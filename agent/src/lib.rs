@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod health;
 pub mod inspect;
 pub mod node;
 pub mod services;

@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(ferrox::daemon::run(args, layout)))
+                .and_then(|rt| rt.block_on(ferrox::daemon::run(*args, layout)))
         }
         Command::Svc(SvcCommand::List(o)) => ferrox::inspect::print_services(&layout, o.output),
         Command::Counters(o) => ferrox::inspect::print_counters(&layout, o.output),

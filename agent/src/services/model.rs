@@ -60,6 +60,8 @@ pub struct BackendAddr {
     pub proto: Proto,
     /// Terminating but still serving (used only when no ready endpoint exists).
     pub terminating: bool,
+    /// The endpoint runs on this node.
+    pub local: bool,
 }
 
 impl BackendAddr {
@@ -73,6 +75,53 @@ impl BackendAddr {
 #[serde(rename_all = "kebab-case")]
 pub enum FrontendKind {
     ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// Which traffic a frontend entry serves: traffic policies give one frontend different backends
+/// for traffic from this node (pods, host) and traffic from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// From this node: socket hooks and the pod-facing TC program.
+    Internal,
+    /// From outside the node: the uplink's TC and XDP programs.
+    External,
+}
+
+impl Scope {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Internal => ferrox_abi::scope::INTERNAL,
+            Self::External => ferrox_abi::scope::EXTERNAL,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            ferrox_abi::scope::INTERNAL => Some(Self::Internal),
+            ferrox_abi::scope::EXTERNAL => Some(Self::External),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the service table: a frontend in one scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct FrontendKey {
+    pub frontend: Frontend,
+    pub scope: Scope,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.scope {
+            Scope::Internal => write!(f, "{}", self.frontend),
+            Scope::External => write!(f, "{} (external)", self.frontend),
+        }
+    }
 }
 
 /// Which Service (and port of it) a frontend belongs to.
@@ -94,13 +143,48 @@ impl fmt::Display for ServiceRef {
     }
 }
 
-/// Everything the datapath needs to know about one frontend.
+/// Everything the datapath needs to know about one frontend in one scope.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct FrontendSpec {
     pub kind: FrontendKind,
     pub service: ServiceRef,
     /// Sorted and without duplicates, so equal sets compare equal.
     pub backends: Vec<BackendAddr>,
+    /// sessionAffinity ClientIP: its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// externalTrafficPolicy Local (external scope): only local backends, and the client's
+    /// source address reaches them unchanged (no SNAT).
+    pub external_local: bool,
+    /// internalTrafficPolicy Local (ClusterIP): only local backends.
+    pub internal_local: bool,
+    /// loadBalancerSourceRanges, when the Service has them (LoadBalancer frontends).
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
+}
+
+/// A healthCheckNodePort server: load balancers probe it to learn whether this node has local
+/// endpoints of an externalTrafficPolicy Local Service.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+/// What the desired table depends on about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// InternalIP and ExternalIP addresses of the Node.
+    pub addresses: Vec<Ipv4Addr>,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+}
+
+/// Proxy settings that shape the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// Which node addresses serve NodePorts; empty means the Node's addresses and 127.0.0.1.
+    pub nodeport_addresses: Vec<ipnet::Ipv4Net>,
 }
 
 /// Why a Service (or one of its ports) is not programmed. Reported, never silently dropped.
@@ -137,6 +221,8 @@ pub struct Skipped {
 /// The desired service table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendSpec>,
+    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
     pub skipped: Vec<Skipped>,
+    /// healthCheckNodePort -> its Service, for externalTrafficPolicy Local load balancers.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }

@@ -1,22 +1,28 @@
 //! Writes the desired service table into the maps with the fewest changes, make-before-break.
 //!
 //! The reconciler keeps a mirror of what the maps hold (loaded from the pinned maps on start, so
-//! a restarted agent converges without flushing anything). For each frontend it writes, in
-//! order: the backends it needs, its backend slots, then its master entry (whose `count` makes
-//! the slots visible), then removes slots beyond the new count. A reader therefore never sees a
-//! count that covers a missing slot or a slot naming a missing backend, and a Service being
-//! updated never shows zero backends. When a write fails (a full map), that frontend keeps its
-//! previous, consistent entries and the failure is reported; the next sync retries.
+//! a restarted agent converges without flushing anything). For each entry (a frontend in one
+//! scope) it writes, in order: the backends it needs, its backend slots, then its master entry
+//! (whose `count` makes the slots visible), then removes slots beyond the new count. A reader
+//! therefore never sees a count that covers a missing slot or a slot naming a missing backend,
+//! and a Service being updated never shows zero backends. When a write fails (a full map), that
+//! entry keeps its previous, consistent state and the failure is reported; the next sync
+//! retries. Session-affinity entries that name a backend their frontend no longer has are
+//! removed, so a client is never pinned to a backend that left.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
 
-use ferrox_abi::{Backend, ServiceKey, ServiceValue, backend_flags, svc_flags};
+use ferrox_abi::{
+    AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, backend_flags, svc_flags,
+};
 use ferrox_datapath::{DatapathError, MapFull, Maps, WriteError};
 
-use super::model::{BackendAddr, Desired, Frontend, FrontendKind, FrontendSpec, Proto};
+use super::model::{
+    BackendAddr, Desired, Frontend, FrontendKey, FrontendKind, FrontendSpec, Proto, Scope,
+};
 
 /// The map operations the reconciler needs; implemented by the real maps and by a test fake.
 pub trait ServiceMaps {
@@ -28,6 +34,8 @@ pub trait ServiceMaps {
     fn read_all(
         &self,
     ) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError>;
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, DatapathError>;
+    fn delete_affinity(&mut self, key: &AffinityKey) -> Result<(), DatapathError>;
 }
 
 impl ServiceMaps for Maps {
@@ -48,6 +56,12 @@ impl ServiceMaps for Maps {
     ) -> Result<(Vec<(ServiceKey, ServiceValue)>, Vec<(u32, Backend)>), DatapathError> {
         Ok((self.services.entries()?, self.backends.entries()?))
     }
+    fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, DatapathError> {
+        self.affinity.entries()
+    }
+    fn delete_affinity(&mut self, key: &AffinityKey) -> Result<(), DatapathError> {
+        self.affinity.remove(key).map(drop)
+    }
 }
 
 /// Network-order encodings used in map keys and values.
@@ -59,46 +73,73 @@ pub fn addr_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
-pub fn master_key(fe: &Frontend) -> ServiceKey {
+/// The master key of an entry.
+pub fn master_key(key: &FrontendKey) -> ServiceKey {
+    let fe = &key.frontend;
     ServiceKey::master(addr_be(fe.addr), fe.port.to_be(), fe.proto.number())
+        .with_scope(key.scope.number())
 }
 
-fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
-    Some(Frontend {
-        addr: addr_from_be(key.addr),
-        port: u16::from_be(key.port),
-        proto: Proto::from_number(key.proto)?,
+/// The entry a map key belongs to.
+pub fn entry_of(key: &ServiceKey) -> Option<FrontendKey> {
+    Some(FrontendKey {
+        frontend: Frontend {
+            addr: addr_from_be(key.addr),
+            port: u16::from_be(key.port),
+            proto: Proto::from_number(key.proto)?,
+        },
+        scope: Scope::from_number(key.scope)?,
     })
 }
 
 fn backend_value(b: &BackendAddr) -> Backend {
+    let mut flags = 0;
+    if b.terminating {
+        flags |= backend_flags::TERMINATING;
+    }
+    if b.local {
+        flags |= backend_flags::LOCAL;
+    }
     Backend {
         addr: addr_be(b.addr),
         port: b.port.to_be(),
         proto: b.proto.number(),
-        flags: if b.terminating {
-            backend_flags::TERMINATING
-        } else {
-            0
-        },
+        flags,
     }
 }
 
-fn kind_flags(kind: FrontendKind) -> u16 {
-    match kind {
+/// The master entry's flags for a spec.
+pub fn flags_of(spec: &FrontendSpec) -> u16 {
+    let mut flags = match spec.kind {
         FrontendKind::ClusterIp => svc_flags::CLUSTER_IP,
+        FrontendKind::NodePort => svc_flags::NODE_PORT,
+        FrontendKind::ExternalIp => svc_flags::EXTERNAL_IP,
+        FrontendKind::LoadBalancer => svc_flags::LOAD_BALANCER,
+    };
+    if spec.affinity_timeout.is_some() {
+        flags |= svc_flags::AFFINITY;
     }
+    if spec.external_local {
+        flags |= svc_flags::EXTERNAL_LOCAL;
+    }
+    if spec.internal_local {
+        flags |= svc_flags::INTERNAL_LOCAL;
+    }
+    if !spec.source_ranges.is_empty() {
+        flags |= svc_flags::SOURCE_RANGES;
+    }
+    flags
 }
 
-/// One frontend as the maps hold it.
+/// One entry as the maps hold it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct MirrorFrontend {
+struct MirrorEntry {
     master: Option<ServiceValue>,
     /// slot -> backend id
     slots: BTreeMap<u16, u32>,
 }
 
-/// Why a frontend could not be (fully) programmed on this sync.
+/// Why an entry could not be (fully) programmed on this sync.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Failure {
     pub frontend: String,
@@ -113,24 +154,25 @@ pub struct SyncReport {
     pub backends: usize,
     pub writes: usize,
     pub deletes: usize,
+    pub affinity_removed: usize,
     pub failures: Vec<Failure>,
 }
 
 impl SyncReport {
     pub fn changed(&self) -> bool {
-        self.writes + self.deletes > 0
+        self.writes + self.deletes + self.affinity_removed > 0
     }
 }
 
 /// The reconciler and its mirror of the maps.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    frontends: BTreeMap<Frontend, MirrorFrontend>,
+    entries: BTreeMap<FrontendKey, MirrorEntry>,
     backends: BTreeMap<u32, Backend>,
 }
 
 impl Reconciler {
-    /// Builds the mirror from what the maps hold now (entries of unknown protocols are ignored).
+    /// Builds the mirror from what the maps hold now (entries it cannot decode are ignored).
     pub fn load(maps: &impl ServiceMaps) -> Result<Self, DatapathError> {
         let (services, backends) = maps.read_all()?;
         let mut r = Self {
@@ -138,26 +180,23 @@ impl Reconciler {
             ..Self::default()
         };
         for (key, value) in services {
-            let Some(fe) = frontend_of(&key) else {
+            let Some(entry) = entry_of(&key) else {
                 continue;
             };
-            let entry = r.frontends.entry(fe).or_default();
+            let e = r.entries.entry(entry).or_default();
             if key.slot == 0 {
-                entry.master = Some(value);
+                e.master = Some(value);
             } else {
-                entry.slots.insert(key.slot, value.backend_id);
+                e.slots.insert(key.slot, value.backend_id);
             }
         }
         Ok(r)
     }
 
-    /// Number of frontends and backends currently programmed.
+    /// Number of entries and backends currently programmed.
     pub fn size(&self) -> (usize, usize) {
         (
-            self.frontends
-                .values()
-                .filter(|f| f.master.is_some())
-                .count(),
+            self.entries.values().filter(|f| f.master.is_some()).count(),
             self.backends.len(),
         )
     }
@@ -169,9 +208,18 @@ impl Reconciler {
             .collect()
     }
 
-    fn free_rev_nat_id(&self) -> Option<u16> {
+    /// The reverse-translation id of `fe`: the one any of its scopes already has, or a free one.
+    fn rev_nat_id(&self, fe: &Frontend) -> Option<u16> {
+        let existing = self
+            .entries
+            .iter()
+            .filter(|(k, _)| k.frontend == *fe)
+            .find_map(|(_, e)| e.master.map(|m| m.rev_nat_id));
+        if existing.is_some() {
+            return existing;
+        }
         let used: BTreeSet<u16> = self
-            .frontends
+            .entries
             .values()
             .filter_map(|f| f.master.map(|m| m.rev_nat_id))
             .collect();
@@ -189,29 +237,31 @@ impl Reconciler {
             .copied()
             .unwrap_or(0)
             .saturating_add(1);
+        // Backends each affinity-enabled frontend had before this sync: if one is gone,
+        // clients pinned to it must be released.
+        let affinity_before: BTreeMap<u16, BTreeSet<u32>> = self.affinity_backends();
 
-        for (fe, spec) in &desired.frontends {
-            if let Err(e) = self.sync_frontend(fe, spec, maps, &mut ids, &mut next_id, &mut report)
-            {
+        for (key, spec) in &desired.frontends {
+            if let Err(e) = self.sync_entry(key, spec, maps, &mut ids, &mut next_id, &mut report) {
                 report.failures.push(e);
             }
         }
 
-        // Frontends no longer wanted: master first (the frontend disappears at once), then slots.
-        let gone: Vec<Frontend> = self
-            .frontends
+        // Entries no longer wanted: master first (the entry disappears at once), then slots.
+        let gone: Vec<FrontendKey> = self
+            .entries
             .keys()
-            .filter(|fe| !desired.frontends.contains_key(fe))
+            .filter(|k| !desired.frontends.contains_key(k))
             .copied()
             .collect();
-        for fe in gone {
-            let key = master_key(&fe);
-            let Some(mirror) = self.frontends.get_mut(&fe) else {
+        for key in gone {
+            let mkey = master_key(&key);
+            let Some(mirror) = self.entries.get_mut(&key) else {
                 continue;
             };
             if mirror.master.is_some() {
-                if let Err(e) = maps.delete_service(&key) {
-                    report.failures.push(failure(&fe, &WriteError::Other(e)));
+                if let Err(e) = maps.delete_service(&mkey) {
+                    report.failures.push(failure(&key, &WriteError::Other(e)));
                     continue;
                 }
                 mirror.master = None;
@@ -219,22 +269,56 @@ impl Reconciler {
             }
             let slots: Vec<u16> = mirror.slots.keys().copied().collect();
             for slot in slots {
-                match maps.delete_service(&key.with_slot(slot)) {
+                match maps.delete_service(&mkey.with_slot(slot)) {
                     Ok(()) => {
                         mirror.slots.remove(&slot);
                         report.deletes += 1;
                     }
-                    Err(e) => report.failures.push(failure(&fe, &WriteError::Other(e))),
+                    Err(e) => report.failures.push(failure(&key, &WriteError::Other(e))),
                 }
             }
             if mirror.slots.is_empty() {
-                self.frontends.remove(&fe);
+                self.entries.remove(&key);
+            }
+        }
+
+        // Affinity entries naming a backend their frontend lost.
+        let affinity_after = self.affinity_backends();
+        let lost = affinity_before.iter().any(|(id, before)| {
+            affinity_after
+                .get(id)
+                .is_none_or(|after| !before.is_subset(after))
+        });
+        if lost {
+            match maps.affinity_entries() {
+                Ok(entries) => {
+                    for (k, v) in entries {
+                        let keep = affinity_after
+                            .get(&k.rev_nat_id)
+                            .is_some_and(|b| b.contains(&v.backend_id));
+                        if !keep {
+                            match maps.delete_affinity(&k) {
+                                Ok(()) => report.affinity_removed += 1,
+                                Err(e) => report.failures.push(Failure {
+                                    frontend: format!("affinity of frontend {}", k.rev_nat_id),
+                                    error: e.to_string(),
+                                    map_full: false,
+                                }),
+                            }
+                        }
+                    }
+                }
+                Err(e) => report.failures.push(Failure {
+                    frontend: "affinity map".into(),
+                    error: e.to_string(),
+                    map_full: false,
+                }),
             }
         }
 
         // Backends no slot refers to any more.
         let referenced: BTreeSet<u32> = self
-            .frontends
+            .entries
             .values()
             .flat_map(|f| f.slots.values().copied())
             .collect();
@@ -261,9 +345,22 @@ impl Reconciler {
         report
     }
 
-    fn sync_frontend(
+    /// rev_nat_id -> the backends its affinity-enabled entries can reach now.
+    fn affinity_backends(&self) -> BTreeMap<u16, BTreeSet<u32>> {
+        let mut out: BTreeMap<u16, BTreeSet<u32>> = BTreeMap::new();
+        for e in self.entries.values() {
+            let Some(m) = e.master.filter(|m| m.flags & svc_flags::AFFINITY != 0) else {
+                continue;
+            };
+            let live = (1..=m.count).filter_map(|s| e.slots.get(&s).copied());
+            out.entry(m.rev_nat_id).or_default().extend(live);
+        }
+        out
+    }
+
+    fn sync_entry(
         &mut self,
-        fe: &Frontend,
+        key: &FrontendKey,
         spec: &FrontendSpec,
         maps: &mut impl ServiceMaps,
         ids: &mut BTreeMap<(u32, u16, u8), u32>,
@@ -282,14 +379,14 @@ impl Reconciler {
             });
             if self.backends.get(&id) != Some(&value) {
                 maps.write_backend(id, &value)
-                    .map_err(|e| failure(fe, &e))?;
+                    .map_err(|e| failure(key, &e))?;
                 self.backends.insert(id, value);
                 report.writes += 1;
             }
             slot_ids.push(id);
         }
         let count = u16::try_from(slot_ids.len()).map_err(|_| Failure {
-            frontend: fe.to_string(),
+            frontend: key.to_string(),
             error: format!(
                 "{} backends exceed the datapath's limit of {}",
                 slot_ids.len(),
@@ -299,16 +396,13 @@ impl Reconciler {
         })?;
 
         // 2. Slots.
-        let key = master_key(fe);
-        let rev_nat_id = match self.frontends.get(fe).and_then(|m| m.master) {
-            Some(m) => m.rev_nat_id,
-            None => self.free_rev_nat_id().ok_or_else(|| Failure {
-                frontend: fe.to_string(),
-                error: "no free reverse-translation id (65535 frontends)".into(),
-                map_full: true,
-            })?,
-        };
-        let mirror = self.frontends.entry(*fe).or_default();
+        let mkey = master_key(key);
+        let rev_nat_id = self.rev_nat_id(&key.frontend).ok_or_else(|| Failure {
+            frontend: key.to_string(),
+            error: "no free reverse-translation id (65535 frontends)".into(),
+            map_full: true,
+        })?;
+        let mirror = self.entries.entry(*key).or_default();
         for (i, id) in slot_ids.iter().enumerate() {
             let slot = i as u16 + 1;
             if mirror.slots.get(&slot) != Some(id) {
@@ -316,8 +410,8 @@ impl Reconciler {
                     backend_id: *id,
                     ..ServiceValue::default()
                 };
-                maps.write_service(&key.with_slot(slot), &value)
-                    .map_err(|e| failure(fe, &e))?;
+                maps.write_service(&mkey.with_slot(slot), &value)
+                    .map_err(|e| failure(key, &e))?;
                 mirror.slots.insert(slot, *id);
                 report.writes += 1;
             }
@@ -327,12 +421,13 @@ impl Reconciler {
         let master = ServiceValue {
             count,
             rev_nat_id,
-            flags: kind_flags(spec.kind),
+            flags: flags_of(spec),
+            affinity_timeout: spec.affinity_timeout.unwrap_or(0),
             ..ServiceValue::default()
         };
         if mirror.master != Some(master) {
-            maps.write_service(&key, &master)
-                .map_err(|e| failure(fe, &e))?;
+            maps.write_service(&mkey, &master)
+                .map_err(|e| failure(key, &e))?;
             mirror.master = Some(master);
             report.writes += 1;
         }
@@ -345,8 +440,8 @@ impl Reconciler {
             .copied()
             .collect();
         for slot in extra {
-            maps.delete_service(&key.with_slot(slot))
-                .map_err(|e| failure(fe, &WriteError::Other(e)))?;
+            maps.delete_service(&mkey.with_slot(slot))
+                .map_err(|e| failure(key, &WriteError::Other(e)))?;
             mirror.slots.remove(&slot);
             report.deletes += 1;
         }
@@ -354,9 +449,9 @@ impl Reconciler {
     }
 }
 
-fn failure(fe: &Frontend, e: &WriteError) -> Failure {
+fn failure(key: &FrontendKey, e: &WriteError) -> Failure {
     Failure {
-        frontend: fe.to_string(),
+        frontend: key.to_string(),
         error: e.to_string(),
         map_full: matches!(e, WriteError::Full(MapFull { .. })),
     }
@@ -378,6 +473,7 @@ mod tests {
     struct FakeMaps {
         services: BTreeMap<ServiceKey, ServiceValue>,
         backends: BTreeMap<u32, Backend>,
+        affinity: BTreeMap<AffinityKey, AffinityValue>,
         service_capacity: usize,
         ops: usize,
         violations: Vec<String>,
@@ -422,7 +518,7 @@ mod tests {
                 if k.slot != 0 {
                     continue;
                 }
-                let fe = frontend_of(k).unwrap().to_string();
+                let fe = entry_of(k).unwrap().to_string();
                 let mut bs: Vec<String> = (1..=v.count)
                     .map(|s| {
                         let b = self.backends[&self.services[&k.with_slot(s)].backend_id];
@@ -479,6 +575,29 @@ mod tests {
                 self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             ))
         }
+        fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, DatapathError> {
+            Ok(self.affinity.iter().map(|(k, v)| (*k, *v)).collect())
+        }
+        fn delete_affinity(&mut self, key: &AffinityKey) -> Result<(), DatapathError> {
+            self.affinity.remove(key);
+            Ok(())
+        }
+    }
+
+    fn run<'a>(
+        services: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Service>,
+        slices: impl IntoIterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>,
+    ) -> Desired {
+        let node = crate::services::model::NodeInfo {
+            name: "node-1".into(),
+            ..Default::default()
+        };
+        desired(
+            services,
+            slices,
+            &node,
+            &crate::services::model::ProxyOptions::default(),
+        )
     }
 
     fn web(backends: &[&str]) -> Desired {
@@ -490,7 +609,7 @@ mod tests {
         for b in backends {
             sl = sl.ready(b);
         }
-        desired([&s], [&sl.build()])
+        run([&s], [&sl.build()])
     }
 
     fn view_of(backends: &[&str]) -> BTreeMap<String, Vec<String>> {
@@ -550,10 +669,13 @@ mod tests {
         // deleted leaves an orphan slot; the next agent removes it.
         let mut maps = FakeMaps::default();
         Reconciler::default().sync(&web(&["10.244.1.5", "10.244.2.6"]), &mut maps);
-        let orphan = master_key(&Frontend {
-            addr: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            proto: Proto::Tcp,
+        let orphan = master_key(&FrontendKey {
+            frontend: Frontend {
+                addr: "10.96.0.10".parse().unwrap(),
+                port: 80,
+                proto: Proto::Tcp,
+            },
+            scope: Scope::Internal,
         })
         .with_slot(7);
         maps.services.insert(
@@ -596,7 +718,7 @@ mod tests {
         let b = svc("b").cluster_ip("10.96.0.2").port("", 80, "TCP").build();
         let mut maps = FakeMaps::default();
         let mut r = Reconciler::default();
-        r.sync(&desired([&a, &b], []), &mut maps);
+        r.sync(&run([&a, &b], []), &mut maps);
         let ids: BTreeSet<u16> = maps
             .services
             .iter()
@@ -609,7 +731,7 @@ mod tests {
             .port("", 8080, "TCP")
             .ready("10.244.1.1")
             .build();
-        r.sync(&desired([&a, &b], [&sl]), &mut maps);
+        r.sync(&run([&a, &b], [&sl]), &mut maps);
         let after: BTreeSet<u16> = maps
             .services
             .iter()
@@ -617,5 +739,132 @@ mod tests {
             .map(|(_, v)| v.rev_nat_id)
             .collect();
         assert_eq!(ids, after);
+    }
+
+    #[test]
+    fn affinity_entries_naming_a_removed_backend_are_released() {
+        let s = svc("web")
+            .cluster_ip("10.96.0.10")
+            .port("", 80, "TCP")
+            .session_affinity(Some(60))
+            .build();
+        let with = |ips: &[&str]| {
+            let mut sl = slice("web", "a").port("", 8080, "TCP");
+            for ip in ips {
+                sl = sl.ready(ip);
+            }
+            run([&s], [&sl.build()])
+        };
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        r.sync(&with(&["10.244.1.5", "10.244.2.6"]), &mut maps);
+        let master = maps
+            .services
+            .iter()
+            .find(|(k, _)| k.slot == 0)
+            .map(|(_, v)| *v)
+            .unwrap();
+        assert_eq!(master.affinity_timeout, 60);
+        assert_ne!(master.flags & svc_flags::AFFINITY, 0);
+        let id_of = |maps: &FakeMaps, ip: &str| {
+            let be = addr_be(ip.parse().unwrap());
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.addr == be)
+                .map(|(id, _)| *id)
+                .unwrap()
+        };
+        let (a, b) = (id_of(&maps, "10.244.1.5"), id_of(&maps, "10.244.2.6"));
+        for (client, backend_id) in [(1u64, a), (2, b)] {
+            let key = AffinityKey {
+                client,
+                rev_nat_id: master.rev_nat_id,
+                client_kind: 0,
+                _pad: [0; 5],
+            };
+            maps.affinity.insert(
+                key,
+                AffinityValue {
+                    backend_id,
+                    _pad: 0,
+                    last_used_ns: 1,
+                },
+            );
+        }
+        // Adding a backend releases nobody.
+        let report = r.sync(
+            &with(&["10.244.1.5", "10.244.2.6", "10.244.3.7"]),
+            &mut maps,
+        );
+        assert_eq!(report.affinity_removed, 0);
+        // Removing 10.244.2.6 releases exactly the client pinned to it.
+        let report = r.sync(&with(&["10.244.1.5", "10.244.3.7"]), &mut maps);
+        assert_eq!(report.affinity_removed, 1);
+        assert_eq!(
+            maps.affinity
+                .values()
+                .map(|v| v.backend_id)
+                .collect::<Vec<_>>(),
+            [a]
+        );
+    }
+
+    #[test]
+    fn scopes_are_separate_entries_sharing_one_reverse_translation_id() {
+        let s = svc("np")
+            .node_port_type()
+            .cluster_ip("10.96.0.30")
+            .port_np("", 80, 30080, "TCP")
+            .external_traffic_policy("Local")
+            .build();
+        let sl = slice("np", "a")
+            .port("", 8080, "TCP")
+            .ready_on("10.244.1.5", "node-1")
+            .ready_on("10.244.2.6", "node-2")
+            .build();
+        let node = crate::services::model::NodeInfo {
+            name: "node-1".into(),
+            addresses: vec!["198.18.0.11".parse().unwrap()],
+            zone: None,
+        };
+        let d = desired(
+            [&s],
+            [&sl],
+            &node,
+            &crate::services::model::ProxyOptions::default(),
+        );
+        let mut maps = FakeMaps::default();
+        Reconciler::default().sync(&d, &mut maps);
+        let masters: Vec<(u8, u16, u16, u16)> = maps
+            .services
+            .iter()
+            .filter(|(k, _)| {
+                k.slot == 0 && addr_from_be(k.addr) == "198.18.0.11".parse::<Ipv4Addr>().unwrap()
+            })
+            .map(|(k, v)| {
+                (
+                    k.scope,
+                    v.count,
+                    v.rev_nat_id,
+                    v.flags & svc_flags::EXTERNAL_LOCAL,
+                )
+            })
+            .collect();
+        assert_eq!(masters.len(), 2, "{masters:?}");
+        let (internal, external) = (masters[0], masters[1]);
+        assert_eq!(
+            (internal.0, internal.1, internal.3),
+            (0, 2, 0),
+            "this node's clients use every endpoint"
+        );
+        assert_eq!(
+            (external.0, external.1, external.3),
+            (1, 1, svc_flags::EXTERNAL_LOCAL),
+            "outside clients use the local one"
+        );
+        assert_eq!(
+            internal.2, external.2,
+            "one frontend address, one reverse-translation id"
+        );
     }
 }

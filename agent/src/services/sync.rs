@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt as _, reflector, watcher},
@@ -14,12 +17,14 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     desired::desired,
+    model::{NodeInfo, ProxyOptions},
     reconcile::{Reconciler, SyncReport},
 };
+use crate::health::Health;
 use ferrox_datapath::Maps;
 
 /// Spawns a reflector for `K` that wakes `notify` on every event, and returns its store.
-fn watch<K>(api: Api<K>, notify: Arc<Notify>) -> reflector::Store<K>
+fn watch<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -31,7 +36,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&()).into_owned();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()))
+    let stream = reflector(writer, watcher(api, config))
         .default_backoff()
         .for_each(move |event| {
             match event {
@@ -44,14 +49,64 @@ where
     reader
 }
 
+/// What the service sync needs to know besides the API objects.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    pub node_name: String,
+    pub options: ProxyOptions,
+}
+
+/// The facts about this node the service table depends on, from its Node object.
+pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
+    let addresses = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(ZONE_LABEL))
+        .cloned();
+    NodeInfo {
+        name: name.to_owned(),
+        addresses,
+        zone,
+    }
+}
+
+/// The well-known label of a node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// Runs until the process ends: keeps the service maps equal to what the API says.
-pub async fn run(client: Client, mut maps: Maps) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    mut maps: Maps,
+    config: SyncConfig,
+    health: Health,
+) -> anyhow::Result<()> {
     let notify = Arc::new(Notify::new());
-    let services = watch(Api::<Service>::all(client.clone()), notify.clone());
-    let slices = watch(Api::<EndpointSlice>::all(client), notify.clone());
+    let services = watch(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let slices = watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        notify.clone(),
+    );
+    let this_node = watch(
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
+        notify.clone(),
+    );
     services.wait_until_ready().await?;
     slices.wait_until_ready().await?;
-    info!("service and endpointslice caches synced");
+    this_node.wait_until_ready().await?;
+    info!("service, endpointslice and node caches synced");
 
     let mut reconciler = Reconciler::load(&maps)?;
     let (frontends, backends) = reconciler.size();
@@ -60,13 +115,21 @@ pub async fn run(client: Client, mut maps: Maps) -> anyhow::Result<()> {
     loop {
         let svc_state = services.state();
         let slice_state = slices.state();
+        let node = node_info(
+            &config.node_name,
+            this_node.state().first().map(AsRef::as_ref),
+        );
         let started = std::time::Instant::now();
         let table = desired(
             svc_state.iter().map(AsRef::as_ref),
             slice_state.iter().map(AsRef::as_ref),
+            &node,
+            &config.options,
         );
         let report = reconciler.sync(&table, &mut maps);
         log_report(&report, table.skipped.len(), started.elapsed());
+        health.set_checks(&table.health_checks);
+        health.synced();
         for s in &table.skipped {
             debug!(service = %format!("{}/{}", s.namespace, s.name), reason = ?s.reason, "service not programmed");
         }

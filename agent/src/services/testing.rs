@@ -1,13 +1,23 @@
 //! Builders for Service and EndpointSlice objects, for the unit tests, the cluster tests and the
 //! demo: `svc("web").cluster_ip("10.96.0.10").port("http", 80, "TCP").build()`,
 //! `slice("web", "web-abc").port("http", 8080, "TCP").ready("10.244.1.5").build()`.
+#![allow(
+    clippy::expect_used,
+    reason = "fixture builders: misuse is a bug in the test"
+)]
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        core::v1::{
+            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort,
+            ServiceSpec, ServiceStatus, SessionAffinityConfig,
+        },
+        discovery::v1::{
+            Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode,
+            ForZone,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -81,6 +91,96 @@ impl SvcBuilder {
         self
     }
 
+    /// A port with a nodePort (the Service must be NodePort or LoadBalancer to serve it).
+    pub fn port_np(mut self, name: &str, port: i32, node_port: i32, protocol: &str) -> Self {
+        self.spec()
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(ServicePort {
+                name: (!name.is_empty()).then(|| name.to_owned()),
+                port,
+                node_port: Some(node_port),
+                protocol: Some(protocol.into()),
+                ..Default::default()
+            });
+        self
+    }
+
+    pub fn node_port_type(mut self) -> Self {
+        self.spec().type_ = Some("NodePort".into());
+        self
+    }
+
+    /// Type LoadBalancer with `ip` as its status ingress.
+    pub fn load_balancer(self, ip: &str) -> Self {
+        self.load_balancer_ingress(ip, None)
+    }
+
+    pub fn load_balancer_with_mode(self, ip: &str, ip_mode: &str) -> Self {
+        self.load_balancer_ingress(ip, Some(ip_mode))
+    }
+
+    fn load_balancer_ingress(mut self, ip: &str, ip_mode: Option<&str>) -> Self {
+        self.spec().type_ = Some("LoadBalancer".into());
+        let status = self.0.status.get_or_insert_with(ServiceStatus::default);
+        let lb = status
+            .load_balancer
+            .get_or_insert_with(LoadBalancerStatus::default);
+        lb.ingress
+            .get_or_insert_with(Vec::new)
+            .push(LoadBalancerIngress {
+                ip: Some(ip.into()),
+                ip_mode: ip_mode.map(str::to_owned),
+                ..Default::default()
+            });
+        self
+    }
+
+    pub fn external_ip(mut self, ip: &str) -> Self {
+        self.spec()
+            .external_ips
+            .get_or_insert_with(Vec::new)
+            .push(ip.into());
+        self
+    }
+
+    pub fn external_traffic_policy(mut self, policy: &str) -> Self {
+        self.spec().external_traffic_policy = Some(policy.into());
+        self
+    }
+
+    pub fn internal_traffic_policy(mut self, policy: &str) -> Self {
+        self.spec().internal_traffic_policy = Some(policy.into());
+        self
+    }
+
+    pub fn health_check_node_port(mut self, port: i32) -> Self {
+        self.spec().health_check_node_port = Some(port);
+        self
+    }
+
+    pub fn source_ranges(mut self, ranges: &[&str]) -> Self {
+        self.spec().load_balancer_source_ranges =
+            Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+        self
+    }
+
+    /// sessionAffinity ClientIP, with `timeout` seconds (None: the API default).
+    pub fn session_affinity(mut self, timeout: Option<i32>) -> Self {
+        self.spec().session_affinity = Some("ClientIP".into());
+        self.spec().session_affinity_config = timeout.map(|t| SessionAffinityConfig {
+            client_ip: Some(ClientIPConfig {
+                timeout_seconds: Some(t),
+            }),
+        });
+        self
+    }
+
+    pub fn traffic_distribution(mut self, td: &str) -> Self {
+        self.spec().traffic_distribution = Some(td.into());
+        self
+    }
+
     pub fn build(self) -> Service {
         self.0
     }
@@ -137,6 +237,34 @@ impl SliceBuilder {
                 }),
                 ..Default::default()
             });
+        self
+    }
+
+    fn last(&mut self) -> &mut Endpoint {
+        self.0
+            .endpoints
+            .get_or_insert_with(Vec::new)
+            .last_mut()
+            .expect("an endpoint was just added")
+    }
+
+    /// A ready endpoint on node `node`.
+    pub fn ready_on(mut self, ip: impl ToString, node: &str) -> Self {
+        self = self.ready(ip);
+        self.last().node_name = Some(node.into());
+        self
+    }
+
+    /// A ready endpoint on `node` in `zone`, with the topology hints the EndpointSlice
+    /// controller would give it (its zone and its node).
+    pub fn ready_hinted(mut self, ip: impl ToString, node: &str, zone: &str) -> Self {
+        self = self.ready_on(ip, node);
+        let ep = self.last();
+        ep.zone = Some(zone.into());
+        ep.hints = Some(EndpointHints {
+            for_zones: Some(vec![ForZone { name: zone.into() }]),
+            for_nodes: Some(vec![ForNode { name: node.into() }]),
+        });
         self
     }
 

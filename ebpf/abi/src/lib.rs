@@ -28,9 +28,18 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS_V1";
     /// [`crate::EndpointKey`] -> [`crate::EndpointInfo`]: the pods of this node.
     pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+    /// [`crate::AffinityKey`] -> [`crate::AffinityValue`]: session affinity (LRU).
+    pub const AFFINITY: &str = "AFFINITY_V1";
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, SOCK_REVNAT, COUNTERS, ENDPOINTS];
+    pub const ALL: [&str; 6] = [
+        SERVICES,
+        BACKENDS,
+        SOCK_REVNAT,
+        COUNTERS,
+        ENDPOINTS,
+        AFFINITY,
+    ];
 }
 
 /// Names of the programs (the function names in `ferrox-ebpf`, also their pin names).
@@ -56,6 +65,7 @@ pub mod capacity {
     pub const BACKENDS: u32 = 131_072;
     pub const SOCK_REVNAT: u32 = 262_144;
     pub const ENDPOINTS: u32 = 16_384;
+    pub const AFFINITY: u32 = 131_072;
 }
 
 /// IP protocol numbers as they appear in [`ServiceKey::proto`] and [`Backend::proto`].
@@ -77,11 +87,20 @@ pub struct ServiceKey {
     pub port: u16,
     /// IP protocol, see [`proto`].
     pub proto: u8,
-    /// Reserved for the internal/external scope split of traffic policies; 0 today.
+    /// Which traffic the entry serves, see [`scope`]: traffic policies give a frontend different
+    /// backends for traffic from this node and traffic from outside.
     pub scope: u8,
     /// 0 for the master entry, `1..=count` for backend slots.
     pub slot: u16,
     pub _pad: [u8; 2],
+}
+
+/// Values of [`ServiceKey::scope`].
+pub mod scope {
+    /// Traffic from this node: its pods and its host processes (socket hooks, pod-facing TC).
+    pub const INTERNAL: u8 = 0;
+    /// Traffic from outside the node (uplink TC and XDP).
+    pub const EXTERNAL: u8 = 1;
 }
 
 impl ServiceKey {
@@ -90,10 +109,14 @@ impl ServiceKey {
             addr,
             port,
             proto,
-            scope: 0,
+            scope: scope::INTERNAL,
             slot: 0,
             _pad: [0; 2],
         }
+    }
+
+    pub const fn with_scope(self, scope: u8) -> Self {
+        Self { scope, ..self }
     }
 
     pub const fn with_slot(self, slot: u16) -> Self {
@@ -129,6 +152,8 @@ pub mod svc_flags {
     pub const AFFINITY: u16 = 1 << 4;
     pub const EXTERNAL_LOCAL: u16 = 1 << 5;
     pub const INTERNAL_LOCAL: u16 = 1 << 6;
+    /// Only the sources in the frontend's loadBalancerSourceRanges may connect (external scope).
+    pub const SOURCE_RANGES: u16 = 1 << 7;
 }
 
 /// Value of the backends map.
@@ -175,6 +200,36 @@ pub struct SockRevNatValue {
     /// Frontend port, network byte order.
     pub port: u16,
     pub rev_nat_id: u16,
+}
+
+/// Key of the affinity map: a client of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    /// The client: a network namespace cookie ([`affinity_client::NETNS`], socket hooks, where the
+    /// source address is not known yet) or an IPv4 address in network byte order
+    /// ([`affinity_client::IPV4`], per-packet paths).
+    pub client: u64,
+    pub rev_nat_id: u16,
+    /// [`affinity_client`] value.
+    pub client_kind: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Values of [`AffinityKey::client_kind`].
+pub mod affinity_client {
+    pub const NETNS: u8 = 0;
+    pub const IPV4: u8 = 1;
+}
+
+/// Value of the affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last connection that used the entry.
+    pub last_used_ns: u64,
 }
 
 /// Key of the endpoints map: a local pod's IPv4 address, network byte order.
@@ -282,6 +337,8 @@ pub enum Reason {
     TranslateToBackend = 9,
     /// Reverse socket hooks: the backend's address was rewritten back to the frontend's.
     TranslateToFrontend = 10,
+    /// Like [`Reason::TranslateToBackend`], to the backend the client's affinity entry names.
+    TranslateAffinity = 15,
     // Drop.
     /// The IPv4 header is truncated or invalid (version, IHL, total length).
     DropMalformedIpv4 = 11,
@@ -294,7 +351,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -311,6 +368,7 @@ impl Reason {
         Self::DropNoBackend,
         Self::DropBackendMissing,
         Self::DropRevNatFull,
+        Self::TranslateAffinity,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -324,7 +382,9 @@ impl Reason {
             | Self::PassNoService
             | Self::PassUnsupportedProto
             | Self::PassNoRevNat => Verdict::Pass,
-            Self::TranslateToBackend | Self::TranslateToFrontend => Verdict::Translate,
+            Self::TranslateToBackend | Self::TranslateToFrontend | Self::TranslateAffinity => {
+                Verdict::Translate
+            }
             Self::DropMalformedIpv4
             | Self::DropNoBackend
             | Self::DropBackendMissing
@@ -349,6 +409,7 @@ impl Reason {
             Self::DropNoBackend => "no-backend",
             Self::DropBackendMissing => "backend-missing",
             Self::DropRevNatFull => "revnat-full",
+            Self::TranslateAffinity => "to-backend-affinity",
         }
     }
 
@@ -405,6 +466,10 @@ const _: () = {
     assert!(size_of::<EndpointKey>() == 4);
     assert!(size_of::<EndpointInfo>() == 8);
     assert!(size_of::<CounterValue>() == 16);
+    assert!(size_of::<AffinityKey>() == 16);
+    assert!(offset_of!(AffinityKey, rev_nat_id) == 8);
+    assert!(size_of::<AffinityValue>() == 16);
+    assert!(offset_of!(AffinityValue, last_used_ns) == 8);
     assert!(Reason::ALL.len() == Reason::COUNT as usize);
     assert!(Hook::ALL.len() == Hook::COUNT as usize);
 };
@@ -422,6 +487,8 @@ mod pod {
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use aya::{
     maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
 };
 use ferrox_abi::{
-    Backend, COUNTER_SLOTS, CounterValue, EndpointInfo, EndpointKey, Hook, Reason, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue, counter_cell, counter_index, map_names,
+    AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, EndpointInfo, EndpointKey,
+    Hook, Reason, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, counter_cell,
+    counter_index, map_names,
 };
 
 use crate::{DatapathError, PinLayout, Result};
@@ -232,6 +233,7 @@ pub struct Maps {
     pub backends: TypedHash<u32, Backend>,
     pub sock_revnat: TypedHash<SockRevNatKey, SockRevNatValue>,
     pub endpoints: TypedHash<EndpointKey, EndpointInfo>,
+    pub affinity: TypedHash<AffinityKey, AffinityValue>,
     pub counters: Counters,
 }
 
@@ -244,6 +246,7 @@ impl Maps {
             backends: TypedHash::open(layout, map_names::BACKENDS)?,
             sock_revnat: TypedHash::open(layout, map_names::SOCK_REVNAT)?,
             endpoints: TypedHash::open(layout, map_names::ENDPOINTS)?,
+            affinity: TypedHash::open(layout, map_names::AFFINITY)?,
             counters: Counters::open(layout)?,
         })
     }

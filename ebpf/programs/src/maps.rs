@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use ferrox_abi::{
-    Backend, COUNTER_SLOTS, CounterValue, EndpointInfo, EndpointKey, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, capacity,
+    AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, EndpointInfo, EndpointKey,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, capacity,
 };
 
 #[map]
@@ -30,3 +30,7 @@ pub static COUNTERS_V1: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_
 #[map]
 pub static ENDPOINTS_V1: HashMap<EndpointKey, EndpointInfo> =
     HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map]
+pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);

@@ -5,14 +5,17 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
-use ferrox_abi::{Hook, Reason, ServiceKey, SockRevNatKey, SockRevNatValue, Verdict, proto};
+use ferrox_abi::{
+    AffinityKey, AffinityValue, Hook, Reason, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, Verdict, affinity_client, proto, svc_flags,
+};
 
 use crate::{
     counters::count,
-    maps::{BACKENDS_V1, SOCK_RNAT_V1, SVC_V1},
+    maps::{AFFINITY_V1, BACKENDS_V1, SOCK_RNAT_V1, SVC_V1},
 };
 
 /// Return value of a sock_addr program that lets the operation go on.
@@ -48,15 +51,19 @@ fn try_forward(ctx: &SockAddrContext) -> Reason {
     if frontend.count == 0 {
         return Reason::DropNoBackend;
     }
-    // SAFETY: a helper without arguments or preconditions.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let slot = (random % u32::from(frontend.count)) as u16 + 1;
-    // SAFETY: as above.
-    let Some(slot_entry) = (unsafe { SVC_V1.get(&key.with_slot(slot)) }).copied() else {
-        return Reason::DropBackendMissing;
+    let (backend_id, translated) = if frontend.flags & svc_flags::AFFINITY != 0 {
+        match pick_with_affinity(ctx, &key, &frontend) {
+            Ok(picked) => picked,
+            Err(reason) => return reason,
+        }
+    } else {
+        match pick_random(&key, &frontend) {
+            Some(id) => (id, Reason::TranslateToBackend),
+            None => return Reason::DropBackendMissing,
+        }
     };
     // SAFETY: as above.
-    let Some(backend) = (unsafe { BACKENDS_V1.get(&slot_entry.backend_id) }).copied() else {
+    let Some(backend) = (unsafe { BACKENDS_V1.get(&backend_id) }).copied() else {
         return Reason::DropBackendMissing;
     };
 
@@ -80,7 +87,64 @@ fn try_forward(ctx: &SockAddrContext) -> Reason {
     }
     sa.user_ip4 = backend.addr;
     sa.user_port = u32::from(backend.port);
-    Reason::TranslateToBackend
+    translated
+}
+
+/// A backend id from a uniformly random slot of the frontend.
+#[inline(always)]
+fn pick_random(key: &ServiceKey, frontend: &ServiceValue) -> Option<u32> {
+    // SAFETY: a helper without arguments or preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = (random % u32::from(frontend.count)) as u16 + 1;
+    // SAFETY: hash map values are read once, by copy.
+    (unsafe { SVC_V1.get(&key.with_slot(slot)) }).map(|s| s.backend_id)
+}
+
+/// Session affinity (sessionAffinity: ClientIP): the client is the socket's network namespace,
+/// so every connection from one pod (or from the host) goes to the same backend until the
+/// entry has not been used for the frontend's timeout. The agent removes entries that name a
+/// backend the frontend no longer has.
+#[inline(always)]
+fn pick_with_affinity(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    frontend: &ServiceValue,
+) -> Result<(u32, Reason), Reason> {
+    // SAFETY: `ctx` is a sock_addr context, for which the kernel provides the netns cookie.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let akey = AffinityKey {
+        client: netns,
+        rev_nat_id: frontend.rev_nat_id,
+        client_kind: affinity_client::NETNS,
+        _pad: [0; 5],
+    };
+    // SAFETY: a helper without arguments or preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
+    // SAFETY: the value is copied out before the entry is written again.
+    if let Some(entry) = (unsafe { AFFINITY_V1.get(&akey) }).copied()
+        && now.saturating_sub(entry.last_used_ns) <= timeout_ns
+        && (unsafe { BACKENDS_V1.get(&entry.backend_id) }).is_some()
+    {
+        let refreshed = AffinityValue {
+            last_used_ns: now,
+            ..entry
+        };
+        // Best effort: a failed refresh only shortens the affinity.
+        let _ = AFFINITY_V1.insert(&akey, &refreshed, 0);
+        return Ok((entry.backend_id, Reason::TranslateAffinity));
+    }
+    let backend_id = pick_random(key, frontend).ok_or(Reason::DropBackendMissing)?;
+    let _ = AFFINITY_V1.insert(
+        &akey,
+        &AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        },
+        0,
+    );
+    Ok((backend_id, Reason::TranslateToBackend))
 }
 
 /// recvmsg4 / getpeername4: show the frontend address instead of the backend's.

@@ -56,6 +56,12 @@ enum Cmd {
         #[arg(long)]
         connected: bool,
     },
+    /// GET `path` from `target` over HTTP/1.1; prints the status and body.
+    HttpGet {
+        target: SocketAddr,
+        #[arg(default_value = "/")]
+        path: String,
+    },
     Stream {
         target: SocketAddr,
         #[arg(long, default_value_t = 1024)]
@@ -100,6 +106,12 @@ fn main() {
             chunk,
             pause_ms,
         } => stream(target, chunk, Duration::from_millis(pause_ms)),
+        Cmd::HttpGet { target, path } => {
+            let line = http_get(target, &path);
+            let failed = line.get("error").is_some();
+            println!("{line}");
+            std::process::exit(i32::from(failed));
+        }
     }
 }
 
@@ -213,6 +225,32 @@ fn call_udp(target: SocketAddr, timeout: Duration, connected: bool) -> serde_jso
         return error(target, format!("bad reply {reply:?}"));
     };
     serde_json::json!({ "target": target.to_string(), "backend": backend, "from": from.to_string() })
+}
+
+fn http_get(target: SocketAddr, path: &str) -> serde_json::Value {
+    let mut conn = match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+        Ok(c) => c,
+        Err(e) => return error(target, e),
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    if let Err(e) = conn.write_all(req.as_bytes()) {
+        return error(target, e);
+    }
+    let mut resp = String::new();
+    if let Err(e) = conn.read_to_string(&mut resp) {
+        return error(target, e);
+    }
+    let status: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    serde_json::json!({ "target": target.to_string(), "status": status, "body": body })
 }
 
 fn stream(target: SocketAddr, chunk: usize, pause: Duration) {

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use ferrox::inspect::ServiceRow;
+use ferrox::{inspect::ServiceRow, services::model::Scope};
 use ferrox_cni::spec::AddResult;
 use ferrox_datapath::PinLayout;
 use ipnet::Ipv4Net;
@@ -87,17 +87,47 @@ pub struct Node {
     agent: Mutex<Option<Proc>>,
 }
 
+/// Somewhere processes run: a pod, a node's host namespace, or the external client. Processes
+/// join the given network namespace and cgroup.
+#[derive(Clone, Debug)]
+pub struct Place {
+    pub name: String,
+    pub netns_path: PathBuf,
+    cgroup: PathBuf,
+}
+
 /// A pod created through the CNI plugin.
 #[derive(Clone, Debug)]
 pub struct Pod {
+    pub place: Place,
     pub name: String,
     pub ip: Ipv4Addr,
     pub container_id: String,
     pub node: usize,
     pub netns_path: PathBuf,
-    cgroup: PathBuf,
     /// The CNI ADD result as the plugin printed it.
     pub cni_result: AddResult,
+}
+
+impl std::ops::Deref for Pod {
+    type Target = Place;
+    fn deref(&self) -> &Place {
+        &self.place
+    }
+}
+
+/// A client outside every node: a namespace on the underlay bridge, in no node's cgroup.
+#[derive(Clone, Debug)]
+pub struct ExternalClient {
+    pub place: Place,
+    pub ip: Ipv4Addr,
+}
+
+impl std::ops::Deref for ExternalClient {
+    type Target = Place;
+    fn deref(&self) -> &Place {
+        &self.place
+    }
 }
 
 pub struct Cluster {
@@ -109,6 +139,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     pods: Mutex<Vec<PodRecord>>,
     next_pod: AtomicU32,
+    /// Namespaces of the external clients.
+    external: Mutex<Vec<NetNs>>,
 }
 
 fn cgroup_root() -> PathBuf {
@@ -172,6 +204,7 @@ impl Cluster {
             nodes: Vec::new(),
             pods: Mutex::new(Vec::new()),
             next_pod: AtomicU32::new(1),
+            external: Mutex::new(Vec::new()),
         };
 
         let fabric = NetNs::create(&format!("{}{id}-fab", leaks::NETNS_PREFIX));
@@ -347,14 +380,57 @@ impl Cluster {
             }),
         });
         Pod {
+            place: Place {
+                name: name.into(),
+                netns_path: netns_path.clone(),
+                cgroup: n.cgroup.clone(),
+            },
             name: name.into(),
             ip,
             container_id,
             node,
             netns_path,
-            cgroup: n.cgroup.clone(),
             cni_result,
         }
+    }
+
+    /// A client outside every node (a namespace on the underlay, 198.18.0.200, in no node's
+    /// cgroup): for NodePorts, load balancer IPs and health checks as the outside sees them.
+    pub fn external_client(&self) -> ExternalClient {
+        let mut ext = self
+            .external
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let k = ext.len();
+        let ip = Ipv4Addr::new(198, 18, 0, 200 + k as u8);
+        let netns = NetNs::create(&format!("{}{}-x{k}", leaks::NETNS_PREFIX, self.id));
+        let fabric = self.fabric.as_ref().expect("fabric");
+        let ifname = format!("x{k}");
+        fabric.ip(&[
+            "link",
+            "add",
+            &ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ]);
+        fabric.ip(&["link", "set", &ifname, "master", "br0", "up"]);
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", "default", "via", &API_ADDR.to_string()]);
+        let cgroup = self.cgroup_dir.join(format!("external-{k}"));
+        std::fs::create_dir_all(&cgroup).expect("creating the external client's cgroup");
+        let place = Place {
+            name: format!("external-{k}"),
+            netns_path: netns.path(),
+            cgroup,
+        };
+        ext.push(netns);
+        ExternalClient { place, ip }
     }
 
     /// Runs `ferrox-cni DEL` for the pod (the namespace is kept, as a runtime may call DEL first).
@@ -486,20 +562,41 @@ impl Node {
         ferrox::inspect::services(&self.layout()).expect("reading the service maps")
     }
 
-    /// Waits until `frontend` (e.g. `10.96.0.10:80/TCP`) has exactly `backends` backends.
+    /// Waits until `frontend` (e.g. `10.96.0.10:80/TCP`) has exactly `backends` backends for
+    /// this node's own clients (internal scope).
     pub fn wait_for_backends(&self, frontend: &str, backends: usize) -> ServiceRow {
+        self.wait_for_entry(frontend, Scope::Internal, backends)
+    }
+
+    /// Waits until the `scope` entry of `frontend` has exactly `backends` backends.
+    pub fn wait_for_entry(&self, frontend: &str, scope: Scope, backends: usize) -> ServiceRow {
         wait_for(
-            &format!("{frontend} with {backends} backends on {}", self.name),
+            &format!(
+                "{frontend} ({scope:?}) with {backends} backends on {}",
+                self.name
+            ),
             Duration::from_secs(30),
             || {
                 let rows = self.services();
-                match rows.into_iter().find(|r| r.frontend == frontend) {
+                match rows
+                    .into_iter()
+                    .find(|r| r.frontend == frontend && r.scope == scope)
+                {
                     Some(r) if r.backends.len() == backends => Ok(r),
                     Some(r) => Err(format!("{} backends: {:?}", r.backends.len(), r.backends)),
                     None => Err("frontend not programmed".into()),
                 }
             },
         )
+    }
+
+    /// This node's host namespace, for clients that are processes of the node itself.
+    pub fn host(&self) -> Place {
+        Place {
+            name: format!("{} host", self.name),
+            netns_path: self.netns.path(),
+            cgroup: self.cgroup.clone(),
+        }
     }
 
     /// Waits until `frontend` is not programmed any more.
@@ -558,8 +655,8 @@ impl Node {
     }
 }
 
-impl Pod {
-    /// Starts `fx-echo <args>` in this pod.
+impl Place {
+    /// Starts `fx-echo <args>` here.
     pub fn spawn(&self, args: &[&str]) -> Proc {
         let mut cmd = Command::new(bin_path("fx-echo"));
         cmd.args(args);
@@ -581,7 +678,7 @@ impl Pod {
         proc
     }
 
-    /// Runs `fx-echo <args>` to completion in this pod; returns its JSON output lines.
+    /// Runs `fx-echo <args>` to completion here; returns its JSON output lines.
     pub fn run(&self, args: &[&str]) -> (std::process::ExitStatus, Vec<serde_json::Value>) {
         let mut cmd = Command::new(bin_path("fx-echo"));
         cmd.args(args).stdin(Stdio::null());
@@ -606,6 +703,15 @@ impl Pod {
             self.name
         );
         tally(&lines, "peer")
+    }
+
+    /// GET `path` from `target` (ip:port); returns the HTTP status and the body parsed as JSON.
+    pub fn http_get(&self, target: &str, path: &str) -> (u16, serde_json::Value) {
+        let (_, lines) = self.run(&["http-get", target, path]);
+        let l = lines.first().cloned().unwrap_or_default();
+        let status = l["status"].as_u64().unwrap_or(0) as u16;
+        let body = serde_json::from_str(l["body"].as_str().unwrap_or("null")).unwrap_or_default();
+        (status, body)
     }
 
     /// `count` UDP datagrams to `target` (unconnected socket: sendmsg/recvmsg).
@@ -707,7 +813,28 @@ impl Drop for Cluster {
                 eprintln!("harness: removing cgroup {}: {e}", n.cgroup.display());
             }
         }
-        // 4. The underlay, the API server, the cluster's directories.
+        // 4. External clients, the underlay, the API server, the cluster's directories.
+        let external = std::mem::take(
+            &mut *self
+                .external
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (k, netns) in external.into_iter().enumerate() {
+            let cg = self.cgroup_dir.join(format!("external-{k}"));
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(cg.join("cgroup.procs"))
+                .is_ok_and(|p| !p.trim().is_empty())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            drop(netns);
+            if let Err(e) = std::fs::remove_dir(&cg) {
+                eprintln!("harness: removing cgroup {}: {e}", cg.display());
+            }
+        }
         self.fabric.take();
         self.api.take();
         let _ = std::fs::remove_dir(&self.cgroup_dir);

@@ -14,7 +14,7 @@ mod netns;
 mod process;
 
 pub use bins::bin_path;
-pub use cluster::{Cluster, ClusterBuilder, Node, Pod, SERVICE_CIDR};
+pub use cluster::{Cluster, ClusterBuilder, ExternalClient, Node, Place, Pod, SERVICE_CIDR};
 pub use netns::NetNs;
 pub use process::{Proc, spawn_in};
 
