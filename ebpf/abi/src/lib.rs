@@ -30,15 +30,27 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS_V1";
     /// [`crate::AffinityKey`] -> [`crate::AffinityValue`]: session affinity (LRU).
     pub const AFFINITY: &str = "AFFINITY_V1";
+    /// [`crate::CtKey`] -> [`crate::CtEntry`]: connection tracking of translated flows (LRU).
+    pub const CONNTRACK: &str = "CT_V1";
+    /// LPM trie of [`crate::SrcRangeKey`] -> `u8`: loadBalancerSourceRanges per frontend.
+    pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
+    /// Array of one [`crate::DatapathConfig`]: what the agent tells the programs about the node.
+    pub const CONFIG: &str = "CONFIG_V1";
+    /// Hash of maps: `u32` rev_nat_id -> array of [`crate::MAGLEV_TABLE_SIZE`] backend ids.
+    pub const MAGLEV: &str = "MAGLEV_V1";
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
         COUNTERS,
         ENDPOINTS,
         AFFINITY,
+        CONNTRACK,
+        SOURCE_RANGES,
+        CONFIG,
+        MAGLEV,
     ];
 }
 
@@ -66,7 +78,16 @@ pub mod capacity {
     pub const SOCK_REVNAT: u32 = 262_144;
     pub const ENDPOINTS: u32 = 16_384;
     pub const AFFINITY: u32 = 131_072;
+    /// Two entries per translated flow.
+    pub const CONNTRACK: u32 = 524_288;
+    pub const SOURCE_RANGES: u32 = 65_536;
+    /// External frontends with a Maglev table.
+    pub const MAGLEV: u32 = 16_384;
 }
+
+/// Size of every Maglev lookup table: a prime, identical on every node, so that every node
+/// maps a flow's hash to the same backend.
+pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
 
 /// IP protocol numbers as they appear in [`ServiceKey::proto`] and [`Backend::proto`].
 pub mod proto {
@@ -232,6 +253,89 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
+/// Key of the connection-tracking map: a flow's tuple as it appears on the wire where it is
+/// looked up. A translated flow has two entries: its original direction (client -> frontend) and
+/// its reply direction (backend -> client, or backend -> node address when SNATed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the connection-tracking map: how to rewrite packets that match the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    /// Source address to write, network byte order.
+    pub nat_saddr: u32,
+    /// Destination address to write, network byte order.
+    pub nat_daddr: u32,
+    /// Source port to write, network byte order.
+    pub nat_sport: u16,
+    /// Destination port to write, network byte order.
+    pub nat_dport: u16,
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    /// [`ct_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 5],
+    /// `bpf_ktime_get_ns()` when a packet last used the entry.
+    pub last_seen_ns: u64,
+}
+
+/// Bits of [`CtEntry::flags`].
+pub mod ct_flags {
+    /// The entry translates replies (backend -> client).
+    pub const REPLY: u8 = 1 << 0;
+    /// The flow's source was rewritten to the node's address (remote backend, eTP Cluster).
+    pub const SNAT: u8 = 1 << 1;
+    /// The backend runs on this node.
+    pub const LOCAL_BACKEND: u8 = 1 << 2;
+}
+
+/// Data of the source-ranges LPM trie key (the trie prepends the prefix length): frontend id,
+/// then the allowed prefix. The prefix length counts the 32 bits of `rev_nat_id` and `_pad`
+/// plus the prefix length of `addr`, see [`src_range_prefixlen`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// Big-endian, so that the trie compares it byte by byte like an address.
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// The LPM prefix length of a source range of `addr_prefix` bits.
+pub const fn src_range_prefixlen(addr_prefix: u8) -> u32 {
+    32 + addr_prefix as u32
+}
+
+/// What the agent tells the programs about the node (the one element of `CONFIG_V1`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// The node's address, used as the source of SNATed flows; network byte order. 0 means
+    /// unknown: flows that would need SNAT are dropped and counted.
+    pub node_addr: u32,
+    /// Interface index of the uplink.
+    pub uplink_ifindex: u32,
+    /// First and last port (host byte order) the SNAT of external flows may use. They must not
+    /// overlap the node's ephemeral port range.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
+}
+
 /// Key of the endpoints map: a local pod's IPv4 address, network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -339,6 +443,22 @@ pub enum Reason {
     TranslateToFrontend = 10,
     /// Like [`Reason::TranslateToBackend`], to the backend the client's affinity entry names.
     TranslateAffinity = 15,
+    /// Per-packet path: the first packet of a flow to a frontend, translated to a backend.
+    NatNewFlow = 16,
+    /// Per-packet path: a packet of a tracked flow, translated as its first one was.
+    NatEstablished = 17,
+    /// Per-packet path: a reply from a backend, translated back to the frontend.
+    NatReply = 18,
+    /// Per-packet path: an ICMP error about a translated flow, translated with it.
+    NatIcmpError = 19,
+    /// The client is outside the frontend's loadBalancerSourceRanges.
+    DropSourceRange = 20,
+    /// The flow could not be tracked (the conntrack map refused the entry).
+    DropConntrackFull = 21,
+    /// The flow needs SNAT but no source port (or node address) was available.
+    DropSnatExhausted = 22,
+    /// A translated packet has no route to its new destination.
+    DropNoRoute = 23,
     // Drop.
     /// The IPv4 header is truncated or invalid (version, IHL, total length).
     DropMalformedIpv4 = 11,
@@ -351,7 +471,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -369,6 +489,14 @@ impl Reason {
         Self::DropBackendMissing,
         Self::DropRevNatFull,
         Self::TranslateAffinity,
+        Self::NatNewFlow,
+        Self::NatEstablished,
+        Self::NatReply,
+        Self::NatIcmpError,
+        Self::DropSourceRange,
+        Self::DropConntrackFull,
+        Self::DropSnatExhausted,
+        Self::DropNoRoute,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -382,13 +510,21 @@ impl Reason {
             | Self::PassNoService
             | Self::PassUnsupportedProto
             | Self::PassNoRevNat => Verdict::Pass,
-            Self::TranslateToBackend | Self::TranslateToFrontend | Self::TranslateAffinity => {
-                Verdict::Translate
-            }
+            Self::TranslateToBackend
+            | Self::TranslateToFrontend
+            | Self::TranslateAffinity
+            | Self::NatNewFlow
+            | Self::NatEstablished
+            | Self::NatReply
+            | Self::NatIcmpError => Verdict::Translate,
             Self::DropMalformedIpv4
             | Self::DropNoBackend
             | Self::DropBackendMissing
-            | Self::DropRevNatFull => Verdict::Drop,
+            | Self::DropRevNatFull
+            | Self::DropSourceRange
+            | Self::DropConntrackFull
+            | Self::DropSnatExhausted
+            | Self::DropNoRoute => Verdict::Drop,
         }
     }
 
@@ -410,6 +546,14 @@ impl Reason {
             Self::DropBackendMissing => "backend-missing",
             Self::DropRevNatFull => "revnat-full",
             Self::TranslateAffinity => "to-backend-affinity",
+            Self::NatNewFlow => "nat-new-flow",
+            Self::NatEstablished => "nat-established",
+            Self::NatReply => "nat-reply",
+            Self::NatIcmpError => "nat-icmp-error",
+            Self::DropSourceRange => "source-range-denied",
+            Self::DropConntrackFull => "conntrack-full",
+            Self::DropSnatExhausted => "snat-exhausted",
+            Self::DropNoRoute => "no-route",
         }
     }
 
@@ -467,6 +611,16 @@ const _: () = {
     assert!(size_of::<EndpointInfo>() == 8);
     assert!(size_of::<CounterValue>() == 16);
     assert!(size_of::<AffinityKey>() == 16);
+    assert!(size_of::<CtKey>() == 16);
+    assert!(offset_of!(CtKey, sport) == 8);
+    assert!(offset_of!(CtKey, proto) == 12);
+    assert!(size_of::<CtEntry>() == 32);
+    assert!(offset_of!(CtEntry, backend_id) == 12);
+    assert!(offset_of!(CtEntry, flags) == 18);
+    assert!(offset_of!(CtEntry, last_seen_ns) == 24);
+    assert!(size_of::<SrcRangeKey>() == 8);
+    assert!(offset_of!(SrcRangeKey, addr) == 4);
+    assert!(size_of::<DatapathConfig>() == 16);
     assert!(offset_of!(AffinityKey, rev_nat_id) == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_used_ns) == 8);
@@ -489,6 +643,10 @@ mod pod {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for DatapathConfig {}
 }
 
 #[cfg(test)]

@@ -265,3 +265,22 @@ fn bytes_are_counted_with_packets() {
     assert_eq!(v.packets, 3);
     assert_eq!(v.bytes, 3 * bytes.len() as u64);
 }
+
+#[test]
+fn every_map_of_the_abi_is_pinned_under_its_versioned_name() {
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test").unwrap();
+    let layout = bpffs.layout();
+    let _dp = Datapath::open(&layout).unwrap();
+    let pinned: Vec<String> = ferrox_datapath::inventory(&layout)
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.kind == ferrox_datapath::ObjectKind::Map)
+        .map(|o| o.name)
+        .collect();
+    for name in ferrox_abi::map_names::ALL {
+        assert!(
+            pinned.contains(&format!("maps/{name}")),
+            "{name} not pinned: {pinned:?}"
+        );
+    }
+}

@@ -6,12 +6,15 @@
 )]
 
 use aya_ebpf::{
-    macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array as BtfArray, HashOfMaps},
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use ferrox_abi::{
-    AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, EndpointInfo, EndpointKey,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, capacity,
+    AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
+    DatapathConfig, EndpointInfo, EndpointKey, MAGLEV_TABLE_SIZE, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, capacity,
 };
 
 #[map]
@@ -34,3 +37,23 @@ pub static ENDPOINTS_V1: HashMap<EndpointKey, EndpointInfo> =
 #[map]
 pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
+
+#[map]
+pub static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// Allowed source prefixes per frontend (loadBalancerSourceRanges); value 1 = allowed.
+#[map]
+pub static SRC_RANGES_V1: LpmTrie<SrcRangeKey, u8> =
+    LpmTrie::pinned(capacity::SOURCE_RANGES, BPF_F_NO_PREALLOC);
+
+/// Element 0: the node facts the agent provides.
+#[map]
+pub static CONFIG_V1: Array<DatapathConfig> = Array::pinned(1, 0);
+
+/// One Maglev table per external frontend, keyed by its rev_nat_id.
+#[btf_map(pin_by_name)]
+pub static MAGLEV_V1: HashOfMaps<
+    u32,
+    BtfArray<u32, { MAGLEV_TABLE_SIZE as usize }>,
+    { capacity::MAGLEV as usize },
+> = HashOfMaps::new();
