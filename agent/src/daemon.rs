@@ -86,6 +86,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         bpffs_root: layout.root().to_path_buf(),
         ipam_dir: args.ipam_dir.clone(),
     };
+    write_datapath_config(&mut dp, &node, &args.node_name, &uplink)?;
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
@@ -104,6 +105,53 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Source ports SNAT of external flows uses: above the kernel's default ephemeral range
+/// (32768-60999), so they never collide with the node's own connections.
+pub const SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+
+/// Tells the programs the node's address (the source of SNATed flows) and uplink.
+fn write_datapath_config(
+    dp: &mut Datapath,
+    node: &Node,
+    node_name: &str,
+    uplink: &str,
+) -> anyhow::Result<()> {
+    let info = services::sync::node_info(node_name, Some(node));
+    let node_addr = info.addresses.first().copied();
+    if node_addr.is_none() {
+        warn!(
+            node = node_name,
+            "the Node has no IPv4 InternalIP/ExternalIP: external flows to remote backends cannot be SNATed and will be dropped"
+        );
+    }
+    if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+        let hi: u16 = range
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if hi >= SNAT_PORTS.0 {
+            warn!(
+                ephemeral_max = hi,
+                snat_min = SNAT_PORTS.0,
+                "the node's ephemeral ports overlap the SNAT ports; lower net.ipv4.ip_local_port_range"
+            );
+        }
+    }
+    let cfg = ferrox_abi::DatapathConfig {
+        node_addr: node_addr
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .unwrap_or(0),
+        uplink_ifindex: ferrox_datapath::ifindex(uplink)?,
+        snat_port_min: SNAT_PORTS.0,
+        snat_port_max: SNAT_PORTS.1,
+        _pad: 0,
+    };
+    dp.maps_mut().config.set(&cfg)?;
+    info!(node_addr = ?node_addr, uplink, "datapath configuration written");
+    Ok(())
 }
 
 /// `ferrox agent --cleanup`: removes pins (detaching every program) and the node configuration.

@@ -459,6 +459,8 @@ pub enum Reason {
     DropSnatExhausted = 22,
     /// A translated packet has no route to its new destination.
     DropNoRoute = 23,
+    /// Rewriting a packet's headers or checksums failed.
+    DropRewrite = 24,
     // Drop.
     /// The IPv4 header is truncated or invalid (version, IHL, total length).
     DropMalformedIpv4 = 11,
@@ -471,7 +473,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 25;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -497,6 +499,7 @@ impl Reason {
         Self::DropConntrackFull,
         Self::DropSnatExhausted,
         Self::DropNoRoute,
+        Self::DropRewrite,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -524,7 +527,8 @@ impl Reason {
             | Self::DropSourceRange
             | Self::DropConntrackFull
             | Self::DropSnatExhausted
-            | Self::DropNoRoute => Verdict::Drop,
+            | Self::DropNoRoute
+            | Self::DropRewrite => Verdict::Drop,
         }
     }
 
@@ -554,6 +558,7 @@ impl Reason {
             Self::DropConntrackFull => "conntrack-full",
             Self::DropSnatExhausted => "snat-exhausted",
             Self::DropNoRoute => "no-route",
+            Self::DropRewrite => "rewrite-failed",
         }
     }
 

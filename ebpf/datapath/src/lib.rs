@@ -20,7 +20,9 @@ pub use error::{DatapathError, Result};
 pub use inventory::{CleanupReport, ObjectKind, PinnedObject, cleanup, inventory};
 pub use layout::{DEFAULT_BPFFS_ROOT, PinLayout};
 pub use link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info};
-pub use maps::{CounterRow, Counters, MapFull, Maps, TypedHash, WriteError};
+pub use maps::{
+    Config, CounterRow, Counters, MapFull, Maps, SourceRange, SourceRanges, TypedHash, WriteError,
+};
 pub use programs::{OBJECT, Origin};
 pub use testrun::{TcProgram, TestRunOutput};
 

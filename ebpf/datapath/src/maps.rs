@@ -6,12 +6,16 @@ use std::marker::PhantomData;
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray,
+        lpm_trie::Key as LpmKey,
+    },
 };
 use ferrox_abi::{
-    AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, EndpointInfo, EndpointKey,
-    Hook, Reason, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, counter_cell,
-    counter_index, map_names,
+    AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
+    DatapathConfig, EndpointInfo, EndpointKey, Hook, Reason, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, counter_cell, counter_index, map_names,
+    src_range_prefixlen,
 };
 
 use crate::{DatapathError, PinLayout, Result};
@@ -234,7 +238,117 @@ pub struct Maps {
     pub sock_revnat: TypedHash<SockRevNatKey, SockRevNatValue>,
     pub endpoints: TypedHash<EndpointKey, EndpointInfo>,
     pub affinity: TypedHash<AffinityKey, AffinityValue>,
+    pub conntrack: TypedHash<CtKey, CtEntry>,
+    pub source_ranges: SourceRanges,
+    pub config: Config,
     pub counters: Counters,
+}
+
+/// The loadBalancerSourceRanges trie: which (frontend, prefix) pairs may connect.
+pub struct SourceRanges {
+    map: LpmTrie<MapData, SrcRangeKey, u8>,
+}
+
+/// One allowed source prefix of one frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub rev_nat_id: u16,
+    pub prefix: ipnet::Ipv4Net,
+}
+
+impl SourceRanges {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let name = map_names::SOURCE_RANGES;
+        let (map, _) = open_map(layout, name)?;
+        let map = LpmTrie::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self { map })
+    }
+
+    fn key(r: &SourceRange) -> LpmKey<SrcRangeKey> {
+        let net = r.prefix.trunc();
+        LpmKey::new(
+            src_range_prefixlen(net.prefix_len()),
+            SrcRangeKey {
+                rev_nat_id: r.rev_nat_id.to_be(),
+                _pad: 0,
+                addr: u32::from_ne_bytes(net.network().octets()),
+            },
+        )
+    }
+
+    pub fn insert(&mut self, r: &SourceRange) -> Result<(), WriteError> {
+        match self.map.insert(&Self::key(r), &1, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+                Err(MapFull {
+                    name: map_names::SOURCE_RANGES,
+                    capacity: ferrox_abi::capacity::SOURCE_RANGES,
+                }
+                .into())
+            }
+            Err(e) => Err(DatapathError::map("writing", map_names::SOURCE_RANGES, e).into()),
+        }
+    }
+
+    pub fn remove(&mut self, r: &SourceRange) -> Result<bool> {
+        match self.map.remove(&Self::key(r)) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(DatapathError::map(
+                "deleting from",
+                map_names::SOURCE_RANGES,
+                e,
+            )),
+        }
+    }
+
+    /// Every allowed (frontend, prefix).
+    pub fn entries(&self) -> Result<Vec<SourceRange>> {
+        let mut out = Vec::new();
+        for k in self.map.keys() {
+            let k = k.map_err(|e| DatapathError::map("iterating", map_names::SOURCE_RANGES, e))?;
+            let data = k.data();
+            let bits = k.prefix_len().saturating_sub(32).min(32) as u8;
+            let addr = std::net::Ipv4Addr::from(data.addr.to_ne_bytes());
+            if let Ok(prefix) = ipnet::Ipv4Net::new(addr, bits) {
+                out.push(SourceRange {
+                    rev_nat_id: u16::from_be(data.rev_nat_id),
+                    prefix,
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// The node facts the programs read (`CONFIG_V1`, one element).
+pub struct Config {
+    map: Array<MapData, DatapathConfig>,
+}
+
+impl Config {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let name = map_names::CONFIG;
+        let (map, _) = open_map(layout, name)?;
+        let map = Array::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self { map })
+    }
+
+    pub fn get(&self) -> Result<DatapathConfig> {
+        self.map
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map("reading", map_names::CONFIG, e))
+    }
+
+    pub fn set(&mut self, config: &DatapathConfig) -> Result<()> {
+        self.map
+            .set(0, config, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::CONFIG, e))
+    }
 }
 
 impl Maps {
@@ -247,6 +361,9 @@ impl Maps {
             sock_revnat: TypedHash::open(layout, map_names::SOCK_REVNAT)?,
             endpoints: TypedHash::open(layout, map_names::ENDPOINTS)?,
             affinity: TypedHash::open(layout, map_names::AFFINITY)?,
+            conntrack: TypedHash::open(layout, map_names::CONNTRACK)?,
+            source_ranges: SourceRanges::open(layout)?,
+            config: Config::open(layout)?,
             counters: Counters::open(layout)?,
         })
     }

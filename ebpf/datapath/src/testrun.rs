@@ -6,6 +6,10 @@ use ferrox_abi::program_names as names;
 
 use crate::{Datapath, DatapathError, Result};
 
+/// Size of the UAPI `struct __sk_buff` and the offset of its `ifindex` field.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_IFINDEX: usize = 40;
+
 /// The TC programs that can be test-run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcProgram {
@@ -45,12 +49,33 @@ impl Datapath {
         packet: &[u8],
         repeat: u32,
     ) -> Result<TestRunOutput> {
+        self.test_run_tc_on(program, packet, None, repeat)
+    }
+
+    /// Like [`Datapath::test_run_tc`], with the packet arriving on interface `ifindex` of the
+    /// calling thread's network namespace (what FIB lookups and redirects see).
+    pub fn test_run_tc_on(
+        &mut self,
+        program: TcProgram,
+        packet: &[u8],
+        ifindex: Option<u32>,
+        repeat: u32,
+    ) -> Result<TestRunOutput> {
         let name = program.name();
         let prog = self.programs.tc(name)?;
         let mut out = vec![0u8; packet.len() + 256];
+        // `struct __sk_buff` input: all zero but `ifindex` (UAPI offset 40), which makes the
+        // kernel give the skb that device.
+        let mut skb = [0u8; SK_BUFF_SIZE];
+        if let Some(i) = ifindex {
+            skb[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&i.to_ne_bytes());
+        }
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
+        if ifindex.is_some() {
+            opts.ctx_in = Some(&skb);
+        }
         opts.repeat = repeat.max(1);
         let result = prog
             .test_run(opts)

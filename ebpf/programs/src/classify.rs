@@ -37,7 +37,7 @@ pub fn xdp_classify_and_pass(ctx: &XdpContext, hook: Hook) -> u32 {
 }
 
 #[inline(always)]
-fn classify(frame: &impl Frame) -> Reason {
+pub fn classify(frame: &impl Frame) -> Reason {
     if !frame.is_ipv4() {
         return Reason::PassNotIpv4;
     }

@@ -11,6 +11,7 @@
 mod classify;
 mod counters;
 mod maps;
+mod nat;
 mod packet;
 mod sock_lb;
 
@@ -47,13 +48,13 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 /// Packets leaving a pod (TC ingress of its host-side veth).
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
-    classify::tc_classify_and_pass(&ctx, Hook::TcFromPod)
+    nat::from_pod(&ctx)
 }
 
 /// Packets entering the node from its uplink.
 #[classifier]
 pub fn tc_uplink_in(ctx: TcContext) -> i32 {
-    classify::tc_classify_and_pass(&ctx, Hook::TcUplinkIngress)
+    nat::uplink_ingress(&ctx)
 }
 
 /// Packets leaving the node through its uplink.

@@ -33,16 +33,35 @@ struct Ipv4 {
 pub struct Packet {
     body: Body,
     truncate: Option<usize>,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    /// Compute TCP/UDP checksums (a zero UDP checksum otherwise).
+    l4_checksum: bool,
 }
 
 pub fn pkt() -> Packet {
     Packet {
         body: Body::Empty,
         truncate: None,
+        dst_mac: DST_MAC,
+        src_mac: SRC_MAC,
+        l4_checksum: true,
     }
 }
 
 impl Packet {
+    pub fn macs(mut self, dst: [u8; 6], src: [u8; 6]) -> Self {
+        self.dst_mac = dst;
+        self.src_mac = src;
+        self
+    }
+
+    /// A UDP datagram without checksum (0), which translation must keep at 0.
+    pub fn no_l4_checksum(mut self) -> Self {
+        self.l4_checksum = false;
+        self
+    }
+
     pub fn arp(mut self) -> Self {
         self.body = Body::Arp;
         self
@@ -163,8 +182,8 @@ impl Packet {
 
     pub fn build(&self) -> Vec<u8> {
         let mut f = Vec::with_capacity(128);
-        f.extend_from_slice(&DST_MAC);
-        f.extend_from_slice(&SRC_MAC);
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
         match &self.body {
             Body::Empty => f.extend_from_slice(&[0x88, 0xb5]), // local experimental ethertype
             Body::Arp => {
@@ -199,7 +218,21 @@ impl Packet {
                 let csum = checksum(&h);
                 h[10..12].copy_from_slice(&csum.to_be_bytes());
                 f.extend_from_slice(&h);
-                f.extend_from_slice(&ip.l4);
+                let mut l4 = ip.l4.clone();
+                let csum_at = match ip.proto {
+                    6 if l4.len() >= 20 => Some(16),
+                    17 if l4.len() >= 8 => Some(6),
+                    _ => None,
+                };
+                if let (Some(at), true) = (csum_at, self.l4_checksum) {
+                    l4[at..at + 2].copy_from_slice(&[0, 0]);
+                    let mut c = l4_checksum(ip.src, ip.dst, ip.proto, &l4);
+                    if c == 0 && ip.proto == 17 {
+                        c = 0xffff;
+                    }
+                    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+                }
+                f.extend_from_slice(&l4);
             }
         }
         if let Some(n) = self.truncate {
@@ -207,6 +240,37 @@ impl Packet {
         }
         f
     }
+}
+
+/// The TCP/UDP checksum over the IPv4 pseudo header and `l4` (whose checksum field is zero).
+pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> u16 {
+    let mut buf = Vec::with_capacity(12 + l4.len());
+    buf.extend_from_slice(&src);
+    buf.extend_from_slice(&dst);
+    buf.extend_from_slice(&[0, proto]);
+    buf.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    buf.extend_from_slice(l4);
+    checksum(&buf)
+}
+
+/// True when the IPv4 header and TCP/UDP checksums of an Ethernet frame verify.
+pub fn checksums_ok(frame: &[u8]) -> bool {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let ip = &frame[14..14 + ihl];
+    if checksum(ip) != 0 {
+        return false;
+    }
+    let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let l4 = &frame[14 + ihl..14 + tot];
+    let (src, dst, proto) = (
+        [ip[12], ip[13], ip[14], ip[15]],
+        [ip[16], ip[17], ip[18], ip[19]],
+        ip[9],
+    );
+    if proto == 17 && l4[6] == 0 && l4[7] == 0 {
+        return true; // no checksum
+    }
+    l4_checksum(src, dst, proto, l4) == 0
 }
 
 /// The Internet checksum (RFC 1071).

@@ -1,0 +1,515 @@
+//! Datapath tier: the per-packet service translation (uplink ingress and pod egress) driven with
+//! BPF_PROG_TEST_RUN inside a scratch network namespace whose routes and neighbours are known,
+//! so every expected output byte, MAC addresses included, is determined. One table, played in
+//! order (later rows depend on the flows earlier rows created), each row stating the program,
+//! the packet in, the action, the counter reason that must move (and no other), and the packet
+//! that must come out. Needs root.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure should stop the test with its context"
+)]
+
+use std::path::Path;
+
+use ferrox_abi::{
+    Backend, COUNTER_SLOTS, CtKey, DatapathConfig, Hook, Reason, ServiceKey, ServiceValue,
+    backend_flags, counter_cell, counter_index, proto, scope, svc_flags,
+};
+use ferrox_datapath::{Datapath, SourceRange, TcProgram, bpffs::ScratchBpffs};
+
+mod netns;
+mod packets;
+use netns::NetNs;
+use packets::{Packet, checksums_ok, pkt};
+
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const NODE: [u8; 4] = [198, 18, 0, 11];
+const CLIENT: [u8; 4] = [198, 18, 0, 200];
+const STRANGER: [u8; 4] = [198, 18, 0, 201];
+const LOCAL_POD: [u8; 4] = [10, 244, 1, 5];
+const REMOTE_POD: [u8; 4] = [10, 244, 2, 6];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 0];
+const STRANGER_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+const NODE2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x12];
+const POD_MAC: [u8; 6] = [2, 0, 0, 1, 5, 5];
+
+fn be(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+/// The node: an uplink `up0` (198.18.0.11/24) with the client, a stranger and node-2 as static
+/// neighbours, a pod veth `pod0` with a local pod behind it, and node-2's pod CIDR via node-2.
+fn node() -> NetNs {
+    let ns = NetNs::new(format!("fxt-nat{}", std::process::id()));
+    ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up0p"]);
+    ns.ip(&[
+        "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
+    ]);
+    for dev in ["up0", "up0p", "pod0", "pod0p"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    ns.ip(&["addr", "add", "198.18.0.11/24", "dev", "up0"]);
+    ns.ip(&["route", "add", "10.244.1.5/32", "dev", "pod0"]);
+    ns.ip(&["route", "add", "10.244.2.0/24", "via", "198.18.0.12"]);
+    for (ip, mac, dev) in [
+        ("198.18.0.200", "02:00:00:00:02:00", "up0"),
+        ("198.18.0.201", "02:00:00:00:02:01", "up0"),
+        ("198.18.0.12", "02:00:00:00:00:12", "up0"),
+        ("10.244.1.5", "02:00:00:01:05:05", "pod0"),
+    ] {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+    let out = ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert!(out.status.success());
+    ns
+}
+
+/// One external frontend (scope external) with its backends in slots 1..=n.
+fn frontend(dp: &mut Datapath, port: u16, l4: u8, rev_nat_id: u16, flags: u16, backends: &[u32]) {
+    let key = ServiceKey::master(be(NODE), port.to_be(), l4).with_scope(scope::EXTERNAL);
+    for (i, id) in backends.iter().enumerate() {
+        let slot = ServiceValue {
+            backend_id: *id,
+            ..Default::default()
+        };
+        dp.maps_mut()
+            .services
+            .insert(&key.with_slot(i as u16 + 1), &slot)
+            .unwrap();
+    }
+    let master = ServiceValue {
+        count: backends.len() as u16,
+        rev_nat_id,
+        flags: svc_flags::NODE_PORT | flags,
+        ..Default::default()
+    };
+    dp.maps_mut().services.insert(&key, &master).unwrap();
+}
+
+fn backend(dp: &mut Datapath, id: u32, addr: [u8; 4], port: u16, l4: u8, local: bool) {
+    let b = Backend {
+        addr: be(addr),
+        port: port.to_be(),
+        proto: l4,
+        flags: if local { backend_flags::LOCAL } else { 0 },
+    };
+    dp.maps_mut().backends.insert(&id, &b).unwrap();
+}
+
+fn counters(dp: &Datapath) -> Vec<u64> {
+    (0..COUNTER_SLOTS)
+        .map(|i| {
+            let (h, r) = counter_cell(i).unwrap();
+            dp.maps().counters.get(h, r).unwrap().packets
+        })
+        .collect()
+}
+
+/// What must come out.
+enum Out {
+    /// The packet, unchanged.
+    Same,
+    /// Exactly these bytes.
+    Bytes(Vec<u8>),
+    /// A SNATed packet: these bytes for the source port the program chose, which must be in
+    /// 61000..=65535 and is remembered for the following rows.
+    Snat(Box<dyn Fn(u16) -> Vec<u8> + Send + Sync>),
+    /// These bytes, given the remembered SNAT port.
+    WithSnatPort(Box<dyn Fn(u16) -> Vec<u8> + Send + Sync>),
+}
+
+enum Input {
+    Bytes(Vec<u8>),
+    /// A packet to the port the SNAT row chose.
+    WithSnatPort(Box<dyn Fn(u16) -> Vec<u8> + Send + Sync>),
+}
+
+struct Row {
+    what: &'static str,
+    program: TcProgram,
+    /// The interface the packet arrives on.
+    on: &'static str,
+    input: Input,
+    action: i32,
+    reason: Reason,
+    out: Out,
+}
+
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Packet {
+    pkt().ipv4(src, dst).tcp(sport, dport)
+}
+
+#[test]
+fn external_flows_are_translated_tracked_and_answered() {
+    let ns = node();
+    let up0_mac = ns.mac("up0");
+    let pod0_mac = ns.mac("pod0");
+    let rows = vec![
+        Row {
+            what: "new flow to a NodePort with a local backend: DNAT, to the pod's veth",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40000, NODE, 30080)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(CLIENT, 40000, LOCAL_POD, 8080)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the same flow again: translated from conntrack",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40000, NODE, 30080)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatEstablished,
+            out: Out::Bytes(
+                tcp(CLIENT, 40000, LOCAL_POD, 8080)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the local pod's reply: source back to the NodePort, out of the uplink",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                tcp(LOCAL_POD, 8080, CLIENT, 40000)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(NODE, 30080, CLIENT, 40000)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "new flow to a remote backend: DNAT and SNAT to the node, to node-2",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40001, NODE, 30081)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Snat(Box::new(move |port| {
+                tcp(NODE, port, REMOTE_POD, 8080)
+                    .macs(NODE2_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "the remote backend's reply to the SNAT port: back to the client",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::WithSnatPort(Box::new(move |port| {
+                tcp(REMOTE_POD, 8080, NODE, port)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build()
+            })),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::WithSnatPort(Box::new(move |_| {
+                tcp(NODE, 30081, CLIENT, 40001)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "a client outside loadBalancerSourceRanges is dropped",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(STRANGER, 40002, NODE, 30082)
+                    .macs(up0_mac, STRANGER_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_SHOT,
+            reason: Reason::DropSourceRange,
+            out: Out::Same,
+        },
+        Row {
+            what: "a client inside loadBalancerSourceRanges is translated",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40003, NODE, 30082)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(CLIENT, 40003, LOCAL_POD, 8080)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "a frontend without backends drops",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40004, NODE, 30083)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_SHOT,
+            reason: Reason::DropNoBackend,
+            out: Out::Same,
+        },
+        Row {
+            what: "UDP without checksum: translated, checksum stays 0",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                pkt()
+                    .ipv4(CLIENT, NODE)
+                    .udp(5000, 30053)
+                    .payload(12)
+                    .no_l4_checksum()
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                pkt()
+                    .ipv4(CLIENT, LOCAL_POD)
+                    .udp(5000, 5353)
+                    .payload(12)
+                    .no_l4_checksum()
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "UDP with checksum: translated, checksum still valid",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                pkt()
+                    .ipv4(CLIENT, NODE)
+                    .udp(5001, 30053)
+                    .payload(12)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                pkt()
+                    .ipv4(CLIENT, LOCAL_POD)
+                    .udp(5001, 5353)
+                    .payload(12)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "not a frontend (ssh to the node): passed untouched",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40005, NODE, 22)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_UNSPEC,
+            reason: Reason::PassTcp,
+            out: Out::Same,
+        },
+        Row {
+            what: "the node's own reply traffic from a pod that is not a backend: passed",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                tcp(LOCAL_POD, 9999, CLIENT, 40000)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_UNSPEC,
+            reason: Reason::PassTcp,
+            out: Out::Same,
+        },
+        Row {
+            what: "a frontend packet whose total length lies: dropped, not rewritten",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40006, NODE, 30080)
+                    .tot_len(900)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_SHOT,
+            reason: Reason::DropMalformedIpv4,
+            out: Out::Same,
+        },
+    ];
+
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test").unwrap();
+    let layout = bpffs.layout();
+    let failures = ns.run(|| {
+        let mut dp = Datapath::open(&layout).unwrap();
+        backend(&mut dp, 1, LOCAL_POD, 8080, proto::TCP, true);
+        backend(&mut dp, 2, REMOTE_POD, 8080, proto::TCP, false);
+        backend(&mut dp, 3, LOCAL_POD, 5353, proto::UDP, true);
+        frontend(&mut dp, 30080, proto::TCP, 1, 0, &[1]);
+        frontend(&mut dp, 30081, proto::TCP, 2, 0, &[2]);
+        frontend(
+            &mut dp,
+            30082,
+            proto::TCP,
+            3,
+            svc_flags::SOURCE_RANGES,
+            &[1],
+        );
+        frontend(&mut dp, 30083, proto::TCP, 4, 0, &[]);
+        frontend(&mut dp, 30053, proto::UDP, 5, 0, &[3]);
+        dp.maps_mut()
+            .source_ranges
+            .insert(&SourceRange {
+                rev_nat_id: 3,
+                prefix: "198.18.0.200/32".parse().unwrap(),
+            })
+            .unwrap();
+        let uplink = ferrox_datapath::ifindex("up0").unwrap();
+        let cfg = DatapathConfig {
+            node_addr: be(NODE),
+            uplink_ifindex: uplink,
+            snat_port_min: 61000,
+            snat_port_max: 65535,
+            _pad: 0,
+        };
+        dp.maps_mut().config.set(&cfg).unwrap();
+
+        let mut failures = Vec::new();
+        let mut snat_port = 0u16;
+        for row in &rows {
+            let input = match &row.input {
+                Input::Bytes(b) => b.clone(),
+                Input::WithSnatPort(f) => f(snat_port),
+            };
+            let ifindex = ferrox_datapath::ifindex(row.on).unwrap();
+            let before = counters(&dp);
+            let out = dp
+                .test_run_tc_on(row.program, &input, Some(ifindex), 1)
+                .unwrap();
+            let after = counters(&dp);
+            let mut fail = |m: String| failures.push(format!("{}: {m}", row.what));
+            if out.action != row.action {
+                fail(format!("action {} want {}", out.action, row.action));
+            }
+            let hook = match row.program {
+                TcProgram::FromPod => Hook::TcFromPod,
+                _ => Hook::TcUplinkIngress,
+            };
+            let want_cell = counter_index(hook, row.reason) as usize;
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                let want = u64::from(i == want_cell);
+                if a - b != want {
+                    fail(format!(
+                        "counter {:?} moved by {} want {want}",
+                        counter_cell(i as u32),
+                        a - b
+                    ));
+                }
+            }
+            match &row.out {
+                Out::Same => {
+                    if out.packet != input {
+                        fail("the packet was modified".into());
+                    }
+                }
+                Out::Bytes(want) => {
+                    if &out.packet != want {
+                        fail(format!(
+                            "output\n  got  {:02x?}\n  want {:02x?}",
+                            out.packet, want
+                        ));
+                    }
+                }
+                Out::Snat(want) => {
+                    // The chosen port is the TCP source port, bytes 34..36.
+                    let port = u16::from_be_bytes([out.packet[34], out.packet[35]]);
+                    if !(61000..=65535).contains(&port) {
+                        fail(format!("SNAT port {port} outside 61000..=65535"));
+                    }
+                    snat_port = port;
+                    let want = want(port);
+                    if out.packet != want {
+                        fail(format!(
+                            "output\n  got  {:02x?}\n  want {:02x?}",
+                            out.packet, want
+                        ));
+                    }
+                }
+                Out::WithSnatPort(want) => {
+                    let want = want(snat_port);
+                    if out.packet != want {
+                        fail(format!(
+                            "output\n  got  {:02x?}\n  want {:02x?}",
+                            out.packet, want
+                        ));
+                    }
+                }
+            }
+            if row.action == TC_ACT_REDIRECT && !checksums_ok(&out.packet) {
+                fail("checksums do not verify".into());
+            }
+        }
+        // Every translated flow is tracked in both directions: 5 flows, 10 entries.
+        let ct: Vec<CtKey> = dp
+            .maps()
+            .conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        if ct.len() != 10 {
+            failures.push(format!(
+                "conntrack holds {} entries, want 10: {ct:?}",
+                ct.len()
+            ));
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

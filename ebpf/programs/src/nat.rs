@@ -1,0 +1,494 @@
+//! Per-packet service translation for traffic the socket hooks cannot see: clients outside the
+//! node reaching a NodePort, a LoadBalancer IP or an externalIP through the uplink.
+//!
+//! The first packet of a flow to an external frontend picks a backend (session affinity by
+//! client address, else the frontend's Maglev table, so every node picks the same backend for
+//! the same flow; a random slot when no table exists yet), and two conntrack entries are
+//! written: the original direction (client -> frontend, rewritten to -> backend) and the reply
+//! direction (backend -> client, rewritten to frontend -> client). When the backend is on
+//! another node and externalTrafficPolicy is Cluster, the source is also rewritten to the
+//! node's address and a free port, so the reply comes back through this node.
+//!
+//! Translated packets are forwarded with a FIB lookup and a redirect, not handed to the stack:
+//! a packet whose source became this node's own address would be dropped by the stack as a
+//! martian. Every path ends in a named reason, counted by the caller.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_fib_lookup,
+    },
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh,
+    },
+    maps::lpm_trie::Key as LpmKey,
+    programs::TcContext,
+};
+use ferrox_abi::{
+    AffinityKey, AffinityValue, CtEntry, CtKey, Hook, MAGLEV_TABLE_SIZE, Reason, ServiceKey,
+    ServiceValue, SrcRangeKey, Verdict, affinity_client, backend_flags, ct_flags, proto, scope,
+    src_range_prefixlen, svc_flags,
+};
+
+use crate::{
+    classify::classify,
+    counters::count,
+    maps::{AFFINITY_V1, BACKENDS_V1, CONFIG_V1, CT_V1, MAGLEV_V1, SRC_RANGES_V1, SVC_V1},
+    packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
+};
+
+/// How many source ports SNAT tries for a new flow before giving up.
+const SNAT_TRIES: u32 = 8;
+const AF_INET: u8 = 2;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+
+/// The addresses and ports of a TCP or UDP packet, network byte order.
+#[derive(Clone, Copy)]
+struct Flow {
+    /// Offset of the L4 header.
+    l4_off: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    /// IP total length, host byte order.
+    tot_len: u16,
+}
+
+impl Flow {
+    fn key(&self) -> CtKey {
+        CtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// What the packet is: a TCP/UDP flow to look at, or anything else with its final reason.
+enum Parsed {
+    Flow(Flow),
+    Other(Reason),
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Parsed {
+    let reason = classify(ctx);
+    if reason != Reason::PassTcp && reason != Reason::PassUdp {
+        return Parsed::Other(reason);
+    }
+    // `classify` validated the header; read what translation needs.
+    let Some(ip) = ctx.header::<Ipv4Hdr>(ETH_HLEN) else {
+        return Parsed::Other(Reason::DropMalformedIpv4);
+    };
+    // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
+    let ip = unsafe { ip.read_unaligned() };
+    let l4_off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
+    // Source and destination ports are the first four bytes of both TCP and UDP headers.
+    let Some(ports) = ctx.header::<[u16; 2]>(l4_off) else {
+        return Parsed::Other(Reason::DropMalformedIpv4);
+    };
+    // SAFETY: as above, for the four port bytes.
+    let [sport, dport] = unsafe { ports.read_unaligned() };
+    Parsed::Flow(Flow {
+        l4_off,
+        proto: ip.proto,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+        tot_len: u16::from_be(ip.tot_len),
+    })
+}
+
+/// The TC action of a reason that ends a packet's processing without translation.
+#[inline(always)]
+fn action_of(reason: Reason) -> i32 {
+    match reason.verdict() {
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Pass | Verdict::Translate => TC_ACT_UNSPEC,
+    }
+}
+
+/// Uplink ingress: translate external flows and the replies of SNATed ones.
+#[inline(always)]
+pub fn uplink_ingress(ctx: &TcContext) -> i32 {
+    let (reason, action) = match parse(ctx) {
+        Parsed::Other(r) => (r, action_of(r)),
+        Parsed::Flow(flow) => uplink_flow(ctx, &flow),
+    };
+    count(Hook::TcUplinkIngress, reason, ctx.len());
+    action
+}
+
+/// Pod veth ingress (packets leaving a pod): translate replies of flows a local backend serves.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext) -> i32 {
+    let (reason, action) = match parse(ctx) {
+        Parsed::Other(r) => (r, action_of(r)),
+        Parsed::Flow(flow) => match tracked(ctx, &flow) {
+            Some(done) => done,
+            None => {
+                let r = if flow.proto == proto::TCP {
+                    Reason::PassTcp
+                } else {
+                    Reason::PassUdp
+                };
+                (r, TC_ACT_UNSPEC)
+            }
+        },
+    };
+    count(Hook::TcFromPod, reason, ctx.len());
+    action
+}
+
+#[inline(always)]
+fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
+    if let Some(done) = tracked(ctx, flow) {
+        return done;
+    }
+    let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::EXTERNAL);
+    // SAFETY: hash map values are read once, by copy.
+    let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
+        let r = if flow.proto == proto::TCP {
+            Reason::PassTcp
+        } else {
+            Reason::PassUdp
+        };
+        return (r, TC_ACT_UNSPEC);
+    };
+    match new_flow(ctx, flow, &key, &frontend) {
+        Ok(action) => (Reason::NatNewFlow, action),
+        Err(r) => (r, TC_ACT_SHOT),
+    }
+}
+
+/// A packet of a tracked flow: translated as its conntrack entry says.
+#[inline(always)]
+fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
+    let entry = CT_V1.get_ptr_mut(&flow.key())?;
+    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy and only its
+    // timestamp is written (a torn timestamp is harmless).
+    let e = unsafe {
+        (*entry).last_seen_ns = bpf_ktime_get_ns();
+        *entry
+    };
+    let reason = if e.flags & ct_flags::REPLY != 0 {
+        Reason::NatReply
+    } else {
+        Reason::NatEstablished
+    };
+    Some(match translate(ctx, flow, &e) {
+        Ok(action) => (reason, action),
+        Err(r) => (r, TC_ACT_SHOT),
+    })
+}
+
+/// The first packet of a flow to an external frontend.
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    flow: &Flow,
+    key: &ServiceKey,
+    frontend: &ServiceValue,
+) -> Result<i32, Reason> {
+    if frontend.count == 0 {
+        return Err(Reason::DropNoBackend);
+    }
+    if frontend.flags & svc_flags::SOURCE_RANGES != 0 {
+        let k = LpmKey::new(
+            src_range_prefixlen(32),
+            SrcRangeKey {
+                rev_nat_id: frontend.rev_nat_id.to_be(),
+                _pad: 0,
+                addr: flow.saddr,
+            },
+        );
+        if SRC_RANGES_V1.get(&k).is_none() {
+            return Err(Reason::DropSourceRange);
+        }
+    }
+    let backend_id = pick_backend(flow, key, frontend)?;
+    // SAFETY: hash map values are read once, by copy.
+    let Some(backend) = (unsafe { BACKENDS_V1.get(&backend_id) }).copied() else {
+        return Err(Reason::DropBackendMissing);
+    };
+    let local = backend.flags & backend_flags::LOCAL != 0;
+    let snat = !local && frontend.flags & svc_flags::EXTERNAL_LOCAL == 0;
+    let (nat_saddr, nat_sport) = if snat {
+        snat_source(flow, backend.addr, backend.port)?
+    } else {
+        (flow.saddr, flow.sport)
+    };
+
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut flags = 0;
+    if snat {
+        flags |= ct_flags::SNAT;
+    }
+    if local {
+        flags |= ct_flags::LOCAL_BACKEND;
+    }
+    let forward = CtEntry {
+        nat_saddr,
+        nat_daddr: backend.addr,
+        nat_sport,
+        nat_dport: backend.port,
+        backend_id,
+        rev_nat_id: frontend.rev_nat_id,
+        flags,
+        _pad: [0; 5],
+        last_seen_ns: now,
+    };
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: nat_saddr,
+        sport: backend.port,
+        dport: nat_sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let reply = CtEntry {
+        nat_saddr: flow.daddr,
+        nat_daddr: flow.saddr,
+        nat_sport: flow.dport,
+        nat_dport: flow.sport,
+        flags: flags | ct_flags::REPLY,
+        ..forward
+    };
+    // Reply entry first: a reply can only come after the forward packet left.
+    if CT_V1.insert(&reply_key, &reply, 0).is_err() {
+        return Err(Reason::DropConntrackFull);
+    }
+    if CT_V1.insert(&flow.key(), &forward, 0).is_err() {
+        let _ = CT_V1.remove(&reply_key);
+        return Err(Reason::DropConntrackFull);
+    }
+    translate(ctx, flow, &forward)
+}
+
+/// The backend of a new external flow: the client address's affinity entry, else Maglev.
+#[inline(always)]
+fn pick_backend(flow: &Flow, key: &ServiceKey, frontend: &ServiceValue) -> Result<u32, Reason> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let akey = AffinityKey {
+        client: u64::from(flow.saddr),
+        rev_nat_id: frontend.rev_nat_id,
+        client_kind: affinity_client::IPV4,
+        _pad: [0; 5],
+    };
+    if frontend.flags & svc_flags::AFFINITY != 0 {
+        let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
+        // SAFETY: the value is copied out before the entry is written again.
+        if let Some(a) = (unsafe { AFFINITY_V1.get(&akey) }).copied()
+            && now.saturating_sub(a.last_used_ns) <= timeout_ns
+            // SAFETY: only checks that the backend still exists.
+            && (unsafe { BACKENDS_V1.get(&a.backend_id) }).is_some()
+        {
+            let _ = AFFINITY_V1.insert(
+                &akey,
+                &AffinityValue {
+                    last_used_ns: now,
+                    ..a
+                },
+                0,
+            );
+            return Ok(a.backend_id);
+        }
+    }
+    let hash = flow_hash(flow);
+    // SAFETY: the table entry is read by copy.
+    let from_table = unsafe {
+        MAGLEV_V1.get_value(&u32::from(frontend.rev_nat_id), &(hash % MAGLEV_TABLE_SIZE))
+    }
+    .copied();
+    let backend_id = match from_table {
+        Some(id) => id,
+        None => {
+            // No table (yet): a random slot, like the socket hooks.
+            // SAFETY: a helper without arguments or preconditions.
+            let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(frontend.count)) as u16 + 1;
+            // SAFETY: hash map values are read once, by copy.
+            match unsafe { SVC_V1.get(&key.with_slot(slot)) } {
+                Some(s) => s.backend_id,
+                None => return Err(Reason::DropBackendMissing),
+            }
+        }
+    };
+    if frontend.flags & svc_flags::AFFINITY != 0 {
+        let _ = AFFINITY_V1.insert(
+            &akey,
+            &AffinityValue {
+                backend_id,
+                _pad: 0,
+                last_used_ns: now,
+            },
+            0,
+        );
+    }
+    Ok(backend_id)
+}
+
+/// A hash of the flow's tuple, the same on every node (murmur3's finaliser over a mix).
+#[inline(always)]
+fn flow_hash(flow: &Flow) -> u32 {
+    let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
+    let mut h = flow.saddr.wrapping_mul(0x9e37_79b1)
+        ^ flow.daddr.rotate_left(16).wrapping_mul(0x85eb_ca6b)
+        ^ ports.wrapping_mul(0xc2b2_ae35)
+        ^ u32::from(flow.proto);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// The node address and a free source port for a SNATed flow to `backend`.
+#[inline(always)]
+fn snat_source(flow: &Flow, backend_addr: u32, backend_port: u16) -> Result<(u32, u16), Reason> {
+    // SAFETY: array element 0 always exists; read by copy.
+    let Some(cfg) = CONFIG_V1.get(0).copied() else {
+        return Err(Reason::DropSnatExhausted);
+    };
+    if cfg.node_addr == 0 || cfg.snat_port_max <= cfg.snat_port_min {
+        return Err(Reason::DropSnatExhausted);
+    }
+    let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
+    let start = flow_hash(flow);
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port =
+            (cfg.snat_port_min as u32 + (start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
+        let candidate = CtKey {
+            saddr: backend_addr,
+            daddr: cfg.node_addr,
+            sport: backend_port,
+            dport: port.to_be(),
+            proto: flow.proto,
+            _pad: [0; 3],
+        };
+        // SAFETY: only checks presence.
+        if (unsafe { CT_V1.get(&candidate) }).is_none() {
+            return Ok((cfg.node_addr, port.to_be()));
+        }
+        i += 1;
+    }
+    Err(Reason::DropSnatExhausted)
+}
+
+/// Rewrites the packet as `e` says and forwards it.
+#[inline(always)]
+fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<i32, Reason> {
+    rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+    forward(ctx, flow, e)
+}
+
+/// Rewrites addresses and ports, keeping the IP and L4 checksums right (incrementally).
+#[inline(always)]
+fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
+    let (csum_off, mangled) = if flow.proto == proto::TCP {
+        (flow.l4_off + 16, 0)
+    } else {
+        (flow.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+    if e.nat_saddr != flow.saddr {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(flow.saddr),
+            u64::from(e.nat_saddr),
+            pseudo | mangled | 4,
+        )?;
+        ctx.l3_csum_replace(
+            IP_CSUM_OFF,
+            u64::from(flow.saddr),
+            u64::from(e.nat_saddr),
+            4,
+        )?;
+        ctx.store(IP_SADDR_OFF, &e.nat_saddr, 0)?;
+    }
+    if e.nat_daddr != flow.daddr {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(flow.daddr),
+            u64::from(e.nat_daddr),
+            pseudo | mangled | 4,
+        )?;
+        ctx.l3_csum_replace(
+            IP_CSUM_OFF,
+            u64::from(flow.daddr),
+            u64::from(e.nat_daddr),
+            4,
+        )?;
+        ctx.store(IP_DADDR_OFF, &e.nat_daddr, 0)?;
+    }
+    if e.nat_sport != flow.sport {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(flow.sport),
+            u64::from(e.nat_sport),
+            mangled | 2,
+        )?;
+        ctx.store(flow.l4_off, &e.nat_sport, 0)?;
+    }
+    if e.nat_dport != flow.dport {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(flow.dport),
+            u64::from(e.nat_dport),
+            mangled | 2,
+        )?;
+        ctx.store(flow.l4_off + 2, &e.nat_dport, 0)?;
+    }
+    Ok(())
+}
+
+/// Sends the translated packet towards its new destination: FIB lookup, MAC rewrite, redirect.
+#[inline(always)]
+fn forward(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<i32, Reason> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut p: bpf_fib_lookup = unsafe { zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = flow.proto;
+    p.sport = e.nat_sport;
+    p.dport = e.nat_dport;
+    p.__bindgen_anon_1.tot_len = flow.tot_len;
+    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
+    p.ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    p.__bindgen_anon_3.ipv4_src = e.nat_saddr;
+    p.__bindgen_anon_4.ipv4_dst = e.nat_daddr;
+    // SAFETY: `p` is a valid request of the size passed; `ctx` is the program's context.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // SAFETY: reading the MAC addresses the lookup filled in.
+            let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
+            ctx.store(0, &macs.dmac, 0)
+                .map_err(|_| Reason::DropRewrite)?;
+            ctx.store(6, &macs.smac, 0)
+                .map_err(|_| Reason::DropRewrite)?;
+            // SAFETY: redirecting to the interface the lookup chose.
+            Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
+        }
+        // SAFETY: the kernel resolves the next hop's MAC itself.
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            Ok(unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        }
+        // Too big for the next hop: the stack sends the ICMP error.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(TC_ACT_OK),
+        _ => Err(Reason::DropNoRoute),
+    }
+}
