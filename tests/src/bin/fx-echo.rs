@@ -133,7 +133,7 @@ fn serve(name: &str, tcp: &[u16], udp: &[u16]) {
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let mut reply = format!("{name} ").into_bytes();
+                let mut reply = format!("{name} {from} ").into_bytes();
                 reply.extend_from_slice(&buf[..n]);
                 let _ = sock.send_to(&reply, from);
             }
@@ -146,8 +146,10 @@ fn serve(name: &str, tcp: &[u16], udp: &[u16]) {
 }
 
 fn echo_tcp(mut conn: TcpStream, name: &str) {
+    // The greeting says who answered and which client address this server sees.
+    let seen = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     if conn
-        .write_all(format!("fx-echo {name}\n").as_bytes())
+        .write_all(format!("fx-echo {name} {seen}\n").as_bytes())
         .is_err()
     {
         return;
@@ -181,9 +183,11 @@ fn call_tcp(target: SocketAddr, timeout: Duration) -> serde_json::Value {
     if let Err(e) = reader.read_line(&mut greeting) {
         return error(target, e);
     }
-    let Some(backend) = greeting.trim().strip_prefix("fx-echo ").map(str::to_owned) else {
+    let mut words = greeting.split_whitespace();
+    let (Some("fx-echo"), Some(backend), seen) = (words.next(), words.next(), words.next()) else {
         return error(target, format!("unexpected greeting {greeting:?}"));
     };
+    let (backend, seen) = (backend.to_owned(), seen.unwrap_or_default().to_owned());
     if let Err(e) = conn.write_all(b"ping\n") {
         return error(target, e);
     }
@@ -197,6 +201,7 @@ fn call_tcp(target: SocketAddr, timeout: Duration) -> serde_json::Value {
     serde_json::json!({
         "target": target.to_string(),
         "backend": backend,
+        "seen_by_backend": seen,
         "peer": conn.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
         "local": conn.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "micros": started.elapsed().as_micros() as u64,
@@ -221,10 +226,12 @@ fn call_udp(target: SocketAddr, timeout: Duration, connected: bool) -> serde_jso
         Err(e) => return error(target, e),
     };
     let reply = String::from_utf8_lossy(&buf[..n]).to_string();
-    let Some(backend) = reply.strip_suffix(" ping") else {
+    let mut words = reply.splitn(3, ' ');
+    let (Some(backend), Some(seen), Some("ping")) = (words.next(), words.next(), words.next())
+    else {
         return error(target, format!("bad reply {reply:?}"));
     };
-    serde_json::json!({ "target": target.to_string(), "backend": backend, "from": from.to_string() })
+    serde_json::json!({ "target": target.to_string(), "backend": backend, "seen_by_backend": seen, "from": from.to_string() })
 }
 
 fn http_get(target: SocketAddr, path: &str) -> serde_json::Value {
@@ -273,7 +280,11 @@ fn stream(target: SocketAddr, chunk: usize, pause: Duration) {
     reader
         .read_line(&mut greeting)
         .unwrap_or_else(|e| fail("greeting", &e, 0));
-    let backend = greeting.trim().trim_start_matches("fx-echo ").to_owned();
+    let backend = greeting
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     println!(
         "{}",

@@ -121,6 +121,23 @@ impl std::ops::Deref for Pod {
 pub struct ExternalClient {
     pub place: Place,
     pub ip: Ipv4Addr,
+    netns_name: String,
+}
+
+impl ExternalClient {
+    /// Routes `dst` (e.g. a LoadBalancer IP) via `node`, as the network in front of a cluster
+    /// (a router, an ECMP load balancer) would.
+    pub fn route(&self, dst: &str, via: Ipv4Addr) {
+        super::netns::ip(&[
+            "-n",
+            &self.netns_name,
+            "route",
+            "replace",
+            dst,
+            "via",
+            &via.to_string(),
+        ]);
+    }
 }
 
 impl std::ops::Deref for ExternalClient {
@@ -429,8 +446,13 @@ impl Cluster {
             netns_path: netns.path(),
             cgroup,
         };
+        let netns_name = netns.name().to_owned();
         ext.push(netns);
-        ExternalClient { place, ip }
+        ExternalClient {
+            place,
+            ip,
+            netns_name,
+        }
     }
 
     /// Runs `ferrox-cni DEL` for the pod (the namespace is kept, as a runtime may call DEL first).
