@@ -29,6 +29,7 @@ const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
 const NODE: [u8; 4] = [198, 18, 0, 11];
+const NODE2: [u8; 4] = [198, 18, 0, 12];
 const CLIENT: [u8; 4] = [198, 18, 0, 200];
 const STRANGER: [u8; 4] = [198, 18, 0, 201];
 const LOCAL_POD: [u8; 4] = [10, 244, 1, 5];
@@ -244,6 +245,91 @@ fn external_flows_are_translated_tracked_and_answered() {
                     .macs(CLIENT_MAC, up0_mac)
                     .build()
             })),
+        },
+        Row {
+            what: "fragmentation needed from a router about a SNATed flow: to the client, in its addresses",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::WithSnatPort(Box::new(move |port| {
+                let quote = tcp(NODE, port, REMOTE_POD, 8080).quote(28);
+                pkt()
+                    .ipv4(NODE2, NODE)
+                    .icmp_error(3, 4, &quote)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build()
+            })),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatIcmpError,
+            out: Out::WithSnatPort(Box::new(move |_| {
+                let quote = tcp(CLIENT, 40001, NODE, 30081).quote(28);
+                pkt()
+                    .ipv4(NODE2, CLIENT)
+                    .icmp_error(3, 4, &quote)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "port unreachable from the remote backend itself: its source becomes the frontend",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::WithSnatPort(Box::new(move |port| {
+                let quote = tcp(NODE, port, REMOTE_POD, 8080).quote(28);
+                pkt()
+                    .ipv4(REMOTE_POD, NODE)
+                    .icmp_error(3, 3, &quote)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build()
+            })),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatIcmpError,
+            out: Out::WithSnatPort(Box::new(move |_| {
+                let quote = tcp(CLIENT, 40001, NODE, 30081).quote(28);
+                pkt()
+                    .ipv4(NODE, CLIENT)
+                    .icmp_error(3, 3, &quote)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "fragmentation needed about a local backend's reply: to the pod, in its addresses",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes({
+                let quote = tcp(NODE, 30080, CLIENT, 40000).quote(28);
+                pkt()
+                    .ipv4(NODE2, NODE)
+                    .icmp_error(3, 4, &quote)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build()
+            }),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatIcmpError,
+            out: Out::Bytes({
+                let quote = tcp(LOCAL_POD, 8080, CLIENT, 40000).quote(28);
+                pkt()
+                    .ipv4(NODE2, LOCAL_POD)
+                    .icmp_error(3, 4, &quote)
+                    .macs(POD_MAC, pod0_mac)
+                    .build()
+            }),
+        },
+        Row {
+            what: "an ICMP error about a flow that was never translated: passed untouched",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes({
+                let quote = tcp(NODE, 22, CLIENT, 50000).quote(28);
+                pkt()
+                    .ipv4(NODE2, NODE)
+                    .icmp_error(3, 4, &quote)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build()
+            }),
+            action: TC_ACT_UNSPEC,
+            reason: Reason::PassIcmp,
+            out: Out::Same,
         },
         Row {
             what: "a client outside loadBalancerSourceRanges is dropped",

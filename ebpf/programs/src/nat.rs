@@ -76,16 +76,23 @@ impl Flow {
     }
 }
 
-/// What the packet is: a TCP/UDP flow to look at, or anything else with its final reason.
+/// What the packet is: a TCP/UDP flow to look at, an ICMP message (errors about translated
+/// flows are translated too), or anything else with its final reason.
 enum Parsed {
     Flow(Flow),
+    Icmp {
+        l4_off: usize,
+        saddr: u32,
+        daddr: u32,
+        tot_len: u16,
+    },
     Other(Reason),
 }
 
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Parsed {
     let reason = classify(ctx);
-    if reason != Reason::PassTcp && reason != Reason::PassUdp {
+    if reason != Reason::PassTcp && reason != Reason::PassUdp && reason != Reason::PassIcmp {
         return Parsed::Other(reason);
     }
     // `classify` validated the header; read what translation needs.
@@ -95,6 +102,14 @@ fn parse(ctx: &TcContext) -> Parsed {
     // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
     let ip = unsafe { ip.read_unaligned() };
     let l4_off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
+    if reason == Reason::PassIcmp {
+        return Parsed::Icmp {
+            l4_off,
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            tot_len: u16::from_be(ip.tot_len),
+        };
+    }
     // Source and destination ports are the first four bytes of both TCP and UDP headers.
     let Some(ports) = ctx.header::<[u16; 2]>(l4_off) else {
         return Parsed::Other(Reason::DropMalformedIpv4);
@@ -127,6 +142,12 @@ pub fn uplink_ingress(ctx: &TcContext) -> i32 {
     let (reason, action) = match parse(ctx) {
         Parsed::Other(r) => (r, action_of(r)),
         Parsed::Flow(flow) => uplink_flow(ctx, &flow),
+        Parsed::Icmp {
+            l4_off,
+            saddr,
+            daddr,
+            tot_len,
+        } => icmp(ctx, l4_off, saddr, daddr, tot_len),
     };
     count(Hook::TcUplinkIngress, reason, ctx.len());
     action
@@ -137,6 +158,12 @@ pub fn uplink_ingress(ctx: &TcContext) -> i32 {
 pub fn from_pod(ctx: &TcContext) -> i32 {
     let (reason, action) = match parse(ctx) {
         Parsed::Other(r) => (r, action_of(r)),
+        Parsed::Icmp {
+            l4_off,
+            saddr,
+            daddr,
+            tot_len,
+        } => icmp(ctx, l4_off, saddr, daddr, tot_len),
         Parsed::Flow(flow) => match tracked(ctx, &flow) {
             Some(done) => done,
             None => {
@@ -393,7 +420,25 @@ fn snat_source(flow: &Flow, backend_addr: u32, backend_port: u16) -> Result<(u32
 #[inline(always)]
 fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<i32, Reason> {
     rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
-    forward(ctx, flow, e)
+    let to = Fib {
+        proto: flow.proto,
+        saddr: e.nat_saddr,
+        daddr: e.nat_daddr,
+        sport: e.nat_sport,
+        dport: e.nat_dport,
+        tot_len: flow.tot_len,
+    };
+    forward(ctx, &to)
+}
+
+/// What a FIB lookup needs to know about a translated packet.
+struct Fib {
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
 }
 
 /// Rewrites addresses and ports, keeping the IP and L4 checksums right (incrementally).
@@ -458,18 +503,18 @@ fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
 
 /// Sends the translated packet towards its new destination: FIB lookup, MAC rewrite, redirect.
 #[inline(always)]
-fn forward(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<i32, Reason> {
+fn forward(ctx: &TcContext, to: &Fib) -> Result<i32, Reason> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut p: bpf_fib_lookup = unsafe { zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = flow.proto;
-    p.sport = e.nat_sport;
-    p.dport = e.nat_dport;
-    p.__bindgen_anon_1.tot_len = flow.tot_len;
+    p.l4_protocol = to.proto;
+    p.sport = to.sport;
+    p.dport = to.dport;
+    p.__bindgen_anon_1.tot_len = to.tot_len;
     // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
     p.ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
-    p.__bindgen_anon_3.ipv4_src = e.nat_saddr;
-    p.__bindgen_anon_4.ipv4_dst = e.nat_daddr;
+    p.__bindgen_anon_3.ipv4_src = to.saddr;
+    p.__bindgen_anon_4.ipv4_dst = to.daddr;
     // SAFETY: `p` is a valid request of the size passed; `ctx` is the program's context.
     let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
     match rc as u32 {
@@ -491,4 +536,169 @@ fn forward(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<i32, Reason> {
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(TC_ACT_OK),
         _ => Err(Reason::DropNoRoute),
     }
+}
+
+/// ICMP types that quote the packet they are about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+/// Offset of the ICMP checksum in the ICMP header, and of the quoted packet.
+const ICMP_CSUM: usize = 2;
+const ICMP_QUOTE: usize = 8;
+
+/// An ICMP message. Errors about a translated flow (fragmentation needed, unreachable, time
+/// exceeded) are translated like the flow, so the sender they concern gets them in its own
+/// addresses: the quoted packet, the error's destination, and its source when the error comes
+/// from the quoted packet's destination itself. Anything else passes.
+#[inline(always)]
+fn icmp(ctx: &TcContext, l4_off: usize, saddr: u32, daddr: u32, tot_len: u16) -> (Reason, i32) {
+    match icmp_error(ctx, l4_off, saddr, daddr, tot_len) {
+        Some(Ok(action)) => (Reason::NatIcmpError, action),
+        Some(Err(r)) => (r, TC_ACT_SHOT),
+        None => (Reason::PassIcmp, TC_ACT_UNSPEC),
+    }
+}
+
+#[inline(always)]
+fn icmp_error(
+    ctx: &TcContext,
+    l4_off: usize,
+    saddr: u32,
+    daddr: u32,
+    tot_len: u16,
+) -> Option<Result<i32, Reason>> {
+    let hdr = ctx.header::<[u8; 2]>(l4_off)?;
+    // SAFETY: `header` checked the two bytes are inside the frame.
+    let [kind, _code] = unsafe { hdr.read_unaligned() };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
+        return None;
+    }
+    let inner_off = l4_off + ICMP_QUOTE;
+    let inner = ctx.header::<Ipv4Hdr>(inner_off)?;
+    // SAFETY: as above, for the quoted IP header.
+    let inner = unsafe { inner.read_unaligned() };
+    if inner.proto != proto::TCP && inner.proto != proto::UDP {
+        return None;
+    }
+    let inner_l4 = inner_off + usize::from(inner.version_ihl & 0x0f) * 4;
+    let ports = ctx.header::<[u16; 2]>(inner_l4)?;
+    // SAFETY: as above, for the quoted ports.
+    let [isport, idport] = unsafe { ports.read_unaligned() };
+    // The quoted packet went s -> d; its flow's entry is the one for d -> s.
+    let key = CtKey {
+        saddr: inner.daddr,
+        daddr: inner.saddr,
+        sport: idport,
+        dport: isport,
+        proto: inner.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: the entry is read by copy.
+    let e = (unsafe { CT_V1.get(&key) }).copied()?;
+    // Translated quote: the reverse of the translated d -> s.
+    let (new_isaddr, new_isport, new_idaddr, new_idport) =
+        (e.nat_daddr, e.nat_dport, e.nat_saddr, e.nat_sport);
+    let new_daddr = e.nat_daddr;
+    let new_saddr = if saddr == inner.daddr {
+        e.nat_saddr
+    } else {
+        saddr
+    };
+    Some(
+        rewrite_icmp_error(
+            ctx,
+            l4_off,
+            inner_off,
+            inner_l4,
+            &inner,
+            [isport, idport],
+            [new_isaddr, new_idaddr],
+            [new_isport, new_idport],
+            saddr,
+            daddr,
+            new_saddr,
+            new_daddr,
+        )
+        .map_err(|_| Reason::DropRewrite)
+        .and_then(|()| {
+            forward(
+                ctx,
+                &Fib {
+                    proto: proto::ICMP,
+                    saddr: new_saddr,
+                    daddr: new_daddr,
+                    sport: 0,
+                    dport: 0,
+                    tot_len,
+                },
+            )
+        }),
+    )
+}
+
+/// Rewrites an ICMP error and its quote. The ICMP checksum covers the quote (no pseudo
+/// header), so every quoted byte that changes, the quoted IP checksum included, is folded in.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the old and new values of every rewritten field"
+)]
+#[inline(always)]
+fn rewrite_icmp_error(
+    ctx: &TcContext,
+    l4_off: usize,
+    inner_off: usize,
+    inner_l4: usize,
+    inner: &Ipv4Hdr,
+    old_ports: [u16; 2],
+    new_addrs: [u32; 2],
+    new_ports: [u16; 2],
+    saddr: u32,
+    daddr: u32,
+    new_saddr: u32,
+    new_daddr: u32,
+) -> Result<(), i64> {
+    let icmp_csum = l4_off + ICMP_CSUM;
+    let inner_csum = inner_off + 10;
+    let old_inner_csum = inner.check;
+    // Quoted addresses: the quoted IP checksum and the ICMP checksum.
+    for (off, old, new) in [
+        (inner_off + 12, inner.saddr, new_addrs[0]),
+        (inner_off + 16, inner.daddr, new_addrs[1]),
+    ] {
+        if old != new {
+            ctx.l3_csum_replace(inner_csum, u64::from(old), u64::from(new), 4)?;
+            ctx.l4_csum_replace(icmp_csum, u64::from(old), u64::from(new), 4)?;
+            ctx.store(off, &new, 0)?;
+        }
+    }
+    // Quoted ports: the ICMP checksum (the quoted L4 checksum may lie beyond the quote).
+    for (off, old, new) in [
+        (inner_l4, old_ports[0], new_ports[0]),
+        (inner_l4 + 2, old_ports[1], new_ports[1]),
+    ] {
+        if old != new {
+            ctx.l4_csum_replace(icmp_csum, u64::from(old), u64::from(new), 2)?;
+            ctx.store(off, &new, 0)?;
+        }
+    }
+    // The quoted IP checksum itself changed: fold that into the ICMP checksum.
+    let new_inner_csum = ctx.load::<u16>(inner_csum)?;
+    if new_inner_csum != old_inner_csum {
+        ctx.l4_csum_replace(
+            icmp_csum,
+            u64::from(old_inner_csum),
+            u64::from(new_inner_csum),
+            2,
+        )?;
+    }
+    // Outer addresses: only the outer IP checksum (ICMP has no pseudo header).
+    if new_saddr != saddr {
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(saddr), u64::from(new_saddr), 4)?;
+        ctx.store(IP_SADDR_OFF, &new_saddr, 0)?;
+    }
+    if new_daddr != daddr {
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(daddr), u64::from(new_daddr), 4)?;
+        ctx.store(IP_DADDR_OFF, &new_daddr, 0)?;
+    }
+    Ok(())
 }

@@ -155,6 +155,22 @@ impl Packet {
         self
     }
 
+    /// An ICMP error (`kind`, `code`, e.g. 3/4: fragmentation needed) quoting `quote` (the
+    /// quoted packet's bytes from its IP header on).
+    pub fn icmp_error(mut self, kind: u8, code: u8, quote: &[u8]) -> Self {
+        let mut h = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500
+        h.extend_from_slice(quote);
+        let ip = self.ip();
+        ip.proto = 1;
+        ip.l4 = h;
+        self
+    }
+
+    /// The first `len` bytes of this packet from its IP header on: what an ICMP error quotes.
+    pub fn quote(&self, len: usize) -> Vec<u8> {
+        self.build()[14..14 + len].to_vec()
+    }
+
     /// Any L4 protocol with `len` zero bytes of payload.
     pub fn l4(mut self, proto: u8, len: usize) -> Self {
         let ip = self.ip();
@@ -219,6 +235,12 @@ impl Packet {
                 h[10..12].copy_from_slice(&csum.to_be_bytes());
                 f.extend_from_slice(&h);
                 let mut l4 = ip.l4.clone();
+                if ip.proto == 1 && l4.len() >= 4 && self.l4_checksum {
+                    // ICMP: no pseudo header.
+                    l4[2..4].copy_from_slice(&[0, 0]);
+                    let c = checksum(&l4);
+                    l4[2..4].copy_from_slice(&c.to_be_bytes());
+                }
                 let csum_at = match ip.proto {
                     6 if l4.len() >= 20 => Some(16),
                     17 if l4.len() >= 8 => Some(6),
@@ -267,6 +289,11 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
         [ip[16], ip[17], ip[18], ip[19]],
         ip[9],
     );
+    if proto == 1 {
+        // ICMP: its own checksum, and the quoted IP header's when it quotes one.
+        let quote_ok = l4.len() < 28 || checksum(&l4[8..8 + usize::from(l4[8] & 0x0f) * 4]) == 0;
+        return checksum(l4) == 0 && quote_ok;
+    }
     if proto == 17 && l4[6] == 0 && l4[7] == 0 {
         return true; // no checksum
     }
