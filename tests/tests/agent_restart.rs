@@ -153,3 +153,87 @@ fn a_stream_survives_kill_9_of_the_agent_and_nothing_is_recreated() {
     );
     assert!(progress(&stream) >= after_restart);
 }
+
+/// The number of successful connections a `load` process reported last.
+fn load_ok(load: &Proc) -> u64 {
+    load.lines()
+        .iter()
+        .rev()
+        .find_map(|l| {
+            l.strip_prefix("progress ")
+                .and_then(|n| n.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn wait_load(load: &Proc, from: u64, more: u64) -> u64 {
+    let line = load.wait_for_line("load progress", Duration::from_secs(20), |l| {
+        l.strip_prefix("progress ")
+            .and_then(|n| n.split_whitespace().next()?.parse::<u64>().ok())
+            .is_some_and(|n| n >= from + more)
+    });
+    line["progress ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn continuous_requests_through_a_node_port_and_a_cluster_ip_see_no_failure_across_kill_9() {
+    let c = Cluster::builder().nodes(2).build();
+    let web1 = c.add_pod(1, "web-1");
+    let web2 = c.add_pod(2, "web-2");
+    let client = c.add_pod(1, "client");
+    let _s1 = web1.serve(8080);
+    let _s2 = web2.serve(8080);
+    let outside = c.external_client();
+    c.api().apply(
+        &svc("web")
+            .node_port_type()
+            .cluster_ip("10.96.3.10")
+            .port_np("", 80, 30110, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("web", "w")
+            .port("", 8080, "TCP")
+            .ready_on(web1.ip, "node-1")
+            .ready_on(web2.ip, "node-2")
+            .build(),
+    );
+    let node = c.node(1);
+    node.wait_for_backends("10.96.3.10:80/TCP", 2);
+    node.wait_for_entry(
+        "198.18.0.11:30110/TCP",
+        ferrox::services::model::Scope::External,
+        2,
+    );
+
+    let mut external = outside.spawn(&["load", "198.18.0.11:30110"]);
+    let mut internal = client.spawn(&["load", "10.96.3.10:80"]);
+    let e0 = wait_load(&external, 0, 20);
+    let i0 = wait_load(&internal, 0, 20);
+
+    node.kill_agent();
+    let e1 = wait_load(&external, e0, 20);
+    let i1 = wait_load(&internal, i0, 20);
+    node.start_agent();
+    node.wait_agent_ready();
+    wait_load(&external, e1, 20);
+    wait_load(&internal, i1, 20);
+
+    for (name, load) in [
+        ("external NodePort", &mut external),
+        ("pod ClusterIP", &mut internal),
+    ] {
+        let status = load.signal_and_wait(libc::SIGTERM);
+        let summary: serde_json::Value =
+            serde_json::from_str(load.lines().last().unwrap()).unwrap();
+        assert!(status.success(), "{name}: {summary}");
+        assert_eq!(summary["failed"], 0, "{name}: {summary}");
+        assert!(summary["ok"].as_u64().unwrap() >= 60, "{name}: {summary}");
+        assert!(load_ok(load) > 0);
+    }
+}

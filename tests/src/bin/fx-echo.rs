@@ -56,6 +56,13 @@ enum Cmd {
         #[arg(long)]
         connected: bool,
     },
+    /// New TCP connections to `target`, one after the other, until SIGTERM; prints
+    /// `progress <ok> <failed>` lines, then a JSON summary with every failure.
+    Load {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 5)]
+        pause_ms: u64,
+    },
     /// GET `path` from `target` over HTTP/1.1; prints the status and body.
     HttpGet {
         target: SocketAddr,
@@ -106,6 +113,7 @@ fn main() {
             chunk,
             pause_ms,
         } => stream(target, chunk, Duration::from_millis(pause_ms)),
+        Cmd::Load { target, pause_ms } => load(target, Duration::from_millis(pause_ms)),
         Cmd::HttpGet { target, path } => {
             let line = http_get(target, &path);
             let failed = line.get("error").is_some();
@@ -232,6 +240,38 @@ fn call_udp(target: SocketAddr, timeout: Duration, connected: bool) -> serde_jso
         return error(target, format!("bad reply {reply:?}"));
     };
     serde_json::json!({ "target": target.to_string(), "backend": backend, "seen_by_backend": seen, "from": from.to_string() })
+}
+
+fn load(target: SocketAddr, pause: Duration) {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+    }
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut errors = Vec::new();
+    let mut last_report = Instant::now();
+    while !STOP.load(Ordering::SeqCst) {
+        let r = call_tcp(target, Duration::from_secs(2));
+        match r.get("error") {
+            None => ok += 1,
+            Some(e) => {
+                failed += 1;
+                if errors.len() < 20 {
+                    errors.push(e.clone());
+                }
+            }
+        }
+        if last_report.elapsed() >= Duration::from_millis(100) {
+            println!("progress {ok} {failed}");
+            std::io::stdout().flush().ok();
+            last_report = Instant::now();
+        }
+        std::thread::sleep(pause);
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "done": true, "ok": ok, "failed": failed, "errors": errors })
+    );
 }
 
 fn http_get(target: SocketAddr, path: &str) -> serde_json::Value {
