@@ -98,8 +98,10 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             nodeport_addresses: args.nodeport_addresses.clone(),
         },
     };
+    let maps = services::reconcile::NodeMaps::new(dp.into_maps(), &layout)
+        .context("opening the Maglev tables")?;
     tokio::select! {
-        r = services::sync::run(client, dp.into_maps(), sync_config, health) => r,
+        r = services::sync::run(client, maps, sync_config, health) => r,
         signal = shutdown_signal() => {
             info!(signal = signal?, "shutting down; the datapath stays pinned and attached");
             Ok(())

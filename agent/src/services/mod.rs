@@ -5,6 +5,7 @@
 //! async shell that watches the API and runs the two.
 
 pub mod desired;
+pub mod maglev;
 pub mod model;
 pub mod reconcile;
 pub mod sync;

@@ -18,10 +18,9 @@ use tracing::{debug, error, info, warn};
 use super::{
     desired::desired,
     model::{NodeInfo, ProxyOptions},
-    reconcile::{Reconciler, SyncReport},
+    reconcile::{NodeMaps, Reconciler, SyncReport},
 };
 use crate::health::Health;
-use ferrox_datapath::Maps;
 
 /// Spawns a reflector for `K` that wakes `notify` on every event, and returns its store.
 fn watch<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> reflector::Store<K>
@@ -83,7 +82,7 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Runs until the process ends: keeps the service maps equal to what the API says.
 pub async fn run(
     client: Client,
-    mut maps: Maps,
+    mut maps: NodeMaps,
     config: SyncConfig,
     health: Health,
 ) -> anyhow::Result<()> {
@@ -152,6 +151,7 @@ fn log_report(report: &SyncReport, skipped: usize, took: std::time::Duration) {
             backends = report.backends,
             writes = report.writes,
             deletes = report.deletes,
+            maglev_tables = report.maglev_tables,
             skipped,
             took_us = took.as_micros() as u64,
             "service maps synced"

@@ -11,6 +11,7 @@ mod error;
 mod inventory;
 mod layout;
 mod link_info;
+mod maglev;
 mod maps;
 mod programs;
 mod testrun;
@@ -20,6 +21,7 @@ pub use error::{DatapathError, Result};
 pub use inventory::{CleanupReport, ObjectKind, PinnedObject, cleanup, inventory};
 pub use layout::{DEFAULT_BPFFS_ROOT, PinLayout};
 pub use link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info};
+pub use maglev::{MaglevTables, table_digest};
 pub use maps::{
     Config, CounterRow, Counters, MapFull, Maps, SourceRange, SourceRanges, TypedHash, WriteError,
 };

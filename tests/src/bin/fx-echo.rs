@@ -55,6 +55,10 @@ enum Cmd {
         /// UDP only: connect() the socket instead of sendto() on an unconnected one.
         #[arg(long)]
         connected: bool,
+        /// Call i binds source port `source_port + i`, so a later run can repeat the same flows
+        /// (TCP connections end with a reset, leaving no TIME_WAIT behind to block the port).
+        #[arg(long)]
+        source_port: Option<u16>,
     },
     /// New TCP connections to `target`, one after the other, until SIGTERM; prints
     /// `progress <ok> <failed>` lines, then a JSON summary with every failure.
@@ -95,13 +99,19 @@ fn main() {
             count,
             timeout_ms,
             connected,
+            source_port,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let mut failed = false;
-            for _ in 0..count {
-                let line = match proto {
-                    Proto::Tcp => call_tcp(target, timeout),
-                    Proto::Udp => call_udp(target, timeout, connected),
+            for i in 0..count {
+                let source = source_port.map(|base| {
+                    let port = u16::try_from(usize::from(base) + i).expect("source port range");
+                    SocketAddr::from(([0, 0, 0, 0], port))
+                });
+                let line = match (proto, source) {
+                    (Proto::Tcp, None) => call_tcp(target, timeout),
+                    (Proto::Tcp, Some(source)) => call_tcp_from(source, target, timeout),
+                    (Proto::Udp, _) => call_udp(target, timeout, connected, source),
                 };
                 failed |= line.get("error").is_some();
                 println!("{line}");
@@ -181,10 +191,41 @@ fn error(target: SocketAddr, e: impl std::fmt::Display) -> serde_json::Value {
 
 fn call_tcp(target: SocketAddr, timeout: Duration) -> serde_json::Value {
     let started = Instant::now();
-    let mut conn = match TcpStream::connect_timeout(&target, timeout) {
-        Ok(c) => c,
+    match TcpStream::connect_timeout(&target, timeout) {
+        Ok(conn) => exchange_tcp(conn, target, timeout, started),
+        Err(e) => error(target, e),
+    }
+}
+
+/// [`call_tcp`] from a fixed source address; the connection ends with a reset (linger 0).
+fn call_tcp_from(source: SocketAddr, target: SocketAddr, timeout: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    let sock = match socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    ) {
+        Ok(s) => s,
         Err(e) => return error(target, e),
     };
+    let connected = sock
+        .set_reuse_address(true)
+        .and_then(|()| sock.set_linger(Some(Duration::ZERO)))
+        .and_then(|()| sock.bind(&source.into()))
+        .and_then(|()| sock.connect_timeout(&target.into(), timeout));
+    match connected {
+        Ok(()) => exchange_tcp(sock.into(), target, timeout, started),
+        Err(e) => error(target, format!("from {source}: {e}")),
+    }
+}
+
+/// Reads the greeting, checks one echo, and describes the call.
+fn exchange_tcp(
+    mut conn: TcpStream,
+    target: SocketAddr,
+    timeout: Duration,
+    started: Instant,
+) -> serde_json::Value {
     conn.set_read_timeout(Some(timeout)).unwrap();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut greeting = String::new();
@@ -216,8 +257,16 @@ fn call_tcp(target: SocketAddr, timeout: Duration) -> serde_json::Value {
     })
 }
 
-fn call_udp(target: SocketAddr, timeout: Duration, connected: bool) -> serde_json::Value {
-    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+fn call_udp(
+    target: SocketAddr,
+    timeout: Duration,
+    connected: bool,
+    source: Option<SocketAddr>,
+) -> serde_json::Value {
+    let sock = match UdpSocket::bind(source.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))) {
+        Ok(s) => s,
+        Err(e) => return error(target, format!("binding {source:?}: {e}")),
+    };
     sock.set_read_timeout(Some(timeout)).unwrap();
     let payload = b"ping";
     let sent = if connected {
@@ -239,7 +288,8 @@ fn call_udp(target: SocketAddr, timeout: Duration, connected: bool) -> serde_jso
     else {
         return error(target, format!("bad reply {reply:?}"));
     };
-    serde_json::json!({ "target": target.to_string(), "backend": backend, "seen_by_backend": seen, "from": from.to_string() })
+    serde_json::json!({ "target": target.to_string(), "backend": backend, "seen_by_backend": seen, "from": from.to_string(),
+        "local": sock.local_addr().map(|a| a.to_string()).unwrap_or_default() })
 }
 
 fn load(target: SocketAddr, pause: Duration) {
