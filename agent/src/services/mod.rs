@@ -8,5 +8,6 @@ pub mod desired;
 pub mod maglev;
 pub mod model;
 pub mod reconcile;
+pub mod state;
 pub mod sync;
 pub mod testing;

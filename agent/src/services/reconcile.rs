@@ -17,16 +17,28 @@
 //! uses it, and a backend is deleted only when no slot and no table names it. A restarted
 //! reconciler learns each table's digest from the maps and rewrites only tables that differ from
 //! what it computes.
+//!
+//! An external entry with loadBalancerSourceRanges gets its allowed prefixes written before the
+//! master that turns the check on, and loses prefixes only after its master stopped listing them.
+//! When a backend leaves an external UDP entry, the conntrack entries of its flows are removed,
+//! so the next datagram of such a flow picks a live backend instead of vanishing; TCP flows keep
+//! theirs (a terminating backend finishes its connections).
+//!
+//! [`Reconciler::sync`] looks at every entry (on start, after a relist);
+//! [`Reconciler::sync_changed`] at the entries of the Services that changed only, with indexes
+//! that keep its cost independent of the table's size.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue, backend_flags, svc_flags,
 };
-use ferrox_datapath::{DatapathError, MaglevTables, MapFull, Maps, PinLayout, WriteError};
+use ferrox_datapath::{
+    DatapathError, MaglevTables, MapFull, Maps, PinLayout, SourceRange, WriteError,
+};
 
 use super::{
     maglev,
@@ -54,6 +66,12 @@ pub trait ServiceMaps {
     /// Every Maglev table's rev_nat_id and the digest of its contents
     /// ([`ferrox_datapath::table_digest`]), `None` when unknown.
     fn maglev_digests(&self) -> Result<Vec<(u16, Option<u64>)>, DatapathError>;
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, DatapathError>;
+    fn write_source_range(&mut self, range: &SourceRange) -> Result<(), WriteError>;
+    fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), DatapathError>;
+    /// Removes the conntrack entries (both directions) of UDP flows that `lost` names as
+    /// (rev_nat_id, backend id); returns how many went.
+    fn purge_udp_flows(&mut self, lost: &BTreeSet<(u16, u32)>) -> Result<usize, DatapathError>;
 }
 
 /// The pinned maps the reconciler writes: the service maps and the Maglev tables.
@@ -105,7 +123,31 @@ impl ServiceMaps for NodeMaps {
     fn maglev_digests(&self) -> Result<Vec<(u16, Option<u64>)>, DatapathError> {
         self.maglev.digests()
     }
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, DatapathError> {
+        self.maps.source_ranges.entries()
+    }
+    fn write_source_range(&mut self, range: &SourceRange) -> Result<(), WriteError> {
+        self.maps.source_ranges.insert(range)
+    }
+    fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), DatapathError> {
+        self.maps.source_ranges.remove(range).map(drop)
+    }
+    fn purge_udp_flows(&mut self, lost: &BTreeSet<(u16, u32)>) -> Result<usize, DatapathError> {
+        let mut removed = 0;
+        for (k, v) in self.maps.conntrack.entries()? {
+            if k.proto == UDP && lost.contains(&(v.rev_nat_id, v.backend_id)) {
+                // An entry the kernel's LRU evicted meanwhile is fine: it is gone either way.
+                if self.maps.conntrack.remove(&k)? {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
 }
+
+/// IP protocol number of UDP.
+const UDP: u8 = 17;
 
 /// Network-order encodings used in map keys and values.
 pub fn addr_be(addr: Ipv4Addr) -> u32 {
@@ -213,22 +255,81 @@ pub struct SyncReport {
     pub affinity_removed: usize,
     /// Maglev tables programmed after the sync.
     pub maglev_tables: usize,
+    /// Allowed source prefixes (loadBalancerSourceRanges) programmed after the sync.
+    pub source_ranges: usize,
+    /// Conntrack entries of UDP flows to departed backends removed by the sync.
+    pub flows_purged: usize,
     pub failures: Vec<Failure>,
 }
 
 impl SyncReport {
     pub fn changed(&self) -> bool {
-        self.writes + self.deletes + self.affinity_removed > 0
+        self.writes + self.deletes + self.affinity_removed + self.flows_purged > 0
     }
 }
 
+/// How many slots and known Maglev tables name each backend, and which backends may have
+/// become unused since the last sweep.
+#[derive(Debug, Default)]
+struct Refs {
+    counts: HashMap<u32, usize>,
+    candidates: BTreeSet<u32>,
+}
+
+impl Refs {
+    fn add(&mut self, id: u32) {
+        *self.counts.entry(id).or_default() += 1;
+    }
+
+    fn drop(&mut self, id: u32) {
+        if let Some(n) = self.counts.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&id);
+                self.candidates.insert(id);
+            }
+        }
+    }
+}
+
+/// What one rev_nat_id's entries reach, before and after a sync: the releases that follow a
+/// backend's departure are computed from the difference.
+#[derive(Debug, Default)]
+struct Live {
+    /// Backends its affinity-enabled entries reach.
+    affinity: BTreeSet<u32>,
+    /// Backends its external UDP entry reaches (conntrack holds their flows).
+    udp_external: BTreeSet<u32>,
+}
+
 /// The reconciler and its mirror of the maps.
+///
+/// Besides the mirror it keeps indexes (backend identity -> id, frontend -> rev_nat_id,
+/// references per backend), so that a sync of a few changed entries costs what those entries
+/// cost, whatever the size of the table.
 #[derive(Debug, Default)]
 pub struct Reconciler {
     entries: BTreeMap<FrontendKey, MirrorEntry>,
     backends: BTreeMap<u32, Backend>,
     /// rev_nat_id -> its Maglev table.
     tables: BTreeMap<u16, MirrorTable>,
+    /// The allowed source prefixes of external entries.
+    ranges: BTreeSet<SourceRange>,
+    /// Backend identity -> its id.
+    ids: HashMap<Identity, u32>,
+    /// The next backend id to hand out. Ids are not reused soon, so that nothing that still
+    /// names a departed backend (an affinity entry being released) names another one.
+    next_id: u32,
+    /// Frontend -> the rev_nat_id its masters carry (all its scopes share one).
+    rev_ids: HashMap<Frontend, u16>,
+    used_rev_ids: BTreeSet<u16>,
+    next_rev_id: u16,
+    refs: Refs,
+    /// Maglev tables found after a restart whose contents are not known yet: they may name any
+    /// backend, so no backend is deleted while there are some.
+    unknown_tables: usize,
+    /// Entries with a master.
+    masters: usize,
 }
 
 impl Reconciler {
@@ -236,24 +337,29 @@ impl Reconciler {
     /// Maglev tables are known by their digests until the first sync verifies them.
     pub fn load(maps: &impl ServiceMaps) -> Result<Self, DatapathError> {
         let (services, backends) = maps.read_all()?;
-        let tables = maps
-            .maglev_digests()?
-            .into_iter()
-            .map(|(id, digest)| {
-                (
-                    id,
-                    MirrorTable {
-                        digest,
-                        source: None,
-                    },
-                )
-            })
-            .collect();
-        let mut r = Self {
-            backends: backends.into_iter().collect(),
-            tables,
-            ..Self::default()
-        };
+        let mut r = Self::default();
+        for (id, b) in backends {
+            r.ids.insert((b.addr, b.port, b.proto), id);
+            r.backends.insert(id, b);
+            // Unused ones (left by a crash) go at the end of the first sync.
+            r.refs.candidates.insert(id);
+        }
+        r.next_id = r
+            .backends
+            .keys()
+            .next_back()
+            .map_or(1, |m| m.saturating_add(1));
+        for (id, digest) in maps.maglev_digests()? {
+            r.tables.insert(
+                id,
+                MirrorTable {
+                    digest,
+                    source: None,
+                },
+            );
+            r.unknown_tables += 1;
+        }
+        r.ranges = maps.source_ranges()?.into_iter().collect();
         for (key, value) in services {
             let Some(entry) = entry_of(&key) else {
                 continue;
@@ -261,117 +367,203 @@ impl Reconciler {
             let e = r.entries.entry(entry).or_default();
             if key.slot == 0 {
                 e.master = Some(value);
+                r.masters += 1;
+                r.rev_ids.insert(entry.frontend, value.rev_nat_id);
+                r.used_rev_ids.insert(value.rev_nat_id);
+            } else if let Some(old) = e.slots.insert(key.slot, value.backend_id) {
+                r.refs.drop(old);
+                r.refs.add(value.backend_id);
             } else {
-                e.slots.insert(key.slot, value.backend_id);
+                r.refs.add(value.backend_id);
             }
         }
+        r.next_rev_id = r
+            .used_rev_ids
+            .last()
+            .map_or(1, |m| m.checked_add(1).unwrap_or(1));
         Ok(r)
     }
 
     /// Number of entries and backends currently programmed.
     pub fn size(&self) -> (usize, usize) {
-        (
-            self.entries.values().filter(|f| f.master.is_some()).count(),
-            self.backends.len(),
-        )
+        (self.masters, self.backends.len())
     }
 
-    fn backend_id_index(&self) -> BTreeMap<(u32, u16, u8), u32> {
-        self.backends
-            .iter()
-            .map(|(id, b)| ((b.addr, b.port, b.proto), *id))
-            .collect()
-    }
-
-    /// The reverse-translation id of `fe`: the one any of its scopes already has, or a free one.
-    fn rev_nat_id(&self, fe: &Frontend) -> Option<u16> {
-        let existing = self
-            .entries
-            .iter()
-            .filter(|(k, _)| k.frontend == *fe)
-            .find_map(|(_, e)| e.master.map(|m| m.rev_nat_id));
-        if existing.is_some() {
-            return existing;
+    /// The reverse-translation id of `fe`: the one its scopes share, or a free one.
+    fn rev_nat_id(&mut self, fe: &Frontend) -> Option<u16> {
+        if let Some(id) = self.rev_ids.get(fe) {
+            return Some(*id);
         }
-        let used: BTreeSet<u16> = self
-            .entries
-            .values()
-            .filter_map(|f| f.master.map(|m| m.rev_nat_id))
-            .collect();
-        (1..=u16::MAX).find(|id| !used.contains(id))
+        let start = self.next_rev_id.max(1);
+        let id = (start..=u16::MAX)
+            .chain(1..start)
+            .find(|id| !self.used_rev_ids.contains(id))?;
+        self.next_rev_id = id.checked_add(1).unwrap_or(1);
+        Some(id)
     }
 
-    /// Makes the maps hold `desired`.
-    pub fn sync(&mut self, desired: &Desired, maps: &mut impl ServiceMaps) -> SyncReport {
-        let mut report = SyncReport::default();
-        let mut ids = self.backend_id_index();
-        let mut next_id = self
-            .backends
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(0)
-            .saturating_add(1);
-        // Backends each affinity-enabled frontend had before this sync: if one is gone,
-        // clients pinned to it must be released.
-        let affinity_before: BTreeMap<u16, BTreeSet<u32>> = self.affinity_backends();
+    fn has_master(&self, fe: &Frontend) -> bool {
+        [Scope::Internal, Scope::External].into_iter().any(|scope| {
+            self.entries
+                .get(&FrontendKey {
+                    frontend: *fe,
+                    scope,
+                })
+                .is_some_and(|e| e.master.is_some())
+        })
+    }
 
-        for (key, spec) in &desired.frontends {
-            if let Err(e) = self.sync_entry(key, spec, maps, &mut ids, &mut next_id, &mut report) {
+    /// Makes the maps hold `desired`, every entry of it (a full sync). Also removes Maglev
+    /// tables and source ranges no entry uses (left by a crash or another version).
+    pub fn sync(&mut self, desired: &Desired, maps: &mut impl ServiceMaps) -> SyncReport {
+        let keys: BTreeSet<FrontendKey> = desired
+            .frontends
+            .keys()
+            .chain(self.entries.keys())
+            .copied()
+            .collect();
+        let mut report = SyncReport::default();
+        self.sync_keys(desired, &keys, maps, &mut report);
+        self.sweep(maps, &mut report);
+        self.finish(maps, report)
+    }
+
+    /// Makes the maps hold `desired` for the entries `keys` only (those of the Services that
+    /// changed); every other entry stays as it is. The cost follows the size of `keys`.
+    pub fn sync_changed(
+        &mut self,
+        desired: &Desired,
+        keys: &BTreeSet<FrontendKey>,
+        maps: &mut impl ServiceMaps,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        self.sync_keys(desired, keys, maps, &mut report);
+        self.finish(maps, report)
+    }
+
+    fn sync_keys(
+        &mut self,
+        desired: &Desired,
+        keys: &BTreeSet<FrontendKey>,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        let frontends: BTreeSet<Frontend> = keys.iter().map(|k| k.frontend).collect();
+        let before = self.live_of(&frontends);
+        // Entries that stay or come first, then entries that go.
+        for key in keys {
+            if let Some(spec) = desired.frontends.get(key)
+                && let Err(e) = self.sync_entry(key, spec, maps, report)
+            {
                 report.failures.push(e);
             }
         }
-
-        // Entries no longer wanted: master first (the entry disappears at once), then slots.
-        let gone: Vec<FrontendKey> = self
-            .entries
-            .keys()
-            .filter(|k| !desired.frontends.contains_key(k))
-            .copied()
-            .collect();
-        for key in gone {
-            let mkey = master_key(&key);
-            let Some(mirror) = self.entries.get_mut(&key) else {
-                continue;
-            };
-            if mirror.master.is_some() {
-                if let Err(e) = maps.delete_service(&mkey) {
-                    report.failures.push(failure(&key, &WriteError::Other(e)));
-                    continue;
-                }
-                mirror.master = None;
-                report.deletes += 1;
-            }
-            let slots: Vec<u16> = mirror.slots.keys().copied().collect();
-            for slot in slots {
-                match maps.delete_service(&mkey.with_slot(slot)) {
-                    Ok(()) => {
-                        mirror.slots.remove(&slot);
-                        report.deletes += 1;
-                    }
-                    Err(e) => report.failures.push(failure(&key, &WriteError::Other(e))),
-                }
-            }
-            if mirror.slots.is_empty() {
-                self.entries.remove(&key);
+        for key in keys {
+            if !desired.frontends.contains_key(key) {
+                self.remove_entry(key, maps, report);
             }
         }
+        let after = self.live_of(&frontends);
+        self.release_lost(&before, &after, maps, report);
+    }
 
-        // Affinity entries naming a backend their frontend lost.
-        let affinity_after = self.affinity_backends();
-        let lost = affinity_before.iter().any(|(id, before)| {
-            affinity_after
-                .get(id)
-                .is_none_or(|after| !before.is_subset(after))
-        });
-        if lost {
+    /// Deletes backends nothing names any more, and fills in the report's totals.
+    fn finish(&mut self, maps: &mut impl ServiceMaps, mut report: SyncReport) -> SyncReport {
+        if self.unknown_tables == 0 {
+            let candidates = std::mem::take(&mut self.refs.candidates);
+            for id in candidates {
+                if self.refs.counts.contains_key(&id) {
+                    continue;
+                }
+                let Some(b) = self.backends.get(&id).copied() else {
+                    continue;
+                };
+                match maps.delete_backend(id) {
+                    Ok(()) => {
+                        self.backends.remove(&id);
+                        let identity = (b.addr, b.port, b.proto);
+                        if self.ids.get(&identity) == Some(&id) {
+                            self.ids.remove(&identity);
+                        }
+                        report.deletes += 1;
+                    }
+                    Err(e) => {
+                        self.refs.candidates.insert(id);
+                        report.failures.push(Failure {
+                            frontend: format!("backend {id}"),
+                            error: e.to_string(),
+                            map_full: false,
+                        });
+                    }
+                }
+            }
+        }
+        (report.frontends, report.backends) = self.size();
+        report.maglev_tables = self.tables.len();
+        report.source_ranges = self.ranges.len();
+        report
+    }
+
+    /// Per rev_nat_id of `frontends`, what its entries reach now.
+    fn live_of(&self, frontends: &BTreeSet<Frontend>) -> BTreeMap<u16, Live> {
+        let mut out: BTreeMap<u16, Live> = BTreeMap::new();
+        for fe in frontends {
+            for scope in [Scope::Internal, Scope::External] {
+                let key = FrontendKey {
+                    frontend: *fe,
+                    scope,
+                };
+                let Some(e) = self.entries.get(&key) else {
+                    continue;
+                };
+                let Some(m) = e.master else { continue };
+                let live = (1..=m.count).filter_map(|s| e.slots.get(&s).copied());
+                let l = out.entry(m.rev_nat_id).or_default();
+                if m.flags & svc_flags::AFFINITY != 0 {
+                    l.affinity.extend(live.clone());
+                }
+                if scope == Scope::External && fe.proto == Proto::Udp {
+                    l.udp_external.extend(live);
+                }
+            }
+        }
+        out
+    }
+
+    /// After a backend left a frontend: releases the clients pinned to it by session affinity,
+    /// and removes the conntrack entries of UDP flows to it, so that their next datagram picks
+    /// a live backend instead of vanishing (TCP connections keep their backend: a terminating
+    /// backend finishes its connections).
+    fn release_lost(
+        &mut self,
+        before: &BTreeMap<u16, Live>,
+        after: &BTreeMap<u16, Live>,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        let none = Live::default();
+        let mut affinity_lost = BTreeSet::new();
+        let mut flows_lost = BTreeSet::new();
+        for (rev, b) in before {
+            let a = after.get(rev).unwrap_or(&none);
+            if !b.affinity.is_subset(&a.affinity) {
+                affinity_lost.insert(*rev);
+            }
+            flows_lost.extend(
+                b.udp_external
+                    .difference(&a.udp_external)
+                    .map(|id| (*rev, *id)),
+            );
+        }
+        if !affinity_lost.is_empty() {
             match maps.affinity_entries() {
                 Ok(entries) => {
                     for (k, v) in entries {
-                        let keep = affinity_after
-                            .get(&k.rev_nat_id)
-                            .is_some_and(|b| b.contains(&v.backend_id));
-                        if !keep {
+                        let release = affinity_lost.contains(&k.rev_nat_id)
+                            && !after
+                                .get(&k.rev_nat_id)
+                                .is_some_and(|a| a.affinity.contains(&v.backend_id));
+                        if release {
                             match maps.delete_affinity(&k) {
                                 Ok(()) => report.affinity_removed += 1,
                                 Err(e) => report.failures.push(Failure {
@@ -390,87 +582,162 @@ impl Reconciler {
                 }),
             }
         }
-
-        // Maglev tables no external master with backends uses any more (masters are written or
-        // removed above, so no visible entry loses its table before its backends).
-        let needed: BTreeSet<u16> = self
-            .entries
-            .iter()
-            .filter(|(k, _)| k.scope == Scope::External)
-            .filter_map(|(_, e)| e.master.filter(|m| m.count > 0).map(|m| m.rev_nat_id))
-            .collect();
-        let unneeded: Vec<u16> = self
-            .tables
-            .keys()
-            .filter(|id| !needed.contains(id))
-            .copied()
-            .collect();
-        for id in unneeded {
-            match maps.delete_maglev(id) {
-                Ok(()) => {
-                    self.tables.remove(&id);
-                    report.deletes += 1;
-                }
+        if !flows_lost.is_empty() {
+            match maps.purge_udp_flows(&flows_lost) {
+                Ok(n) => report.flows_purged += n,
                 Err(e) => report.failures.push(Failure {
-                    frontend: format!("Maglev table {id}"),
+                    frontend: "conntrack map".into(),
                     error: e.to_string(),
                     map_full: false,
                 }),
             }
         }
-
-        // Backends no slot and no Maglev table refers to any more. While a table's contents
-        // are unknown (after a restart, until its entry syncs), no backend is deleted.
-        let mut referenced: BTreeSet<u32> = self
-            .entries
-            .values()
-            .flat_map(|f| f.slots.values().copied())
-            .collect();
-        let mut tables_known = true;
-        for t in self.tables.values() {
-            match &t.source {
-                Some(source) => referenced.extend(source.iter().map(|(_, id)| *id)),
-                None => tables_known = false,
-            }
-        }
-        let unused: Vec<u32> = if tables_known {
-            self.backends
-                .keys()
-                .filter(|id| !referenced.contains(id))
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for id in unused {
-            match maps.delete_backend(id) {
-                Ok(()) => {
-                    self.backends.remove(&id);
-                    report.deletes += 1;
-                }
-                Err(e) => report.failures.push(Failure {
-                    frontend: format!("backend {id}"),
-                    error: e.to_string(),
-                    map_full: false,
-                }),
-            }
-        }
-        (report.frontends, report.backends) = self.size();
-        report.maglev_tables = self.tables.len();
-        report
     }
 
-    /// rev_nat_id -> the backends its affinity-enabled entries can reach now.
-    fn affinity_backends(&self) -> BTreeMap<u16, BTreeSet<u32>> {
-        let mut out: BTreeMap<u16, BTreeSet<u32>> = BTreeMap::new();
-        for e in self.entries.values() {
-            let Some(m) = e.master.filter(|m| m.flags & svc_flags::AFFINITY != 0) else {
+    /// Removes the Maglev tables of external entries without backends and the source ranges of
+    /// external entries without the source-range flag: what a crash or an older version may
+    /// have left. Per-entry changes already keep both right.
+    fn sweep(&mut self, maps: &mut impl ServiceMaps, report: &mut SyncReport) {
+        let mut with_backends = BTreeSet::new();
+        let mut with_ranges = BTreeSet::new();
+        for (k, e) in &self.entries {
+            if k.scope != Scope::External {
                 continue;
-            };
-            let live = (1..=m.count).filter_map(|s| e.slots.get(&s).copied());
-            out.entry(m.rev_nat_id).or_default().extend(live);
+            }
+            if let Some(m) = e.master {
+                if m.count > 0 {
+                    with_backends.insert(m.rev_nat_id);
+                }
+                if m.flags & svc_flags::SOURCE_RANGES != 0 {
+                    with_ranges.insert(m.rev_nat_id);
+                }
+            }
         }
-        out
+        let tables: Vec<u16> = self
+            .tables
+            .keys()
+            .filter(|id| !with_backends.contains(id))
+            .copied()
+            .collect();
+        for id in tables {
+            self.remove_table(id, maps, report);
+        }
+        let ranges: Vec<SourceRange> = self
+            .ranges
+            .iter()
+            .filter(|r| !with_ranges.contains(&r.rev_nat_id))
+            .copied()
+            .collect();
+        for r in ranges {
+            self.remove_range(r, maps, report);
+        }
+    }
+
+    fn remove_table(&mut self, id: u16, maps: &mut impl ServiceMaps, report: &mut SyncReport) {
+        match maps.delete_maglev(id) {
+            Ok(()) => {
+                match self.tables.remove(&id) {
+                    Some(MirrorTable {
+                        source: Some(source),
+                        ..
+                    }) => {
+                        for (_, b) in source {
+                            self.refs.drop(b);
+                        }
+                    }
+                    Some(MirrorTable { source: None, .. }) => self.unknown_tables -= 1,
+                    None => {}
+                }
+                report.deletes += 1;
+            }
+            Err(e) => report.failures.push(Failure {
+                frontend: format!("Maglev table {id}"),
+                error: e.to_string(),
+                map_full: false,
+            }),
+        }
+    }
+
+    fn remove_range(
+        &mut self,
+        r: SourceRange,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        match maps.delete_source_range(&r) {
+            Ok(()) => {
+                self.ranges.remove(&r);
+                report.deletes += 1;
+            }
+            Err(e) => report.failures.push(Failure {
+                frontend: format!("source range {} of frontend {}", r.prefix, r.rev_nat_id),
+                error: e.to_string(),
+                map_full: false,
+            }),
+        }
+    }
+
+    /// Removes an entry that is no longer wanted: master first (the entry disappears at once),
+    /// then its slots, then (external entries) its Maglev table and source ranges.
+    fn remove_entry(
+        &mut self,
+        key: &FrontendKey,
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) {
+        let mkey = master_key(key);
+        let Some(mirror) = self.entries.get_mut(key) else {
+            return;
+        };
+        let rev = mirror
+            .master
+            .map(|m| m.rev_nat_id)
+            .or_else(|| self.rev_ids.get(&key.frontend).copied());
+        if mirror.master.is_some() {
+            if let Err(e) = maps.delete_service(&mkey) {
+                report.failures.push(failure(key, &WriteError::Other(e)));
+                return;
+            }
+            mirror.master = None;
+            self.masters -= 1;
+            report.deletes += 1;
+        }
+        let slots: Vec<u16> = mirror.slots.keys().copied().collect();
+        for slot in slots {
+            match maps.delete_service(&mkey.with_slot(slot)) {
+                Ok(()) => {
+                    if let Some(id) = mirror.slots.remove(&slot) {
+                        self.refs.drop(id);
+                    }
+                    report.deletes += 1;
+                }
+                Err(e) => report.failures.push(failure(key, &WriteError::Other(e))),
+            }
+        }
+        if mirror.slots.is_empty() {
+            self.entries.remove(key);
+        }
+        if key.scope == Scope::External
+            && let Some(rev) = rev
+        {
+            if self.tables.contains_key(&rev) {
+                self.remove_table(rev, maps, report);
+            }
+            let ranges: Vec<SourceRange> = self
+                .ranges
+                .iter()
+                .filter(|r| r.rev_nat_id == rev)
+                .copied()
+                .collect();
+            for r in ranges {
+                self.remove_range(r, maps, report);
+            }
+        }
+        if !self.has_master(&key.frontend)
+            && let Some(id) = self.rev_ids.remove(&key.frontend)
+        {
+            self.used_rev_ids.remove(&id);
+        }
     }
 
     fn sync_entry(
@@ -478,8 +745,6 @@ impl Reconciler {
         key: &FrontendKey,
         spec: &FrontendSpec,
         maps: &mut impl ServiceMaps,
-        ids: &mut BTreeMap<(u32, u16, u8), u32>,
-        next_id: &mut u32,
         report: &mut SyncReport,
     ) -> Result<(), Failure> {
         // 1. Backends.
@@ -487,15 +752,21 @@ impl Reconciler {
         for b in &spec.backends {
             let value = backend_value(b);
             let identity = (value.addr, value.port, value.proto);
-            let id = *ids.entry(identity).or_insert_with(|| {
-                let id = *next_id;
-                *next_id += 1;
-                id
-            });
+            let id = match self.ids.get(&identity) {
+                Some(id) => *id,
+                None => {
+                    let id = self.next_id.max(1);
+                    self.next_id = id.wrapping_add(1);
+                    self.ids.insert(identity, id);
+                    id
+                }
+            };
             if self.backends.get(&id) != Some(&value) {
                 maps.write_backend(id, &value)
                     .map_err(|e| failure(key, &e))?;
                 self.backends.insert(id, value);
+                // Collected at the end of the sync if no entry ends up naming it.
+                self.refs.candidates.insert(id);
                 report.writes += 1;
             }
             slot_ids.push(id);
@@ -527,7 +798,10 @@ impl Reconciler {
                 };
                 maps.write_service(&mkey.with_slot(slot), &value)
                     .map_err(|e| failure(key, &e))?;
-                mirror.slots.insert(slot, *id);
+                self.refs.add(*id);
+                if let Some(old) = mirror.slots.insert(slot, *id) {
+                    self.refs.drop(old);
+                }
                 report.writes += 1;
             }
         }
@@ -535,18 +809,31 @@ impl Reconciler {
         // 3. Maglev table: before the master, so an external entry is never visible with
         //    backends but without their table.
         if key.scope == Scope::External && !slot_ids.is_empty() {
-            sync_table(
-                &mut self.tables,
-                key,
-                rev_nat_id,
-                &spec.backends,
-                &slot_ids,
-                maps,
-                report,
-            )?;
+            self.sync_table(key, rev_nat_id, &spec.backends, &slot_ids, maps, report)?;
         }
 
-        // 4. Master: makes exactly `count` slots visible.
+        // 4. Source ranges: before the master that checks them, so an allowed client is never
+        //    refused while they are being written.
+        let ranges: BTreeSet<SourceRange> = if key.scope == Scope::External {
+            spec.source_ranges
+                .iter()
+                .map(|p| SourceRange {
+                    rev_nat_id,
+                    prefix: p.trunc(),
+                })
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        for r in &ranges {
+            if !self.ranges.contains(r) {
+                maps.write_source_range(r).map_err(|e| failure(key, &e))?;
+                self.ranges.insert(*r);
+                report.writes += 1;
+            }
+        }
+
+        // 5. Master: makes exactly `count` slots visible.
         let master = ServiceValue {
             count,
             rev_nat_id,
@@ -554,14 +841,19 @@ impl Reconciler {
             affinity_timeout: spec.affinity_timeout.unwrap_or(0),
             ..ServiceValue::default()
         };
+        let mirror = self.entries.entry(*key).or_default();
         if mirror.master != Some(master) {
             maps.write_service(&mkey, &master)
                 .map_err(|e| failure(key, &e))?;
-            mirror.master = Some(master);
+            if mirror.master.replace(master).is_none() {
+                self.masters += 1;
+            }
             report.writes += 1;
         }
+        self.rev_ids.insert(key.frontend, rev_nat_id);
+        self.used_rev_ids.insert(rev_nat_id);
 
-        // 5. Slots beyond the new count.
+        // 6. Slots beyond the new count.
         let extra: Vec<u16> = mirror
             .slots
             .keys()
@@ -571,56 +863,89 @@ impl Reconciler {
         for slot in extra {
             maps.delete_service(&mkey.with_slot(slot))
                 .map_err(|e| failure(key, &WriteError::Other(e)))?;
-            mirror.slots.remove(&slot);
+            if let Some(id) = mirror.slots.remove(&slot) {
+                self.refs.drop(id);
+            }
             report.deletes += 1;
+        }
+
+        // 7. What the master no longer uses: its Maglev table once it has no backends, the
+        //    source ranges it no longer lists.
+        if key.scope == Scope::External {
+            if count == 0 && self.tables.contains_key(&rev_nat_id) {
+                self.remove_table(rev_nat_id, maps, report);
+            }
+            let stale: Vec<SourceRange> = self
+                .ranges
+                .iter()
+                .filter(|r| r.rev_nat_id == rev_nat_id && !ranges.contains(r))
+                .copied()
+                .collect();
+            for r in stale {
+                self.remove_range(r, maps, report);
+            }
         }
         Ok(())
     }
-}
 
-/// Makes the Maglev table of `rev_nat_id` the one `backends` (with this node's ids `ids`, in the
-/// same order) give, writing it only when it differs from what the maps hold.
-fn sync_table(
-    tables: &mut BTreeMap<u16, MirrorTable>,
-    key: &FrontendKey,
-    rev_nat_id: u16,
-    backends: &[BackendAddr],
-    ids: &[u32],
-    maps: &mut impl ServiceMaps,
-    report: &mut SyncReport,
-) -> Result<(), Failure> {
-    let mut source: Vec<(Identity, u32)> = backends
-        .iter()
-        .zip(ids)
-        .map(|(b, id)| {
-            let v = backend_value(b);
-            ((v.addr, v.port, v.proto), *id)
-        })
-        .collect();
-    source.sort_unstable();
-    source.dedup();
-    let current = tables.get(&rev_nat_id);
-    if current.and_then(|t| t.source.as_ref()) == Some(&source) {
-        return Ok(());
+    /// Makes the Maglev table of `rev_nat_id` the one `backends` (with this node's ids `ids`,
+    /// in the same order) give, writing it only when it differs from what the maps hold.
+    fn sync_table(
+        &mut self,
+        key: &FrontendKey,
+        rev_nat_id: u16,
+        backends: &[BackendAddr],
+        ids: &[u32],
+        maps: &mut impl ServiceMaps,
+        report: &mut SyncReport,
+    ) -> Result<(), Failure> {
+        let mut source: Vec<(Identity, u32)> = backends
+            .iter()
+            .zip(ids)
+            .map(|(b, id)| {
+                let v = backend_value(b);
+                ((v.addr, v.port, v.proto), *id)
+            })
+            .collect();
+        source.sort_unstable();
+        source.dedup();
+        let current = self.tables.get(&rev_nat_id);
+        if current.and_then(|t| t.source.as_ref()) == Some(&source) {
+            return Ok(());
+        }
+        let table: Vec<u32> = maglev::table(backends)
+            .into_iter()
+            .filter_map(|i| ids.get(i).copied())
+            .collect();
+        let digest = ferrox_datapath::table_digest(&table);
+        if current.is_none_or(|t| t.digest != Some(digest)) {
+            maps.write_maglev(rev_nat_id, &table)
+                .map_err(|e| failure(key, &e))?;
+            report.writes += 1;
+        }
+        for (_, id) in &source {
+            self.refs.add(*id);
+        }
+        let previous = self.tables.insert(
+            rev_nat_id,
+            MirrorTable {
+                digest: Some(digest),
+                source: Some(source),
+            },
+        );
+        match previous {
+            Some(MirrorTable {
+                source: Some(old), ..
+            }) => {
+                for (_, id) in old {
+                    self.refs.drop(id);
+                }
+            }
+            Some(MirrorTable { source: None, .. }) => self.unknown_tables -= 1,
+            None => {}
+        }
+        Ok(())
     }
-    let table: Vec<u32> = maglev::table(backends)
-        .into_iter()
-        .filter_map(|i| ids.get(i).copied())
-        .collect();
-    let digest = ferrox_datapath::table_digest(&table);
-    if current.is_none_or(|t| t.digest != Some(digest)) {
-        maps.write_maglev(rev_nat_id, &table)
-            .map_err(|e| failure(key, &e))?;
-        report.writes += 1;
-    }
-    tables.insert(
-        rev_nat_id,
-        MirrorTable {
-            digest: Some(digest),
-            source: Some(source),
-        },
-    );
-    Ok(())
 }
 
 fn failure(key: &FrontendKey, e: &WriteError) -> Failure {
@@ -654,6 +979,9 @@ mod tests {
         maglev_writes: usize,
         /// Maglev writes fail (as with a full map) while set.
         maglev_full: bool,
+        ranges: BTreeSet<SourceRange>,
+        /// UDP flows in conntrack: (rev_nat_id, backend id) of each.
+        udp_flows: Vec<(u16, u32)>,
         service_capacity: usize,
         ops: usize,
         violations: Vec<String>,
@@ -697,6 +1025,18 @@ mod tests {
                 {
                     self.violations.push(format!(
                         "op {}: external {k:?} has backends but no Maglev table",
+                        self.ops
+                    ));
+                }
+            }
+            for (k, v) in &self.services {
+                if k.slot == 0
+                    && k.scope == Scope::External.number()
+                    && v.flags & svc_flags::SOURCE_RANGES != 0
+                    && !self.ranges.iter().any(|r| r.rev_nat_id == v.rev_nat_id)
+                {
+                    self.violations.push(format!(
+                        "op {}: external {k:?} checks source ranges but has none: all denied",
                         self.ops
                     ));
                 }
@@ -820,6 +1160,24 @@ mod tests {
                 .map(|(id, t)| (*id, Some(ferrox_datapath::table_digest(t))))
                 .collect())
         }
+        fn source_ranges(&self) -> Result<Vec<SourceRange>, DatapathError> {
+            Ok(self.ranges.iter().copied().collect())
+        }
+        fn write_source_range(&mut self, range: &SourceRange) -> Result<(), WriteError> {
+            self.ranges.insert(*range);
+            self.check();
+            Ok(())
+        }
+        fn delete_source_range(&mut self, range: &SourceRange) -> Result<(), DatapathError> {
+            self.ranges.remove(range);
+            self.check();
+            Ok(())
+        }
+        fn purge_udp_flows(&mut self, lost: &BTreeSet<(u16, u32)>) -> Result<usize, DatapathError> {
+            let before = self.udp_flows.len();
+            self.udp_flows.retain(|f| !lost.contains(f));
+            Ok(before - self.udp_flows.len())
+        }
     }
 
     impl FakeMaps {
@@ -927,6 +1285,247 @@ mod tests {
             "10.96.0.10:80/TCP".to_owned(),
             backends.iter().map(|b| format!("{b}:8080")).collect(),
         )])
+    }
+
+    /// A LoadBalancer Service at 203.0.113.9:53/`proto` with `ranges` and `backends` on node-2.
+    fn lb(proto: &str, ranges: &[&str], backends: &[&str]) -> Desired {
+        let s = svc("lb")
+            .load_balancer("203.0.113.9")
+            .cluster_ip("10.96.0.40")
+            .port_np("", 53, 30053, proto)
+            .source_ranges(ranges)
+            .build();
+        let mut sl = slice("lb", "a").port("", 5353, proto);
+        for b in backends {
+            sl = sl.ready_on(b, "node-2");
+        }
+        desired(
+            [&s],
+            [&sl.build()],
+            &node_1(),
+            &crate::services::model::ProxyOptions::default(),
+        )
+    }
+
+    fn lb_master(maps: &FakeMaps, proto: Proto) -> ServiceValue {
+        let key = master_key(&FrontendKey {
+            frontend: Frontend {
+                addr: "203.0.113.9".parse().unwrap(),
+                port: 53,
+                proto,
+            },
+            scope: Scope::External,
+        });
+        maps.services[&key]
+    }
+
+    fn prefixes(maps: &FakeMaps) -> Vec<String> {
+        maps.ranges.iter().map(|r| r.prefix.to_string()).collect()
+    }
+
+    #[test]
+    fn source_ranges_are_programmed_before_the_master_checks_them_and_follow_changes() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let d = lb("TCP", &["198.51.100.0/24", "192.0.2.7/32"], &["10.244.2.6"]);
+        let report = r.sync(&d, &mut maps);
+        assert!(report.failures.is_empty(), "{report:?}");
+        assert_eq!(report.source_ranges, 2);
+        let rev = lb_master(&maps, Proto::Tcp).rev_nat_id;
+        assert!(lb_master(&maps, Proto::Tcp).flags & svc_flags::SOURCE_RANGES != 0);
+        assert!(maps.ranges.iter().all(|x| x.rev_nat_id == rev));
+        assert_eq!(prefixes(&maps), ["192.0.2.7/32", "198.51.100.0/24"]);
+        // A host address with a prefix length is truncated to its network.
+        let d = lb(
+            "TCP",
+            &["198.51.100.77/24", "203.0.113.128/25"],
+            &["10.244.2.6"],
+        );
+        r.sync(&d, &mut maps);
+        assert_eq!(prefixes(&maps), ["198.51.100.0/24", "203.0.113.128/25"]);
+        // No ranges any more: the flag goes, then the ranges.
+        let d = lb("TCP", &[], &["10.244.2.6"]);
+        r.sync(&d, &mut maps);
+        assert_eq!(
+            lb_master(&maps, Proto::Tcp).flags & svc_flags::SOURCE_RANGES,
+            0
+        );
+        assert!(maps.ranges.is_empty());
+        // And they leave with their Service.
+        r.sync(&lb("TCP", &["10.0.0.0/8"], &["10.244.2.6"]), &mut maps);
+        assert_eq!(maps.ranges.len(), 1);
+        r.sync(&Desired::default(), &mut maps);
+        assert!(maps.ranges.is_empty() && maps.services.is_empty());
+        assert!(maps.violations.is_empty(), "{:#?}", maps.violations);
+    }
+
+    #[test]
+    fn a_restart_keeps_live_source_ranges_and_sweeps_orphans() {
+        let mut maps = FakeMaps::default();
+        let d = lb("TCP", &["198.51.100.0/24"], &["10.244.2.6"]);
+        Reconciler::default().sync(&d, &mut maps);
+        let orphan = SourceRange {
+            rev_nat_id: 999,
+            prefix: "10.1.0.0/16".parse().unwrap(),
+        };
+        maps.ranges.insert(orphan);
+        let mut r = Reconciler::load(&maps).unwrap();
+        let report = r.sync(&d, &mut maps);
+        assert_eq!(report.writes, 0, "{report:?}");
+        assert_eq!(report.deletes, 1, "{report:?}");
+        assert_eq!(prefixes(&maps), ["198.51.100.0/24"]);
+        assert!(maps.violations.is_empty(), "{:#?}", maps.violations);
+    }
+
+    #[test]
+    fn udp_flows_to_a_departed_backend_are_purged_and_others_kept() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let all = ["10.244.2.6", "10.244.2.7", "10.244.2.8"];
+        r.sync(&lb("UDP", &[], &all), &mut maps);
+        let rev = lb_master(&maps, Proto::Udp).rev_nat_id;
+        let id_of = |maps: &FakeMaps, ip: &str| {
+            let be = addr_be(ip.parse().unwrap());
+            *maps.backends.iter().find(|(_, b)| b.addr == be).unwrap().0
+        };
+        for ip in all {
+            // A forward and a reply entry per flow, and a second flow.
+            let id = id_of(&maps, ip);
+            maps.udp_flows
+                .extend([(rev, id), (rev, id), (rev, id), (rev, id)]);
+        }
+        let gone = id_of(&maps, "10.244.2.7");
+        let report = r.sync(&lb("UDP", &[], &["10.244.2.6", "10.244.2.8"]), &mut maps);
+        assert_eq!(report.flows_purged, 4, "{report:?}");
+        assert_eq!(maps.udp_flows.len(), 8);
+        assert!(!maps.udp_flows.iter().any(|(_, b)| *b == gone));
+        // A sync that loses no backend scans nothing.
+        let report = r.sync(
+            &lb("UDP", &[], &["10.244.2.6", "10.244.2.8", "10.244.2.9"]),
+            &mut maps,
+        );
+        assert_eq!(report.flows_purged, 0);
+        assert_eq!(maps.udp_flows.len(), 8);
+        // The Service goes: every flow of it.
+        let report = r.sync(&Desired::default(), &mut maps);
+        assert_eq!(report.flows_purged, 8, "{report:?}");
+    }
+
+    #[test]
+    fn tcp_flows_keep_their_backend_when_it_leaves() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        r.sync(&lb("TCP", &[], &["10.244.2.6", "10.244.2.7"]), &mut maps);
+        let rev = lb_master(&maps, Proto::Tcp).rev_nat_id;
+        let ids: Vec<u32> = maps.backends.keys().copied().collect();
+        maps.udp_flows.extend(ids.iter().map(|id| (rev, *id)));
+        let report = r.sync(&lb("TCP", &[], &["10.244.2.6"]), &mut maps);
+        assert_eq!(report.flows_purged, 0, "{report:?}");
+    }
+
+    /// A small deterministic generator, so the test needs no dependency and replays exactly.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    #[test]
+    fn incremental_syncs_reach_what_a_full_sync_would() {
+        use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+        // Ten Services of every kind; each step changes one of them (backends, ranges, type,
+        // removal) and syncs only its entries. After every step a full sync must find nothing
+        // to do, and the maps must be what a fresh reconciler writes from scratch.
+        let mut rng = Lcg(7);
+        let build = |i: u64, rng: &mut Lcg| -> Option<(Service, EndpointSlice)> {
+            if rng.next(5) == 0 {
+                return None;
+            }
+            let name = format!("s{i}");
+            let proto = if rng.next(2) == 0 { "TCP" } else { "UDP" };
+            let mut s = svc(&name).cluster_ip(&format!("10.96.1.{i}")).port_np(
+                "",
+                80,
+                30100 + i as i32,
+                proto,
+            );
+            match rng.next(3) {
+                0 => {}
+                1 => s = s.node_port_type(),
+                _ => {
+                    s = s
+                        .load_balancer(&format!("203.0.113.{i}"))
+                        .source_ranges(&["198.51.100.0/24", "10.0.0.0/8"][..rng.next(3) as usize])
+                }
+            }
+            if rng.next(3) == 0 {
+                s = s.session_affinity(Some(60));
+            }
+            let mut sl = slice(&name, "a").port("", 8080, proto);
+            for b in 0..rng.next(5) {
+                sl = sl.ready_on(format!("10.244.{}.{}", rng.next(3), b + 2), "node-2");
+            }
+            Some((s.build(), sl.build()))
+        };
+        let mut objects: BTreeMap<u64, Option<(Service, EndpointSlice)>> =
+            (0..10).map(|i| (i, build(i, &mut rng))).collect();
+        let table = |objects: &BTreeMap<u64, Option<(Service, EndpointSlice)>>| {
+            let present: Vec<&(Service, EndpointSlice)> = objects.values().flatten().collect();
+            desired(
+                present.iter().map(|(s, _)| s),
+                present.iter().map(|(_, e)| e),
+                &node_1(),
+                &crate::services::model::ProxyOptions::default(),
+            )
+        };
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        let mut current = table(&objects);
+        r.sync(&current, &mut maps);
+        for step in 0..50 {
+            let i = rng.next(10);
+            objects.insert(i, build(i, &mut rng));
+            let next = table(&objects);
+            let changed: BTreeSet<FrontendKey> = current
+                .frontends
+                .iter()
+                .chain(&next.frontends)
+                .filter(|(k, _)| current.frontends.get(k) != next.frontends.get(k))
+                .map(|(k, _)| *k)
+                .collect();
+            let report = r.sync_changed(&next, &changed, &mut maps);
+            assert!(report.failures.is_empty(), "step {step}: {report:?}");
+            current = next;
+            let again = r.sync(&current, &mut maps);
+            assert!(
+                !again.changed(),
+                "step {step}: a full sync still changed {again:?}"
+            );
+            if step % 10 != 9 {
+                continue;
+            }
+            let mut fresh = FakeMaps::default();
+            Reconciler::default().sync(&current, &mut fresh);
+            assert_eq!(maps.view(), fresh.view(), "step {step}");
+            assert_eq!(
+                maps.backends.len(),
+                fresh.backends.len(),
+                "step {step}: backends"
+            );
+            assert_eq!(maps.maglev.len(), fresh.maglev.len(), "step {step}: tables");
+            assert_eq!(
+                prefixes(&maps).len(),
+                prefixes(&fresh).len(),
+                "step {step}: ranges"
+            );
+        }
+        assert!(maps.violations.is_empty(), "{:#?}", maps.violations);
     }
 
     #[test]

@@ -1,7 +1,6 @@
-//! The async shell around the pure service logic: watch Services and EndpointSlices through the
-//! Kubernetes API, and on every change recompute the desired table and reconcile the maps.
-
-use std::sync::Arc;
+//! The async shell around the pure service logic: watch Services, EndpointSlices and this Node
+//! through the Kubernetes API, feed the events to [`ClusterState`], and reconcile the entries
+//! that changed.
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
@@ -10,21 +9,33 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    desired::desired,
     model::{NodeInfo, ProxyOptions},
     reconcile::{NodeMaps, Reconciler, SyncReport},
+    state::{Change, ClusterState},
 };
 use crate::health::Health;
 
-/// Spawns a reflector for `K` that wakes `notify` on every event, and returns its store.
-fn watch<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> reflector::Store<K>
-where
+/// One event from one of the three watches.
+enum Event {
+    // Boxed: the objects are large, and moved through a channel.
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
+}
+
+/// Spawns a watch of `K` that forwards its events to `tx`, wrapped by `wrap`.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    tx: mpsc::UnboundedSender<Event>,
+    wrap: fn(watcher::Event<K>) -> Event,
+) where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
@@ -33,19 +44,96 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
     let kind = K::kind(&()).into_owned();
-    let stream = reflector(writer, watcher(api, config))
+    let stream = watcher(api, config)
         .default_backoff()
         .for_each(move |event| {
             match event {
-                Ok(_) => notify.notify_one(),
+                Ok(e) => {
+                    // The receiver only goes away when the sync loop ends.
+                    let _ = tx.send(wrap(e));
+                }
                 Err(e) => warn!(kind = %kind, error = %e, "watch failed; retrying with backoff"),
             }
             futures::future::ready(())
         });
     tokio::spawn(stream);
-    reader
+}
+
+/// Objects of one kind listed since the watch's last `Init`, until its `InitDone`.
+struct Relist<K> {
+    pending: Option<Vec<K>>,
+    listed: bool,
+}
+
+impl<K> Default for Relist<K> {
+    fn default() -> Self {
+        Self {
+            pending: None,
+            listed: false,
+        }
+    }
+}
+
+impl<K> Relist<K> {
+    /// Buffers list events; returns the complete list at `InitDone`, and other events as they are.
+    fn feed(&mut self, event: watcher::Event<K>) -> Option<Result<Vec<K>, watcher::Event<K>>> {
+        match event {
+            watcher::Event::Init => {
+                self.pending = Some(Vec::new());
+                None
+            }
+            watcher::Event::InitApply(obj) => {
+                self.pending.get_or_insert_with(Vec::new).push(obj);
+                None
+            }
+            watcher::Event::InitDone => {
+                self.listed = true;
+                Some(Ok(self.pending.take().unwrap_or_default()))
+            }
+            e => Some(Err(e)),
+        }
+    }
+}
+
+/// The three watches' list buffers.
+#[derive(Default)]
+struct Lists {
+    services: Relist<Service>,
+    slices: Relist<EndpointSlice>,
+    nodes: Relist<Node>,
+}
+
+impl Lists {
+    fn all_listed(&self) -> bool {
+        self.services.listed && self.slices.listed && self.nodes.listed
+    }
+
+    /// Applies one event to `state`.
+    fn apply(&mut self, event: Event, state: &mut ClusterState, node_name: &str) {
+        match event {
+            Event::Service(e) => match self.services.feed(*e) {
+                Some(Ok(all)) => state.replace_services(all),
+                Some(Err(watcher::Event::Apply(s))) => state.apply_service(s),
+                Some(Err(watcher::Event::Delete(s))) => state.delete_service(&s),
+                _ => {}
+            },
+            Event::Slice(e) => match self.slices.feed(*e) {
+                Some(Ok(all)) => state.replace_slices(all),
+                Some(Err(watcher::Event::Apply(s))) => state.apply_slice(s),
+                Some(Err(watcher::Event::Delete(s))) => state.delete_slice(&s),
+                _ => {}
+            },
+            Event::Node(e) => match self.nodes.feed(*e) {
+                Some(Ok(all)) => state.set_node(node_info(node_name, all.first())),
+                Some(Err(watcher::Event::Apply(n))) => {
+                    state.set_node(node_info(node_name, Some(&n)))
+                }
+                Some(Err(watcher::Event::Delete(_))) => state.set_node(node_info(node_name, None)),
+                _ => {}
+            },
+        }
+    }
 }
 
 /// What the service sync needs to know besides the API objects.
@@ -80,64 +168,81 @@ pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Runs until the process ends: keeps the service maps equal to what the API says.
+///
+/// Nothing is written before all three kinds are listed (a partial view would delete what the
+/// maps hold). Then the first sync is a full one (it adopts what a previous run programmed and
+/// converges it); after that, each sync covers only the entries of the Services whose objects
+/// changed. Events that arrive during a sync are handled together by the next one.
 pub async fn run(
     client: Client,
     mut maps: NodeMaps,
     config: SyncConfig,
     health: Health,
 ) -> anyhow::Result<()> {
-    let notify = Arc::new(Notify::new());
-    let services = watch(
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
-        notify.clone(),
+        tx.clone(),
+        |e| Event::Service(Box::new(e)),
     );
-    let slices = watch(
+    watch(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
-        notify.clone(),
+        tx.clone(),
+        |e| Event::Slice(Box::new(e)),
     );
-    let this_node = watch(
+    watch(
         Api::<Node>::all(client),
         watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
-        notify.clone(),
+        tx,
+        |e| Event::Node(Box::new(e)),
     );
-    services.wait_until_ready().await?;
-    slices.wait_until_ready().await?;
-    this_node.wait_until_ready().await?;
-    info!("service, endpointslice and node caches synced");
-
+    let mut state = ClusterState::new(node_info(&config.node_name, None), config.options.clone());
+    let mut lists = Lists::default();
     let mut reconciler = Reconciler::load(&maps)?;
     let (frontends, backends) = reconciler.size();
     info!(frontends, backends, "adopted the programmed service table");
 
-    loop {
-        let svc_state = services.state();
-        let slice_state = slices.state();
-        let node = node_info(
-            &config.node_name,
-            this_node.state().first().map(AsRef::as_ref),
-        );
+    let mut announced = false;
+    while let Some(event) = rx.recv().await {
+        lists.apply(event, &mut state, &config.node_name);
+        while let Ok(event) = rx.try_recv() {
+            lists.apply(event, &mut state, &config.node_name);
+        }
+        if !lists.all_listed() {
+            continue;
+        }
+        if !announced {
+            let (services, slices) = state.counts();
+            info!(
+                services,
+                slices, "service, endpointslice and node caches synced"
+            );
+            announced = true;
+        }
         let started = std::time::Instant::now();
-        let table = desired(
-            svc_state.iter().map(AsRef::as_ref),
-            slice_state.iter().map(AsRef::as_ref),
-            &node,
-            &config.options,
-        );
-        let report = reconciler.sync(&table, &mut maps);
-        log_report(&report, table.skipped.len(), started.elapsed());
+        let Some(change) = state.update() else {
+            continue;
+        };
+        let table = state.table();
+        let (report, full) = match &change {
+            Change::Full => (reconciler.sync(table, &mut maps), true),
+            Change::Entries(keys) => (reconciler.sync_changed(table, keys, &mut maps), false),
+        };
+        log_report(&report, table.skipped.len(), full, started.elapsed());
         health.set_checks(&table.health_checks);
         health.synced();
-        for s in &table.skipped {
-            debug!(service = %format!("{}/{}", s.namespace, s.name), reason = ?s.reason, "service not programmed");
+        if full {
+            for s in &table.skipped {
+                debug!(service = %format!("{}/{}", s.namespace, s.name), reason = ?s.reason, "service not programmed");
+            }
         }
-        // Events that arrive while syncing leave one permit: they coalesce into the next sync.
-        notify.notified().await;
     }
+    anyhow::bail!("every watch ended")
 }
 
-fn log_report(report: &SyncReport, skipped: usize, took: std::time::Duration) {
+fn log_report(report: &SyncReport, skipped: usize, full: bool, took: std::time::Duration) {
     for f in &report.failures {
         if f.map_full {
             error!(frontend = %f.frontend, error = %f.error, "service map full: frontend keeps its previous backends");
@@ -152,7 +257,10 @@ fn log_report(report: &SyncReport, skipped: usize, took: std::time::Duration) {
             writes = report.writes,
             deletes = report.deletes,
             maglev_tables = report.maglev_tables,
+            source_ranges = report.source_ranges,
+            flows_purged = report.flows_purged,
             skipped,
+            full,
             took_us = took.as_micros() as u64,
             "service maps synced"
         );
