@@ -10,7 +10,7 @@
     reason = "tests: a failure should stop the test with its context"
 )]
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use ferrox::services::{
     model::Scope,
@@ -18,7 +18,7 @@ use ferrox::services::{
 };
 use ferrox_abi::{Hook, Reason};
 use ferrox_datapath::Maps;
-use ferrox_tests::harness::{Cluster, Place};
+use ferrox_tests::harness::{Cluster, Place, wait_for};
 
 /// `count` TCP calls from `from` to `target`: (backend -> calls, backend -> client addresses it saw).
 fn calls(
@@ -210,4 +210,197 @@ fn load_balancer_ips_and_external_ips_from_outside() {
             "{target}: the client talks to the address it dialled"
         );
     }
+}
+
+/// Runs one call of `proto` from `from` to `target` with a short timeout; true when answered.
+fn answered(from: &Place, proto: &str, target: &str) -> bool {
+    let (status, _) = from.run(&["call", proto, target, "--timeout-ms", "500"]);
+    status.success()
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_and_count_the_others() {
+    let c = Cluster::builder().nodes(2).build();
+    let web1 = c.add_pod(1, "web-1");
+    let web2 = c.add_pod(2, "web-2");
+    let _s1 = web1.serve(8080);
+    let _s2 = web2.serve(8080);
+    let allowed = c.external_client();
+    let denied = c.external_client();
+    assert_ne!(allowed.ip, denied.ip);
+    let service = |ranges: &[&str]| {
+        svc("lb")
+            .load_balancer("203.0.113.30")
+            .cluster_ip("10.96.2.40")
+            .port_np("tcp", 80, 30400, "TCP")
+            .port_np("udp", 80, 30401, "UDP")
+            .source_ranges(ranges)
+            .build()
+    };
+    let allowed_range = format!("{}/32", allowed.ip);
+    c.api().apply(&service(&[&allowed_range, "192.0.2.0/24"]));
+    c.api().apply(
+        &slice("lb", "l")
+            .port("tcp", 8080, "TCP")
+            .port("udp", 8080, "UDP")
+            .ready_on(web1.ip, "node-1")
+            .ready_on(web2.ip, "node-2")
+            .build(),
+    );
+    for proto in ["TCP", "UDP"] {
+        c.node(1)
+            .wait_for_entry(&format!("203.0.113.30:80/{proto}"), Scope::External, 2);
+    }
+    for client in [&allowed, &denied] {
+        client.route("203.0.113.30/32", c.node(1).addr);
+    }
+    let maps = Maps::open(&c.node(1).layout()).unwrap();
+    let denials = || {
+        maps.counters
+            .get(Hook::TcUplinkIngress, Reason::DropSourceRange)
+            .unwrap()
+            .packets
+    };
+    let denied_before = denials();
+
+    // The listed client reaches both backends over TCP and UDP.
+    let (n, _) = calls(&allowed, "203.0.113.30:80", 20);
+    assert_eq!(n.len(), 2, "{n:?}");
+    let (n, _) = allowed.call_udp("203.0.113.30:80", 20);
+    assert_eq!(n.len(), 2, "{n:?}");
+    assert_eq!(
+        denials(),
+        denied_before,
+        "nothing of the listed client was dropped"
+    );
+
+    // The other one does not, and every attempt is counted.
+    assert!(!answered(&denied, "tcp", "203.0.113.30:80"));
+    assert!(!answered(&denied, "udp", "203.0.113.30:80"));
+    assert!(
+        denials() >= denied_before + 2,
+        "a TCP SYN and a datagram counted as source-range-denied"
+    );
+    // The ranges guard the load balancer's address only, as with kube-proxy: the node port of
+    // the same Service stays open.
+    assert!(answered(
+        &denied,
+        "tcp",
+        &format!("{}:30400", c.node(1).addr)
+    ));
+
+    // Listing it admits it, without touching the established list.
+    let denied_range = format!("{}/32", denied.ip);
+    c.api().apply(&service(&[&allowed_range, &denied_range]));
+    wait_for(
+        "the second client to be admitted",
+        Duration::from_secs(30),
+        || {
+            if answered(&denied, "tcp", "203.0.113.30:80") {
+                Ok(())
+            } else {
+                Err("refused".into())
+            }
+        },
+    );
+    assert!(answered(&denied, "udp", "203.0.113.30:80"));
+    assert!(answered(&allowed, "tcp", "203.0.113.30:80"));
+    // Unlisting the first one shuts it out.
+    c.api().apply(&service(&[&denied_range]));
+    wait_for(
+        "the first client to be refused",
+        Duration::from_secs(30),
+        || {
+            if answered(&allowed, "tcp", "203.0.113.30:80") {
+                Err("still admitted".into())
+            } else {
+                Ok(())
+            }
+        },
+    );
+}
+
+#[test]
+fn a_udp_flow_whose_backend_leaves_moves_to_a_live_one() {
+    let c = Cluster::builder().nodes(2).build();
+    let pods = [c.add_pod(1, "dns-1"), c.add_pod(2, "dns-2")];
+    let mut servers: BTreeMap<String, _> = pods
+        .iter()
+        .map(|p| (p.name.clone(), p.serve(5353)))
+        .collect();
+    let outside = c.external_client();
+    c.api().apply(
+        &svc("dns")
+            .load_balancer("203.0.113.53")
+            .cluster_ip("10.96.2.53")
+            .port_np("dns", 53, 30053, "UDP")
+            .build(),
+    );
+    let endpoints = |pods: &[&ferrox_tests::harness::Pod]| {
+        let mut s = slice("dns", "d").port("dns", 5353, "UDP");
+        for p in pods {
+            s = s.ready_on(p.ip, &format!("node-{}", p.node));
+        }
+        s.build()
+    };
+    c.api().apply(&endpoints(&[&pods[0], &pods[1]]));
+    c.node(1)
+        .wait_for_entry("203.0.113.53:53/UDP", Scope::External, 2);
+    outside.route("203.0.113.53/32", c.node(1).addr);
+    let maps = Maps::open(&c.node(1).layout()).unwrap();
+
+    // One flow: the same source port every time, as a resolver's long-lived socket.
+    let ask = || {
+        let (status, lines) = outside.run(&[
+            "call",
+            "udp",
+            "203.0.113.53:53",
+            "--source-port",
+            "25353",
+            "--timeout-ms",
+            "1000",
+        ]);
+        status
+            .success()
+            .then(|| lines[0]["backend"].as_str().unwrap().to_owned())
+    };
+    let first = ask().expect("the flow is answered");
+    for _ in 0..5 {
+        assert_eq!(
+            ask().as_deref(),
+            Some(first.as_str()),
+            "a flow keeps its backend"
+        );
+    }
+    let flows = || {
+        maps.conntrack
+            .entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.proto == 17)
+            .count()
+    };
+    assert!(flows() >= 2, "the flow is tracked (forward and reply)");
+
+    // Its backend goes away: the process ends and the endpoint leaves the slice.
+    drop(servers.remove(&first));
+    let rest: Vec<&ferrox_tests::harness::Pod> = pods.iter().filter(|p| p.name != first).collect();
+    c.api().apply(&endpoints(&rest));
+    c.node(1)
+        .wait_for_entry("203.0.113.53:53/UDP", Scope::External, 1);
+    // The same flow is answered by the backend that is left, at once: its conntrack entry went
+    // with the backend instead of steering it into the void until it times out.
+    let next = wait_for(
+        "the flow to be answered again",
+        Duration::from_secs(10),
+        || ask().ok_or_else(|| "no answer".to_owned()),
+    );
+    assert_eq!(next, rest[0].name);
+    assert!(
+        c.node(1)
+            .agent_log()
+            .iter()
+            .any(|l| l.contains("service maps synced") && !l.contains("flows_purged=0")),
+        "the agent reports the purged flows"
+    );
 }
