@@ -171,3 +171,44 @@ fn backends_follow_the_endpoints_and_a_service_without_endpoints_refuses() {
     assert!(maps.services.entries().unwrap().is_empty());
     assert!(maps.backends.entries().unwrap().is_empty());
 }
+
+#[test]
+fn a_pod_reaching_its_own_service_lands_on_itself() {
+    let c = Cluster::builder().nodes(1).build();
+    let web = c.add_pod(1, "web");
+    let _s = web.serve(8080);
+    c.api().apply(
+        &svc("self")
+            .cluster_ip("10.96.0.60")
+            .port("", 80, "TCP")
+            .port("dns", 53, "UDP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("self", "s")
+            .port("", 8080, "TCP")
+            .port("dns", 8080, "UDP")
+            .ready_on(web.ip, "node-1")
+            .build(),
+    );
+    c.node(1).wait_for_backends("10.96.0.60:80/TCP", 1);
+    c.node(1).wait_for_backends("10.96.0.60:53/UDP", 1);
+    // The only backend is the client itself (hairpin): it answers, and it sees its own address
+    // as the client's, the one it would see without a Service in between.
+    let (status, lines) = web.run(&["call", "tcp", "10.96.0.60:80", "--count", "5"]);
+    assert!(status.success(), "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["backend"], "web");
+        assert_eq!(l["peer"], "10.96.0.60:80");
+        assert!(
+            l["seen_by_backend"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{}:", web.ip)),
+            "{l}"
+        );
+    }
+    let (by_backend, froms) = web.call_udp("10.96.0.60:53", 5);
+    assert_eq!(by_backend.get("web"), Some(&5), "{by_backend:?}");
+    assert!(froms.iter().all(|f| f == "10.96.0.60:53"), "{froms:?}");
+}
