@@ -212,3 +212,93 @@ fn a_pod_reaching_its_own_service_lands_on_itself() {
     assert_eq!(by_backend.get("web"), Some(&5), "{by_backend:?}");
     assert!(froms.iter().all(|f| f == "10.96.0.60:53"), "{froms:?}");
 }
+
+#[test]
+fn connections_the_socket_hooks_cannot_see_are_translated_at_the_pod_interface() {
+    let c = Cluster::builder().nodes(2).build();
+    let web1 = c.add_pod(1, "web-1");
+    let web2 = c.add_pod(2, "web-2");
+    let client = c.add_pod(1, "client");
+    let _s1 = web1.serve(8080);
+    let _s2 = web2.serve(8080);
+    for (name, ip, pods) in [
+        ("web", "10.96.0.70", vec![&web1, &web2]),
+        ("self", "10.96.0.71", vec![&web1]),
+    ] {
+        c.api().apply(
+            &svc(name)
+                .cluster_ip(ip)
+                .port("", 80, "TCP")
+                .port("dns", 53, "UDP")
+                .build(),
+        );
+        let mut s = slice(name, &format!("{name}-s"))
+            .port("", 8080, "TCP")
+            .port("dns", 8080, "UDP");
+        for p in pods {
+            s = s.ready_on(p.ip, &format!("node-{}", p.node));
+        }
+        c.api().apply(&s.build());
+    }
+    c.node(1).wait_for_backends("10.96.0.70:80/TCP", 2);
+    c.node(1).wait_for_backends("10.96.0.70:53/UDP", 2);
+    c.node(1).wait_for_backends("10.96.0.71:80/TCP", 1);
+    let maps = Maps::open(&c.node(1).layout()).unwrap();
+    let pod_nat = || {
+        maps.counters
+            .get(Hook::TcFromPod, Reason::NatNewFlow)
+            .unwrap()
+            .packets
+    };
+
+    // A process the socket hooks see: translated at connect, nothing for the pod interface.
+    let before = pod_nat();
+    let (by_backend, _) = client.call_tcp("10.96.0.70:80", 10);
+    assert_eq!(by_backend.values().sum::<usize>(), 10);
+    assert_eq!(pod_nat(), before, "the socket hooks translated these");
+
+    // A process outside the hooked cgroup, in the same pod: its packets leave the pod still
+    // addressed to the Service and are translated at the pod's veth, replies on their way back
+    // (from the local backend at its veth, from the remote one at the uplink).
+    let unhooked = c.unhooked(&client);
+    let (status, lines) = unhooked.run(&["call", "tcp", "10.96.0.70:80", "--count", "30"]);
+    assert!(status.success(), "{lines:?}");
+    let backends: BTreeSet<&str> = lines
+        .iter()
+        .map(|l| l["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(backends, BTreeSet::from(["web-1", "web-2"]));
+    assert!(lines.iter().all(|l| l["peer"] == "10.96.0.70:80"));
+    // No SNAT: both backends see the pod's own address.
+    assert!(lines.iter().all(|l| {
+        l["seen_by_backend"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", client.ip))
+    }));
+    let (by_backend, froms) = unhooked.call_udp("10.96.0.70:53", 30);
+    assert_eq!(by_backend.len(), 2, "{by_backend:?}");
+    assert!(froms.iter().all(|f| f == "10.96.0.70:53"), "{froms:?}");
+    assert!(
+        pod_nat() >= before + 60,
+        "each new flow translated at the pod interface"
+    );
+
+    // Hairpin through the fallback: the only backend is the client itself; it sees the pod
+    // gateway's address as the client (a pod drops packets from its own address).
+    let (status, lines) = c
+        .unhooked(&web1)
+        .run(&["call", "tcp", "10.96.0.71:80", "--count", "3"]);
+    assert!(status.success(), "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["backend"], "web-1");
+        assert_eq!(l["peer"], "10.96.0.71:80");
+        assert!(
+            l["seen_by_backend"]
+                .as_str()
+                .unwrap()
+                .starts_with("169.254.1.1:"),
+            "{l}"
+        );
+    }
+}

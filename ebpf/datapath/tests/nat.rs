@@ -38,6 +38,8 @@ const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 2, 0];
 const STRANGER_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
 const NODE2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x12];
 const POD_MAC: [u8; 6] = [2, 0, 0, 1, 5, 5];
+const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
+const GATEWAY: [u8; 4] = ferrox_abi::POD_GATEWAY;
 
 fn be(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
@@ -97,6 +99,29 @@ fn frontend(dp: &mut Datapath, port: u16, l4: u8, rev_nat_id: u16, flags: u16, b
         count: backends.len() as u16,
         rev_nat_id,
         flags: svc_flags::NODE_PORT | flags,
+        ..Default::default()
+    };
+    dp.maps_mut().services.insert(&key, &master).unwrap();
+}
+
+/// One internal frontend (a cluster IP, for this node's own clients) with its backends.
+fn internal_frontend(dp: &mut Datapath, port: u16, rev_nat_id: u16, backends: &[u32]) {
+    let key =
+        ServiceKey::master(be(CLUSTER_IP), port.to_be(), proto::TCP).with_scope(scope::INTERNAL);
+    for (i, id) in backends.iter().enumerate() {
+        let slot = ServiceValue {
+            backend_id: *id,
+            ..Default::default()
+        };
+        dp.maps_mut()
+            .services
+            .insert(&key.with_slot(i as u16 + 1), &slot)
+            .unwrap();
+    }
+    let master = ServiceValue {
+        count: backends.len() as u16,
+        rev_nat_id,
+        flags: svc_flags::CLUSTER_IP,
         ..Default::default()
     };
     dp.maps_mut().services.insert(&key, &master).unwrap();
@@ -449,6 +474,87 @@ fn external_flows_are_translated_tracked_and_answered() {
             out: Out::Same,
         },
         Row {
+            what: "a pod's packet to a cluster IP no socket hook translated: DNAT, no SNAT, to node-2",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                tcp(LOCAL_POD, 41000, CLUSTER_IP, 80)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(LOCAL_POD, 41000, REMOTE_POD, 8080)
+                    .macs(NODE2_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the remote backend's reply: from the cluster IP again, to the pod",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(REMOTE_POD, 8080, LOCAL_POD, 41000)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(CLUSTER_IP, 80, LOCAL_POD, 41000)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "hairpin: a pod to a cluster IP whose backend is itself: SNAT to the gateway",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                tcp(LOCAL_POD, 41001, CLUSTER_IP, 81)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Snat(Box::new(move |port| {
+                tcp(GATEWAY, port, LOCAL_POD, 8080)
+                    .macs(POD_MAC, pod0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "hairpin reply to the gateway: from the cluster IP, to the pod",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::WithSnatPort(Box::new(move |port| {
+                tcp(LOCAL_POD, 8080, GATEWAY, port)
+                    .macs(pod0_mac, POD_MAC)
+                    .build()
+            })),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(CLUSTER_IP, 81, LOCAL_POD, 41001)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "a cluster IP from outside the node: not served, passed untouched",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40010, CLUSTER_IP, 80)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_UNSPEC,
+            reason: Reason::PassTcp,
+            out: Out::Same,
+        },
+        Row {
             what: "a frontend packet whose total length lies: dropped, not rewritten",
             program: TcProgram::UplinkIngress,
             on: "up0",
@@ -483,6 +589,8 @@ fn external_flows_are_translated_tracked_and_answered() {
         );
         frontend(&mut dp, 30083, proto::TCP, 4, 0, &[]);
         frontend(&mut dp, 30053, proto::UDP, 5, 0, &[3]);
+        internal_frontend(&mut dp, 80, 6, &[2]);
+        internal_frontend(&mut dp, 81, 7, &[1]);
         dp.maps_mut()
             .source_ranges
             .insert(&SourceRange {
@@ -575,7 +683,7 @@ fn external_flows_are_translated_tracked_and_answered() {
                 fail("checksums do not verify".into());
             }
         }
-        // Every translated flow is tracked in both directions: 5 flows, 10 entries.
+        // Every translated flow is tracked in both directions: 7 flows, 14 entries.
         let ct: Vec<CtKey> = dp
             .maps()
             .conntrack
@@ -584,9 +692,9 @@ fn external_flows_are_translated_tracked_and_answered() {
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        if ct.len() != 10 {
+        if ct.len() != 14 {
             failures.push(format!(
-                "conntrack holds {} entries, want 10: {ct:?}",
+                "conntrack holds {} entries, want 14: {ct:?}",
                 ct.len()
             ));
         }

@@ -1,5 +1,8 @@
 //! Per-packet service translation for traffic the socket hooks cannot see: clients outside the
-//! node reaching a NodePort, a LoadBalancer IP or an externalIP through the uplink.
+//! node reaching a NodePort, a LoadBalancer IP or an externalIP through the uplink, and (the
+//! fallback at the pod-facing hook) flows leaving a pod still addressed to a Service because no
+//! socket hook translated them: a process outside the cgroup the hooks are attached to, a VM
+//! behind a pod's interface, a pod routing packets it did not originate.
 //!
 //! The first packet of a flow to an external frontend picks a backend (session affinity by
 //! client address, else the frontend's Maglev table, so every node picks the same backend for
@@ -30,9 +33,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ferrox_abi::{
-    AffinityKey, AffinityValue, CtEntry, CtKey, Hook, MAGLEV_TABLE_SIZE, Reason, ServiceKey,
-    ServiceValue, SrcRangeKey, Verdict, affinity_client, backend_flags, ct_flags, proto, scope,
-    src_range_prefixlen, svc_flags,
+    AffinityKey, AffinityValue, CtEntry, CtKey, Hook, MAGLEV_TABLE_SIZE, POD_GATEWAY, Reason,
+    ServiceKey, ServiceValue, SrcRangeKey, Verdict, affinity_client, backend_flags, ct_flags,
+    proto, scope, src_range_prefixlen, svc_flags,
 };
 
 use crate::{
@@ -166,18 +169,48 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         } => icmp(ctx, l4_off, saddr, daddr, tot_len),
         Parsed::Flow(flow) => match tracked(ctx, &flow) {
             Some(done) => done,
-            None => {
-                let r = if flow.proto == proto::TCP {
-                    Reason::PassTcp
-                } else {
-                    Reason::PassUdp
-                };
-                (r, TC_ACT_UNSPEC)
-            }
+            None => pod_flow(ctx, &flow),
         },
     };
     count(Hook::TcFromPod, reason, ctx.len());
     action
+}
+
+/// Where a new flow came in: the node's uplink (a client outside the node) or a pod's veth (a
+/// client on this node that the socket hooks did not translate).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Uplink,
+    Pod,
+}
+
+/// The pass reason of a TCP or UDP packet nothing translates.
+#[inline(always)]
+fn untranslated(flow: &Flow) -> (Reason, i32) {
+    let r = if flow.proto == proto::TCP {
+        Reason::PassTcp
+    } else {
+        Reason::PassUdp
+    };
+    (r, TC_ACT_UNSPEC)
+}
+
+/// The fallback for what the socket hooks cannot see: a new flow leaving a pod still addressed
+/// to a Service (its process is outside the cgroup the hooks are attached to, or the pod
+/// forwards packets it did not originate, as a VM behind a pod interface or a router pod does).
+/// It is translated per packet with the frontend's internal backends, chosen at random as the
+/// socket hooks would. A packet the hooks did translate is addressed to a backend and passes.
+#[inline(always)]
+fn pod_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
+    let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::INTERNAL);
+    // SAFETY: hash map values are read once, by copy.
+    let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
+        return untranslated(flow);
+    };
+    match new_flow(ctx, flow, &key, &frontend, Origin::Pod) {
+        Ok(action) => (Reason::NatNewFlow, action),
+        Err(r) => (r, TC_ACT_SHOT),
+    }
 }
 
 #[inline(always)]
@@ -188,14 +221,9 @@ fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
     let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::EXTERNAL);
     // SAFETY: hash map values are read once, by copy.
     let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
-        let r = if flow.proto == proto::TCP {
-            Reason::PassTcp
-        } else {
-            Reason::PassUdp
-        };
-        return (r, TC_ACT_UNSPEC);
+        return untranslated(flow);
     };
-    match new_flow(ctx, flow, &key, &frontend) {
+    match new_flow(ctx, flow, &key, &frontend, Origin::Uplink) {
         Ok(action) => (Reason::NatNewFlow, action),
         Err(r) => (r, TC_ACT_SHOT),
     }
@@ -222,13 +250,14 @@ fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
     })
 }
 
-/// The first packet of a flow to an external frontend.
+/// The first packet of a flow to a frontend.
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,
     flow: &Flow,
     key: &ServiceKey,
     frontend: &ServiceValue,
+    origin: Origin,
 ) -> Result<i32, Reason> {
     if frontend.count == 0 {
         return Err(Reason::DropNoBackend);
@@ -246,22 +275,33 @@ fn new_flow(
             return Err(Reason::DropSourceRange);
         }
     }
-    let backend_id = pick_backend(flow, key, frontend)?;
+    let backend_id = pick_backend(flow, key, frontend, origin == Origin::Uplink)?;
     // SAFETY: hash map values are read once, by copy.
     let Some(backend) = (unsafe { BACKENDS_V1.get(&backend_id) }).copied() else {
         return Err(Reason::DropBackendMissing);
     };
     let local = backend.flags & backend_flags::LOCAL != 0;
-    let snat = !local && frontend.flags & svc_flags::EXTERNAL_LOCAL == 0;
-    let (nat_saddr, nat_sport) = if snat {
-        snat_source(flow, backend.addr, backend.port)?
-    } else {
-        (flow.saddr, flow.sport)
+    // From outside: the node's address, so the reply comes back through this node (unless
+    // externalTrafficPolicy Local keeps the client's address for a local backend). From a pod
+    // to itself (hairpin): the pod gateway's address, since a pod drops packets that come from
+    // its own address.
+    let snat = match origin {
+        Origin::Uplink if !local && frontend.flags & svc_flags::EXTERNAL_LOCAL == 0 => {
+            Some(snat_source(flow, backend.addr, backend.port, None)?)
+        }
+        Origin::Pod if backend.addr == flow.saddr => Some(snat_source(
+            flow,
+            backend.addr,
+            backend.port,
+            Some(u32::from_ne_bytes(POD_GATEWAY)),
+        )?),
+        _ => None,
     };
+    let (nat_saddr, nat_sport) = snat.unwrap_or((flow.saddr, flow.sport));
 
     let now = unsafe { bpf_ktime_get_ns() };
     let mut flags = 0;
-    if snat {
+    if snat.is_some() {
         flags |= ct_flags::SNAT;
     }
     if local {
@@ -305,9 +345,16 @@ fn new_flow(
     translate(ctx, flow, &forward)
 }
 
-/// The backend of a new external flow: the client address's affinity entry, else Maglev.
+/// The backend of a new flow: the client address's affinity entry, else the frontend's Maglev
+/// table when `maglev` (external flows; internal entries have other backends than the table's),
+/// else a random slot.
 #[inline(always)]
-fn pick_backend(flow: &Flow, key: &ServiceKey, frontend: &ServiceValue) -> Result<u32, Reason> {
+fn pick_backend(
+    flow: &Flow,
+    key: &ServiceKey,
+    frontend: &ServiceValue,
+    maglev: bool,
+) -> Result<u32, Reason> {
     let now = unsafe { bpf_ktime_get_ns() };
     let akey = AffinityKey {
         client: u64::from(flow.saddr),
@@ -334,12 +381,14 @@ fn pick_backend(flow: &Flow, key: &ServiceKey, frontend: &ServiceValue) -> Resul
             return Ok(a.backend_id);
         }
     }
-    let hash = flow_hash(flow);
-    // SAFETY: the table entry is read by copy.
-    let from_table = unsafe {
-        MAGLEV_V1.get_value(&u32::from(frontend.rev_nat_id), &(hash % MAGLEV_TABLE_SIZE))
-    }
-    .copied();
+    let from_table = if maglev {
+        let hash = flow_hash(flow);
+        // SAFETY: the table entry is read by copy.
+        unsafe { MAGLEV_V1.get_value(&u32::from(frontend.rev_nat_id), &(hash % MAGLEV_TABLE_SIZE)) }
+            .copied()
+    } else {
+        None
+    };
     let backend_id = match from_table {
         Some(id) => id,
         None => {
@@ -383,14 +432,21 @@ fn flow_hash(flow: &Flow) -> u32 {
     h
 }
 
-/// The node address and a free source port for a SNATed flow to `backend`.
+/// A source address (the node's, unless `addr` names another) and a free source port for a
+/// SNATed flow to `backend`.
 #[inline(always)]
-fn snat_source(flow: &Flow, backend_addr: u32, backend_port: u16) -> Result<(u32, u16), Reason> {
+fn snat_source(
+    flow: &Flow,
+    backend_addr: u32,
+    backend_port: u16,
+    addr: Option<u32>,
+) -> Result<(u32, u16), Reason> {
     // SAFETY: array element 0 always exists; read by copy.
     let Some(cfg) = CONFIG_V1.get(0).copied() else {
         return Err(Reason::DropSnatExhausted);
     };
-    if cfg.node_addr == 0 || cfg.snat_port_max <= cfg.snat_port_min {
+    let snat_addr = addr.unwrap_or(cfg.node_addr);
+    if snat_addr == 0 || cfg.snat_port_max <= cfg.snat_port_min {
         return Err(Reason::DropSnatExhausted);
     }
     let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
@@ -401,7 +457,7 @@ fn snat_source(flow: &Flow, backend_addr: u32, backend_port: u16) -> Result<(u32
             (cfg.snat_port_min as u32 + (start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
         let candidate = CtKey {
             saddr: backend_addr,
-            daddr: cfg.node_addr,
+            daddr: snat_addr,
             sport: backend_port,
             dport: port.to_be(),
             proto: flow.proto,
@@ -409,7 +465,7 @@ fn snat_source(flow: &Flow, backend_addr: u32, backend_port: u16) -> Result<(u32
         };
         // SAFETY: only checks presence.
         if (unsafe { CT_V1.get(&candidate) }).is_none() {
-            return Ok((cfg.node_addr, port.to_be()));
+            return Ok((snat_addr, port.to_be()));
         }
         i += 1;
     }

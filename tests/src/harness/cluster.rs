@@ -158,6 +158,8 @@ pub struct Cluster {
     next_pod: AtomicU32,
     /// Namespaces of the external clients.
     external: Mutex<Vec<NetNs>>,
+    /// Cgroups of processes outside every node's cgroup.
+    unhooked: Mutex<Vec<PathBuf>>,
 }
 
 fn cgroup_root() -> PathBuf {
@@ -222,6 +224,7 @@ impl Cluster {
             pods: Mutex::new(Vec::new()),
             next_pod: AtomicU32::new(1),
             external: Mutex::new(Vec::new()),
+            unhooked: Mutex::new(Vec::new()),
         };
 
         let fabric = NetNs::create(&format!("{}{id}-fab", leaks::NETNS_PREFIX));
@@ -452,6 +455,24 @@ impl Cluster {
             place,
             ip,
             netns_name,
+        }
+    }
+
+    /// `pod`'s network namespace, for a process outside every node's cgroup: the socket hooks do
+    /// not see its connections, as with a VM behind a pod's interface or a pod that routes
+    /// packets it did not originate. Only the per-packet fallback translates them.
+    pub fn unhooked(&self, pod: &Pod) -> Place {
+        let mut ext = self
+            .unhooked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cgroup = self.cgroup_dir.join(format!("unhooked-{}", ext.len()));
+        std::fs::create_dir_all(&cgroup).expect("creating an unhooked cgroup");
+        ext.push(cgroup.clone());
+        Place {
+            name: format!("{} (unhooked)", pod.name),
+            netns_path: pod.netns_path.clone(),
+            cgroup,
         }
     }
 
@@ -773,6 +794,26 @@ impl Drop for Cluster {
                     tail.len(),
                     tail.join("\n")
                 );
+            }
+        }
+        // 0. Processes in pods outside the nodes' cgroups.
+        let unhooked = std::mem::take(
+            &mut *self
+                .unhooked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for cg in unhooked {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(cg.join("cgroup.procs"))
+                .is_ok_and(|p| !p.trim().is_empty())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(e) = std::fs::remove_dir(&cg) {
+                eprintln!("harness: removing cgroup {}: {e}", cg.display());
             }
         }
         // 1. Stop every process of every node: agents, pod workloads.
