@@ -111,6 +111,22 @@ pub struct AgentArgs {
     )]
     pub healthz_bind_address: std::net::SocketAddr,
 
+    /// Conntrack: seconds a TCP flow may stay idle before it is forgotten.
+    #[arg(long, env = "FERROX_CT_TCP_TIMEOUT", default_value_t = 21_600)]
+    pub ct_tcp_timeout: u64,
+
+    /// Conntrack: seconds a TCP flow is kept after a FIN or RST.
+    #[arg(long, env = "FERROX_CT_TCP_CLOSE_TIMEOUT", default_value_t = 10)]
+    pub ct_tcp_close_timeout: u64,
+
+    /// Conntrack: seconds a UDP flow may stay idle before it is forgotten.
+    #[arg(long, env = "FERROX_CT_UDP_TIMEOUT", default_value_t = 60)]
+    pub ct_udp_timeout: u64,
+
+    /// Conntrack: seconds between two collections of expired flows.
+    #[arg(long, env = "FERROX_CT_GC_INTERVAL", default_value_t = 15)]
+    pub ct_gc_interval: u64,
+
     /// MTU of pod interfaces; default: the uplink's MTU.
     #[arg(long, env = "FERROX_MTU")]
     pub mtu: Option<u32>,

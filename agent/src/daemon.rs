@@ -5,7 +5,7 @@
 //! are kept in sync with the API until SIGTERM. On exit everything stays pinned and attached, so
 //! traffic goes on while the agent restarts.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
 use ferrox_cni::node_config::{NodeConfig, SCHEMA_VERSION, TunnelMode};
@@ -90,6 +90,15 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
+    tokio::spawn(crate::conntrack::run(
+        layout.clone(),
+        crate::conntrack::Timeouts {
+            tcp: Duration::from_secs(args.ct_tcp_timeout),
+            tcp_closing: Duration::from_secs(args.ct_tcp_close_timeout),
+            udp: Duration::from_secs(args.ct_udp_timeout),
+        },
+        Duration::from_secs(args.ct_gc_interval.max(1)),
+    ));
     let health = crate::health::Health::default();
     tokio::spawn(health.clone().serve_healthz(args.healthz_bind_address));
     let sync_config = services::sync::SyncConfig {

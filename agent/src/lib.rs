@@ -2,6 +2,7 @@
 //! reach its pure parts.
 
 pub mod cli;
+pub mod conntrack;
 pub mod daemon;
 pub mod health;
 pub mod inspect;

@@ -404,3 +404,102 @@ fn a_udp_flow_whose_backend_leaves_moves_to_a_live_one() {
         "the agent reports the purged flows"
     );
 }
+
+#[test]
+fn conntrack_forgets_finished_and_idle_flows_and_keeps_live_ones() {
+    let c = Cluster::builder()
+        .nodes(2)
+        .agent_env("FERROX_CT_UDP_TIMEOUT", "2")
+        .agent_env("FERROX_CT_TCP_CLOSE_TIMEOUT", "1")
+        .agent_env("FERROX_CT_TCP_TIMEOUT", "3600")
+        .agent_env("FERROX_CT_GC_INTERVAL", "1")
+        .build();
+    let web = c.add_pod(2, "web");
+    let _s = web.serve(8080);
+    let outside = c.external_client();
+    c.api().apply(
+        &svc("np")
+            .node_port_type()
+            .cluster_ip("10.96.2.60")
+            .port_np("tcp", 80, 30500, "TCP")
+            .port_np("udp", 80, 30501, "UDP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("np", "n")
+            .port("tcp", 8080, "TCP")
+            .port("udp", 8080, "UDP")
+            .ready_on(web.ip, "node-2")
+            .build(),
+    );
+    let node = c.node(1);
+    for port in ["30500/TCP", "30501/UDP"] {
+        node.wait_for_entry(&format!("{}:{port}", node.addr), Scope::External, 1);
+    }
+    let maps = Maps::open(&node.layout()).unwrap();
+    let tracked = |proto: u8| {
+        maps.conntrack
+            .entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.proto == proto)
+            .count()
+    };
+
+    // A long-lived connection, five finished ones, five UDP flows: all tracked.
+    let mut stream = outside.spawn(&["stream", &format!("{}:30500", node.addr)]);
+    stream.wait_for_line("stream progress", Duration::from_secs(10), |l| {
+        l.starts_with("progress ")
+    });
+    let (n, _) = calls(&outside, &format!("{}:30500", node.addr), 5);
+    assert_eq!(n.values().sum::<usize>(), 5);
+    let (n, _) = outside.call_udp(&format!("{}:30501", node.addr), 5);
+    assert_eq!(n.values().sum::<usize>(), 5);
+    assert_eq!(tracked(6), 12, "6 connections, 2 entries each");
+    assert_eq!(tracked(17), 10, "5 flows, 2 entries each");
+
+    // The finished connections go after the closing timeout, the UDP flows after their idle
+    // timeout; the live connection stays (2 entries).
+    wait_for(
+        "finished and idle flows to go",
+        Duration::from_secs(30),
+        || match (tracked(6), tracked(17)) {
+            (2, 0) => Ok(()),
+            other => Err(format!("(tcp, udp) entries: {other:?}")),
+        },
+    );
+    // It stays across further collections, and keeps flowing.
+    let rounds = |log: &[String]| log.iter().filter(|l| l.contains("conntrack GC")).count();
+    let seen = rounds(&node.agent_log());
+    wait_for("three more collections", Duration::from_secs(30), || {
+        let now = rounds(&node.agent_log());
+        if now >= seen + 3 {
+            Ok(())
+        } else {
+            Err(format!("{} rounds", now - seen))
+        }
+    });
+    assert_eq!(tracked(6), 2, "the live connection is still tracked");
+    let progress = |p: &ferrox_tests::harness::Proc| {
+        p.lines()
+            .iter()
+            .rev()
+            .find_map(|l| {
+                l.strip_prefix("progress ")
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = progress(&stream);
+    stream.wait_for_line("more progress", Duration::from_secs(10), |l| {
+        l.strip_prefix("progress ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > before)
+    });
+    let status = stream.signal_and_wait(libc::SIGTERM);
+    assert!(
+        status.success(),
+        "the stream saw no error: {:?}",
+        stream.lines()
+    );
+}

@@ -300,6 +300,9 @@ pub mod ct_flags {
     pub const SNAT: u8 = 1 << 1;
     /// The backend runs on this node.
     pub const LOCAL_BACKEND: u8 = 1 << 2;
+    /// A TCP FIN or RST went through this direction (cleared by a new SYN): the agent's
+    /// conntrack GC removes the flow after the short closing timeout instead of the idle one.
+    pub const CLOSING: u8 = 1 << 3;
 }
 
 /// Data of the source-ranges LPM trie key (the trie prepends the prefix length): frontend id,

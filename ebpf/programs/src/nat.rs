@@ -233,10 +233,16 @@ fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
 #[inline(always)]
 fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
     let entry = CT_V1.get_ptr_mut(&flow.key())?;
+    let closing = tcp_closing(ctx, flow);
     // SAFETY: the pointer comes from a successful lookup; the entry is read by copy and only its
-    // timestamp is written (a torn timestamp is harmless).
+    // timestamp and flags are written (a torn timestamp is harmless, the flags are one byte).
     let e = unsafe {
         (*entry).last_seen_ns = bpf_ktime_get_ns();
+        match closing {
+            Some(true) => (*entry).flags |= ct_flags::CLOSING,
+            Some(false) => (*entry).flags &= !ct_flags::CLOSING,
+            None => {}
+        }
         *entry
     };
     let reason = if e.flags & ct_flags::REPLY != 0 {
@@ -248,6 +254,27 @@ fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
         Ok(action) => (reason, action),
         Err(r) => (r, TC_ACT_SHOT),
     })
+}
+
+/// TCP flags that change a tracked flow's state: `Some(true)` for FIN or RST (the flow is
+/// closing), `Some(false)` for a SYN without ACK (the 5-tuple starts a new connection).
+#[inline(always)]
+fn tcp_closing(ctx: &TcContext, flow: &Flow) -> Option<bool> {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    if flow.proto != proto::TCP {
+        return None;
+    }
+    let flags = ctx.load::<u8>(flow.l4_off + 13).ok()?;
+    if flags & (FIN | RST) != 0 {
+        Some(true)
+    } else if flags & (SYN | ACK) == SYN {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// The first packet of a flow to a frontend.

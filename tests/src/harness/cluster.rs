@@ -44,6 +44,7 @@ const AGENT_READY: &str = "CNI ready";
 pub struct ClusterBuilder {
     nodes: usize,
     static_pod_routes: bool,
+    agent_env: Vec<(String, String)>,
 }
 
 impl ClusterBuilder {
@@ -57,6 +58,12 @@ impl ClusterBuilder {
     /// cloud route table would). On by default until the agents route pods themselves.
     pub fn static_pod_routes(mut self, on: bool) -> Self {
         self.static_pod_routes = on;
+        self
+    }
+
+    /// An environment variable for every agent (e.g. `FERROX_CT_UDP_TIMEOUT`), on every start.
+    pub fn agent_env(mut self, key: &str, value: &str) -> Self {
+        self.agent_env.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -84,6 +91,7 @@ pub struct Node {
     dir: PathBuf,
     cgroup: PathBuf,
     kubeconfig: PathBuf,
+    agent_env: Vec<(String, String)>,
     agent: Mutex<Option<Proc>>,
 }
 
@@ -199,6 +207,7 @@ impl Cluster {
         ClusterBuilder {
             nodes: 1,
             static_pod_routes: true,
+            agent_env: Vec::new(),
         }
     }
 
@@ -247,7 +256,7 @@ impl Cluster {
         .unwrap();
 
         for index in 1..=b.nodes {
-            let node = cluster.add_node(index, &kubeconfig);
+            let node = cluster.add_node(index, &kubeconfig, &b.agent_env);
             cluster.nodes.push(node);
         }
         if b.static_pod_routes {
@@ -272,7 +281,7 @@ impl Cluster {
         cluster
     }
 
-    fn add_node(&self, index: usize, kubeconfig: &Path) -> Node {
+    fn add_node(&self, index: usize, kubeconfig: &Path, agent_env: &[(String, String)]) -> Node {
         let name = format!("node-{index}");
         let addr = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
         let pod_cidr: Ipv4Net = format!("10.244.{index}.0/24").parse().unwrap();
@@ -333,6 +342,7 @@ impl Cluster {
             dir,
             cgroup,
             kubeconfig: kubeconfig.to_path_buf(),
+            agent_env: agent_env.to_vec(),
             agent: Mutex::new(None),
         }
     }
@@ -531,7 +541,8 @@ impl Node {
             .args(extra)
             .env("FERROX_BPFFS_ROOT", self.layout().root())
             .env("RUST_LOG", "info,ferrox=debug")
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
