@@ -127,6 +127,14 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_CT_GC_INTERVAL", default_value_t = 15)]
     pub ct_gc_interval: u64,
 
+    /// Where `/metrics` is served (kube-proxy's metrics port).
+    #[arg(
+        long,
+        env = "FERROX_METRICS_BIND_ADDRESS",
+        default_value = "0.0.0.0:10249"
+    )]
+    pub metrics_bind_address: std::net::SocketAddr,
+
     /// MTU of pod interfaces; default: the uplink's MTU.
     #[arg(long, env = "FERROX_MTU")]
     pub mtu: Option<u32>,

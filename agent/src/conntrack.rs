@@ -97,7 +97,12 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Collects expired flows every `interval`, until the process ends.
-pub async fn run(layout: PinLayout, timeouts: Timeouts, interval: Duration) {
+pub async fn run(
+    layout: PinLayout,
+    timeouts: Timeouts,
+    interval: Duration,
+    metrics: crate::metrics::Metrics,
+) {
     let mut map: TypedHash<CtKey, CtEntry> = match Maps::open(&layout) {
         Ok(m) => m.conntrack,
         Err(e) => {
@@ -126,6 +131,7 @@ pub async fn run(layout: PinLayout, timeouts: Timeouts, interval: Duration) {
                 Err(e) => warn!(error = %e, "conntrack GC: removing an entry failed"),
             }
         }
+        metrics.conntrack_gc(removed, entries.len() - removed);
         if removed > 0 {
             info!(removed, remaining = entries.len() - removed, "conntrack GC");
         } else {

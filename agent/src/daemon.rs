@@ -90,6 +90,12 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
+    let metrics = crate::metrics::Metrics::default();
+    tokio::spawn(
+        metrics
+            .clone()
+            .serve(args.metrics_bind_address, layout.clone()),
+    );
     tokio::spawn(crate::conntrack::run(
         layout.clone(),
         crate::conntrack::Timeouts {
@@ -98,6 +104,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             udp: Duration::from_secs(args.ct_udp_timeout),
         },
         Duration::from_secs(args.ct_gc_interval.max(1)),
+        metrics.clone(),
     ));
     let health = crate::health::Health::default();
     tokio::spawn(health.clone().serve_healthz(args.healthz_bind_address));
@@ -110,7 +117,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     let maps = services::reconcile::NodeMaps::new(dp.into_maps(), &layout)
         .context("opening the Maglev tables")?;
     tokio::select! {
-        r = services::sync::run(client, maps, sync_config, health) => r,
+        r = services::sync::run(client, maps, sync_config, health, metrics) => r,
         signal = shutdown_signal() => {
             info!(signal = signal?, "shutting down; the datapath stays pinned and attached");
             Ok(())

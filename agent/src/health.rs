@@ -144,7 +144,7 @@ impl Health {
                 },
             }
         };
-        serve(listener, answer).await;
+        serve(listener, JSON, answer).await;
     }
 
     /// Serves `/healthz` on `addr` until the task is dropped.
@@ -164,12 +164,49 @@ impl Health {
                 body: "{}".into(),
             },
         };
-        serve(listener, answer).await;
+        serve(listener, JSON, answer).await;
     }
 }
 
+const JSON: &str = "application/json";
+
+/// Serves `render()` as plain text (the Prometheus exposition format) at `path` on `addr`, until
+/// the task is dropped.
+pub async fn serve_text(
+    addr: SocketAddr,
+    path: &'static str,
+    render: impl Fn() -> String + Clone + Send + 'static,
+) {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%addr, error = %e, "cannot serve {path}");
+            return;
+        }
+    };
+    info!(%addr, "serving {path}");
+    let answer = move |p: &str| {
+        if p.split('?').next() == Some(path) {
+            Answer {
+                status: 200,
+                body: render(),
+            }
+        } else {
+            Answer {
+                status: 404,
+                body: String::new(),
+            }
+        }
+    };
+    serve(listener, "text/plain; version=0.0.4; charset=utf-8", answer).await;
+}
+
 /// Answers each connection's request (first line only) with `answer(path)`.
-async fn serve(listener: TcpListener, answer: impl Fn(&str) -> Answer + Clone + Send + 'static) {
+async fn serve(
+    listener: TcpListener,
+    content_type: &'static str,
+    answer: impl Fn(&str) -> Answer + Clone + Send + 'static,
+) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
@@ -197,7 +234,7 @@ async fn serve(listener: TcpListener, answer: impl Fn(&str) -> Answer + Clone + 
                 _ => "Service Unavailable",
             };
             let resp = format!(
-                "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                "HTTP/1.1 {} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
                 a.status,
                 a.body.len(),
                 a.body

@@ -6,5 +6,6 @@ pub mod conntrack;
 pub mod daemon;
 pub mod health;
 pub mod inspect;
+pub mod metrics;
 pub mod node;
 pub mod services;

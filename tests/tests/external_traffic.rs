@@ -281,6 +281,23 @@ fn load_balancer_source_ranges_admit_listed_clients_and_count_the_others() {
         denials() >= denied_before + 2,
         "a TCP SYN and a datagram counted as source-range-denied"
     );
+    // The same count on the node's /metrics, as Prometheus scrapes it.
+    let metric = |name: &str| -> f64 {
+        let (status, lines) = c
+            .node(1)
+            .host()
+            .run(&["http-get", "127.0.0.1:10249", "/metrics"]);
+        assert!(status.success(), "{lines:?}");
+        assert_eq!(lines[0]["status"], 200);
+        let body = lines[0]["body"].as_str().unwrap().to_owned();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+    };
+    let denied_metric = r#"ferrox_datapath_packets_total{hook="tc-uplink-ingress",verdict="drop",reason="source-range-denied"}"#;
+    assert_eq!(metric(denied_metric) as u64, denials());
+    assert!(metric(r#"ferrox_sync_total{kind="full"}"#) >= 1.0);
+    assert!(metric(r#"ferrox_programmed{object="source-range"}"#) >= 2.0);
     // The ranges guard the load balancer's address only, as with kube-proxy: the node port of
     // the same Service stays open.
     assert!(answered(

@@ -178,6 +178,7 @@ pub async fn run(
     mut maps: NodeMaps,
     config: SyncConfig,
     health: Health,
+    metrics: crate::metrics::Metrics,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     watch(
@@ -230,7 +231,9 @@ pub async fn run(
             Change::Full => (reconciler.sync(table, &mut maps), true),
             Change::Entries(keys) => (reconciler.sync_changed(table, keys, &mut maps), false),
         };
-        log_report(&report, table.skipped.len(), full, started.elapsed());
+        let took = started.elapsed();
+        log_report(&report, table.skipped.len(), full, took);
+        metrics.sync(&report, full, table.skipped.len(), took.as_secs_f64());
         health.set_checks(&table.health_checks);
         health.synced();
         if full {

@@ -1,0 +1,331 @@
+//! Prometheus metrics (`/metrics`, default `0.0.0.0:10249`, kube-proxy's metrics port), in the
+//! text exposition format 0.0.4.
+//!
+//! The agent's own figures (syncs, their duration, failures, with full maps counted apart,
+//! programmed objects, conntrack collection) are recorded as they happen; the datapath's
+//! per-hook, per-reason packet counters are read from the pinned map at scrape time, so a
+//! scrape always shows what the kernel counted, including while the sync loop is busy.
+
+use std::{
+    fmt::Write as _,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use ferrox_datapath::{CounterRow, PinLayout};
+
+use crate::services::reconcile::SyncReport;
+
+/// Upper bounds (seconds) of the sync duration histogram's buckets.
+const SYNC_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Debug, Default)]
+struct State {
+    syncs_full: u64,
+    syncs_incremental: u64,
+    /// Observations per bucket (not cumulative), then the +Inf overflow.
+    sync_buckets: [u64; SYNC_BUCKETS.len() + 1],
+    sync_sum: f64,
+    last_sync_seconds: f64,
+    failures_map_full: u64,
+    failures_other: u64,
+    frontends: usize,
+    backends: usize,
+    maglev_tables: usize,
+    source_ranges: usize,
+    skipped: usize,
+    writes: u64,
+    deletes: u64,
+    flows_purged: u64,
+    ct_gc_removed: u64,
+    ct_entries: usize,
+}
+
+/// The metrics the agent's tasks record into; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    state: Arc<Mutex<State>>,
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records one service sync.
+    pub fn sync(&self, report: &SyncReport, full: bool, skipped: usize, seconds: f64) {
+        let mut s = self.lock();
+        if full {
+            s.syncs_full += 1;
+        } else {
+            s.syncs_incremental += 1;
+        }
+        let bucket = SYNC_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(SYNC_BUCKETS.len());
+        s.sync_buckets[bucket] += 1;
+        s.sync_sum += seconds;
+        s.last_sync_seconds = seconds;
+        for f in &report.failures {
+            if f.map_full {
+                s.failures_map_full += 1;
+            } else {
+                s.failures_other += 1;
+            }
+        }
+        s.frontends = report.frontends;
+        s.backends = report.backends;
+        s.maglev_tables = report.maglev_tables;
+        s.source_ranges = report.source_ranges;
+        s.skipped = skipped;
+        s.writes += report.writes as u64;
+        s.deletes += report.deletes as u64;
+        s.flows_purged += report.flows_purged as u64;
+    }
+
+    /// Records one conntrack collection.
+    pub fn conntrack_gc(&self, removed: usize, remaining: usize) {
+        let mut s = self.lock();
+        s.ct_gc_removed += removed as u64;
+        s.ct_entries = remaining;
+    }
+
+    /// The exposition text, with the datapath's `counters`.
+    pub fn render(&self, counters: &[CounterRow]) -> String {
+        let s = self.lock();
+        let mut text = String::new();
+        // One metric family: HELP, TYPE, then its samples (each: labels or suffix, value).
+        let mut section = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for sample in samples {
+                let _ = writeln!(text, "{name}{sample}");
+            }
+        };
+        section(
+            "ferrox_sync_total",
+            "counter",
+            "Service syncs, by kind (full: every entry; incremental: the entries of the Services that changed).",
+            vec![
+                format!("{{kind=\"full\"}} {}", s.syncs_full),
+                format!("{{kind=\"incremental\"}} {}", s.syncs_incremental),
+            ],
+        );
+        let mut hist = Vec::new();
+        let mut cumulative = 0;
+        for (i, bound) in SYNC_BUCKETS.iter().enumerate() {
+            cumulative += s.sync_buckets[i];
+            hist.push(format!("_bucket{{le=\"{bound}\"}} {cumulative}"));
+        }
+        cumulative += s.sync_buckets[SYNC_BUCKETS.len()];
+        hist.push(format!("_bucket{{le=\"+Inf\"}} {cumulative}"));
+        hist.push(format!("_sum {}", s.sync_sum));
+        hist.push(format!("_count {cumulative}"));
+        section(
+            "ferrox_sync_duration_seconds",
+            "histogram",
+            "Time a service sync took: table update and map writes (kube-proxy: sync_proxy_rules_duration_seconds).",
+            hist,
+        );
+        section(
+            "ferrox_sync_last_duration_seconds",
+            "gauge",
+            "Time the last service sync took.",
+            vec![format!(" {}", s.last_sync_seconds)],
+        );
+        section(
+            "ferrox_sync_failures_total",
+            "counter",
+            "Entries a sync could not program (they keep their previous state), by reason; map-full means a datapath map is at capacity.",
+            vec![
+                format!("{{reason=\"map-full\"}} {}", s.failures_map_full),
+                format!("{{reason=\"other\"}} {}", s.failures_other),
+            ],
+        );
+        section(
+            "ferrox_map_operations_total",
+            "counter",
+            "Service map writes and deletes made by syncs.",
+            vec![
+                format!("{{op=\"write\"}} {}", s.writes),
+                format!("{{op=\"delete\"}} {}", s.deletes),
+            ],
+        );
+        section(
+            "ferrox_programmed",
+            "gauge",
+            "Objects programmed in the datapath after the last sync.",
+            vec![
+                format!("{{object=\"frontend\"}} {}", s.frontends),
+                format!("{{object=\"backend\"}} {}", s.backends),
+                format!("{{object=\"maglev-table\"}} {}", s.maglev_tables),
+                format!("{{object=\"source-range\"}} {}", s.source_ranges),
+            ],
+        );
+        section(
+            "ferrox_services_skipped",
+            "gauge",
+            "Service ports not programmed (another proxy, ExternalName, headless, SCTP, invalid), as of the last sync.",
+            vec![format!(" {}", s.skipped)],
+        );
+        section(
+            "ferrox_conntrack_entries",
+            "gauge",
+            "Conntrack entries after the last collection.",
+            vec![format!(" {}", s.ct_entries)],
+        );
+        section(
+            "ferrox_conntrack_removed_total",
+            "counter",
+            "Conntrack entries removed, by cause.",
+            vec![
+                format!("{{cause=\"expired\"}} {}", s.ct_gc_removed),
+                format!("{{cause=\"backend-gone\"}} {}", s.flows_purged),
+            ],
+        );
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        for c in counters {
+            let labels = format!(
+                "{{hook=\"{}\",verdict=\"{}\",reason=\"{}\"}}",
+                c.hook, c.verdict, c.reason
+            );
+            packets.push(format!("{labels} {}", c.packets));
+            bytes.push(format!("{labels} {}", c.bytes));
+        }
+        section(
+            "ferrox_datapath_packets_total",
+            "counter",
+            "Packets (or socket calls) each program handled, by hook, verdict and reason; every drop has its reason.",
+            packets,
+        );
+        section(
+            "ferrox_datapath_bytes_total",
+            "counter",
+            "Bytes each program handled, by hook, verdict and reason.",
+            bytes,
+        );
+        text
+    }
+
+    /// Serves `/metrics` on `addr` until the task is dropped.
+    pub async fn serve(self, addr: std::net::SocketAddr, layout: PinLayout) {
+        let counters = match ferrox_datapath::Maps::open(&layout) {
+            Ok(m) => Some(m.counters),
+            Err(e) => {
+                tracing::warn!(error = %e, "/metrics without datapath counters");
+                None
+            }
+        };
+        let counters = Arc::new(counters);
+        let me = self;
+        crate::health::serve_text(addr, "/metrics", move || {
+            let rows = counters
+                .as_ref()
+                .as_ref()
+                .and_then(|c| c.snapshot().ok())
+                .unwrap_or_default();
+            me.render(&rows)
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "tests: a failure should stop the test with its context"
+    )]
+
+    use super::*;
+    use crate::services::reconcile::Failure;
+
+    /// A minimal check of the exposition format: every sample line is `name{labels} value`
+    /// with a number, every family has HELP and TYPE before its samples.
+    fn parse(text: &str) -> Vec<(String, f64)> {
+        let mut typed = std::collections::BTreeSet::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split_whitespace().next().unwrap().to_owned());
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let name = series.split('{').next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                .unwrap_or(name);
+            assert!(typed.contains(family), "{name} has no TYPE line before it");
+            samples.push((series.to_owned(), value.parse::<f64>().unwrap()));
+        }
+        samples
+    }
+
+    fn value(samples: &[(String, f64)], series: &str) -> f64 {
+        samples
+            .iter()
+            .find(|(s, _)| s == series)
+            .unwrap_or_else(|| panic!("no {series}"))
+            .1
+    }
+
+    #[test]
+    fn syncs_failures_and_counters_render_as_prometheus_text() {
+        let m = Metrics::default();
+        let mut report = SyncReport {
+            frontends: 4,
+            backends: 7,
+            writes: 10,
+            ..Default::default()
+        };
+        m.sync(&report, true, 1, 0.2);
+        report.failures.push(Failure {
+            frontend: "10.96.0.1:80/TCP".into(),
+            error: "SVC_V1 is full".into(),
+            map_full: true,
+        });
+        m.sync(&report, false, 1, 0.003);
+        m.conntrack_gc(5, 20);
+        let text = m.render(&[CounterRow {
+            hook: "tc-uplink-ingress",
+            verdict: "drop",
+            reason: "source-range-denied",
+            packets: 3,
+            bytes: 180,
+        }]);
+        let s = parse(&text);
+        assert_eq!(value(&s, "ferrox_sync_total{kind=\"full\"}"), 1.0);
+        assert_eq!(value(&s, "ferrox_sync_total{kind=\"incremental\"}"), 1.0);
+        assert_eq!(
+            value(&s, "ferrox_sync_duration_seconds_bucket{le=\"0.005\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "ferrox_sync_duration_seconds_bucket{le=\"0.25\"}"),
+            2.0
+        );
+        assert_eq!(
+            value(&s, "ferrox_sync_duration_seconds_bucket{le=\"+Inf\"}"),
+            2.0
+        );
+        assert_eq!(value(&s, "ferrox_sync_duration_seconds_count"), 2.0);
+        assert_eq!(
+            value(&s, "ferrox_sync_failures_total{reason=\"map-full\"}"),
+            1.0
+        );
+        assert_eq!(value(&s, "ferrox_programmed{object=\"backend\"}"), 7.0);
+        assert_eq!(value(&s, "ferrox_map_operations_total{op=\"write\"}"), 20.0);
+        assert_eq!(value(&s, "ferrox_conntrack_entries"), 20.0);
+        assert_eq!(
+            value(
+                &s,
+                "ferrox_datapath_packets_total{hook=\"tc-uplink-ingress\",verdict=\"drop\",reason=\"source-range-denied\"}"
+            ),
+            3.0
+        );
+    }
+}
