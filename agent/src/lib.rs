@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod metrics;
 pub mod node;
 pub mod services;
+pub mod sockets;

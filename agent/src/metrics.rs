@@ -36,6 +36,7 @@ struct State {
     writes: u64,
     deletes: u64,
     flows_purged: u64,
+    sockets_closed: u64,
     ct_gc_removed: u64,
     ct_entries: usize,
 }
@@ -81,6 +82,7 @@ impl Metrics {
         s.writes += report.writes as u64;
         s.deletes += report.deletes as u64;
         s.flows_purged += report.flows_purged as u64;
+        s.sockets_closed += report.sockets_closed as u64;
     }
 
     /// Records one conntrack collection.
@@ -181,6 +183,12 @@ impl Metrics {
                 format!("{{cause=\"expired\"}} {}", s.ct_gc_removed),
                 format!("{{cause=\"backend-gone\"}} {}", s.flows_purged),
             ],
+        );
+        section(
+            "ferrox_udp_sockets_closed_total",
+            "counter",
+            "Connected UDP sockets of this node's clients closed because their Service backend left.",
+            vec![format!(" {}", s.sockets_closed)],
         );
         let mut packets = Vec::new();
         let mut bytes = Vec::new();

@@ -8,7 +8,7 @@
     reason = "tests: a failure should stop the test with its context"
 )]
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use ferrox::services::testing::{slice, svc};
 use ferrox_abi::{Hook, Reason};
@@ -301,4 +301,78 @@ fn connections_the_socket_hooks_cannot_see_are_translated_at_the_pod_interface()
             "{l}"
         );
     }
+}
+
+#[test]
+fn a_connected_udp_socket_whose_backend_leaves_is_closed_and_the_next_one_works() {
+    let c = Cluster::builder().nodes(2).build();
+    let dns1 = c.add_pod(1, "dns-1");
+    let dns2 = c.add_pod(2, "dns-2");
+    let client = c.add_pod(1, "client");
+    let servers = [dns1.serve(5353), dns2.serve(5353)];
+    c.api().apply(
+        &svc("dns")
+            .cluster_ip("10.96.0.53")
+            .port("dns", 53, "UDP")
+            .build(),
+    );
+    let endpoints = |pods: &[&ferrox_tests::harness::Pod]| {
+        let mut s = slice("dns", "dns-s").port("dns", 5353, "UDP");
+        for p in pods {
+            s = s.ready_on(p.ip, &format!("node-{}", p.node));
+        }
+        s.build()
+    };
+    c.api().apply(&endpoints(&[&dns1, &dns2]));
+    c.node(1).wait_for_backends("10.96.0.53:53/UDP", 2);
+
+    // A resolver-like client: one connected socket, asking every 50 ms.
+    let mut session = client.spawn(&["udp-session", "10.96.0.53:53"]);
+    let first = session.wait_for_line("a first answer", Duration::from_secs(10), |l| {
+        l.contains("\"backend\"")
+    });
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let first = first["backend"].as_str().unwrap().to_owned();
+    let (gone, stays) = if first == "dns-1" {
+        (0, &dns2)
+    } else {
+        (1, &dns1)
+    };
+    let answered_before = session.lines().len();
+
+    // Its backend goes silent (frozen, or its node lost: no reply and no ICMP error, so the
+    // client learns nothing by itself), and leaves the endpoints.
+    // SAFETY: kill(2) on a child this test owns.
+    assert_eq!(
+        unsafe { libc::kill(servers[gone].pid() as i32, libc::SIGSTOP) },
+        0
+    );
+    c.api().apply(&endpoints(&[stays]));
+    c.node(1).wait_for_backends("10.96.0.53:53/UDP", 1);
+    // The agent closes the socket; the client's next call fails, it opens a new socket, which
+    // the hooks send to the backend that is left.
+    session.wait_for_line(
+        "an answer from the other backend",
+        Duration::from_secs(10),
+        |l| l.contains(&format!("\"backend\":\"{}\"", stays.name)),
+    );
+    let after: Vec<String> = session.lines()[answered_before..].to_vec();
+    assert!(
+        after.iter().any(|l| l.contains("socket_error")),
+        "the socket was closed under the client: {after:?}"
+    );
+    let timeouts = after.iter().filter(|l| l.contains("timeout")).count();
+    assert!(
+        timeouts <= 5,
+        "{timeouts} queries lost before the socket was closed: {after:?}"
+    );
+    assert!(
+        c.node(1)
+            .agent_log()
+            .iter()
+            .any(|l| l.contains("sockets_closed=1")),
+        "the agent reports the closed socket"
+    );
+    let status = session.signal_and_wait(libc::SIGTERM);
+    assert!(status.success());
 }

@@ -72,6 +72,10 @@ pub trait ServiceMaps {
     /// Removes the conntrack entries (both directions) of UDP flows that `lost` names as
     /// (rev_nat_id, backend id); returns how many went.
     fn purge_udp_flows(&mut self, lost: &BTreeSet<(u16, u32)>) -> Result<usize, DatapathError>;
+    /// Closes this node's connected UDP sockets that the socket hooks sent to a backend that
+    /// `lost` names as (rev_nat_id, backend address, backend port), network byte order;
+    /// returns how many ([`crate::sockets`]).
+    fn close_udp_sockets(&mut self, lost: &BTreeSet<(u16, u32, u16)>) -> anyhow::Result<usize>;
 }
 
 /// The pinned maps the reconciler writes: the service maps and the Maglev tables.
@@ -143,6 +147,21 @@ impl ServiceMaps for NodeMaps {
             }
         }
         Ok(removed)
+    }
+    fn close_udp_sockets(&mut self, lost: &BTreeSet<(u16, u32, u16)>) -> anyhow::Result<usize> {
+        let targets: Vec<crate::sockets::Target> = self
+            .maps
+            .sock_revnat
+            .entries()?
+            .into_iter()
+            .filter(|(k, v)| lost.contains(&(v.rev_nat_id, k.addr, k.port)))
+            .map(|(k, _)| crate::sockets::Target {
+                cookie: k.cookie,
+                addr: k.addr,
+                port: k.port,
+            })
+            .collect();
+        Ok(crate::sockets::destroy_connected_udp(&targets)?)
     }
 }
 
@@ -259,12 +278,15 @@ pub struct SyncReport {
     pub source_ranges: usize,
     /// Conntrack entries of UDP flows to departed backends removed by the sync.
     pub flows_purged: usize,
+    /// Connected UDP sockets to departed backends closed by the sync.
+    pub sockets_closed: usize,
     pub failures: Vec<Failure>,
 }
 
 impl SyncReport {
     pub fn changed(&self) -> bool {
-        self.writes + self.deletes + self.affinity_removed + self.flows_purged > 0
+        self.writes + self.deletes + self.affinity_removed + self.flows_purged + self.sockets_closed
+            > 0
     }
 }
 
@@ -300,6 +322,8 @@ struct Live {
     affinity: BTreeSet<u32>,
     /// Backends its external UDP entry reaches (conntrack holds their flows).
     udp_external: BTreeSet<u32>,
+    /// Backends its internal UDP entry reaches (connected sockets may name them).
+    udp_internal: BTreeSet<u32>,
 }
 
 /// The reconciler and its mirror of the maps.
@@ -522,8 +546,10 @@ impl Reconciler {
                 if m.flags & svc_flags::AFFINITY != 0 {
                     l.affinity.extend(live.clone());
                 }
-                if scope == Scope::External && fe.proto == Proto::Udp {
-                    l.udp_external.extend(live);
+                match (scope, fe.proto) {
+                    (Scope::External, Proto::Udp) => l.udp_external.extend(live),
+                    (Scope::Internal, Proto::Udp) => l.udp_internal.extend(live),
+                    _ => {}
                 }
             }
         }
@@ -544,6 +570,7 @@ impl Reconciler {
         let none = Live::default();
         let mut affinity_lost = BTreeSet::new();
         let mut flows_lost = BTreeSet::new();
+        let mut sockets_lost = BTreeSet::new();
         for (rev, b) in before {
             let a = after.get(rev).unwrap_or(&none);
             if !b.affinity.is_subset(&a.affinity) {
@@ -554,6 +581,23 @@ impl Reconciler {
                     .difference(&a.udp_external)
                     .map(|id| (*rev, *id)),
             );
+            // Still in the mirror: backends are deleted at the end of the sync.
+            sockets_lost.extend(
+                b.udp_internal
+                    .difference(&a.udp_internal)
+                    .filter_map(|id| self.backends.get(id))
+                    .map(|be| (*rev, be.addr, be.port)),
+            );
+        }
+        if !sockets_lost.is_empty() {
+            match maps.close_udp_sockets(&sockets_lost) {
+                Ok(n) => report.sockets_closed += n,
+                Err(e) => report.failures.push(Failure {
+                    frontend: "connected UDP sockets".into(),
+                    error: format!("{e:#}"),
+                    map_full: false,
+                }),
+            }
         }
         if !affinity_lost.is_empty() {
             match maps.affinity_entries() {
@@ -982,6 +1026,8 @@ mod tests {
         ranges: BTreeSet<SourceRange>,
         /// UDP flows in conntrack: (rev_nat_id, backend id) of each.
         udp_flows: Vec<(u16, u32)>,
+        /// Sockets the reconciler asked to close: (rev_nat_id, address, port).
+        sockets_closed: Vec<(u16, u32, u16)>,
         service_capacity: usize,
         ops: usize,
         violations: Vec<String>,
@@ -1172,6 +1218,10 @@ mod tests {
             self.ranges.remove(range);
             self.check();
             Ok(())
+        }
+        fn close_udp_sockets(&mut self, lost: &BTreeSet<(u16, u32, u16)>) -> anyhow::Result<usize> {
+            self.sockets_closed.extend(lost.iter().copied());
+            Ok(lost.len())
         }
         fn purge_udp_flows(&mut self, lost: &BTreeSet<(u16, u32)>) -> Result<usize, DatapathError> {
             let before = self.udp_flows.len();
@@ -1409,6 +1459,45 @@ mod tests {
         // The Service goes: every flow of it.
         let report = r.sync(&Desired::default(), &mut maps);
         assert_eq!(report.flows_purged, 8, "{report:?}");
+    }
+
+    #[test]
+    fn connected_udp_sockets_to_a_departed_backend_are_closed_tcp_ones_kept() {
+        let dns = |proto: &str, backends: &[&str]| {
+            let s = svc("dns")
+                .cluster_ip("10.96.0.53")
+                .port("", 53, proto)
+                .build();
+            let mut sl = slice("dns", "a").port("", 5353, proto);
+            for b in backends {
+                sl = sl.ready(b);
+            }
+            run([&s], [&sl.build()])
+        };
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        r.sync(&dns("UDP", &["10.244.1.5", "10.244.2.6"]), &mut maps);
+        let report = r.sync(&dns("UDP", &["10.244.1.5"]), &mut maps);
+        assert_eq!(report.sockets_closed, 1, "{report:?}");
+        let rev = maps
+            .services
+            .values()
+            .find(|v| v.count > 0)
+            .unwrap()
+            .rev_nat_id;
+        assert_eq!(
+            maps.sockets_closed,
+            vec![(rev, addr_be("10.244.2.6".parse().unwrap()), 5353u16.to_be())]
+        );
+        // A sync that loses nothing closes nothing.
+        let report = r.sync(&dns("UDP", &["10.244.1.5", "10.244.3.7"]), &mut maps);
+        assert_eq!(report.sockets_closed, 0);
+        // TCP connections end on their own.
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::default();
+        r.sync(&dns("TCP", &["10.244.1.5", "10.244.2.6"]), &mut maps);
+        r.sync(&dns("TCP", &["10.244.1.5"]), &mut maps);
+        assert!(maps.sockets_closed.is_empty());
     }
 
     #[test]

@@ -262,6 +262,7 @@ fn log_report(report: &SyncReport, skipped: usize, full: bool, took: std::time::
             maglev_tables = report.maglev_tables,
             source_ranges = report.source_ranges,
             flows_purged = report.flows_purged,
+            sockets_closed = report.sockets_closed,
             skipped,
             full,
             took_us = took.as_micros() as u64,

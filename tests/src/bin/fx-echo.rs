@@ -67,6 +67,16 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         pause_ms: u64,
     },
+    /// One connected UDP socket to `target`, asking every `interval_ms` until SIGTERM, as a
+    /// resolver with a long-lived socket does: prints a JSON line per answer, per timeout, and
+    /// per socket error (after which it opens a new socket); then a summary.
+    UdpSession {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 300)]
+        timeout_ms: u64,
+    },
     /// GET `path` from `target` over HTTP/1.1; prints the status and body.
     HttpGet {
         target: SocketAddr,
@@ -124,6 +134,15 @@ fn main() {
             pause_ms,
         } => stream(target, chunk, Duration::from_millis(pause_ms)),
         Cmd::Load { target, pause_ms } => load(target, Duration::from_millis(pause_ms)),
+        Cmd::UdpSession {
+            target,
+            interval_ms,
+            timeout_ms,
+        } => udp_session(
+            target,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::HttpGet { target, path } => {
             let line = http_get(target, &path);
             let failed = line.get("error").is_some();
@@ -290,6 +309,55 @@ fn call_udp(
     };
     serde_json::json!({ "target": target.to_string(), "backend": backend, "seen_by_backend": seen, "from": from.to_string(),
         "local": sock.local_addr().map(|a| a.to_string()).unwrap_or_default() })
+}
+
+fn udp_session(target: SocketAddr, interval: Duration, timeout: Duration) {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+    }
+    let open = || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(timeout)).unwrap();
+        sock.connect(target).unwrap();
+        sock
+    };
+    let mut sock = open();
+    let (mut answers, mut timeouts, mut reopened) = (0u64, 0u64, 0u64);
+    let mut buf = [0u8; 2048];
+    while !STOP.load(Ordering::SeqCst) {
+        let result = sock.send(b"ping").and_then(|_| sock.recv(&mut buf));
+        let line = match result {
+            Ok(n) => {
+                answers += 1;
+                let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+                let backend = reply.split(' ').next().unwrap_or_default().to_owned();
+                serde_json::json!({ "backend": backend })
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                timeouts += 1;
+                serde_json::json!({ "timeout": true })
+            }
+            Err(e) => {
+                // The socket was closed under us (ECONNABORTED) or refused: a new one, as a
+                // resolver does.
+                reopened += 1;
+                sock = open();
+                serde_json::json!({ "socket_error": e.to_string() })
+            }
+        };
+        println!("{line}");
+        std::thread::sleep(interval);
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "answers": answers, "timeouts": timeouts, "reopened": reopened })
+    );
 }
 
 fn load(target: SocketAddr, pause: Duration) {
