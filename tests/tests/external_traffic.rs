@@ -520,3 +520,56 @@ fn conntrack_forgets_finished_and_idle_flows_and_keeps_live_ones() {
         stream.lines()
     );
 }
+
+#[test]
+fn session_affinity_pins_an_outside_client_to_one_backend() {
+    let c = Cluster::builder().nodes(2).build();
+    let pods = [
+        c.add_pod(1, "web-1"),
+        c.add_pod(2, "web-2"),
+        c.add_pod(2, "web-3"),
+    ];
+    let _servers: Vec<_> = pods.iter().map(|p| p.serve(8080)).collect();
+    let service = |affinity: bool| {
+        let s = svc("sticky")
+            .load_balancer("203.0.113.70")
+            .cluster_ip("10.96.2.70")
+            .port_np("", 80, 30700, "TCP");
+        if affinity {
+            s.session_affinity(Some(600)).build()
+        } else {
+            s.build()
+        }
+    };
+    let mut sl = slice("sticky", "st").port("", 8080, "TCP");
+    for p in &pods {
+        sl = sl.ready_on(p.ip, &format!("node-{}", p.node));
+    }
+    c.api().apply(&sl.build());
+    c.api().apply(&service(false));
+    c.node(1)
+        .wait_for_entry("203.0.113.70:80/TCP", Scope::External, 3);
+    let outside = c.external_client();
+    outside.route("203.0.113.70/32", c.node(1).addr);
+    // Without affinity, new connections (new source ports) spread over the backends.
+    let (n, _) = calls(&outside, "203.0.113.70:80", 30);
+    assert_eq!(n.len(), 3, "{n:?}");
+    // With it, 50 connections from the client land on one backend.
+    c.api().apply(&service(true));
+    wait_for("the affinity flag", Duration::from_secs(30), || {
+        let row = c
+            .node(1)
+            .services()
+            .into_iter()
+            .find(|r| r.frontend == "203.0.113.70:80/TCP" && r.scope == Scope::External)
+            .ok_or("no entry")?;
+        if row.flags.contains(&"affinity") {
+            Ok(())
+        } else {
+            Err(format!("{:?}", row.flags))
+        }
+    });
+    let (n, _) = calls(&outside, "203.0.113.70:80", 50);
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!(n.values().sum::<usize>(), 50);
+}
