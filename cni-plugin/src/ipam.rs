@@ -117,7 +117,12 @@ impl Store {
             if path.extension().is_some_and(|e| e == "tmp") {
                 continue; // a write that never finished
             }
-            let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                // Released by a concurrent DEL between the listing and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("reading", &path)(e)),
+            };
             out.push(
                 serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt {
                     path: path.clone(),

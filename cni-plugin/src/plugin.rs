@@ -10,6 +10,7 @@ use ipnet::Ipv4Net;
 
 use crate::{
     ipam::{self, Allocation, IpamError},
+    netlink::{MAIN_TABLE, Netlink},
     node_config::{self, NodeConfig, NodeConfigError},
     pod,
     spec::{
@@ -25,13 +26,8 @@ pub fn run(inv: &Invocation, stdin: &[u8]) -> Result<Option<String>, CniError> {
         Command::Add => add(inv, &NetConf::parse(stdin)?).map(Some),
         Command::Del => del(inv, &NetConf::parse(stdin)?).map(|()| None),
         Command::Status => status(&NetConf::parse(stdin)?).map(|()| None),
-        Command::Check | Command::Gc => Err(CniError::new(
-            code::INVALID_ENVIRONMENT,
-            format!(
-                "{:?} is not implemented by this version of ferrox-cni",
-                inv.command
-            ),
-        )),
+        Command::Check => check(inv, &NetConf::parse(stdin)?).map(|()| None),
+        Command::Gc => gc(&NetConf::parse(stdin)?).map(|()| None),
     }
 }
 
@@ -170,6 +166,22 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     }
     ferrox_datapath::attach_pod(&layout, &host_ifname)
         .map_err(|e| datapath_error("attaching the pod program", &layout, &e))?;
+    // A GC that ran meanwhile (before the runtime knew this attachment) may have released the
+    // address: never finish with an address the store no longer holds for this attachment.
+    let still_ours = store
+        .list()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?
+        .iter()
+        .any(|a| a.ip == alloc.ip && a.container_id == inv.container_id && a.ifname == inv.ifname);
+    if !still_ours {
+        return Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "{} was released while this ADD ran (a concurrent GC); retry",
+                alloc.ip
+            ),
+        ));
+    }
     let mut maps =
         Maps::open(&layout).map_err(|e| datapath_error("opening the maps", &layout, &e))?;
     let key = EndpointKey {
@@ -263,6 +275,223 @@ fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     store
         .release(&inv.container_id, &inv.ifname)
         .map_err(|e| CniError::new(code::IO_FAILURE, "releasing the address").with_source(&e))?;
+    Ok(())
+}
+
+/// CHECK: the attachment is still what ADD made and `prevResult` describes. Every difference
+/// is named in one error (code [`code::ATTACHMENT_DIFFERS`]).
+fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
+    let node = read_node_config(conf)?;
+    let prev = conf.prev_result.clone().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            "CHECK needs the prevResult of the ADD it checks",
+        )
+    })?;
+    let prev: AddResult = serde_json::from_value(prev).map_err(|e| {
+        CniError::new(code::DECODING_FAILURE, "prevResult is not a CNI result").with_source(&e)
+    })?;
+    let store = ipam::Store::new(&node.ipam_dir);
+    let alloc = store
+        .list()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?
+        .into_iter()
+        .find(|a| a.container_id == inv.container_id && a.ifname == inv.ifname)
+        .ok_or_else(|| {
+            CniError::new(
+                code::UNKNOWN_CONTAINER,
+                format!(
+                    "container {} has no {} attachment on this node",
+                    inv.container_id, inv.ifname
+                ),
+            )
+        })?;
+    let mut wrong = Vec::new();
+    let want = Ipv4Net::from(alloc.ip);
+    if !prev.ips.iter().any(|i| i.address == want) {
+        wrong.push(format!(
+            "prevResult does not list {want}, the address the IPAM store holds for it"
+        ));
+    }
+
+    // The pod's side.
+    let netns = inv.netns.clone().unwrap_or_default();
+    match Netlink::open_in_path(&netns) {
+        Err(e) => wrong.push(format!(
+            "its network namespace {} cannot be opened: {e}",
+            netns.display()
+        )),
+        Ok(nl) => match nl.link(inv.ifname.as_str()) {
+            Err(e) => wrong.push(format!("reading {} in the pod failed: {e}", inv.ifname)),
+            Ok(None) => wrong.push(format!("interface {} is missing in the pod", inv.ifname)),
+            Ok(Some(link)) => {
+                if !link.up {
+                    wrong.push(format!("interface {} is down", inv.ifname));
+                }
+                if link.mtu != Some(node.mtu) {
+                    wrong.push(format!(
+                        "interface {} has MTU {:?}, the node's is {}",
+                        inv.ifname, link.mtu, node.mtu
+                    ));
+                }
+                match nl.list_addresses(link.index) {
+                    Ok(addrs) if addrs.contains(&want.into()) => {}
+                    Ok(addrs) => wrong.push(format!(
+                        "interface {} has {addrs:?}, not {want}",
+                        inv.ifname
+                    )),
+                    Err(e) => wrong.push(format!("listing the pod's addresses failed: {e}")),
+                }
+                match nl.list_routes(MAIN_TABLE) {
+                    Ok(routes) => {
+                        for r in &prev.routes {
+                            let present = routes.iter().any(|have| {
+                                have.dst == r.dst
+                                    && (r.gw.is_none() || have.gateway == r.gw)
+                                    && have.oif == Some(link.index)
+                            });
+                            if !present {
+                                wrong.push(format!(
+                                    "the pod has no route to {}{}",
+                                    r.dst,
+                                    r.gw.map(|g| format!(" via {g}")).unwrap_or_default()
+                                ));
+                            }
+                        }
+                    }
+                    Err(e) => wrong.push(format!("listing the pod's routes failed: {e}")),
+                }
+            }
+        },
+    }
+
+    // The host's side and the datapath.
+    let host_ifname = pod::host_ifname(&inv.container_id, &inv.ifname);
+    let host = Netlink::open()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "opening netlink").with_source(&e))?;
+    let host_index = match host.link(host_ifname.as_str()) {
+        Ok(Some(l)) => {
+            if !l.up {
+                wrong.push(format!("host interface {host_ifname} is down"));
+            }
+            Some(l.index)
+        }
+        Ok(None) => {
+            wrong.push(format!("host interface {host_ifname} is missing"));
+            None
+        }
+        Err(e) => {
+            wrong.push(format!("reading host interface {host_ifname} failed: {e}"));
+            None
+        }
+    };
+    if let Some(index) = host_index {
+        match host.list_routes(MAIN_TABLE) {
+            Ok(routes) => {
+                if !routes.iter().any(|r| r.dst == want && r.oif == Some(index)) {
+                    wrong.push(format!("the host has no route to {want} via {host_ifname}"));
+                }
+            }
+            Err(e) => wrong.push(format!("listing the host's routes failed: {e}")),
+        }
+        let layout = PinLayout::new(&node.bpffs_root);
+        match ferrox_datapath::pinned_link_info(&layout.pod_link(&host_ifname)) {
+            Ok(info) => match info.target {
+                ferrox_datapath::LinkTarget::Tcx { ifindex, .. } if ifindex == index => {}
+                other => wrong.push(format!(
+                    "the pod program is attached to {other:?}, not {host_ifname}"
+                )),
+            },
+            Err(_) => wrong.push(format!("the pod program is not attached to {host_ifname}")),
+        }
+        match Maps::open(&layout).and_then(|m| {
+            m.endpoints.get(&EndpointKey {
+                addr: u32::from_ne_bytes(alloc.ip.octets()),
+            })
+        }) {
+            Ok(Some(e)) if e.ifindex == index => {}
+            Ok(Some(e)) => wrong.push(format!(
+                "the endpoint map sends {} to ifindex {}, not {host_ifname} ({index})",
+                alloc.ip, e.ifindex
+            )),
+            Ok(None) => wrong.push(format!("{} is not in the endpoint map", alloc.ip)),
+            Err(e) => return Err(datapath_error("reading the endpoint map", &layout, &e)),
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::ATTACHMENT_DIFFERS,
+            format!(
+                "the attachment of container {} differs from what ADD made: {}",
+                inv.container_id,
+                wrong.join("; ")
+            ),
+        ))
+    }
+}
+
+/// GC: releases every attachment not in `cni.dev/valid-attachments` (its endpoint entry, pod
+/// program, veth and address), and removes host veths of ours that belong to no attachment.
+fn gc(conf: &NetConf) -> Result<(), CniError> {
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            "GC needs cni.dev/valid-attachments (an empty list releases everything)",
+        )
+    })?;
+    let node = match read_node_config(conf) {
+        Ok(n) => n,
+        // Nothing of ours was ever set up on this node.
+        Err(e) if e.code == code::TRY_AGAIN_LATER => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let keep: std::collections::BTreeSet<(&str, &str)> = valid
+        .iter()
+        .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+        .collect();
+    let layout = PinLayout::new(&node.bpffs_root);
+    let store = ipam::Store::new(&node.ipam_dir);
+    let allocations = store
+        .list()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?;
+    for a in &allocations {
+        if keep.contains(&(a.container_id.as_str(), a.ifname.as_str())) {
+            continue;
+        }
+        let inv = Invocation {
+            command: Command::Del,
+            container_id: a.container_id.clone(),
+            netns: None,
+            ifname: a.ifname.clone(),
+            args: Default::default(),
+        };
+        del(&inv, conf)?;
+    }
+    // Host veths of ours (name prefix, veth) that no valid attachment owns: left by an ADD
+    // killed before it recorded anything, or by a DEL that never came.
+    let owned: std::collections::BTreeSet<String> = valid
+        .iter()
+        .map(|a| pod::host_ifname(&a.container_id, &a.ifname))
+        .collect();
+    let host = Netlink::open()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "opening netlink").with_source(&e))?;
+    let links = host
+        .list_links()
+        .map_err(|e| CniError::new(code::IO_FAILURE, "listing interfaces").with_source(&e))?;
+    for l in links {
+        if pod::is_host_ifname(&l.name)
+            && l.kind.as_deref() == Some("veth")
+            && !owned.contains(&l.name)
+        {
+            ferrox_datapath::detach_pod(&layout, &l.name)
+                .map_err(|e| datapath_error("detaching a leftover pod program", &layout, &e))?;
+            pod::teardown(&l.name).map_err(|e| {
+                CniError::new(code::IO_FAILURE, "deleting a leftover veth").with_source(&e)
+            })?;
+        }
+    }
     Ok(())
 }
 

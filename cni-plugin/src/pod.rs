@@ -23,6 +23,15 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!("fx{:011x}", h >> 20)
 }
 
+/// Whether `name` has the shape of [`host_ifname`]'s names.
+pub fn is_host_ifname(name: &str) -> bool {
+    name.len() == 13
+        && name.starts_with("fx")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
     #[error("opening the pod's network namespace {path}")]

@@ -26,6 +26,8 @@ pub mod code {
     pub const ADDRESSES_EXHAUSTED: u32 = 100;
     /// The datapath (pinned programs or maps) could not be used.
     pub const DATAPATH: u32 = 101;
+    /// CHECK: the attachment is not what ADD made (the message names every difference).
+    pub const ATTACHMENT_DIFFERS: u32 = 102;
 }
 
 /// A CNI error: printed as the spec's error JSON, with a message that says what to fix.
@@ -204,6 +206,13 @@ pub struct NetConf {
     pub dns: Option<serde_json::Value>,
     #[serde(default)]
     pub prev_result: Option<serde_json::Value>,
+    /// An IPAM section: ferrox allocates from its own store, so one here is refused (code 2)
+    /// rather than silently ignored.
+    #[serde(default)]
+    pub ipam: Option<serde_json::Value>,
+    /// GC: the attachments the runtime still knows.
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    pub valid_attachments: Option<Vec<Attachment>>,
 }
 
 impl NetConf {
@@ -225,6 +234,16 @@ impl NetConf {
                 ),
             ));
         }
+        if conf
+            .ipam
+            .as_ref()
+            .is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty()))
+        {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                "ferrox-cni allocates addresses from its own IPAM store; remove the \"ipam\" section",
+            ));
+        }
         if conf.name.is_empty() {
             return Err(CniError::new(
                 code::INVALID_NETWORK_CONFIG,
@@ -233,6 +252,14 @@ impl NetConf {
         }
         Ok(conf)
     }
+}
+
+/// One entry of `cni.dev/valid-attachments`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

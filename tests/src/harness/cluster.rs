@@ -644,6 +644,16 @@ impl Node {
         )
     }
 
+    /// Processes named `name` in the network namespace at `netns`, in this node's cgroup: a
+    /// sandbox the test made itself.
+    pub fn place_in(&self, name: &str, netns: &Path) -> Place {
+        Place {
+            name: name.into(),
+            netns_path: netns.to_path_buf(),
+            cgroup: self.cgroup.clone(),
+        }
+    }
+
     /// This node's host namespace, for clients that are processes of the node itself.
     pub fn host(&self) -> Place {
         Place {
@@ -666,6 +676,51 @@ impl Node {
                 }
             },
         )
+    }
+
+    /// The network configuration the harness gives `ferrox-cni` on this node.
+    pub fn cni_conf(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "ferrox",
+            "type": "ferrox-cni",
+            "nodeConfig": self.node_config(),
+        })
+    }
+
+    /// Starts `plugin` (a CNI binary: `ferrox-cni` or a reference plugin's path) in this node's
+    /// namespace as a runtime would: the CNI_* variables of `env` (CNI_PATH is added), `conf` on
+    /// stdin. The caller waits for (or kills) it.
+    pub fn cni_spawn(
+        &self,
+        plugin: &Path,
+        env: &[(&str, &str)],
+        conf: &serde_json::Value,
+    ) -> std::process::Child {
+        let mut cmd = Command::new(plugin);
+        cmd.env_clear()
+            .env("CNI_PATH", bin_path("ferrox-cni").parent().unwrap())
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
+        let mut child = cmd.spawn().expect("starting a CNI plugin");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        child
+    }
+
+    /// [`Self::cni_spawn`] with `ferrox-cni`, waited for.
+    pub fn cni_raw(&self, env: &[(&str, &str)], conf: &serde_json::Value) -> std::process::Output {
+        self.cni_spawn(&bin_path("ferrox-cni"), env, conf)
+            .wait_with_output()
+            .unwrap()
     }
 
     fn cni(
