@@ -60,6 +60,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where pod addresses come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpamSetting {
+    Kubernetes,
+    Pools,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum XdpSetting {
     #[default]
@@ -134,6 +141,27 @@ pub struct AgentArgs {
         default_value = "0.0.0.0:10249"
     )]
     pub metrics_bind_address: std::net::SocketAddr,
+
+    /// Where pod addresses come from: `kubernetes` (the Node's spec.podCIDRs) or `pools`
+    /// (blocks claimed from --ipam-pool through the API, more as pods need them).
+    #[arg(long, value_enum, env = "FERROX_IPAM", default_value_t = IpamSetting::Kubernetes)]
+    pub ipam: IpamSetting,
+
+    /// IP pools blocks are claimed from (CIDRs, comma-separated or repeated; same on every node).
+    #[arg(long, env = "FERROX_IPAM_POOLS", value_delimiter = ',')]
+    pub ipam_pool: Vec<ipnet::Ipv4Net>,
+
+    /// Prefix length of the blocks pools are cut into.
+    #[arg(long, env = "FERROX_IPAM_BLOCK_SIZE", default_value_t = 26, value_parser = clap::value_parser!(u8).range(16..=30))]
+    pub ipam_block_size: u8,
+
+    /// Claim another block when fewer free addresses than this are left in the node's blocks.
+    #[arg(long, env = "FERROX_IPAM_LOW_WATER", default_value_t = 4)]
+    pub ipam_low_water: usize,
+
+    /// Seconds a block (not the node's last) stays empty before it is released.
+    #[arg(long, env = "FERROX_IPAM_RELEASE_AFTER", default_value_t = 600)]
+    pub ipam_release_after: u64,
 
     /// MTU of pod interfaces; default: the uplink's MTU.
     #[arg(long, env = "FERROX_MTU")]

@@ -8,14 +8,14 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
-use ferrox_cni::node_config::{NodeConfig, SCHEMA_VERSION, TunnelMode};
+use ferrox_cni::node_config::{IpamMode, NodeConfig, SCHEMA_VERSION, TunnelMode};
 use ferrox_datapath::{Datapath, PinLayout, XdpAttachMode};
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, Config, config::KubeConfigOptions};
 use tracing::{info, warn};
 
 use crate::{
-    cli::{AgentArgs, XdpSetting},
+    cli::{AgentArgs, IpamSetting, XdpSetting},
     node, services,
 };
 
@@ -67,10 +67,30 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
 
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     let node = wait_for_node(&client, &args.node_name).await;
-    let pod_cidrs = if args.pod_cidr.is_empty() {
-        node_pod_cidrs(&node)?
-    } else {
-        args.pod_cidr.clone()
+    let ipam = match args.ipam {
+        IpamSetting::Kubernetes => None,
+        IpamSetting::Pools => {
+            anyhow::ensure!(
+                !args.ipam_pool.is_empty(),
+                "--ipam pools needs at least one --ipam-pool"
+            );
+            let settings = crate::ipam::Settings {
+                pools: crate::ipam::Pools {
+                    pools: args.ipam_pool.clone(),
+                    block_prefix: args.ipam_block_size,
+                },
+                low_water: args.ipam_low_water,
+                release_after: Duration::from_secs(args.ipam_release_after),
+                interval: Duration::from_secs(1),
+            };
+            let blocks = crate::ipam::initial_blocks(&client, &settings, &args.node_name).await?;
+            Some((settings, blocks))
+        }
+    };
+    let pod_cidrs = match &ipam {
+        Some((_, blocks)) => blocks.iter().map(|b| b.cidr).collect(),
+        None if args.pod_cidr.is_empty() => node_pod_cidrs(&node)?,
+        None => args.pod_cidr.clone(),
     };
     let mtu = match args.mtu {
         Some(m) => m,
@@ -85,11 +105,26 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         tunnel_mode: TunnelMode::None,
         bpffs_root: layout.root().to_path_buf(),
         ipam_dir: args.ipam_dir.clone(),
+        ipam_mode: if ipam.is_some() {
+            IpamMode::Pools
+        } else {
+            IpamMode::Kubernetes
+        },
     };
     write_datapath_config(&mut dp, &node, &args.node_name, &uplink)?;
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
+    if let Some((settings, blocks)) = ipam {
+        tokio::spawn(crate::ipam::run(
+            client.clone(),
+            args.node_name.clone(),
+            settings,
+            blocks,
+            config.clone(),
+            args.node_config.clone(),
+        ));
+    }
     let metrics = crate::metrics::Metrics::default();
     tokio::spawn(
         metrics

@@ -58,6 +58,10 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ip
     }
 }
 
+/// The marker ADD leaves in the store directory when every block is full (pools mode): the
+/// agent claims another block as soon as it sees it.
+pub const DEMAND_MARKER: &str = "demand";
+
 /// The store at one directory.
 pub struct Store {
     dir: PathBuf,
@@ -95,6 +99,18 @@ impl Store {
             });
         }
         Ok(Locked { _file: file })
+    }
+
+    /// Runs `f` with the store locked: no allocation or release happens meanwhile.
+    pub fn with_lock<T>(&self, f: impl FnOnce() -> T) -> Result<T, IpamError> {
+        let _lock = self.lock()?;
+        Ok(f())
+    }
+
+    /// Asks the agent for another block (see [`DEMAND_MARKER`]).
+    pub fn demand_block(&self) -> Result<(), IpamError> {
+        let path = self.dir.join(DEMAND_MARKER);
+        File::create(&path).map(drop).map_err(io("creating", &path))
     }
 
     /// Every allocation record.

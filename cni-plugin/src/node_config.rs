@@ -43,6 +43,20 @@ pub struct NodeConfig {
     pub bpffs_root: PathBuf,
     /// Where the IPAM store lives.
     pub ipam_dir: PathBuf,
+    /// Where `pod_cidrs` come from; with pools, the agent claims another block on demand.
+    #[serde(default)]
+    pub ipam_mode: IpamMode,
+}
+
+/// How the node's blocks are managed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IpamMode {
+    /// `Node.spec.podCIDRs`, fixed.
+    #[default]
+    Kubernetes,
+    /// Blocks the agent claims from IP pools through the API, more when they fill up.
+    Pools,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +148,7 @@ mod tests {
             tunnel_mode: TunnelMode::None,
             bpffs_root: "/sys/fs/bpf/ferrox".into(),
             ipam_dir: "/var/lib/ferrox/ipam".into(),
+            ipam_mode: IpamMode::Kubernetes,
         }
     }
 

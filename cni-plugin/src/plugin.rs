@@ -125,6 +125,14 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     let alloc = store
         .allocate(&node.pod_cidrs, record)
         .map_err(|e| match &e {
+            IpamError::Exhausted { .. } if node.ipam_mode == node_config::IpamMode::Pools => {
+                // The agent claims another block when it sees the marker; the runtime retries.
+                let _ = store.demand_block();
+                CniError::new(
+                    code::TRY_AGAIN_LATER,
+                    format!("{e}; the ferrox agent is claiming another block for this node, retry"),
+                )
+            }
             IpamError::Exhausted { .. } => CniError::new(code::ADDRESSES_EXHAUSTED, e.to_string()),
             _ => CniError::new(code::IO_FAILURE, "allocating an address").with_source(&e),
         })?;

@@ -243,6 +243,15 @@ impl Cluster {
         let listener = listen_in(&fabric.path(), SocketAddr::from((API_ADDR, API_PORT)));
         cluster.fabric = Some(fabric);
         cluster.api = Some(ApiServer::start(listener));
+        // The custom resources ferrox's manifests install.
+        cluster
+            .api()
+            .register(crate::apiserver::ResourceType::cluster(
+                ferrox::ipam::GROUP,
+                ferrox::ipam::VERSION,
+                ferrox::ipam::PLURAL,
+                ferrox::ipam::KIND,
+            ));
 
         let kubeconfig = cluster.dir.join("kubeconfig");
         std::fs::write(

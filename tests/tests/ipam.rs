@@ -1,0 +1,226 @@
+//! IPAM blocks from pools through the Kubernetes API: concurrent claims never share a block; a
+//! node whose blocks fill up gets another one (the plugin asks, the runtime retries); an empty
+//! block goes back to the pool.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure should stop the test with its context"
+)]
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use ferrox::ipam::{self, Pools};
+use ferrox_tests::{
+    apiserver::{ApiServer, ResourceType},
+    harness::{Cluster, NetNs, leaks, wait_for},
+};
+use ipnet::Ipv4Net;
+use serde_json::Value;
+
+fn block_type() -> ResourceType {
+    ResourceType::cluster(ipam::GROUP, ipam::VERSION, ipam::PLURAL, ipam::KIND)
+}
+
+#[test]
+fn nodes_claiming_at_once_never_get_the_same_block() {
+    let api = ApiServer::start_local();
+    api.register(block_type());
+    let pools = Pools {
+        pools: vec!["10.250.0.0/26".parse().unwrap()],
+        block_prefix: 29,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = api.url();
+    // 12 nodes race for 8 blocks, three times over (releasing everything in between).
+    for round in 0..3 {
+        let claims: Vec<Option<Ipv4Net>> = rt.block_on(async {
+            let tasks: Vec<_> = (0..12)
+                .map(|i| {
+                    let (pools, url) = (pools.clone(), url.clone());
+                    tokio::spawn(async move {
+                        let config = kube::Config::new(url.parse().unwrap());
+                        let client = kube::Client::try_from(config).unwrap();
+                        ipam::claim(&client, &pools, &format!("node-{i}"))
+                            .await
+                            .unwrap()
+                            .map(|b| b.cidr)
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        let got: Vec<Ipv4Net> = claims.iter().flatten().copied().collect();
+        let distinct: BTreeSet<Ipv4Net> = got.iter().copied().collect();
+        assert_eq!(
+            got.len(),
+            8,
+            "round {round}: every block claimed once: {claims:?}"
+        );
+        assert_eq!(
+            distinct.len(),
+            8,
+            "round {round}: a block went to two nodes: {claims:?}"
+        );
+        assert_eq!(claims.iter().filter(|c| c.is_none()).count(), 4);
+        // The API holds exactly those, each naming the node that got it.
+        let objects = api.list_values(&block_type());
+        assert_eq!(objects.len(), 8);
+        for o in objects {
+            api.delete_value(&block_type(), None, o["metadata"]["name"].as_str().unwrap())
+                .unwrap();
+        }
+    }
+}
+
+/// Runs CNI ADD as a runtime does: retried while the plugin says "try again later" (code 11).
+/// Returns the address and how many retries it took.
+fn add_with_retries(node: &ferrox_tests::harness::Node, cid: &str, netns: &str) -> (Ipv4Addr, u32) {
+    let conf = node.cni_conf();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut retries = 0;
+    loop {
+        let out = node.cni_raw(
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", cid),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", netns),
+            ],
+            &conf,
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if out.status.success() {
+            let ip = v["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches("/32")
+                .parse()
+                .unwrap();
+            return (ip, retries);
+        }
+        assert_eq!(v["code"], 11, "ADD {cid}: {v}");
+        assert!(Instant::now() < deadline, "ADD {cid} kept failing: {v}");
+        retries += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn node_blocks(node: &ferrox_tests::harness::Node) -> Vec<Ipv4Net> {
+    let cfg: Value = serde_json::from_slice(&std::fs::read(node.node_config()).unwrap()).unwrap();
+    cfg["podCIDRs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
+    let c = Cluster::builder()
+        .nodes(1)
+        .agent_env("FERROX_IPAM", "pools")
+        .agent_env("FERROX_IPAM_POOLS", "10.250.0.0/24")
+        .agent_env("FERROX_IPAM_BLOCK_SIZE", "28")
+        // Only when full: the plugin's demand marker is what brings the second block.
+        .agent_env("FERROX_IPAM_LOW_WATER", "0")
+        .agent_env("FERROX_IPAM_RELEASE_AFTER", "1")
+        .build();
+    let node = c.node(1);
+    let first = node_blocks(node);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].prefix_len(), 28);
+    assert_eq!(
+        c.api().list_values(&block_type()).len(),
+        1,
+        "the block is claimed in the API"
+    );
+
+    // 14 usable addresses per /28: the 15th pod needs a second block.
+    let sandboxes: Vec<NetNs> = (0..16)
+        .map(|i| NetNs::create(&format!("{}{}-b{i}", leaks::NETNS_PREFIX, c.id())))
+        .collect();
+    let mut ips = Vec::new();
+    let mut retried = 0;
+    for (i, ns) in sandboxes.iter().enumerate() {
+        let (ip, r) = add_with_retries(node, &format!("b{i}"), &ns.path().display().to_string());
+        ips.push(ip);
+        retried += r;
+    }
+    let distinct: BTreeSet<Ipv4Addr> = ips.iter().copied().collect();
+    assert_eq!(distinct.len(), ips.len(), "an address was handed out twice");
+    assert!(
+        retried > 0,
+        "the first ADD past the full block was told to retry"
+    );
+    let blocks = node_blocks(node);
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    let second = *blocks.iter().find(|b| **b != first[0]).unwrap();
+    assert!(ips[..14].iter().all(|ip| first[0].contains(ip)));
+    assert!(ips[14..].iter().all(|ip| second.contains(ip)), "{ips:?}");
+    let objects = c.api().list_values(&block_type());
+    assert_eq!(objects.len(), 2);
+    assert!(
+        objects.iter().all(|o| o["spec"]["node"] == "node-1"),
+        "{objects:?}"
+    );
+
+    // A pod of the second block works: it answers one of the first.
+    let server = node.place_in("b15", &sandboxes[15].path());
+    let _s = server.serve(8080);
+    let client = node.place_in("b0", &sandboxes[0].path());
+    let (by_backend, _) = client.call_tcp(&format!("{}:8080", ips[15]), 2);
+    assert_eq!(by_backend.get("b15"), Some(&2));
+
+    // Its pods go: the block returns to the pool (after it stayed empty for a second).
+    drop(_s);
+    for i in 14..16 {
+        let out = node.cni_raw(
+            &[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", &format!("b{i}")),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            &node.cni_conf(),
+        );
+        assert!(out.status.success());
+    }
+    wait_for(
+        "the empty block to be released",
+        Duration::from_secs(20),
+        || {
+            let blocks = node_blocks(node);
+            let objects = c.api().list_values(&block_type()).len();
+            if blocks == first && objects == 1 {
+                Ok(())
+            } else {
+                Err(format!("node config {blocks:?}, {objects} objects"))
+            }
+        },
+    );
+    // The first block, still used, stays.
+    for i in 0..14 {
+        let out = node.cni_raw(
+            &[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", &format!("b{i}")),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            &node.cni_conf(),
+        );
+        assert!(out.status.success());
+    }
+}
