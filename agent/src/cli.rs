@@ -159,6 +159,15 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_IPAM_LOW_WATER", default_value_t = 4)]
     pub ipam_low_water: usize,
 
+    /// Seconds an address stays allocated after its pod is gone from this node without a CNI
+    /// DEL, before the agent releases it.
+    #[arg(long, env = "FERROX_IPAM_LEAK_GRACE", default_value_t = 900)]
+    pub ipam_leak_grace: u64,
+
+    /// Seconds between two checks for addresses of pods that are gone.
+    #[arg(long, env = "FERROX_IPAM_GC_INTERVAL", default_value_t = 60)]
+    pub ipam_gc_interval: u64,
+
     /// Seconds a block (not the node's last) stays empty before it is released.
     #[arg(long, env = "FERROX_IPAM_RELEASE_AFTER", default_value_t = 600)]
     pub ipam_release_after: u64,

@@ -115,6 +115,13 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
+    tokio::spawn(crate::ipam::collect_leaks(
+        client.clone(),
+        args.node_name.clone(),
+        args.node_config.clone(),
+        Duration::from_secs(args.ipam_gc_interval.max(1)),
+        Duration::from_secs(args.ipam_leak_grace),
+    ));
     if let Some((settings, blocks)) = ipam {
         tokio::spawn(crate::ipam::run(
             client.clone(),

@@ -254,14 +254,25 @@ fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
         Err(e) if e.code == code::TRY_AGAIN_LATER => return Ok(()),
         Err(e) => return Err(e),
     };
+    release_attachment(&node, &inv.container_id, &inv.ifname).map(drop)
+}
+
+/// Undoes everything ADD did for (container, ifname) on the node `node` describes: endpoint
+/// entry, pod program, veth, address. Idempotent; returns the released allocation, if there
+/// was one. DEL, GC, the agent's leak collection and `ferrox ipam release` all use it.
+pub fn release_attachment(
+    node: &NodeConfig,
+    container_id: &str,
+    ifname: &str,
+) -> Result<Option<Allocation>, CniError> {
     let layout = PinLayout::new(&node.bpffs_root);
     let store = ipam::Store::new(&node.ipam_dir);
-    let host_ifname = pod::host_ifname(&inv.container_id, &inv.ifname);
+    let host_ifname = pod::host_ifname(container_id, ifname);
     let alloc = store
         .list()
         .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?
         .into_iter()
-        .find(|a| a.container_id == inv.container_id && a.ifname == inv.ifname);
+        .find(|a| a.container_id == container_id && a.ifname == ifname);
 
     // Datapath state first, then the interface, and the address last, so that it is never
     // handed out again while anything still refers to it.
@@ -281,9 +292,9 @@ fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     pod::teardown(&host_ifname)
         .map_err(|e| CniError::new(code::IO_FAILURE, "deleting the pod's veth").with_source(&e))?;
     store
-        .release(&inv.container_id, &inv.ifname)
+        .release(container_id, ifname)
         .map_err(|e| CniError::new(code::IO_FAILURE, "releasing the address").with_source(&e))?;
-    Ok(())
+    Ok(alloc)
 }
 
 /// CHECK: the attachment is still what ADD made and `prevResult` describes. Every difference
@@ -468,14 +479,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         if keep.contains(&(a.container_id.as_str(), a.ifname.as_str())) {
             continue;
         }
-        let inv = Invocation {
-            command: Command::Del,
-            container_id: a.container_id.clone(),
-            netns: None,
-            ifname: a.ifname.clone(),
-            args: Default::default(),
-        };
-        del(&inv, conf)?;
+        release_attachment(&node, &a.container_id, &a.ifname)?;
     }
     // Host veths of ours (name prefix, veth) that no valid attachment owns: left by an ADD
     // killed before it recorded anything, or by a DEL that never came.

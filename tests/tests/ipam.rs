@@ -224,3 +224,80 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
         assert!(out.status.success());
     }
 }
+
+fn held_addresses(node: &ferrox_tests::harness::Node) -> BTreeSet<Ipv4Addr> {
+    let cfg: Value = serde_json::from_slice(&std::fs::read(node.node_config()).unwrap()).unwrap();
+    let dir = std::path::PathBuf::from(cfg["ipamDir"].as_str().unwrap()).join("allocations");
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_none_or(|x| x != "tmp"))
+        .map(|e| {
+            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            v["ip"].as_str().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn addresses_of_pods_gone_without_a_del_are_released_after_the_grace_period() {
+    use k8s_openapi::api::core::v1::Pod;
+    let c = Cluster::builder()
+        .nodes(1)
+        .agent_env("FERROX_IPAM_LEAK_GRACE", "1")
+        .agent_env("FERROX_IPAM_GC_INTERVAL", "1")
+        .build();
+    let node = c.node(1);
+    let gone = c.add_pod(1, "gone");
+    let moved = c.add_pod(1, "moved");
+    let kept = c.add_pod(1, "kept");
+    let _server = kept.serve(8080);
+    assert_eq!(
+        held_addresses(node),
+        BTreeSet::from([gone.ip, moved.ip, kept.ip])
+    );
+
+    // The API forgets one pod without the runtime ever calling DEL (its node was down when it
+    // was deleted), and another runs in a new sandbox with another address.
+    c.api().delete::<Pod>(Some("default"), "gone").unwrap();
+    let mut p = c.api().get::<Pod>(Some("default"), "moved").unwrap();
+    p.status.as_mut().unwrap().pod_ip = Some("10.244.1.250".into());
+    c.api().apply(&p);
+
+    wait_for(
+        "the leaked addresses to be released",
+        Duration::from_secs(30),
+        || {
+            let held = held_addresses(node);
+            if held == BTreeSet::from([kept.ip]) {
+                Ok(())
+            } else {
+                Err(format!("{held:?}"))
+            }
+        },
+    );
+    // With their veths.
+    let veths = node.netns().ip(&["-o", "link", "show", "type", "veth"]);
+    for pod in [&gone, &moved] {
+        let name = ferrox_cni::pod::host_ifname(&pod.container_id, "eth0");
+        assert!(!veths.contains(&name), "{name} left behind: {veths}");
+    }
+    // The live pod is untouched across further checks, and still serves.
+    let checks = || {
+        node.agent_log()
+            .iter()
+            .filter(|l| l.contains("IPAM leak check"))
+            .count()
+    };
+    let seen = checks();
+    wait_for("three more leak checks", Duration::from_secs(30), || {
+        if checks() >= seen + 3 {
+            Ok(())
+        } else {
+            Err(format!("{} checks", checks() - seen))
+        }
+    });
+    assert_eq!(held_addresses(node), BTreeSet::from([kept.ip]));
+    let (by_backend, _) = node.host().call_tcp(&format!("{}:8080", kept.ip), 2);
+    assert_eq!(by_backend.get("kept"), Some(&2));
+}
