@@ -30,6 +30,33 @@ pub enum Command {
     Counters(OutputArgs),
     /// Pinned maps, programs and links, with kernel ids and attach targets.
     Datapath(OutputArgs),
+    /// This node's address blocks and allocations.
+    #[command(subcommand)]
+    Ipam(IpamCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IpamCommand {
+    /// Blocks with their use, and every allocation with its pod and veth.
+    Show(IpamArgs),
+    /// Allocations against veths and the endpoint map; exits 1 when something is wrong.
+    Check(IpamArgs),
+    /// Releases the attachment holding an address or container id, as a CNI DEL would.
+    Release {
+        /// An address, or a container id.
+        what: String,
+        #[command(flatten)]
+        args: IpamArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct IpamArgs {
+    /// The node configuration the agent wrote.
+    #[arg(long, env = "FERROX_NODE_CONFIG", default_value = ferrox_cni::node_config::DEFAULT_PATH)]
+    pub node_config: PathBuf,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 #[derive(Debug, Subcommand)]

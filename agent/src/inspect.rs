@@ -191,7 +191,7 @@ pub fn print_datapath(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+pub fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod health;
 pub mod inspect;
 pub mod ipam;
+pub mod ipam_cli;
 pub mod metrics;
 pub mod node;
 pub mod services;

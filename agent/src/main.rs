@@ -2,7 +2,7 @@
 //! node's datapath.
 
 use clap::Parser as _;
-use ferrox::cli::{Cli, Command, LogFormat, SvcCommand};
+use ferrox::cli::{Cli, Command, IpamCommand, LogFormat, SvcCommand};
 use ferrox_datapath::PinLayout;
 
 fn init_logging(format: LogFormat) {
@@ -32,6 +32,17 @@ fn main() -> std::process::ExitCode {
         Command::Svc(SvcCommand::List(o)) => ferrox::inspect::print_services(&layout, o.output),
         Command::Counters(o) => ferrox::inspect::print_counters(&layout, o.output),
         Command::Datapath(o) => ferrox::inspect::print_datapath(&layout, o.output),
+        Command::Ipam(IpamCommand::Show(a)) => ferrox::ipam_cli::show(&a.node_config, a.output),
+        Command::Ipam(IpamCommand::Check(a)) => {
+            match ferrox::ipam_cli::run_check(&a.node_config, &layout, a.output) {
+                // Problems found: printed, and a failure status for scripts.
+                Ok(false) => return std::process::ExitCode::FAILURE,
+                r => r.map(drop),
+            }
+        }
+        Command::Ipam(IpamCommand::Release { what, args }) => {
+            ferrox::ipam_cli::release(&args.node_config, &what)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -301,3 +301,89 @@ fn addresses_of_pods_gone_without_a_del_are_released_after_the_grace_period() {
     let (by_backend, _) = node.host().call_tcp(&format!("{}:8080", kept.ip), 2);
     assert_eq!(by_backend.get("kept"), Some(&2));
 }
+
+#[test]
+fn the_ipam_cli_shows_checks_and_releases() {
+    let c = Cluster::builder().nodes(1).build();
+    let node = c.node(1);
+    let pods = [c.add_pod(1, "a"), c.add_pod(1, "b"), c.add_pod(1, "c")];
+    let json = |args: &[&str]| -> (bool, Value) {
+        let out = node.ferrox_output(args);
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: {e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), v)
+    };
+
+    let (ok, show) = json(&["ipam", "show", "-o", "json"]);
+    assert!(ok);
+    assert_eq!(show["mode"], "kubernetes");
+    assert_eq!(show["blocks"][0]["cidr"], node.pod_cidr.to_string());
+    assert_eq!(show["blocks"][0]["used"], 3);
+    let listed: BTreeSet<(String, String)> = show["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(a["veth"], true);
+            (
+                a["ip"].as_str().unwrap().to_owned(),
+                a["pod"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String)> = pods
+        .iter()
+        .map(|p| (p.ip.to_string(), format!("default/{}", p.name)))
+        .collect();
+    assert_eq!(listed, want);
+    let (ok, problems) = json(&["ipam", "check", "-o", "json"]);
+    assert!(ok, "{problems}");
+    assert_eq!(problems, serde_json::json!([]));
+
+    // Damage: a's veth deleted behind the plugin's back, a stray veth of ours.
+    let a_veth = ferrox_cni::pod::host_ifname(&pods[0].container_id, "eth0");
+    node.netns().ip(&["link", "del", &a_veth]);
+    node.netns().ip(&[
+        "link",
+        "add",
+        "fx0123456789a",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "fxtpeer",
+    ]);
+    let (ok, problems) = json(&["ipam", "check", "-o", "json"]);
+    assert!(!ok, "problems make the status non-zero");
+    let kinds: BTreeSet<&str> = problems
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["problem"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["allocation-without-veth", "veth-without-allocation"]),
+        "{problems}"
+    );
+
+    // Release a's address by hand: its allocation and endpoint entry go.
+    let out = node.ferrox_output(&["ipam", "release", &pods[0].ip.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    node.netns().ip(&["link", "del", "fx0123456789a"]);
+    let (ok, problems) = json(&["ipam", "check", "-o", "json"]);
+    assert!(ok, "{problems}");
+    assert_eq!(
+        held_addresses(node),
+        BTreeSet::from([pods[1].ip, pods[2].ip])
+    );
+    // Releasing what nobody holds is an error that says so.
+    let out = node.ferrox_output(&["ipam", "release", "10.99.99.99"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no allocation holds 10.99.99.99"));
+}

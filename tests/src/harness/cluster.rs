@@ -620,6 +620,16 @@ impl Node {
         run(&mut cmd)
     }
 
+    /// Runs the `ferrox` CLI on this node; its whole output, whatever its status.
+    pub fn ferrox_output(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(bin_path("ferrox"));
+        cmd.args(args)
+            .env("FERROX_BPFFS_ROOT", self.layout().root())
+            .env("FERROX_NODE_CONFIG", self.node_config());
+        let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
+        cmd.output().expect("running ferrox")
+    }
+
     /// The services this node's datapath holds.
     pub fn services(&self) -> Vec<ServiceRow> {
         ferrox::inspect::services(&self.layout()).expect("reading the service maps")
