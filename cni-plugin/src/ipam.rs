@@ -183,7 +183,10 @@ impl Store {
             source: std::io::Error::other(e),
         })?;
         write_durably(&self.allocations_dir().join(ip.to_string()), &body)?;
-        write_durably(&self.dir.join("last"), ip.to_string().as_bytes())?;
+        // Only a hint (allocation goes on after it, so freed addresses are not reused at once):
+        // written under the lock but not synced; after a crash it may name an older address.
+        let last = self.dir.join("last");
+        std::fs::write(&last, ip.to_string()).map_err(io("writing", &last))?;
         Ok(record)
     }
 
