@@ -134,7 +134,7 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
         .nodes(1)
         .agent_env("FERROX_IPAM", "pools")
         .agent_env("FERROX_IPAM_POOLS", "10.250.0.0/24")
-        .agent_env("FERROX_IPAM_BLOCK_SIZE", "28")
+        .agent_env("FERROX_IPAM_BLOCK_SIZE", "26")
         // Only when full: the plugin's demand marker is what brings the second block.
         .agent_env("FERROX_IPAM_LOW_WATER", "0")
         .agent_env("FERROX_IPAM_RELEASE_AFTER", "1")
@@ -142,15 +142,16 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
     let node = c.node(1);
     let first = node_blocks(node);
     assert_eq!(first.len(), 1, "{first:?}");
-    assert_eq!(first[0].prefix_len(), 28);
+    assert_eq!(first[0].prefix_len(), 26);
     assert_eq!(
         c.api().list_values(&block_type()).len(),
         1,
         "the block is claimed in the API"
     );
 
-    // 14 usable addresses per /28: the 15th pod needs a second block.
-    let sandboxes: Vec<NetNs> = (0..16)
+    // 62 usable addresses per /26: the 63rd pod needs a second block.
+    const FULL: usize = 62;
+    let sandboxes: Vec<NetNs> = (0..FULL + 2)
         .map(|i| NetNs::create(&format!("{}{}-b{i}", leaks::NETNS_PREFIX, c.id())))
         .collect();
     let mut ips = Vec::new();
@@ -169,8 +170,8 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
     let blocks = node_blocks(node);
     assert_eq!(blocks.len(), 2, "{blocks:?}");
     let second = *blocks.iter().find(|b| **b != first[0]).unwrap();
-    assert!(ips[..14].iter().all(|ip| first[0].contains(ip)));
-    assert!(ips[14..].iter().all(|ip| second.contains(ip)), "{ips:?}");
+    assert!(ips[..FULL].iter().all(|ip| first[0].contains(ip)));
+    assert!(ips[FULL..].iter().all(|ip| second.contains(ip)), "{ips:?}");
     let objects = c.api().list_values(&block_type());
     assert_eq!(objects.len(), 2);
     assert!(
@@ -179,15 +180,16 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
     );
 
     // A pod of the second block works: it answers one of the first.
-    let server = node.place_in("b15", &sandboxes[15].path());
+    let last = FULL + 1;
+    let server = node.place_in("second", &sandboxes[last].path());
     let _s = server.serve(8080);
-    let client = node.place_in("b0", &sandboxes[0].path());
-    let (by_backend, _) = client.call_tcp(&format!("{}:8080", ips[15]), 2);
-    assert_eq!(by_backend.get("b15"), Some(&2));
+    let client = node.place_in("first", &sandboxes[0].path());
+    let (by_backend, _) = client.call_tcp(&format!("{}:8080", ips[last]), 2);
+    assert_eq!(by_backend.get("second"), Some(&2));
 
     // Its pods go: the block returns to the pool (after it stayed empty for a second).
     drop(_s);
-    for i in 14..16 {
+    for i in FULL..FULL + 2 {
         let out = node.cni_raw(
             &[
                 ("CNI_COMMAND", "DEL"),
@@ -212,7 +214,7 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
         },
     );
     // The first block, still used, stays.
-    for i in 0..14 {
+    for i in 0..FULL {
         let out = node.cni_raw(
             &[
                 ("CNI_COMMAND", "DEL"),
@@ -386,4 +388,45 @@ fn the_ipam_cli_shows_checks_and_releases() {
     let out = node.ferrox_output(&["ipam", "release", "10.99.99.99"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no allocation holds 10.99.99.99"));
+}
+
+#[test]
+fn nodes_starting_together_in_pools_mode_get_disjoint_blocks() {
+    let c = Cluster::builder()
+        .nodes(3)
+        .agent_env("FERROX_IPAM", "pools")
+        .agent_env("FERROX_IPAM_POOLS", "10.250.0.0/24")
+        .agent_env("FERROX_IPAM_BLOCK_SIZE", "26")
+        .build();
+    let mut all = BTreeSet::new();
+    for node in c.nodes() {
+        let blocks = node_blocks(node);
+        assert_eq!(blocks.len(), 1, "{}: {blocks:?}", node.name);
+        assert!(
+            all.insert(blocks[0]),
+            "{} got a block another node has",
+            node.name
+        );
+    }
+    let objects = c.api().list_values(&block_type());
+    let owners: BTreeSet<(String, String)> = objects
+        .iter()
+        .map(|o| {
+            (
+                o["spec"]["cidr"].as_str().unwrap().to_owned(),
+                o["spec"]["node"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String)> = c
+        .nodes()
+        .iter()
+        .map(|n| (node_blocks(n)[0].to_string(), n.name.clone()))
+        .collect();
+    assert_eq!(owners, want);
+    // And a pod on each gets an address of its node's block.
+    for node in c.nodes() {
+        let pod = c.add_pod(node.index, &format!("p{}", node.index));
+        assert!(node_blocks(node)[0].contains(&pod.ip));
+    }
 }
