@@ -87,6 +87,11 @@ impl Rollback {
         self.steps.push(Box::new(f));
     }
 
+    /// A step undone after every other one.
+    fn push_first(&mut self, f: impl FnOnce() + 'static) {
+        self.steps.insert(0, Box::new(f));
+    }
+
     fn commit(mut self) {
         self.steps.clear();
     }
@@ -96,6 +101,36 @@ impl Drop for Rollback {
     fn drop(&mut self) {
         while let Some(step) = self.steps.pop() {
             step();
+        }
+    }
+}
+
+/// The pod program being attached on a thread of its own; joined when waited for or dropped.
+struct Attaching(Option<std::thread::JoinHandle<ferrox_datapath::Result<()>>>);
+
+impl Attaching {
+    fn start(layout: PinLayout, host_ifname: String) -> Self {
+        Self(Some(std::thread::spawn(move || {
+            ferrox_datapath::attach_pod(&layout, &host_ifname).map(drop)
+        })))
+    }
+
+    fn wait(mut self, layout: &PinLayout) -> Result<(), CniError> {
+        match self.0.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(datapath_error("attaching the pod program", layout, &e)),
+            _ => Err(CniError::new(
+                code::DATAPATH,
+                "attaching the pod program failed (its thread panicked)",
+            )),
+        }
+    }
+}
+
+impl Drop for Attaching {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
         }
     }
 }
@@ -112,7 +147,29 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     }
     let mut rollback = Rollback { steps: Vec::new() };
 
-    // 1. An address.
+    // 1. The veth pair. The pod program is attached to its host side on another thread while
+    //    the address is allocated and the pod configured: the kernel's attach waits for an RCU
+    //    grace period (about 10 ms here), which the rest of ADD overlaps.
+    let host_ifname = pod::host_ifname(&inv.container_id, &inv.ifname);
+    {
+        let name = host_ifname.clone();
+        rollback.push(move || {
+            let _ = pod::teardown(&name);
+        });
+    }
+    let pair = pod::create_pair(&netns, &inv.container_id, &inv.ifname, node.mtu).map_err(|e| {
+        CniError::new(code::IO_FAILURE, "creating the pod's veth pair").with_source(&e)
+    })?;
+    {
+        let (layout, name) = (layout.clone(), host_ifname.clone());
+        rollback.push(move || {
+            let _ = ferrox_datapath::detach_pod(&layout, &name);
+        });
+    }
+    // Declared after `rollback`: dropped (joined) before the rollback runs.
+    let attaching = Attaching::start(layout.clone(), host_ifname.clone());
+
+    // 2. An address.
     let store = ipam::Store::new(&node.ipam_dir);
     let pod_ref = inv.pod();
     let record = Allocation {
@@ -142,38 +199,17 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
             inv.container_id.clone(),
             inv.ifname.clone(),
         );
-        rollback.push(move || {
+        // Undone last: the address is free only once nothing refers to it.
+        rollback.push_first(move || {
             let _ = ipam::Store::new(dir).release(&cid, &ifname);
         });
     }
 
-    // 2. The veth pair, addresses and routes.
-    let host_ifname = pod::host_ifname(&inv.container_id, &inv.ifname);
-    {
-        let name = host_ifname.clone();
-        rollback.push(move || {
-            let _ = pod::teardown(&name);
-        });
-    }
-    let net = pod::setup(
-        &netns,
-        &inv.container_id,
-        &inv.ifname,
-        alloc.ip,
-        node.gateway,
-        node.mtu,
-    )
-    .map_err(|e| CniError::new(code::IO_FAILURE, "setting up the pod's network").with_source(&e))?;
-
-    // 3. The pod-facing program and the endpoint entry.
-    {
-        let (layout, name) = (layout.clone(), host_ifname.clone());
-        rollback.push(move || {
-            let _ = ferrox_datapath::detach_pod(&layout, &name);
-        });
-    }
-    ferrox_datapath::attach_pod(&layout, &host_ifname)
-        .map_err(|e| datapath_error("attaching the pod program", &layout, &e))?;
+    // 3. Addresses and routes, then the program and the endpoint entry.
+    let net = pair.configure(alloc.ip, node.gateway).map_err(|e| {
+        CniError::new(code::IO_FAILURE, "setting up the pod's network").with_source(&e)
+    })?;
+    attaching.wait(&layout)?;
     // A GC that ran meanwhile (before the runtime knew this attachment) may have released the
     // address: never finish with an address the store no longer holds for this attachment.
     let still_ours = store

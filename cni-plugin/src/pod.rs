@@ -74,6 +74,31 @@ pub fn setup(
     gateway: Ipv4Addr,
     mtu: u32,
 ) -> Result<PodNetwork, PodError> {
+    create_pair(netns, container_id, ifname, mtu)?.configure(ip, gateway)
+}
+
+/// A veth pair made by [`create_pair`], not configured yet: its host side exists (programs can
+/// be attached to it while the rest is set up).
+pub struct Pair {
+    pod_ns: std::fs::File,
+    host: Netlink,
+    host_ifname: String,
+    ifname: String,
+}
+
+impl Pair {
+    pub fn host_ifname(&self) -> &str {
+        &self.host_ifname
+    }
+}
+
+/// Creates the veth pair, the pod side directly in the pod's namespace.
+pub fn create_pair(
+    netns: &Path,
+    container_id: &str,
+    ifname: &str,
+    mtu: u32,
+) -> Result<Pair, PodError> {
     let pod_ns = netlink::open_netns(netns).map_err(|source| PodError::Netns {
         path: netns.display().to_string(),
         source,
@@ -91,6 +116,36 @@ pub fn setup(
         }
         r => r.map_err(step("creating the veth pair"))?,
     }
+    Ok(Pair {
+        pod_ns,
+        host,
+        host_ifname,
+        ifname: ifname.to_owned(),
+    })
+}
+
+impl Pair {
+    /// The pod's address and routes, and the host side's route and proxy ARP.
+    pub fn configure(self, ip: Ipv4Addr, gateway: Ipv4Addr) -> Result<PodNetwork, PodError> {
+        let Self {
+            pod_ns,
+            host,
+            host_ifname,
+            ifname,
+        } = self;
+        let ifname = ifname.as_str();
+        configure(&pod_ns, &host, host_ifname, ifname, ip, gateway)
+    }
+}
+
+fn configure(
+    pod_ns: &std::fs::File,
+    host: &Netlink,
+    host_ifname: String,
+    ifname: &str,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<PodNetwork, PodError> {
     let host_link = host
         .link(host_ifname.as_str())
         .map_err(step("reading the host veth"))?
@@ -100,7 +155,7 @@ pub fn setup(
 
     // Pod side: lo and eth0 up, the /32, a link route to the gateway and the default route
     // through it, and a permanent neighbour entry so the gateway never needs ARP.
-    let in_pod = Netlink::open_in(&pod_ns).map_err(step("opening netlink in the pod namespace"))?;
+    let in_pod = Netlink::open_in(pod_ns).map_err(step("opening netlink in the pod namespace"))?;
     in_pod
         .set_up("lo")
         .map_err(step("setting lo up in the pod"))?;
