@@ -33,6 +33,19 @@ pub enum Command {
     /// This node's address blocks and allocations.
     #[command(subcommand)]
     Ipam(IpamCommand),
+    /// What a packet would meet on this node: path, conntrack, frontend, source ranges, the
+    /// backend and why. Works while the agent is down.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The source address, with its port to predict the Maglev choice (e.g. 198.18.0.200:40000).
+    pub src: String,
+    /// The destination, e.g. 10.96.0.10:53/udp (tcp when no protocol is given).
+    pub dst: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 #[derive(Debug, Subcommand)]

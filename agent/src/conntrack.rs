@@ -88,7 +88,7 @@ pub fn expired(entries: &[(CtKey, CtEntry)], now_ns: u64, timeouts: &Timeouts) -
 }
 
 /// Now, on the programs' clock.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec it is given and nothing else.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: as above; CLOCK_MONOTONIC always exists.

@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod node;
 pub mod services;
 pub mod sockets;
+pub mod trace;

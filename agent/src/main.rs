@@ -43,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Ipam(IpamCommand::Release { what, args }) => {
             ferrox::ipam_cli::release(&args.node_config, &what)
         }
+        Command::Trace(t) => trace(&layout, &t),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -51,4 +52,16 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn trace(layout: &PinLayout, t: &ferrox::cli::TraceArgs) -> anyhow::Result<()> {
+    use ferrox::trace;
+    let (src, sport) = trace::parse_src(&t.src)?;
+    let (dst, dport, l4) = trace::parse_dst(&t.dst)?;
+    let view = trace::Pinned::open(layout)?;
+    let origin = view.origin_of(src);
+    trace::print(
+        &trace::explain(&view, origin, src, sport, dst, dport, l4),
+        t.output,
+    )
 }

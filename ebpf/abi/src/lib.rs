@@ -318,6 +318,25 @@ pub struct SrcRangeKey {
     pub addr: u32,
 }
 
+/// The hash of a flow's tuple the uplink's programs pick a Maglev slot with
+/// (`flow_hash(..) % MAGLEV_TABLE_SIZE`): the same on every node, and shared with user space so
+/// `ferrox trace` predicts the slot exactly. Addresses and ports in network byte order, as they
+/// sit in the packet (murmur3's finaliser over a mix of the tuple).
+#[inline(always)]
+pub const fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let ports = ((sport as u32) << 16) | dport as u32;
+    let mut h = saddr.wrapping_mul(0x9e37_79b1)
+        ^ daddr.rotate_left(16).wrapping_mul(0x85eb_ca6b)
+        ^ ports.wrapping_mul(0xc2b2_ae35)
+        ^ proto as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
 /// The LPM prefix length of a source range of `addr_prefix` bits.
 pub const fn src_range_prefixlen(addr_prefix: u8) -> u32 {
     32 + addr_prefix as u32

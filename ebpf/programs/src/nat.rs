@@ -443,20 +443,10 @@ fn pick_backend(
     Ok(backend_id)
 }
 
-/// A hash of the flow's tuple, the same on every node (murmur3's finaliser over a mix).
+/// A hash of the flow's tuple, the same on every node ([`ferrox_abi::flow_hash`]).
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
-    let ports = (u32::from(flow.sport) << 16) | u32::from(flow.dport);
-    let mut h = flow.saddr.wrapping_mul(0x9e37_79b1)
-        ^ flow.daddr.rotate_left(16).wrapping_mul(0x85eb_ca6b)
-        ^ ports.wrapping_mul(0xc2b2_ae35)
-        ^ u32::from(flow.proto);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
+    ferrox_abi::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }
 
 /// A source address (the node's, unless `addr` names another) and a free source port for a

@@ -1,0 +1,137 @@
+//! Cluster tier: `ferrox trace` explains, from the pinned maps and with the agent stopped, what
+//! real traffic meets: the Maglev backend of a flow before it is sent, the backend an affinity
+//! entry pins a client to, and the drop of a source outside loadBalancerSourceRanges.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure should stop the test with its context"
+)]
+
+use std::collections::BTreeMap;
+
+use ferrox::services::{
+    model::Scope,
+    testing::{slice, svc},
+};
+use ferrox_tests::harness::Cluster;
+use serde_json::Value;
+
+#[test]
+fn trace_predicts_maglev_explains_affinity_and_source_range_drops_with_the_agent_stopped() {
+    let c = Cluster::builder().nodes(2).build();
+    let pods = [c.add_pod(1, "w1"), c.add_pod(2, "w2"), c.add_pod(2, "w3")];
+    let _servers: Vec<_> = pods.iter().map(|p| p.serve(8080)).collect();
+    let addr_of: BTreeMap<String, String> = pods
+        .iter()
+        .map(|p| (p.name.clone(), format!("{}:8080", p.ip)))
+        .collect();
+    let a = c.external_client();
+    let b = c.external_client();
+    for (name, ip, cluster_ip, affinity, ranges) in [
+        ("mag", "203.0.113.91", "10.96.4.91", false, vec![]),
+        ("sticky", "203.0.113.92", "10.96.4.92", true, vec![]),
+        (
+            "guarded",
+            "203.0.113.93",
+            "10.96.4.93",
+            false,
+            vec![format!("{}/32", a.ip)],
+        ),
+    ] {
+        let ranges: Vec<&str> = ranges.iter().map(String::as_str).collect();
+        let s = svc(name)
+            .load_balancer(ip)
+            .cluster_ip(cluster_ip)
+            .port_np("", 80, 0, "TCP")
+            .source_ranges(&ranges);
+        let s = if affinity {
+            s.session_affinity(Some(600))
+        } else {
+            s
+        };
+        c.api().apply(&s.build());
+        let mut sl = slice(name, &format!("{name}-s")).port("", 8080, "TCP");
+        for p in &pods {
+            sl = sl.ready_on(p.ip, &format!("node-{}", p.node));
+        }
+        c.api().apply(&sl.build());
+        c.node(1)
+            .wait_for_entry(&format!("{ip}:80/TCP"), Scope::External, 3);
+        for client in [&a, &b] {
+            client.route(&format!("{ip}/32"), c.node(1).addr);
+        }
+    }
+    let node = c.node(1);
+    let trace = |src: &str, dst: &str| -> Value {
+        serde_json::from_str(&node.ferrox(&["trace", src, dst, "-o", "json"])).unwrap()
+    };
+
+    // Maglev: predict the backend of ten flows before they exist (agent running or not: the
+    // maps decide), then send them.
+    let predicted: Vec<String> = (0..10)
+        .map(|i| {
+            let t = trace(&format!("{}:{}", a.ip, 31000 + i), "203.0.113.91:80/tcp");
+            assert_eq!(t["verdict"], "translated", "{t}");
+            assert!(
+                t["steps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["step"] == "maglev"),
+                "{t}"
+            );
+            t["backend"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let (status, lines) = a.run(&[
+        "call",
+        "tcp",
+        "203.0.113.91:80",
+        "--count",
+        "10",
+        "--source-port",
+        "31000",
+    ]);
+    assert!(status.success(), "{lines:?}");
+    let actual: Vec<String> = lines
+        .iter()
+        .map(|l| addr_of[l["backend"].as_str().unwrap()].clone())
+        .collect();
+    assert_eq!(predicted, actual, "trace predicted every flow's backend");
+
+    // Affinity: the client lands on one backend; trace names it and says why.
+    let (status, lines) = a.run(&["call", "tcp", "203.0.113.92:80", "--count", "5"]);
+    assert!(status.success(), "{lines:?}");
+    let pinned = lines[0]["backend"].as_str().unwrap().to_owned();
+    assert!(lines.iter().all(|l| l["backend"] == pinned.as_str()));
+
+    // From here on the agent is down: trace reads the pinned maps only.
+    node.kill_agent();
+    let t = trace(&a.ip.to_string(), "203.0.113.92:80/tcp");
+    assert_eq!(t["verdict"], "translated", "{t}");
+    assert_eq!(t["backend"], addr_of[&pinned].as_str(), "{t}");
+    assert!(
+        t["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["step"] == "affinity"),
+        "{t}"
+    );
+
+    // Source ranges: b is not listed.
+    let t = trace(&format!("{}:40000", b.ip), "203.0.113.93:80/tcp");
+    assert_eq!(t["verdict"], "dropped", "{t}");
+    assert_eq!(t["reason"], "source-range-denied");
+    let t = trace(&format!("{}:40000", a.ip), "203.0.113.93:80/tcp");
+    assert_eq!(t["verdict"], "translated", "{t}");
+
+    // Not a Service, and the human form.
+    let t = trace(&a.ip.to_string(), &format!("{}:22/tcp", node.addr));
+    assert_eq!(t["verdict"], "passed");
+    let text = node.ferrox(&["trace", &b.ip.to_string(), "203.0.113.93:80/tcp"]);
+    assert!(text.contains("dropped (source-range-denied)"), "{text}");
+    node.start_agent();
+    node.wait_agent_ready();
+}
