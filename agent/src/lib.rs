@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod daemon;
 pub mod health;
 pub mod inspect;
+pub mod install;
 pub mod metrics;
 pub mod node;
 pub mod services;
