@@ -274,3 +274,95 @@ fn container_command_lines_map_onto_the_node_root() {
         "--bounding-set=-all,+net_admin,+sys_admin,+sys_ptrace"
     );
 }
+
+/// The one agent task that needs SYS_ADMIN (setns into a pod's namespace) and SYS_PTRACE (open
+/// that namespace through /proc), besides NET_ADMIN (SOCK_DESTROY): closing a pod's connected
+/// UDP socket whose backend left. It works with the manifest's capabilities and nothing more.
+#[test]
+fn the_agent_closes_stale_pod_sockets_with_only_the_manifests_capabilities() {
+    use ferrox::services::testing::{slice, svc};
+    let ds = manifests::daemonset("ferrox");
+    let c = ferrox_tests::harness::Cluster::builder()
+        .nodes(1)
+        .start_agents(false)
+        .build();
+    let n = c.node(1);
+    // As on a real node, bpffs is mounted before the agent starts (the agent in its container
+    // cannot mount one the host sees).
+    n.mount_bpffs();
+    n.start_agent_wrapped(&manifests::setpriv_wrapper(manifests::container(
+        &ds, "agent",
+    )));
+    n.wait_agent_ready();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", n.agent_pid())).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let bit = |name: &str| match name {
+        "NET_ADMIN" => 12,
+        "NET_RAW" => 13,
+        "SYS_PTRACE" => 19,
+        "SYS_ADMIN" => 21,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => panic!("capability {other}: add its number"),
+    };
+    let want = manifests::added_capabilities(manifests::container(&ds, "agent"))
+        .iter()
+        .fold(0u64, |m, c| m | 1 << bit(c));
+    assert_eq!(
+        u64::from_str_radix(&cap_eff, 16).unwrap(),
+        want,
+        "the agent runs with exactly the manifest's capabilities"
+    );
+
+    let dns1 = c.add_pod(1, "dns-1");
+    let dns2 = c.add_pod(1, "dns-2");
+    let client = c.add_pod(1, "client");
+    let servers = [dns1.serve(5353), dns2.serve(5353)];
+    c.api().apply(
+        &svc("dns")
+            .cluster_ip("10.96.0.53")
+            .port("dns", 53, "UDP")
+            .build(),
+    );
+    let endpoints = |pods: &[&ferrox_tests::harness::Pod]| {
+        let mut s = slice("dns", "dns-s").port("dns", 5353, "UDP");
+        for p in pods {
+            s = s.ready_on(p.ip, "node-1");
+        }
+        s.build()
+    };
+    c.api().apply(&endpoints(&[&dns1, &dns2]));
+    n.wait_for_backends("10.96.0.53:53/UDP", 2);
+    let mut session = client.spawn(&["udp-session", "10.96.0.53:53"]);
+    let first = session.wait_for_line("a first answer", Duration::from_secs(10), |l| {
+        l.contains("\"backend\"")
+    });
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let (gone, stays) = if first["backend"] == "dns-1" {
+        (0, &dns2)
+    } else {
+        (1, &dns1)
+    };
+    // SAFETY: kill(2) on a child this test owns.
+    assert_eq!(
+        unsafe { libc::kill(servers[gone].pid() as i32, libc::SIGSTOP) },
+        0
+    );
+    c.api().apply(&endpoints(&[stays]));
+    session.wait_for_line(
+        "an answer from the other backend",
+        Duration::from_secs(10),
+        |l| l.contains(&format!("\"backend\":\"{}\"", stays.name)),
+    );
+    assert!(
+        n.agent_log().iter().any(|l| l.contains("sockets_closed=1")),
+        "the agent closed the pod's socket"
+    );
+    assert!(session.signal_and_wait(libc::SIGTERM).success());
+}

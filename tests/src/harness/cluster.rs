@@ -678,6 +678,16 @@ impl Node {
         });
     }
 
+    /// The agent's process id (0 when it is not running).
+    pub fn agent_pid(&self) -> u32 {
+        self.agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(Proc::pid)
+            .unwrap_or(0)
+    }
+
     /// `kill -9` the agent, as a crash would.
     pub fn kill_agent(&self) {
         let mut g = self
