@@ -21,8 +21,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the node agent (or, with --cleanup, remove everything it created).
+    /// Run the node agent (or, with --cleanup, remove its pins, links and node configuration).
     Agent(Box<AgentArgs>),
+    /// Wait until the agent on this node is ready, then install the CNI plugin and its network
+    /// configuration (what the DaemonSet's `install-cni` container runs).
+    InstallCni(InstallCniArgs),
+    /// Remove everything ferrox put on this node: programs, pins, routes, pod interfaces, the
+    /// node configuration, the IPAM store, the CNI configuration and the CNI plugin.
+    Uninstall(UninstallArgs),
     /// Services as the datapath holds them.
     #[command(subcommand)]
     Svc(SvcCommand),
@@ -125,6 +131,14 @@ pub struct AgentArgs {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// The API server to talk to, as `https://host:port` or `host:port` (like Cilium's
+    /// k8sServiceHost/k8sServicePort): on a cluster without kube-proxy the in-cluster address
+    /// (the `kubernetes` Service's ClusterIP) is not reachable until ferrox itself runs, so the
+    /// agent must reach the API server directly. Credentials still come from the kubeconfig or
+    /// the pod's service account.
+    #[arg(long, env = "FERROX_K8S_API_SERVER", value_parser = parse_api_server)]
+    pub k8s_api_server: Option<String>,
+
     /// cgroup v2 whose sockets get service translation; default: the cgroup2 root.
     #[arg(long, env = "FERROX_CGROUP")]
     pub cgroup: Option<PathBuf>,
@@ -226,4 +240,127 @@ pub struct AgentArgs {
     /// Remove every pin, link and file the agent created, then exit.
     #[arg(long)]
     pub cleanup: bool,
+}
+
+/// `https://host:port`, `http://host:port` or `host:port` (HTTPS assumed) to a URL; `host` alone
+/// gets the API server's usual port 6443.
+pub fn parse_api_server(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err("empty; give https://host:port".into());
+    }
+    let (scheme, rest) = match value.split_once("://") {
+        Some((s @ ("https" | "http"), rest)) => (s, rest),
+        Some((s, _)) => return Err(format!("scheme {s}:// is not http or https")),
+        None => ("https", value),
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(format!("{value:?} is not host[:port] (no path allowed)"));
+    }
+    let has_port = match authority.rsplit_once(':') {
+        // An IPv6 literal is bracketed: [::1]:6443.
+        Some((host, port)) if !host.ends_with(':') && !port.contains(']') => {
+            port.parse::<u16>()
+                .map_err(|_| format!("port {port:?} is not a number"))?;
+            true
+        }
+        _ => false,
+    };
+    Ok(if has_port {
+        format!("{scheme}://{authority}")
+    } else {
+        format!("{scheme}://{authority}:6443")
+    })
+}
+
+/// Where the container runtime looks for CNI plugins and network configurations on this node.
+#[derive(Debug, Args)]
+pub struct CniDirs {
+    /// Directory of CNI plugin binaries (the runtime's CNI bin dir; mounted from the host in the
+    /// DaemonSet).
+    #[arg(long, env = "FERROX_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+
+    /// Directory of CNI network configurations (the runtime's CNI conf dir).
+    #[arg(long, env = "FERROX_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+
+    /// File name of ferrox's network configuration; runtimes use the first file in name order.
+    #[arg(long, env = "FERROX_CNI_CONFLIST_NAME", default_value = crate::install::CONFLIST_NAME)]
+    pub cni_conflist_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallCniArgs {
+    #[command(flatten)]
+    pub dirs: CniDirs,
+
+    /// The CNI plugin binary to install; default: `ferrox-cni` beside this executable.
+    #[arg(long, env = "FERROX_CNI_BINARY")]
+    pub cni_binary: Option<PathBuf>,
+
+    /// The node configuration the agent writes once the datapath is up (the conflist points the
+    /// plugin at it; the path is the same on the host and in the agent's container).
+    #[arg(long, env = "FERROX_NODE_CONFIG", default_value = ferrox_cni::node_config::DEFAULT_PATH)]
+    pub node_config: PathBuf,
+
+    /// Where the agent serves `/healthz`; the plugin is installed only once it answers 200.
+    #[arg(long, env = "FERROX_AGENT_HEALTHZ", default_value = "127.0.0.1:10256")]
+    pub agent_healthz: std::net::SocketAddr,
+
+    /// After installing, keep running (a DaemonSet container), reinstalling whatever goes
+    /// missing, until SIGTERM.
+    #[arg(long, env = "FERROX_CNI_KEEP_RUNNING")]
+    pub keep_running: bool,
+
+    /// Seconds between two checks of the installed files while running.
+    #[arg(long, env = "FERROX_CNI_RECHECK_INTERVAL", default_value_t = 30)]
+    pub recheck_interval: u64,
+
+    #[arg(long, value_enum, env = "FERROX_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub dirs: CniDirs,
+
+    /// The node configuration the agent wrote.
+    #[arg(long, env = "FERROX_NODE_CONFIG", default_value = ferrox_cni::node_config::DEFAULT_PATH)]
+    pub node_config: PathBuf,
+
+    /// The IPAM store's directory.
+    #[arg(long, env = "FERROX_IPAM_DIR", default_value = "/var/lib/ferrox/ipam")]
+    pub ipam_dir: PathBuf,
+
+    /// After cleaning up, keep running until SIGTERM (the uninstall DaemonSet's container).
+    #[arg(long)]
+    pub keep_running: bool,
+
+    #[arg(long, value_enum, env = "FERROX_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_server_forms() {
+        for (given, want) in [
+            ("https://10.0.0.1:6443", "https://10.0.0.1:6443"),
+            ("10.0.0.1:443", "https://10.0.0.1:443"),
+            ("cp.example.com", "https://cp.example.com:6443"),
+            ("http://198.18.0.1:6443/", "http://198.18.0.1:6443"),
+            ("[fd00::1]:6443", "https://[fd00::1]:6443"),
+            ("[fd00::1]", "https://[fd00::1]:6443"),
+        ] {
+            assert_eq!(parse_api_server(given).as_deref(), Ok(want), "{given}");
+        }
+        for bad in ["", "ftp://x:1", "10.0.0.1:http", "https://x:6443/api"] {
+            assert!(parse_api_server(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

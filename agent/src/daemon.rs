@@ -65,7 +65,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     }
     info!(origin = ?dp.origin(), "datapath attached");
 
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let client = kube_client(args.kubeconfig.as_deref(), args.k8s_api_server.as_deref()).await?;
     let node = wait_for_node(&client, &args.node_name).await;
     let ipam = match args.ipam {
         IpamSetting::Kubernetes => None,
@@ -233,15 +233,29 @@ fn cleanup(args: &AgentArgs, layout: &PinLayout) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
+/// The API client: from the kubeconfig, or the pod's service account; `api_server` replaces the
+/// server address either gives (a cluster without kube-proxy has no working in-cluster address
+/// until ferrox itself runs).
+async fn kube_client(
+    kubeconfig: Option<&Path>,
+    api_server: Option<&str>,
+) -> anyhow::Result<Client> {
+    let mut config = match (kubeconfig, api_server) {
+        (Some(path), _) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
         }
-        None => Config::infer().await?,
+        // The service account's token and CA, without the KUBERNETES_SERVICE_* variables.
+        (None, Some(_)) => Config::incluster_dns()
+            .context("reading the pod's service account (token, CA) for --k8s-api-server")?,
+        (None, None) => Config::infer().await?,
     };
+    if let Some(server) = api_server {
+        config.cluster_url = server
+            .parse()
+            .with_context(|| format!("--k8s-api-server {server}"))?;
+    }
     info!(api_server = %config.cluster_url, "connecting to the Kubernetes API");
     Ok(Client::try_from(config)?)
 }

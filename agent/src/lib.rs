@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod daemon;
 pub mod health;
 pub mod inspect;
+pub mod install;
 pub mod ipam;
 pub mod ipam_cli;
 pub mod metrics;

@@ -29,6 +29,14 @@ fn main() -> std::process::ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(ferrox::daemon::run(*args, layout)))
         }
+        Command::InstallCni(args) => {
+            init_logging(args.log_format);
+            ferrox::install::run_install(&args)
+        }
+        Command::Uninstall(args) => {
+            init_logging(args.log_format);
+            ferrox::install::run_uninstall(&args, &layout)
+        }
         Command::Svc(SvcCommand::List(o)) => ferrox::inspect::print_services(&layout, o.output),
         Command::Counters(o) => ferrox::inspect::print_counters(&layout, o.output),
         Command::Datapath(o) => ferrox::inspect::print_datapath(&layout, o.output),

@@ -4,6 +4,7 @@
 //!   410 Gone) that the agent's real `kube` client talks to unchanged.
 //! - [`harness`]: a cluster of nodes built from network namespaces on one machine, each with its
 //!   own uplink, cgroup, bpffs and agent process; pods created by the real `ferrox-cni`.
+//! - [`manifests`]: the install manifests as typed objects, and their containers' command lines.
 //!
 //! This is test support: a failure stops the test loudly.
 #![allow(
@@ -15,3 +16,4 @@
 
 pub mod apiserver;
 pub mod harness;
+pub mod manifests;

@@ -69,7 +69,7 @@ fn cni_del_is_idempotent_and_works_without_the_namespace() {
     );
 
     // Both addresses are free again: a new pod may get either.
-    let ipam = ferrox_cni::ipam::Store::new(n.node_config().parent().unwrap().join("ipam"));
+    let ipam = ferrox_cni::ipam::Store::new(n.ipam_dir());
     assert!(
         ipam.list().unwrap().is_empty(),
         "{:?}",

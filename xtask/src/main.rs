@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build | test | demo | lint`: the project's commands.
+//! `cargo xtask setup | build | test | demo | lint | image`: the project's commands.
 //!
 //! `test`, `demo` and `build` run `setup` first when something is missing, so both commands of
 //! the README work on a fresh machine.
@@ -38,6 +38,13 @@ enum Cmd {
     Demo,
     /// cargo fmt --check and clippy with warnings denied.
     Lint,
+    /// The OCI image archive of ferrox (static musl binaries, no Docker), checked, then
+    /// validated with skopeo and umoci.
+    Image {
+        /// Where to write the archive.
+        #[arg(long, default_value = "target/image/ferrox-image.tar")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,6 +106,10 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             status("demo", &mut c)
         }
         Cmd::Lint => lint(),
+        Cmd::Image { out } => {
+            setup::run(setup::Mode::IfMissing)?;
+            image(&workspace_root().join(out))
+        }
     }
 }
 
@@ -166,4 +177,98 @@ fn lint() -> anyhow::Result<()> {
             .env("RUSTC_BOOTSTRAP", "1")
             .env("CARGO_TARGET_DIR", workspace_root().join("target/bpf-lint")),
     )
+}
+
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// Static binaries for musl, in a target directory of their own (so an image build never
+/// holds the lock of the development builds), assembled into an OCI archive and checked.
+fn image(out: &std::path::Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(workspace_root())
+        .output()
+        .context("running rustup")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == MUSL)
+    {
+        status(
+            "adding the musl target",
+            Command::new("rustup")
+                .args(["target", "add", MUSL])
+                .current_dir(workspace_root()),
+        )?;
+    }
+    let target_dir = workspace_root().join("target/image");
+    status(
+        "static build",
+        cargo()
+            .args(["build", "--release", "--target", MUSL, "--bins"])
+            .args(["-p", "ferrox", "-p", "ferrox-cni"])
+            .env("CARGO_TARGET_DIR", &target_dir),
+    )?;
+    let bins = target_dir.join(MUSL).join("release");
+    let spec = xtask::oci::ferrox_spec(&bins, true);
+    let built = xtask::oci::build(&spec, out)?;
+    let report = xtask::oci::check(out, &spec.reference)?;
+    if !report.entrypoint_static {
+        bail!("{} is not a static executable", report.entrypoint[0]);
+    }
+    eprintln!(
+        "xtask: structural check passed: {} -> {:?} {:?}, files {:?}",
+        report.reference, report.entrypoint, report.cmd, report.files
+    );
+    // Independent readers: skopeo parses the archive as runtimes do; umoci unpacks the layers
+    // into a runtime bundle whose config must start our entrypoint.
+    status(
+        "skopeo inspect",
+        Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci-archive:{}", out.display())),
+    )?;
+    let scratch = target_dir.join("umoci-check");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    status(
+        "unpacking the archive",
+        Command::new("tar")
+            .arg("-xf")
+            .arg(out)
+            .arg("-C")
+            .arg(&scratch),
+    )?;
+    let bundle = target_dir.join("umoci-bundle");
+    let _ = std::fs::remove_dir_all(&bundle);
+    status(
+        "umoci unpack",
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:{}", scratch.display(), spec.reference))
+            .arg(&bundle),
+    )?;
+    let runtime: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+    let args = &runtime["process"]["args"];
+    if args[0] != "/usr/bin/ferrox" || !bundle.join("rootfs/usr/bin/ferrox-cni").is_file() {
+        bail!("umoci's bundle does not start /usr/bin/ferrox or lacks ferrox-cni: {args}");
+    }
+    std::fs::remove_dir_all(&scratch)?;
+    std::fs::remove_dir_all(&bundle)?;
+    eprintln!(
+        "xtask: {} ({}) -> {} ({:.1} MiB; layer {:.1} MiB gzip, {:.1} MiB tar), validated by skopeo and umoci, in {:.0?}",
+        spec.reference,
+        built.manifest_digest,
+        built.archive.display(),
+        built.archive_size as f64 / 1048576.0,
+        built.layer_size as f64 / 1048576.0,
+        built.uncompressed_layer_size as f64 / 1048576.0,
+        started.elapsed()
+    );
+    eprintln!(
+        "xtask: import with `ctr -n k8s.io images import {0}` or `podman load -i {0}`",
+        built.archive.display()
+    );
+    Ok(())
 }

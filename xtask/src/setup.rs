@@ -30,6 +30,10 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "conntrack",
     "containernetworking-plugins",
+    // `cargo xtask image`: static binaries, and two independent OCI image readers.
+    "musl-tools",
+    "skopeo",
+    "umoci",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -45,6 +45,8 @@ pub struct ClusterBuilder {
     nodes: usize,
     static_pod_routes: bool,
     agent_env: Vec<(String, String)>,
+    start_agents: bool,
+    api_server_by_flag: bool,
 }
 
 impl ClusterBuilder {
@@ -64,6 +66,21 @@ impl ClusterBuilder {
     /// An environment variable for every agent (e.g. `FERROX_CT_UDP_TIMEOUT`), on every start.
     pub fn agent_env(mut self, key: &str, value: &str) -> Self {
         self.agent_env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Off: the nodes are built but their agents are not started; the test starts them
+    /// ([`Node::start_agent`], [`Node::start_agent_wrapped`]).
+    pub fn start_agents(mut self, on: bool) -> Self {
+        self.start_agents = on;
+        self
+    }
+
+    /// The agents' kubeconfig names a port where nothing listens, and the API server's real
+    /// address reaches them only through `FERROX_K8S_API_SERVER` (as on a node without
+    /// kube-proxy, where the in-cluster address does not work).
+    pub fn api_server_by_flag(mut self) -> Self {
+        self.api_server_by_flag = true;
         self
     }
 
@@ -208,10 +225,12 @@ impl Cluster {
             nodes: 1,
             static_pod_routes: true,
             agent_env: Vec::new(),
+            start_agents: true,
+            api_server_by_flag: false,
         }
     }
 
-    fn build(b: ClusterBuilder) -> Self {
+    fn build(mut b: ClusterBuilder) -> Self {
         assert_eq!(
             unsafe { libc::geteuid() },
             0,
@@ -254,10 +273,19 @@ impl Cluster {
             ));
 
         let kubeconfig = cluster.dir.join("kubeconfig");
+        let kubeconfig_port = if b.api_server_by_flag {
+            b.agent_env.push((
+                "FERROX_K8S_API_SERVER".into(),
+                format!("http://{API_ADDR}:{API_PORT}"),
+            ));
+            1
+        } else {
+            API_PORT
+        };
         std::fs::write(
             &kubeconfig,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{API_ADDR}:{API_PORT}\n\
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{API_ADDR}:{kubeconfig_port}\n\
                  users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
                  current-context: test\n"
             ),
@@ -281,11 +309,13 @@ impl Cluster {
                 }
             }
         }
-        for n in &cluster.nodes {
-            n.start_agent();
-        }
-        for n in &cluster.nodes {
-            n.wait_agent_ready();
+        if b.start_agents {
+            for n in &cluster.nodes {
+                n.start_agent();
+            }
+            for n in &cluster.nodes {
+                n.wait_agent_ready();
+            }
         }
         cluster
     }
@@ -377,11 +407,46 @@ impl Cluster {
     /// Creates pod `name` on node `node` as a container runtime would: a fresh network namespace
     /// and `ferrox-cni ADD`. Also records the Pod in the API.
     pub fn add_pod(&self, node: usize, name: &str) -> Pod {
+        self.add_pod_inner(node, name, None)
+    }
+
+    /// Like [`Cluster::add_pod`], with the plugin binary and network configuration list a
+    /// runtime would find on the node (e.g. what `ferrox install-cni` put there): the first
+    /// plugin of `conflist`, given the list's name and version, as libcni does.
+    pub fn add_pod_from_conflist(
+        &self,
+        node: usize,
+        name: &str,
+        plugin: &Path,
+        conflist: &serde_json::Value,
+    ) -> Pod {
+        let mut conf = conflist["plugins"][0].clone();
+        conf["name"] = conflist["name"].clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        self.add_pod_inner(node, name, Some((plugin, &conf)))
+    }
+
+    fn add_pod_inner(
+        &self,
+        node: usize,
+        name: &str,
+        with: Option<(&Path, &serde_json::Value)>,
+    ) -> Pod {
         let n = self.node(node);
         let k = self.next_pod.fetch_add(1, Ordering::Relaxed);
         let netns = NetNs::create(&format!("{}{}-p{k}", leaks::NETNS_PREFIX, self.id));
         let container_id = format!("{}{:04}{name}", self.id, k);
-        let out = n.cni("ADD", &container_id, Some(&netns.path()), name);
+        let out = match with {
+            Some((plugin, conf)) => n.cni_with(
+                plugin,
+                conf,
+                "ADD",
+                &container_id,
+                Some(&netns.path()),
+                name,
+            ),
+            None => n.cni("ADD", &container_id, Some(&netns.path()), name),
+        };
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let netns_path = netns.path();
         self.pods
@@ -522,12 +587,47 @@ impl Node {
         PinLayout::new(self.bpffs_mount().join("ferrox"))
     }
 
+    /// The directory standing in for the node's root filesystem: the node's bpffs, node
+    /// configuration and IPAM store live where they would on a real node, under it
+    /// (`sys/fs/bpf`, `run/ferrox/node.json`, `var/lib/ferrox/ipam`), and tests put the CNI
+    /// directories (`opt/cni/bin`, `etc/cni/net.d`) there too.
+    pub fn host_root(&self) -> PathBuf {
+        self.dir.join("host")
+    }
+
+    /// `path` of the node's root filesystem (absolute, e.g. `/opt/cni/bin`), under
+    /// [`Node::host_root`].
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        self.host_root().join(path.trim_start_matches('/'))
+    }
+
     fn bpffs_mount(&self) -> PathBuf {
-        self.dir.join("bpffs")
+        self.host_path("/sys/fs/bpf")
+    }
+
+    /// Mounts the node's bpffs, as a node's init system does at boot (otherwise the agent
+    /// mounts it when it starts).
+    pub fn mount_bpffs(&self) {
+        let mount = self.bpffs_mount();
+        std::fs::create_dir_all(&mount).expect("creating the bpffs mount point");
+        if !ferrox_datapath::bpffs::is_bpffs(&mount) {
+            nix::mount::mount(
+                Some("bpf"),
+                &mount,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mounting bpffs");
+        }
     }
 
     pub fn node_config(&self) -> PathBuf {
-        self.dir.join("node.json")
+        self.host_path(ferrox_cni::node_config::DEFAULT_PATH)
+    }
+
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.host_path("/var/lib/ferrox/ipam")
     }
 
     pub fn cgroup(&self) -> &Path {
@@ -546,7 +646,7 @@ impl Node {
             .arg("--node-config")
             .arg(self.node_config())
             .arg("--ipam-dir")
-            .arg(self.dir.join("ipam"))
+            .arg(self.ipam_dir())
             .args(extra)
             .env("FERROX_BPFFS_ROOT", self.layout().root())
             .env("RUST_LOG", "info,ferrox=debug")
@@ -557,9 +657,15 @@ impl Node {
 
     /// Starts the agent (replacing the handle of a previous, dead one).
     pub fn start_agent(&self) {
+        self.start_agent_wrapped(&[]);
+    }
+
+    /// Starts the agent through `wrapper` (e.g. `setpriv --bounding-set=... --`), which gets
+    /// the agent's command line appended.
+    pub fn start_agent_wrapped(&self, wrapper: &[String]) {
         let proc = Proc::spawn(
             &format!("agent {}", self.name),
-            self.agent_command(&[]),
+            wrapped(self.agent_command(&[]), wrapper),
             &self.netns.path(),
             &self.cgroup,
         );
@@ -579,6 +685,16 @@ impl Node {
         agent.wait_for_line("the agent to be ready", Duration::from_secs(60), |l| {
             l.contains(AGENT_READY)
         });
+    }
+
+    /// The agent's process id (0 when it is not running).
+    pub fn agent_pid(&self) -> u32 {
+        self.agent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(Proc::pid)
+            .unwrap_or(0)
     }
 
     /// `kill -9` the agent, as a crash would.
@@ -609,6 +725,18 @@ impl Node {
             .as_ref()
             .map(Proc::lines)
             .unwrap_or_default()
+    }
+
+    /// Starts `cmd` in this node's network namespace and cgroup, in the background.
+    pub fn spawn(&self, name: &str, cmd: Command) -> Proc {
+        Proc::spawn(name, cmd, &self.netns.path(), &self.cgroup)
+    }
+
+    /// Runs `cmd` to completion in this node's network namespace and cgroup.
+    pub fn output(&self, mut cmd: Command) -> std::process::Output {
+        let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
     }
 
     /// Runs the `ferrox` CLI on this node and returns its stdout.
@@ -755,12 +883,32 @@ impl Node {
             "type": "ferrox-cni",
             "nodeConfig": self.node_config(),
         });
-        let mut cmd = Command::new(bin_path("ferrox-cni"));
+        self.cni_with(
+            &bin_path("ferrox-cni"),
+            &conf,
+            command,
+            container_id,
+            netns,
+            pod,
+        )
+    }
+
+    /// Runs `plugin` with the network configuration `conf`, as a container runtime would.
+    fn cni_with(
+        &self,
+        plugin: &Path,
+        conf: &serde_json::Value,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        pod: &str,
+    ) -> std::process::Output {
+        let mut cmd = Command::new(plugin);
         cmd.env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", bin_path("ferrox-cni").parent().unwrap())
+            .env("CNI_PATH", plugin.parent().unwrap())
             .env(
                 "CNI_ARGS",
                 format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
@@ -852,6 +1000,23 @@ impl Place {
         );
         tally(&lines, "from")
     }
+}
+
+/// `cmd` run through `wrapper` (the wrapper's program and arguments, then `cmd`'s program,
+/// arguments and environment).
+fn wrapped(cmd: Command, wrapper: &[String]) -> Command {
+    let Some((program, args)) = wrapper.split_first() else {
+        return cmd;
+    };
+    let mut w = Command::new(program);
+    w.args(args).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => w.env(k, v),
+            None => w.env_remove(k),
+        };
+    }
+    w
 }
 
 fn tally(lines: &[serde_json::Value], addr_field: &str) -> (BTreeMap<String, usize>, Vec<String>) {
