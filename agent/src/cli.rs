@@ -39,9 +39,30 @@ pub enum Command {
     /// This node's address blocks and allocations.
     #[command(subcommand)]
     Ipam(IpamCommand),
+    /// Connection tracking: translated flows from outside the node.
+    #[command(subcommand)]
+    Ct(CtCommand),
+    /// This node's pod endpoints: address, veth, pod.
+    Endpoints(IpamArgs),
     /// What a packet would meet on this node: path, conntrack, frontend, source ranges, the
     /// backend and why. Works while the agent is down.
     Trace(TraceArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtCommand {
+    /// Tracked flows (both directions on one line), filtered.
+    List {
+        #[command(flatten)]
+        filter: crate::ct_cli::Filter,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Forgets the matching flows: their next packet is a new flow (new backend choice).
+    Flush {
+        #[command(flatten)]
+        filter: crate::ct_cli::Filter,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod conntrack;
+pub mod ct_cli;
 pub mod daemon;
 pub mod health;
 pub mod inspect;

@@ -2,7 +2,7 @@
 //! node's datapath.
 
 use clap::Parser as _;
-use ferrox::cli::{Cli, Command, IpamCommand, LogFormat, SvcCommand};
+use ferrox::cli::{Cli, Command, CtCommand, IpamCommand, LogFormat, SvcCommand};
 use ferrox_datapath::PinLayout;
 
 fn init_logging(format: LogFormat) {
@@ -52,6 +52,11 @@ fn main() -> std::process::ExitCode {
             ferrox::ipam_cli::release(&args.node_config, &what)
         }
         Command::Trace(t) => trace(&layout, &t),
+        Command::Ct(CtCommand::List { filter, output }) => {
+            ferrox::ct_cli::list(&layout, &filter, output)
+        }
+        Command::Ct(CtCommand::Flush { filter }) => ferrox::ct_cli::flush(&layout, &filter),
+        Command::Endpoints(a) => ferrox::ct_cli::endpoints(&layout, &a.node_config, a.output),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -135,3 +135,92 @@ fn trace_predicts_maglev_explains_affinity_and_source_range_drops_with_the_agent
     node.start_agent();
     node.wait_agent_ready();
 }
+
+#[test]
+fn ct_list_shows_flows_flush_forgets_them_and_endpoints_name_the_pods() {
+    let c = Cluster::builder().nodes(2).build();
+    let local = c.add_pod(1, "local");
+    let remote = c.add_pod(2, "remote");
+    let _s1 = local.serve(8080);
+    let _s2 = remote.serve(8080);
+    c.api().apply(
+        &svc("np")
+            .node_port_type()
+            .cluster_ip("10.96.4.50")
+            .port_np("", 80, 30450, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("np", "np-s")
+            .port("", 8080, "TCP")
+            .ready_on(local.ip, "node-1")
+            .ready_on(remote.ip, "node-2")
+            .build(),
+    );
+    let node = c.node(1);
+    node.wait_for_entry(&format!("{}:30450/TCP", node.addr), Scope::External, 2);
+    let outside = c.external_client();
+    let target = format!("{}:30450", node.addr);
+    let (status, lines) = outside.run(&[
+        "call",
+        "tcp",
+        &target,
+        "--count",
+        "6",
+        "--source-port",
+        "32000",
+    ]);
+    assert!(status.success(), "{lines:?}");
+    let list = |args: &[&str]| -> Vec<Value> {
+        let mut a = vec!["ct", "list", "-o", "json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&node.ferrox(&a)).unwrap()
+    };
+    let flows = list(&[]);
+    assert_eq!(flows.len(), 6, "{flows:#?}");
+    for (i, f) in flows.iter().enumerate() {
+        assert_eq!(
+            f["client"],
+            format!("{}:{}", outside.ip, 32000 + i).as_str()
+        );
+        assert_eq!(f["frontend"], target.as_str());
+        assert_eq!(f["reply"], true);
+        let to_remote = f["backend"] == format!("{}:8080", remote.ip).as_str();
+        let snat = f["flags"].as_array().unwrap().iter().any(|x| x == "snat");
+        assert_eq!(snat, to_remote, "SNAT exactly for the remote backend: {f}");
+    }
+    // Filters.
+    let to_local = list(&["--addr", &local.ip.to_string()]);
+    assert!(
+        to_local
+            .iter()
+            .all(|f| f["backend"] == format!("{}:8080", local.ip).as_str())
+    );
+    assert_eq!(list(&["--port", "32003"]).len(), 1);
+    assert!(list(&["--proto", "udp"]).is_empty());
+
+    // Flush the flows to the remote backend; the others stay.
+    let remote_flows = list(&["--addr", &remote.ip.to_string()]).len();
+    let out = node.ferrox(&["ct", "flush", "--addr", &remote.ip.to_string()]);
+    assert!(
+        out.contains(&format!("removed {} conntrack entries", remote_flows * 2)),
+        "{out}"
+    );
+    assert_eq!(list(&[]).len(), 6 - remote_flows);
+
+    // Endpoints: the local pod with its veth.
+    let eps: Vec<Value> = serde_json::from_str(&node.ferrox(&["endpoints", "-o", "json"])).unwrap();
+    let me = eps
+        .iter()
+        .find(|e| e["ip"] == local.ip.to_string().as_str())
+        .expect("the local pod is an endpoint");
+    assert_eq!(
+        me["veth"],
+        ferrox_cni::pod::host_ifname(&local.container_id, "eth0").as_str()
+    );
+    assert_eq!(me["pod"], "default/local");
+    assert!(
+        !eps.iter()
+            .any(|e| e["ip"] == remote.ip.to_string().as_str())
+    );
+}

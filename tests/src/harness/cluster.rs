@@ -743,7 +743,8 @@ impl Node {
     pub fn ferrox(&self, args: &[&str]) -> String {
         let mut cmd = Command::new(bin_path("ferrox"));
         cmd.args(args)
-            .env("FERROX_BPFFS_ROOT", self.layout().root());
+            .env("FERROX_BPFFS_ROOT", self.layout().root())
+            .env("FERROX_NODE_CONFIG", self.node_config());
         let _ns = spawn_in(&mut cmd, &self.netns.path(), &self.cgroup);
         run(&mut cmd)
     }
