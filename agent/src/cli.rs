@@ -44,6 +44,8 @@ pub enum Command {
     Ct(CtCommand),
     /// This node's pod endpoints: address, veth, pod.
     Endpoints(IpamArgs),
+    /// The node at a glance: agent, kernel, attachments, map fill, IPAM, warnings.
+    Status(IpamArgs),
     /// What a packet would meet on this node: path, conntrack, frontend, source ranges, the
     /// backend and why. Works while the agent is down.
     Trace(TraceArgs),

@@ -138,6 +138,11 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             .clone()
             .serve(args.metrics_bind_address, layout.clone()),
     );
+    tokio::spawn(
+        metrics
+            .clone()
+            .serve_status(crate::status::socket_path(&args.node_config)),
+    );
     tokio::spawn(crate::conntrack::run(
         layout.clone(),
         crate::conntrack::Timeouts {

@@ -1,7 +1,8 @@
 //! Health endpoints load balancers and kubelet-style probes use, as kube-proxy serves them:
 //!
 //! - `/healthz` (default `0.0.0.0:10256`): 200 while the service maps are in sync with the API,
-//!   503 before the first sync or when the last one is older than the staleness limit.
+//!   503 before the first sync or when a change from the API has waited longer than the
+//!   staleness limit (as kube-proxy: a quiet cluster with no changes stays healthy).
 //! - one server per `healthCheckNodePort` of an externalTrafficPolicy Local load balancer:
 //!   200 with the count of this node's endpoints of that Service, 503 when it has none, so the
 //!   load balancer sends traffic only to nodes that can serve it.
@@ -35,21 +36,27 @@ pub struct Answer {
     pub body: String,
 }
 
-/// `/healthz`: healthy when a sync finished within [`STALE_AFTER`].
-pub fn healthz(last_sync: Option<(Instant, SystemTime)>, now: Instant) -> Answer {
+/// `/healthz`: healthy once a sync finished and no change has waited longer than
+/// [`STALE_AFTER`] for the next one (`pending`: when the oldest unsynced change arrived).
+pub fn healthz(
+    last_sync: Option<(Instant, SystemTime)>,
+    pending: Option<Instant>,
+    now: Instant,
+) -> Answer {
     let fmt = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0)
     };
+    let waiting_too_long = pending.is_some_and(|p| now.saturating_duration_since(p) > STALE_AFTER);
     match last_sync {
-        Some((at, wall)) if now.saturating_duration_since(at) <= STALE_AFTER => Answer {
+        Some((_, wall)) if !waiting_too_long => Answer {
             status: 200,
             body: serde_json::json!({ "healthy": true, "lastUpdated": fmt(wall) }).to_string(),
         },
         Some((_, wall)) => Answer {
             status: 503,
-            body: serde_json::json!({ "healthy": false, "lastUpdated": fmt(wall), "reason": "the service maps have not been synced recently" }).to_string(),
+            body: serde_json::json!({ "healthy": false, "lastUpdated": fmt(wall), "reason": "changes from the API have waited too long for a sync" }).to_string(),
         },
         None => Answer {
             status: 503,
@@ -74,6 +81,8 @@ pub fn service_health(check: &HealthCheck) -> Answer {
 #[derive(Default)]
 struct State {
     last_sync: Option<(Instant, SystemTime)>,
+    /// When the oldest change not synced yet arrived.
+    pending: Option<Instant>,
     checks: BTreeMap<u16, HealthCheck>,
     servers: BTreeMap<u16, JoinHandle<()>>,
 }
@@ -91,7 +100,14 @@ impl Health {
 
     /// Records a completed sync.
     pub fn synced(&self) {
-        self.lock().last_sync = Some((Instant::now(), SystemTime::now()));
+        let mut st = self.lock();
+        st.last_sync = Some((Instant::now(), SystemTime::now()));
+        st.pending = None;
+    }
+
+    /// Records that a change arrived from the API (the next sync takes it).
+    pub fn queued(&self) {
+        self.lock().pending.get_or_insert_with(Instant::now);
     }
 
     /// Makes the set of healthCheckNodePort servers equal to `checks`: starts servers for new
@@ -158,7 +174,10 @@ impl Health {
         };
         info!(%addr, "serving /healthz");
         let answer = move |path: &str| match path {
-            "/healthz" | "/livez" => healthz(self.lock().last_sync, Instant::now()),
+            "/healthz" | "/livez" => {
+                let st = self.lock();
+                healthz(st.last_sync, st.pending, Instant::now())
+            }
             _ => Answer {
                 status: 404,
                 body: "{}".into(),
@@ -250,16 +269,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn healthz_is_unhealthy_before_the_first_sync_and_when_stale() {
+    fn healthz_is_unhealthy_before_the_first_sync_and_when_a_change_waits_too_long() {
         let now = Instant::now();
-        assert_eq!(healthz(None, now).status, 503);
-        assert_eq!(healthz(Some((now, SystemTime::now())), now).status, 200);
+        let wall = SystemTime::now();
+        assert_eq!(healthz(None, None, now).status, 503);
+        assert_eq!(healthz(Some((now, wall)), None, now).status, 200);
+        // A quiet cluster: the last sync is old, nothing is waiting.
         let old = now
             .checked_sub(STALE_AFTER + Duration::from_secs(1))
             .unwrap();
-        let a = healthz(Some((old, SystemTime::now())), now);
+        assert_eq!(healthz(Some((old, wall)), None, now).status, 200);
+        // A change arrived a while ago and no sync has taken it.
+        let a = healthz(Some((old, wall)), Some(old), now);
         assert_eq!(a.status, 503);
-        assert!(a.body.contains("not been synced recently"), "{}", a.body);
+        assert!(a.body.contains("waited too long"), "{}", a.body);
+        // A fresh change is fine.
+        assert_eq!(healthz(Some((old, wall)), Some(now), now).status, 200);
     }
 
     #[test]

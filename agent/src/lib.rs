@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod node;
 pub mod services;
 pub mod sockets;
+pub mod status;
 pub mod trace;

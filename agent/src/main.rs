@@ -57,6 +57,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Ct(CtCommand::Flush { filter }) => ferrox::ct_cli::flush(&layout, &filter),
         Command::Endpoints(a) => ferrox::ct_cli::endpoints(&layout, &a.node_config, a.output),
+        Command::Status(a) => ferrox::status::print(&layout, &a.node_config, a.output),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

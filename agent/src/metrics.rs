@@ -39,6 +39,28 @@ struct State {
     sockets_closed: u64,
     ct_gc_removed: u64,
     ct_entries: usize,
+    /// Wall clock (unix seconds) of the last sync.
+    last_sync_unix: Option<u64>,
+}
+
+/// What only the agent knows about itself, as `ferrox status` gets it over the agent's socket.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AgentStatus {
+    pub pid: u32,
+    pub last_sync_unix: Option<u64>,
+    pub last_sync_seconds: f64,
+    pub syncs_full: u64,
+    pub syncs_incremental: u64,
+    pub failures_map_full: u64,
+    pub failures_other: u64,
+    pub frontends: usize,
+    pub backends: usize,
+    pub maglev_tables: usize,
+    pub source_ranges: usize,
+    pub services_skipped: usize,
+    pub conntrack_expired: u64,
+    pub flows_purged: u64,
+    pub sockets_closed: u64,
 }
 
 /// The metrics the agent's tasks record into; cheap to clone.
@@ -82,7 +104,62 @@ impl Metrics {
         s.writes += report.writes as u64;
         s.deletes += report.deletes as u64;
         s.flows_purged += report.flows_purged as u64;
+        s.last_sync_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
         s.sockets_closed += report.sockets_closed as u64;
+    }
+
+    /// The agent's own state, for `ferrox status`.
+    pub fn status(&self) -> AgentStatus {
+        let s = self.lock();
+        AgentStatus {
+            pid: std::process::id(),
+            last_sync_unix: s.last_sync_unix,
+            last_sync_seconds: s.last_sync_seconds,
+            syncs_full: s.syncs_full,
+            syncs_incremental: s.syncs_incremental,
+            failures_map_full: s.failures_map_full,
+            failures_other: s.failures_other,
+            frontends: s.frontends,
+            backends: s.backends,
+            maglev_tables: s.maglev_tables,
+            source_ranges: s.source_ranges,
+            services_skipped: s.skipped,
+            conntrack_expired: s.ct_gc_removed,
+            flows_purged: s.flows_purged,
+            sockets_closed: s.sockets_closed,
+        }
+    }
+
+    /// Answers every connection on the unix socket `path` (owner-only) with the agent's status
+    /// as one JSON document, until the task is dropped.
+    pub async fn serve_status(self, path: std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt as _;
+        use tokio::io::AsyncWriteExt as _;
+        let _ = std::fs::remove_file(&path);
+        let listener = match tokio::net::UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot serve the status socket");
+                return;
+            }
+        };
+        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot restrict the status socket");
+        }
+        tracing::info!(path = %path.display(), "serving the status socket");
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = serde_json::to_vec(&self.status()).unwrap_or_default();
+            tokio::spawn(async move {
+                let _ = conn.write_all(&body).await;
+                let _ = conn.shutdown().await;
+            });
+        }
     }
 
     /// Records one conntrack collection.

@@ -224,3 +224,77 @@ fn ct_list_shows_flows_flush_forgets_them_and_endpoints_name_the_pods() {
             .any(|e| e["ip"] == remote.ip.to_string().as_str())
     );
 }
+
+#[test]
+fn status_reports_agent_maps_attachments_and_warns_when_the_agent_is_down() {
+    let c = Cluster::builder().nodes(1).build();
+    let web = c.add_pod(1, "web");
+    c.api().apply(
+        &svc("web")
+            .cluster_ip("10.96.4.60")
+            .port("", 80, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("web", "web-s")
+            .port("", 8080, "TCP")
+            .ready_on(web.ip, "node-1")
+            .build(),
+    );
+    let node = c.node(1);
+    node.wait_for_backends("10.96.4.60:80/TCP", 1);
+    let status =
+        || -> Value { serde_json::from_str(&node.ferrox(&["status", "-o", "json"])).unwrap() };
+    let s = status();
+    assert!(s["agent"]["pid"].as_u64().unwrap() > 0, "{s:#}");
+    assert_eq!(s["agent"]["frontends"], 1);
+    assert!(s["agent"]["syncs_full"].as_u64().unwrap() >= 1);
+    assert_eq!(s["datapath_loaded"], true);
+    let services = s["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "services")
+        .unwrap()
+        .clone();
+    assert_eq!(services["entries"], 2, "a master and a slot: {services}");
+    assert_eq!(services["capacity"], ferrox_abi::capacity::SERVICES);
+    let targets: Vec<String> = s["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["target"].as_str().unwrap().to_owned())
+        .collect();
+    let veth = ferrox_cni::pod::host_ifname(&web.container_id, "eth0");
+    assert!(
+        targets.iter().any(|t| t.starts_with("cgroup ")),
+        "{targets:?}"
+    );
+    assert!(
+        targets.iter().any(|t| t.starts_with("tcx eth0")),
+        "{targets:?}"
+    );
+    assert!(targets.iter().any(|t| t.contains(&veth)), "{targets:?}");
+    assert_eq!(s["ipam"]["used"], 1);
+    assert_eq!(s["warnings"], serde_json::json!([]), "{s:#}");
+
+    // The agent goes: status still reads the node, and says so.
+    node.kill_agent();
+    let s = status();
+    assert!(s["agent"].is_null());
+    assert_eq!(s["datapath_loaded"], true);
+    assert!(
+        s["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("does not answer"),
+        "{s:#}"
+    );
+    let text = node.ferrox(&["status"]);
+    assert!(
+        text.contains("NOT RUNNING") && text.contains("WARNING"),
+        "{text}"
+    );
+    node.start_agent();
+    node.wait_agent_ready();
+}

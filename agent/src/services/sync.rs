@@ -207,6 +207,7 @@ pub async fn run(
 
     let mut announced = false;
     while let Some(event) = rx.recv().await {
+        health.queued();
         lists.apply(event, &mut state, &config.node_name);
         while let Ok(event) = rx.try_recv() {
             lists.apply(event, &mut state, &config.node_name);
@@ -224,6 +225,8 @@ pub async fn run(
         }
         let started = std::time::Instant::now();
         let Some(change) = state.update() else {
+            // Events that changed nothing: still in sync.
+            health.synced();
             continue;
         };
         let table = state.table();
