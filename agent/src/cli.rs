@@ -46,6 +46,8 @@ pub enum Command {
     Endpoints(IpamArgs),
     /// The node at a glance: agent, kernel, attachments, map fill, IPAM, warnings.
     Status(IpamArgs),
+    /// Prints a shell completion script (e.g. `ferrox completion bash > /etc/bash_completion.d/ferrox`).
+    Completion { shell: clap_complete::Shell },
     /// What a packet would meet on this node: path, conntrack, frontend, source ranges, the
     /// backend and why. Works while the agent is down.
     Trace(TraceArgs),
@@ -368,6 +370,28 @@ pub struct UninstallArgs {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn completions_name_every_subcommand_for_every_shell() {
+        use clap::CommandFactory as _;
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferrox", &mut buf);
+            let script = String::from_utf8(buf).unwrap_or_default();
+            for sub in Cli::command().get_subcommands() {
+                assert!(
+                    script.contains(sub.get_name()),
+                    "{shell:?} completion lacks {}",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
