@@ -38,6 +38,13 @@ enum Cmd {
     Demo,
     /// cargo fmt --check and clippy with warnings denied.
     Lint,
+    /// Packet-path benchmarks (release build): writes bench/results/<time>.json and
+    /// docs/benchmarks.md.
+    Bench {
+        /// A few minutes' version: fewer runs per figure.
+        #[arg(long)]
+        quick: bool,
+    },
     /// The OCI image archive of ferrox (static musl binaries, no Docker), checked, then
     /// validated with skopeo and umoci.
     Image {
@@ -106,6 +113,25 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             status("demo", &mut c)
         }
         Cmd::Lint => lint(),
+        Cmd::Bench { quick } => {
+            setup::run(setup::Mode::IfMissing)?;
+            require_root("the benchmarks load eBPF programs and build network namespaces")?;
+            let mut c = cargo();
+            c.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "ferrox-tests",
+                "--bin",
+                "fx-bench",
+                "--",
+            ]);
+            if quick {
+                c.arg("--quick");
+            }
+            status("bench", &mut c)
+        }
         Cmd::Image { out } => {
             setup::run(setup::Mode::IfMissing)?;
             image(&workspace_root().join(out))

@@ -1,0 +1,347 @@
+//! `cargo xtask bench`: packet-path figures. So far section 1 of the benchmark plan: the cost of
+//! each TC path per packet with BPF_PROG_TEST_RUN, for 1, 1k, 10k and 100k Services.
+//!
+//! Method: every measured run is one `BPF_PROG_TEST_RUN` with `repeat = 1` on a fresh copy of the
+//! input, so the program never runs on its own output (the NAT paths rewrite the packet, which a
+//! `repeat > 1` run would feed back in); the figure is the kernel's own run time of that call
+//! (`duration`, ns), whose median, min and max over the runs are reported. A new flow gets a new
+//! source port on every run (so it really is new); an established flow and a reply reuse one
+//! tracked flow. The programs run in a scratch network namespace whose routes and neighbours make
+//! the FIB lookups succeed, as on a node. The classify-and-count program of the uplink's egress
+//! is the baseline every NAT path is compared with.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark tool: failures should be loud"
+)]
+
+use std::{
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use ferrox_abi::{
+    Backend, DatapathConfig, ServiceKey, ServiceValue, backend_flags, scope, svc_flags,
+};
+use ferrox_datapath::{Datapath, TcProgram, bpffs::ScratchBpffs};
+use serde_json::{Value, json};
+
+const NODE: [u8; 4] = [198, 18, 0, 11];
+const CLIENT: [u8; 4] = [198, 18, 0, 200];
+const LOCAL_POD: [u8; 4] = [10, 244, 1, 5];
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Ns(String);
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Ethernet + IPv4 + TCP (SYN), checksums right.
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 54];
+    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[2, 0, 0, 0, 2, 0]);
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ipv4 = &mut p[14..34];
+    ipv4[0] = 0x45;
+    ipv4[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ipv4[8] = 64;
+    ipv4[9] = 6;
+    ipv4[12..16].copy_from_slice(&src);
+    ipv4[16..20].copy_from_slice(&dst);
+    let sum = checksum(&p[14..34], 0);
+    p[24..26].copy_from_slice(&sum.to_be_bytes());
+    let t = &mut p[34..54];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = 0u32;
+    for w in [src, dst] {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    pseudo += 6 + 20;
+    let sum = checksum(&p[34..54], pseudo);
+    p[50..52].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+fn checksum(data: &[u8], start: u32) -> u16 {
+    let mut sum = start;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn be(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+/// `services` external frontends on NODE ports 10000.. (each with one local backend); returns
+/// the port of the one in the middle.
+fn program(dp: &mut Datapath, services: u32) -> u16 {
+    let backend = Backend {
+        addr: be(LOCAL_POD),
+        port: 8080u16.to_be(),
+        proto: 6,
+        flags: backend_flags::LOCAL,
+    };
+    dp.maps_mut().backends.insert(&1, &backend).unwrap();
+    for i in 0..services {
+        let port = 10_000 + i;
+        let (addr, port) = if port <= 65_000 {
+            (be(NODE), port as u16)
+        } else {
+            // Beyond one address's ports: more addresses (externalIP-like frontends).
+            (
+                be([198, 19, (i / 50_000) as u8, 1]),
+                (10_000 + i % 50_000) as u16,
+            )
+        };
+        let key = ServiceKey::master(addr, port.to_be(), 6).with_scope(scope::EXTERNAL);
+        dp.maps_mut()
+            .services
+            .insert(
+                &key.with_slot(1),
+                &ServiceValue {
+                    backend_id: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        dp.maps_mut()
+            .services
+            .insert(
+                &key,
+                &ServiceValue {
+                    count: 1,
+                    rev_nat_id: (i % 60_000 + 1) as u16,
+                    flags: svc_flags::NODE_PORT,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+    10_000 + (services / 2).min(55_000) as u16
+}
+
+/// median, min, max of `runs` single runs of `program` on inputs from `input(i)`.
+fn measure(
+    dp: &mut Datapath,
+    program: TcProgram,
+    ifindex: u32,
+    runs: u32,
+    input: impl Fn(u32) -> Vec<u8>,
+    want_action: i32,
+) -> (u64, u64, u64) {
+    let mut d: Vec<u64> = (0..runs)
+        .map(|i| {
+            let out = dp
+                .test_run_tc_on(program, &input(i), Some(ifindex), 1)
+                .unwrap();
+            assert_eq!(out.action, want_action, "{program:?}: unexpected verdict");
+            out.duration_ns
+        })
+        .collect();
+    d.sort_unstable();
+    (d[d.len() / 2], d[0], d[d.len() - 1])
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runs: u32 = if quick { 300 } else { 3000 };
+    let ns = Ns(format!("fxbench{}", std::process::id()));
+    ip(&["netns", "add", &ns.0]);
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        vec!["link", "add", "up0", "type", "veth", "peer", "name", "up0p"],
+        vec![
+            "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
+        ],
+        vec!["link", "set", "up0", "up"],
+        vec!["link", "set", "up0p", "up"],
+        vec!["link", "set", "pod0", "up"],
+        vec!["link", "set", "pod0p", "up"],
+        vec!["addr", "add", "198.18.0.11/24", "dev", "up0"],
+        vec!["route", "add", "10.244.1.5/32", "dev", "pod0"],
+        vec![
+            "neigh",
+            "replace",
+            "198.18.0.200",
+            "lladdr",
+            "02:00:00:00:02:00",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "neigh",
+            "replace",
+            "10.244.1.5",
+            "lladdr",
+            "02:00:00:01:05:05",
+            "dev",
+            "pod0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        let mut full = vec!["-n", ns.0.as_str()];
+        full.extend(args);
+        ip(&full);
+    }
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    let sizes: Vec<u32> = vec![1, 1_000, 10_000, 100_000];
+    let results: Vec<Value> = std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(Path::new("/run/netns").join(&ns.0)).unwrap();
+            // SAFETY: setns on this scoped thread only.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let up0 = ferrox_datapath::ifindex("up0").unwrap();
+            let pod0 = ferrox_datapath::ifindex("pod0").unwrap();
+            let mut rows = Vec::new();
+            for &n in &sizes {
+                let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-bench").unwrap();
+                let mut dp = Datapath::open(&bpffs.layout()).unwrap();
+                dp.maps_mut()
+                    .config
+                    .set(&DatapathConfig {
+                        node_addr: be(NODE),
+                        uplink_ifindex: up0,
+                        snat_port_min: 61000,
+                        snat_port_max: 65535,
+                        _pad: 0,
+                    })
+                    .unwrap();
+                let port = program(&mut dp, n);
+                // The measured frontend gets its Maglev table, as the agent would write it.
+                let rev = ((n / 2).min(55_000) % 60_000 + 1) as u16;
+                ferrox_datapath::MaglevTables::open(&bpffs.layout())
+                    .unwrap()
+                    .set(rev, &vec![1u32; ferrox_abi::MAGLEV_TABLE_SIZE as usize])
+                    .unwrap();
+                const PASS: i32 = -1;
+                const REDIRECT: i32 = 7;
+                let mut row = |path: &str, m: (u64, u64, u64)| {
+                    eprintln!("{n:>7} services  {path:<34} median {:>5} ns  (min {}, max {})", m.0, m.1, m.2);
+                    rows.push(json!({ "services": n, "path": path, "median_ns": m.0, "min_ns": m.1, "max_ns": m.2 }));
+                };
+                let m = measure(&mut dp, TcProgram::UplinkEgress, up0, runs, |_| tcp(NODE, 22, CLIENT, 40000), PASS);
+                row("baseline: classify and count (egress)", m);
+                let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| tcp(CLIENT, 40000, NODE, 22), PASS);
+                row("miss: not a frontend", m);
+                let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |i| tcp(CLIENT, (20_000 + i) as u16, NODE, port), REDIRECT);
+                row("new flow: Maglev pick, conntrack x2, DNAT", m);
+                let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| tcp(CLIENT, 20_000, NODE, port), REDIRECT);
+                row("established flow: conntrack hit, DNAT", m);
+                let m = measure(&mut dp, TcProgram::FromPod, pod0, runs, |_| tcp(LOCAL_POD, 8080, CLIENT, 20_000), REDIRECT);
+                row("reply: reverse NAT at the pod's veth", m);
+            }
+            rows
+        })
+        .join()
+        .unwrap()
+    });
+
+    let uname = Command::new("uname").arg("-r").output().unwrap();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let doc = json!({
+        "timestamp": stamp,
+        "quick": quick,
+        "kernel": String::from_utf8_lossy(&uname.stdout).trim(),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "method": "BPF_PROG_TEST_RUN, repeat = 1 per run on a fresh input, kernel-measured duration; median/min/max over runs",
+        "runs_per_figure": runs,
+        "per_packet": results,
+    });
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+
+    // The report: per-packet cost next to the baseline of the same run.
+    let mut md = String::from("# ferrox benchmarks\n\n");
+    md.push_str(&format!(
+        "Machine: {} ({} CPUs), kernel {}. Generated by `cargo xtask bench{}`; raw figures in `bench/results/{stamp}.json`.\n\n",
+        doc["cpu"].as_str().unwrap_or(""),
+        doc["cpus"],
+        doc["kernel"].as_str().unwrap_or(""),
+        if quick { " --quick" } else { "" }
+    ));
+    md.push_str("## 1. Per-packet cost of each TC path\n\n");
+    md.push_str(&format!("Method: {}; {} runs per figure. The baseline is the uplink egress program, which only classifies and counts; ratio = path median / baseline median of the same run.\n\n", doc["method"].as_str().unwrap_or(""), runs));
+    md.push_str("| Services | Path | median ns | min | max | ratio to baseline |\n| ---: | --- | ---: | ---: | ---: | ---: |\n");
+    for &n in &sizes {
+        let rows: Vec<&Value> = doc["per_packet"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["services"] == n)
+            .collect();
+        let base = rows
+            .iter()
+            .find(|r| r["path"].as_str().unwrap_or("").starts_with("baseline"))
+            .map(|r| r["median_ns"].as_u64().unwrap_or(1).max(1))
+            .unwrap_or(1);
+        for r in rows {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {:.2} |\n",
+                n,
+                r["path"].as_str().unwrap_or(""),
+                r["median_ns"],
+                r["min_ns"],
+                r["max_ns"],
+                r["median_ns"].as_u64().unwrap_or(0) as f64 / base as f64
+            ));
+        }
+    }
+    md.push_str("\nSections 2-6 of the plan (connection latency against kube-proxy's iptables and nftables rulesets, programming time, cross-node throughput, CNI and BGP figures) are not measured yet.\n");
+    let docs = root.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("benchmarks.md"), md).unwrap();
+    println!("wrote {} and docs/benchmarks.md", path.display());
+}
