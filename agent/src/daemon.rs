@@ -166,6 +166,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     tokio::select! {
         r = services::sync::run(client, maps, sync_config, health, metrics) => r,
         signal = shutdown_signal() => {
+            let _ = std::fs::remove_file(crate::status::socket_path(&args.node_config));
             info!(signal = signal?, "shutting down; the datapath stays pinned and attached");
             Ok(())
         }
@@ -222,6 +223,7 @@ fn write_datapath_config(
 /// `ferrox agent --cleanup`: removes pins (detaching every program) and the node configuration.
 fn cleanup(args: &AgentArgs, layout: &PinLayout) -> anyhow::Result<()> {
     let report = ferrox_datapath::cleanup(layout)?;
+    let _ = std::fs::remove_file(crate::status::socket_path(&args.node_config));
     match std::fs::remove_file(&args.node_config) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -283,6 +283,8 @@ pub fn uninstall(args: &UninstallArgs, layout: &PinLayout) -> anyhow::Result<Rem
     }
 
     remove_file(&args.node_config, &mut removed)?;
+    // The agent's status socket beside it (left when the agent was killed).
+    remove_file(&crate::status::socket_path(&args.node_config), &mut removed)?;
     match std::fs::remove_dir_all(&args.ipam_dir) {
         Ok(()) => removed.files.push(args.ipam_dir.clone()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
