@@ -46,6 +46,13 @@ pub enum Command {
     Endpoints(IpamArgs),
     /// The node at a glance: agent, kernel, attachments, map fill, IPAM, warnings.
     Status(IpamArgs),
+    /// A live stream of drops (with reasons) and translations (before and after).
+    Monitor {
+        #[command(flatten)]
+        filter: crate::monitor::Filter,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Prints a shell completion script (e.g. `ferrox completion bash > /etc/bash_completion.d/ferrox`).
     Completion { shell: clap_complete::Shell },
     /// What a packet would meet on this node: path, conntrack, frontend, source ranges, the

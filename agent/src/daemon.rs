@@ -213,7 +213,8 @@ fn write_datapath_config(
         uplink_ifindex: ferrox_datapath::ifindex(uplink)?,
         snat_port_min: SNAT_PORTS.0,
         snat_port_max: SNAT_PORTS.1,
-        _pad: 0,
+        // A `ferrox monitor` may be listening across the agent's restart.
+        monitor: dp.maps().config.get().map(|c| c.monitor).unwrap_or(0),
     };
     dp.maps_mut().config.set(&cfg)?;
     info!(node_addr = ?node_addr, uplink, "datapath configuration written");

@@ -11,6 +11,7 @@ pub mod install;
 pub mod ipam;
 pub mod ipam_cli;
 pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod services;
 pub mod sockets;

@@ -58,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Ct(CtCommand::Flush { filter }) => ferrox::ct_cli::flush(&layout, &filter),
         Command::Endpoints(a) => ferrox::ct_cli::endpoints(&layout, &a.node_config, a.output),
         Command::Status(a) => ferrox::status::print(&layout, &a.node_config, a.output),
+        Command::Monitor { filter, output } => ferrox::monitor::run(&layout, &filter, output),
         Command::Completion { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(shell, &mut Cli::command(), "ferrox", &mut std::io::stdout());

@@ -298,3 +298,83 @@ fn status_reports_agent_maps_attachments_and_warns_when_the_agent_is_down() {
     node.start_agent();
     node.wait_agent_ready();
 }
+
+#[test]
+fn monitor_streams_a_source_range_drop_and_a_service_translation() {
+    let c = Cluster::builder().nodes(1).build();
+    let web = c.add_pod(1, "web");
+    let client = c.add_pod(1, "client");
+    let _s = web.serve(8080);
+    let allowed = c.external_client();
+    let denied = c.external_client();
+    c.api().apply(
+        &svc("guarded")
+            .load_balancer("203.0.113.95")
+            .cluster_ip("10.96.4.95")
+            .port_np("", 80, 0, "TCP")
+            .source_ranges(&[&format!("{}/32", allowed.ip)])
+            .build(),
+    );
+    c.api().apply(
+        &slice("guarded", "guarded-s")
+            .port("", 8080, "TCP")
+            .ready_on(web.ip, "node-1")
+            .build(),
+    );
+    let node = c.node(1);
+    node.wait_for_entry("203.0.113.95:80/TCP", Scope::External, 1);
+    node.wait_for_backends("10.96.4.95:80/TCP", 1);
+    denied.route("203.0.113.95/32", node.addr);
+    let maps = ferrox_datapath::Maps::open(&node.layout()).unwrap();
+    assert_eq!(maps.config.get().unwrap().monitor, 0, "nobody listens yet");
+
+    let mut cmd = std::process::Command::new(ferrox_tests::harness::bin_path("ferrox"));
+    cmd.args(["monitor", "-o", "json"])
+        .env("FERROX_BPFFS_ROOT", node.layout().root());
+    let mut monitor = node.spawn("monitor", cmd);
+    ferrox_tests::harness::wait_for(
+        "the monitor to listen",
+        std::time::Duration::from_secs(10),
+        || {
+            if maps.config.get().unwrap().monitor != 0 {
+                Ok(())
+            } else {
+                Err("not yet".into())
+            }
+        },
+    );
+
+    // A client outside the ranges: its SYN is dropped, and the monitor says why.
+    let (status, _) = denied.run(&["call", "tcp", "203.0.113.95:80", "--timeout-ms", "300"]);
+    assert!(!status.success());
+    let drop = monitor.wait_for_line("the drop event", std::time::Duration::from_secs(10), |l| {
+        l.contains("source-range-denied")
+    });
+    let drop: Value = serde_json::from_str(&drop).unwrap();
+    assert_eq!(drop["kind"], "drop");
+    assert_eq!(drop["hook"], "tc-uplink-ingress");
+    assert!(
+        drop["src"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", denied.ip)),
+        "{drop}"
+    );
+    assert_eq!(drop["dst"], "203.0.113.95:80");
+
+    // A pod's connection to the ClusterIP: the translation, before and after.
+    let (by_backend, _) = client.call_tcp("10.96.4.95:80", 1);
+    assert_eq!(by_backend.get("web"), Some(&1));
+    let t = monitor.wait_for_line(
+        "the translation event",
+        std::time::Duration::from_secs(10),
+        |l| l.contains("\"translate\"") && l.contains("10.96.4.95:80"),
+    );
+    let t: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(t["hook"], "sock-connect4");
+    assert_eq!(t["to"], format!("{}:8080", web.ip).as_str());
+
+    // Stopped, it leaves the datapath as quiet as before.
+    assert!(monitor.signal_and_wait(libc::SIGTERM).success());
+    assert_eq!(maps.config.get().unwrap().monitor, 0);
+}

@@ -38,9 +38,12 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG_V1";
     /// Hash of maps: `u32` rev_nat_id -> array of [`crate::MAGLEV_TABLE_SIZE`] backend ids.
     pub const MAGLEV: &str = "MAGLEV_V1";
+    /// Ring buffer of [`crate::MonitorEvent`]s for `ferrox monitor`, written only while one
+    /// listens ([`crate::DatapathConfig::monitor`]).
+    pub const EVENTS: &str = "EVENTS_V1";
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
@@ -51,6 +54,7 @@ pub mod map_names {
         SOURCE_RANGES,
         CONFIG,
         MAGLEV,
+        EVENTS,
     ];
 }
 
@@ -355,7 +359,40 @@ pub struct DatapathConfig {
     /// overlap the node's ephemeral port range.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u32,
+    /// Non-zero while a `ferrox monitor` listens: the programs then write events to
+    /// `EVENTS_V1`; at zero they do not even reserve one (monitoring costs nothing unused).
+    pub monitor: u32,
+}
+
+/// Size in bytes of the events ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Values of [`MonitorEvent::kind`].
+pub mod event_kind {
+    /// A packet dropped, or a socket operation refused; `reason` says why.
+    pub const DROP: u8 = 1;
+    /// A new flow or connection translated to a backend (`nat_addr`:`nat_port`).
+    pub const TRANSLATE: u8 = 2;
+}
+
+/// One event of `ferrox monitor`. Addresses and ports in network byte order; the source is 0
+/// when the hook does not know it yet (a `connect()`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorEvent {
+    pub kind: u8,
+    /// [`Hook`] as a number.
+    pub hook: u8,
+    /// [`Reason`] as a number.
+    pub reason: u8,
+    pub proto: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub nat_addr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub nat_port: u16,
+    pub _pad: u16,
 }
 
 /// Key of the endpoints map: a local pod's IPv4 address, network byte order.
@@ -648,6 +685,7 @@ const _: () = {
     assert!(size_of::<SrcRangeKey>() == 8);
     assert!(offset_of!(SrcRangeKey, addr) == 4);
     assert!(size_of::<DatapathConfig>() == 16);
+    assert!(size_of::<MonitorEvent>() == 24);
     assert!(offset_of!(AffinityKey, rev_nat_id) == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_used_ns) == 8);
@@ -661,6 +699,7 @@ mod pod {
     //! explicit (checked by the size asserts above), so any bit pattern is a valid value.
     use super::*;
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for SockRevNatKey {}

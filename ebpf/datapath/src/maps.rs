@@ -368,3 +368,28 @@ impl Maps {
         })
     }
 }
+
+/// The events ring buffer `ferrox monitor` reads (`EVENTS_V1`).
+pub struct Events {
+    ring: aya::maps::RingBuf<MapData>,
+}
+
+impl Events {
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        let name = map_names::EVENTS;
+        let (map, _) = open_map(layout, name)?;
+        let ring =
+            aya::maps::RingBuf::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self { ring })
+    }
+
+    /// The next event, if one is waiting (never blocks).
+    pub fn next_event(&mut self) -> Option<ferrox_abi::MonitorEvent> {
+        let item = self.ring.next()?;
+        if item.len() < size_of::<ferrox_abi::MonitorEvent>() {
+            return None;
+        }
+        // SAFETY: the programs write whole `MonitorEvent`s; read unaligned, by copy.
+        Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) })
+    }
+}

@@ -604,7 +604,7 @@ fn external_flows_are_translated_tracked_and_answered() {
             uplink_ifindex: uplink,
             snat_port_min: 61000,
             snat_port_max: 65535,
-            _pad: 0,
+            monitor: 0,
         };
         dp.maps_mut().config.set(&cfg).unwrap();
 

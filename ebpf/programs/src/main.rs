@@ -10,6 +10,7 @@
 
 mod classify;
 mod counters;
+mod events;
 mod maps;
 mod nat;
 mod packet;

@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array as BtfArray, HashOfMaps},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
@@ -57,3 +57,7 @@ pub static MAGLEV_V1: HashOfMaps<
     BtfArray<u32, { MAGLEV_TABLE_SIZE as usize }>,
     { capacity::MAGLEV as usize },
 > = HashOfMaps::new();
+
+/// Events for `ferrox monitor` (see [`crate::events`]).
+#[map]
+pub static EVENTS_V1: RingBuf = RingBuf::pinned(ferrox_abi::EVENTS_BYTES, 0);

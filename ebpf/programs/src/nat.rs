@@ -209,7 +209,10 @@ fn pod_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
     };
     match new_flow(ctx, flow, &key, &frontend, Origin::Pod) {
         Ok(action) => (Reason::NatNewFlow, action),
-        Err(r) => (r, TC_ACT_SHOT),
+        Err(r) => {
+            flow_dropped(Hook::TcFromPod, r, flow);
+            (r, TC_ACT_SHOT)
+        }
     }
 }
 
@@ -225,8 +228,19 @@ fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
     };
     match new_flow(ctx, flow, &key, &frontend, Origin::Uplink) {
         Ok(action) => (Reason::NatNewFlow, action),
-        Err(r) => (r, TC_ACT_SHOT),
+        Err(r) => {
+            flow_dropped(Hook::TcUplinkIngress, r, flow);
+            (r, TC_ACT_SHOT)
+        }
     }
+}
+
+/// Tells a listening monitor that `flow` was dropped for `reason`.
+#[inline(always)]
+fn flow_dropped(hook: Hook, reason: Reason, flow: &Flow) {
+    crate::events::drop(
+        hook, reason, flow.proto, flow.saddr, flow.sport, flow.daddr, flow.dport,
+    );
 }
 
 /// A packet of a tracked flow: translated as its conntrack entry says.
@@ -369,6 +383,19 @@ fn new_flow(
         let _ = CT_V1.remove(&reply_key);
         return Err(Reason::DropConntrackFull);
     }
+    crate::events::translate(
+        match origin {
+            Origin::Uplink => Hook::TcUplinkIngress,
+            Origin::Pod => Hook::TcFromPod,
+        },
+        flow.proto,
+        flow.saddr,
+        flow.sport,
+        flow.daddr,
+        flow.dport,
+        backend.addr,
+        backend.port,
+    );
     translate(ctx, flow, &forward)
 }
 

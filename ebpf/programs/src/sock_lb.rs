@@ -26,8 +26,25 @@ const REJECT: i32 = 0;
 /// connect4 / sendmsg4: rewrite a frontend destination to a backend.
 #[inline(always)]
 pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` context for the program's whole run.
+    let (frontend_ip, frontend_port, l4) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port as u16, sa.protocol as u8)
+    };
     let reason = try_forward(ctx);
     count(hook, reason, 0);
+    match reason.verdict() {
+        Verdict::Drop => crate::events::drop(hook, reason, l4, 0, 0, frontend_ip, frontend_port),
+        Verdict::Translate => {
+            // SAFETY: as above; `try_forward` wrote the backend.
+            let (ip, port) = unsafe {
+                let sa = &*ctx.sock_addr;
+                (sa.user_ip4, sa.user_port as u16)
+            };
+            crate::events::translate(hook, l4, 0, 0, frontend_ip, frontend_port, ip, port);
+        }
+        Verdict::Pass => {}
+    }
     match reason.verdict() {
         Verdict::Drop => REJECT,
         Verdict::Pass | Verdict::Translate => ALLOW,

@@ -241,7 +241,7 @@ fn main() {
                         uplink_ifindex: up0,
                         snat_port_min: 61000,
                         snat_port_max: 65535,
-                        _pad: 0,
+                        monitor: 0,
                     })
                     .unwrap();
                 let port = program(&mut dp, n);
