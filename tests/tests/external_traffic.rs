@@ -470,8 +470,17 @@ fn conntrack_forgets_finished_and_idle_flows_and_keeps_live_ones() {
     });
     let (n, _) = calls(&outside, &format!("{}:30500", node.addr), 5);
     assert_eq!(n.values().sum::<usize>(), 5);
-    let (n, _) = outside.call_udp(&format!("{}:30501", node.addr), 5);
-    assert_eq!(n.values().sum::<usize>(), 5);
+    // Fixed source ports: five distinct flows (random ephemeral ports could repeat one).
+    let (status, lines) = outside.run(&[
+        "call",
+        "udp",
+        &format!("{}:30501", node.addr),
+        "--count",
+        "5",
+        "--source-port",
+        "33000",
+    ]);
+    assert!(status.success(), "{lines:?}");
     assert_eq!(tracked(6), 12, "6 connections, 2 entries each");
     assert_eq!(tracked(17), 10, "5 flows, 2 entries each");
 
