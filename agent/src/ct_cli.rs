@@ -43,7 +43,8 @@ pub struct Flow {
     pub reply: bool,
 }
 
-fn sock(a: u32, p: u16) -> SocketAddrV4 {
+/// An address and port in network byte order, as the maps hold them.
+pub(crate) fn sock(a: u32, p: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(a.to_ne_bytes()), u16::from_be(p))
 }
 

@@ -34,7 +34,8 @@ pub struct BackendRow {
     pub local: bool,
 }
 
-fn flag_names(flags: u16) -> Vec<&'static str> {
+/// The names of a master entry's [`svc_flags`] bits, as `svc list` and `trace` show them.
+pub fn flag_names(flags: u16) -> Vec<&'static str> {
     [
         (svc_flags::CLUSTER_IP, "cluster-ip"),
         (svc_flags::NODE_PORT, "node-port"),

@@ -4,7 +4,7 @@
 //! stops it clears it, so an unwatched node writes no events at all.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use ferrox_abi::{Hook, MonitorEvent, Reason, event_kind, proto};
 use ferrox_datapath::{Events, Maps, PinLayout};
 use serde::Serialize;
 
-use crate::cli::Output;
+use crate::{cli::Output, ct_cli::sock};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -46,10 +46,6 @@ pub struct Line {
     pub to: Option<String>,
 }
 
-fn sock(a: u32, p: u16) -> String {
-    SocketAddrV4::new(Ipv4Addr::from(a.to_ne_bytes()), u16::from_be(p)).to_string()
-}
-
 /// The printed form of an event, `None` when `filter` leaves it out.
 pub fn line(ev: &MonitorEvent, filter: &Filter) -> Option<Line> {
     let kind = match ev.kind {
@@ -77,9 +73,9 @@ pub fn line(ev: &MonitorEvent, filter: &Filter) -> Option<Line> {
             proto::UDP => "udp",
             _ => "other",
         },
-        src: (ev.saddr != 0).then(|| sock(ev.saddr, ev.sport)),
-        dst: sock(ev.daddr, ev.dport),
-        to: (ev.kind == event_kind::TRANSLATE).then(|| sock(ev.nat_addr, ev.nat_port)),
+        src: (ev.saddr != 0).then(|| sock(ev.saddr, ev.sport).to_string()),
+        dst: sock(ev.daddr, ev.dport).to_string(),
+        to: (ev.kind == event_kind::TRANSLATE).then(|| sock(ev.nat_addr, ev.nat_port).to_string()),
     })
 }
 

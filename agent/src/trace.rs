@@ -17,6 +17,11 @@ use ferrox_abi::{
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
+use crate::{
+    inspect::flag_names,
+    services::reconcile::{addr_be as be, addr_from_be as addr},
+};
+
 /// The maps [`explain`] reads.
 pub trait View {
     fn service(&self, key: &ServiceKey) -> Option<ServiceValue>;
@@ -113,33 +118,8 @@ pub struct Trace {
     pub verdict: Verdict,
 }
 
-fn be(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
-}
-
-fn addr(v: u32) -> Ipv4Addr {
-    Ipv4Addr::from(v.to_ne_bytes())
-}
-
 fn backend_name(b: &Backend) -> String {
     SocketAddrV4::new(addr(b.addr), u16::from_be(b.port)).to_string()
-}
-
-fn flag_names(flags: u16) -> Vec<&'static str> {
-    [
-        (svc_flags::CLUSTER_IP, "cluster-ip"),
-        (svc_flags::NODE_PORT, "node-port"),
-        (svc_flags::EXTERNAL_IP, "external-ip"),
-        (svc_flags::LOAD_BALANCER, "load-balancer"),
-        (svc_flags::AFFINITY, "affinity"),
-        (svc_flags::EXTERNAL_LOCAL, "external-traffic-local"),
-        (svc_flags::INTERNAL_LOCAL, "internal-traffic-local"),
-        (svc_flags::SOURCE_RANGES, "source-ranges"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| name)
-    .collect()
 }
 
 /// Explains a packet from `src` (with `sport` when known) to `dst`:`dport`/`l4` arriving from
