@@ -24,8 +24,10 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS_V1";
     /// [`crate::SockRevNatKey`] -> [`crate::SockRevNatValue`]: which frontend a socket dialled.
     pub const SOCK_REVNAT: &str = "SOCK_RNAT_V1";
-    /// Per-CPU array of [`crate::CounterValue`], indexed by [`crate::counter_index`].
-    pub const COUNTERS: &str = "COUNTERS_V1";
+    /// Per-CPU array of [`crate::CounterValue`], indexed by [`crate::counter_index`]. V2: a
+    /// fixed grid of [`crate::HOOK_SLOTS`] x [`crate::REASON_SLOTS`] cells, so that a new hook or
+    /// reason never changes the layout again (V1 was sized to the reasons of its day).
+    pub const COUNTERS: &str = "COUNTERS_V2";
     /// [`crate::EndpointKey`] -> [`crate::EndpointInfo`]: the pods of this node.
     pub const ENDPOINTS: &str = "ENDPOINTS_V1";
     /// [`crate::AffinityKey`] -> [`crate::AffinityValue`]: session affinity (LRU).
@@ -41,9 +43,18 @@ pub mod map_names {
     /// Ring buffer of [`crate::MonitorEvent`]s for `ferrox monitor`, written only while one
     /// listens ([`crate::DatapathConfig::monitor`]).
     pub const EVENTS: &str = "EVENTS_V1";
+    /// LPM trie of [`crate::TunnelKey`] -> [`crate::TunnelInfo`]: remote pod blocks reached in
+    /// IP-in-IP, and the node address each is encapsulated to.
+    pub const TUNNELS: &str = "TUNNEL_V1";
+    /// `u32` node address (network byte order) -> [`crate::NodeInfo`]: the cluster's nodes, the
+    /// only sources IP-in-IP is accepted from.
+    pub const NODES: &str = "NODES_V1";
+
+    /// Maps earlier versions pinned and this one no longer uses; the loader unpins them.
+    pub const OBSOLETE: [&str; 1] = ["COUNTERS_V1"];
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
@@ -55,6 +66,8 @@ pub mod map_names {
         CONFIG,
         MAGLEV,
         EVENTS,
+        TUNNELS,
+        NODES,
     ];
 }
 
@@ -87,6 +100,10 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 65_536;
     /// External frontends with a Maglev table.
     pub const MAGLEV: u32 = 16_384;
+    /// Remote pod blocks (a /26 per 64 pods: 65,536 blocks cover four million pods).
+    pub const TUNNELS: u32 = 65_536;
+    /// Nodes of the cluster.
+    pub const NODES: u32 = 16_384;
 }
 
 /// Size of every Maglev lookup table: a prime, identical on every node, so that every node
@@ -417,6 +434,49 @@ pub mod endpoint_flags {
     pub const POD: u32 = 1 << 0;
 }
 
+/// Key of the tunnel map (the LPM trie's data part): a destination address, network byte order.
+/// The prefix length is the trie key's own field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TunnelKey {
+    pub addr: u32,
+}
+
+/// Value of the tunnel map: how to reach a remote pod block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TunnelInfo {
+    /// The node the block lives on: the outer destination, network byte order.
+    pub remote: u32,
+    /// [`tunnel_flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`TunnelInfo::flags`].
+pub mod tunnel_flags {
+    /// Encapsulate in IP-in-IP (protocol 4) to [`super::TunnelInfo::remote`].
+    pub const IPIP: u32 = 1 << 0;
+}
+
+/// Value of the nodes map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeInfo {
+    /// [`node_flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`NodeInfo::flags`].
+pub mod node_flags {
+    /// IP-in-IP from this address is decapsulated.
+    pub const TUNNEL_PEER: u32 = 1 << 0;
+}
+
+/// IP protocol number of IP-in-IP.
+pub const IPPROTO_IPIP: u8 = 4;
+/// Bytes an IP-in-IP outer header adds.
+pub const IPIP_OVERHEAD: u32 = 20;
+
 /// One counter cell: packets (or socket operations) and bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -529,10 +589,21 @@ pub enum Reason {
     DropBackendMissing = 13,
     /// The UDP reverse-translation entry could not be stored, so replies could not be mapped.
     DropRevNatFull = 14,
+    /// Uplink egress: a packet to a remote pod block, encapsulated in IP-in-IP to its node.
+    TunnelEncap = 25,
+    /// Uplink ingress: IP-in-IP from a cluster node, decapsulated.
+    TunnelDecap = 26,
+    /// IP-in-IP to this node from an address that is not a cluster node (a spoofing attempt,
+    /// or a node the agent does not know yet).
+    DropTunnelSource = 27,
+    /// IP-in-IP that cannot be decapsulated: an outer fragment, or no IPv4 packet inside.
+    DropTunnelMalformed = 28,
+    /// Encapsulation failed: no node address known, or the packet could not grow.
+    DropTunnelEncap = 29,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 30;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -559,6 +630,11 @@ impl Reason {
         Self::DropSnatExhausted,
         Self::DropNoRoute,
         Self::DropRewrite,
+        Self::TunnelEncap,
+        Self::TunnelDecap,
+        Self::DropTunnelSource,
+        Self::DropTunnelMalformed,
+        Self::DropTunnelEncap,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -571,7 +647,9 @@ impl Reason {
             | Self::PassIpv4Fragment
             | Self::PassNoService
             | Self::PassUnsupportedProto
-            | Self::PassNoRevNat => Verdict::Pass,
+            | Self::PassNoRevNat
+            | Self::TunnelEncap
+            | Self::TunnelDecap => Verdict::Pass,
             Self::TranslateToBackend
             | Self::TranslateToFrontend
             | Self::TranslateAffinity
@@ -587,7 +665,10 @@ impl Reason {
             | Self::DropConntrackFull
             | Self::DropSnatExhausted
             | Self::DropNoRoute
-            | Self::DropRewrite => Verdict::Drop,
+            | Self::DropRewrite
+            | Self::DropTunnelSource
+            | Self::DropTunnelMalformed
+            | Self::DropTunnelEncap => Verdict::Drop,
         }
     }
 
@@ -618,6 +699,11 @@ impl Reason {
             Self::DropSnatExhausted => "snat-exhausted",
             Self::DropNoRoute => "no-route",
             Self::DropRewrite => "rewrite-failed",
+            Self::TunnelEncap => "tunnel-encap",
+            Self::TunnelDecap => "tunnel-decap",
+            Self::DropTunnelSource => "tunnel-unknown-source",
+            Self::DropTunnelMalformed => "tunnel-malformed",
+            Self::DropTunnelEncap => "tunnel-encap-failed",
         }
     }
 
@@ -630,22 +716,27 @@ impl Reason {
     }
 }
 
-/// Size of the counters array: one cell per (hook, reason).
-pub const COUNTER_SLOTS: u32 = Hook::COUNT * Reason::COUNT;
+/// Hooks the counters grid has room for (more than exist, so a new hook keeps the layout).
+pub const HOOK_SLOTS: u32 = 16;
+/// Reasons the counters grid has room for per hook.
+pub const REASON_SLOTS: u32 = 64;
+
+/// Size of the counters array: a fixed grid of cells, one per (hook, reason), with room to grow.
+pub const COUNTER_SLOTS: u32 = HOOK_SLOTS * REASON_SLOTS;
 
 /// Index of the (hook, reason) cell in the counters map.
 #[inline(always)]
 pub const fn counter_index(hook: Hook, reason: Reason) -> u32 {
-    hook as u32 * Reason::COUNT + reason as u32
+    hook as u32 * REASON_SLOTS + reason as u32
 }
 
-/// Inverse of [`counter_index`].
+/// Inverse of [`counter_index`]; `None` for a cell no (hook, reason) uses yet.
 pub const fn counter_cell(index: u32) -> Option<(Hook, Reason)> {
-    let hook = index / Reason::COUNT;
+    let hook = index / REASON_SLOTS;
     if hook >= Hook::COUNT {
         return None;
     }
-    match Reason::from_u32(index % Reason::COUNT) {
+    match Reason::from_u32(index % REASON_SLOTS) {
         Some(reason) => Some((Hook::ALL[hook as usize], reason)),
         None => None,
     }
@@ -689,6 +780,10 @@ const _: () = {
     assert!(offset_of!(AffinityKey, rev_nat_id) == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(offset_of!(AffinityValue, last_used_ns) == 8);
+    assert!(size_of::<TunnelKey>() == 4);
+    assert!(size_of::<TunnelInfo>() == 8);
+    assert!(size_of::<NodeInfo>() == 4);
+    assert!(Reason::COUNT <= REASON_SLOTS && Hook::COUNT <= HOOK_SLOTS);
     assert!(Reason::ALL.len() == Reason::COUNT as usize);
     assert!(Hook::ALL.len() == Hook::COUNT as usize);
 };
@@ -713,6 +808,9 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for TunnelKey {}
+    unsafe impl aya::Pod for TunnelInfo {}
+    unsafe impl aya::Pod for NodeInfo {}
 }
 
 #[cfg(test)]
@@ -729,6 +827,11 @@ mod tests {
             }
         }
         assert_eq!(counter_cell(COUNTER_SLOTS), None);
+        assert_eq!(
+            counter_cell(Reason::COUNT),
+            None,
+            "an unused cell names nothing"
+        );
     }
 
     #[test]

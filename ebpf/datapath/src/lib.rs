@@ -23,8 +23,8 @@ pub use layout::{DEFAULT_BPFFS_ROOT, PinLayout};
 pub use link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info};
 pub use maglev::{MaglevTables, table_digest};
 pub use maps::{
-    Config, CounterRow, Counters, Events, MapFull, Maps, SourceRange, SourceRanges, TypedHash,
-    WriteError,
+    Config, CounterRow, Counters, Events, MapFull, Maps, SourceRange, SourceRanges, Tunnel,
+    Tunnels, TypedHash, WriteError,
 };
 pub use programs::{OBJECT, Origin};
 pub use testrun::{TcProgram, TestRunOutput};

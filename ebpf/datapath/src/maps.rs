@@ -13,9 +13,9 @@ use aya::{
 };
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
-    DatapathConfig, EndpointInfo, EndpointKey, Hook, Reason, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SrcRangeKey, counter_cell, counter_index, map_names,
-    src_range_prefixlen,
+    DatapathConfig, EndpointInfo, EndpointKey, Hook, NodeInfo, Reason, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, counter_cell,
+    counter_index, map_names, src_range_prefixlen,
 };
 
 use crate::{DatapathError, PinLayout, Result};
@@ -242,6 +242,92 @@ pub struct Maps {
     pub source_ranges: SourceRanges,
     pub config: Config,
     pub counters: Counters,
+    pub tunnels: Tunnels,
+    /// Node address (network byte order) -> what the programs know about that node.
+    pub nodes: TypedHash<u32, NodeInfo>,
+}
+
+/// The tunnel trie: remote pod blocks reached in IP-in-IP, and their nodes.
+pub struct Tunnels {
+    map: LpmTrie<MapData, TunnelKey, TunnelInfo>,
+}
+
+/// One entry of the tunnel trie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Tunnel {
+    pub prefix: ipnet::Ipv4Net,
+    /// The node the block is encapsulated to.
+    pub remote: std::net::Ipv4Addr,
+    /// [`ferrox_abi::tunnel_flags`] bits.
+    pub flags: u32,
+}
+
+impl Tunnels {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let name = map_names::TUNNELS;
+        let (map, _) = open_map(layout, name)?;
+        let map = LpmTrie::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self { map })
+    }
+
+    fn key(prefix: ipnet::Ipv4Net) -> LpmKey<TunnelKey> {
+        let net = prefix.trunc();
+        LpmKey::new(
+            u32::from(net.prefix_len()),
+            TunnelKey {
+                addr: u32::from_ne_bytes(net.network().octets()),
+            },
+        )
+    }
+
+    /// Adds or replaces the entry of `t.prefix`.
+    pub fn insert(&mut self, t: &Tunnel) -> Result<(), WriteError> {
+        let value = TunnelInfo {
+            remote: u32::from_ne_bytes(t.remote.octets()),
+            flags: t.flags,
+        };
+        match self.map.insert(&Self::key(t.prefix), &value, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+                Err(MapFull {
+                    name: map_names::TUNNELS,
+                    capacity: ferrox_abi::capacity::TUNNELS,
+                }
+                .into())
+            }
+            Err(e) => Err(DatapathError::map("writing", map_names::TUNNELS, e).into()),
+        }
+    }
+
+    pub fn remove(&mut self, prefix: ipnet::Ipv4Net) -> Result<bool> {
+        match self.map.remove(&Self::key(prefix)) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(DatapathError::map("deleting from", map_names::TUNNELS, e)),
+        }
+    }
+
+    /// Every entry, by prefix.
+    pub fn entries(&self) -> Result<Vec<Tunnel>> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            let (k, v) =
+                item.map_err(|e| DatapathError::map("iterating", map_names::TUNNELS, e))?;
+            let addr = std::net::Ipv4Addr::from(k.data().addr.to_ne_bytes());
+            if let Ok(prefix) = ipnet::Ipv4Net::new(addr, k.prefix_len().min(32) as u8) {
+                out.push(Tunnel {
+                    prefix,
+                    remote: std::net::Ipv4Addr::from(v.remote.to_ne_bytes()),
+                    flags: v.flags,
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
 }
 
 /// The loadBalancerSourceRanges trie: which (frontend, prefix) pairs may connect.
@@ -365,6 +451,8 @@ impl Maps {
             source_ranges: SourceRanges::open(layout)?,
             config: Config::open(layout)?,
             counters: Counters::open(layout)?,
+            tunnels: Tunnels::open(layout)?,
+            nodes: TypedHash::open(layout, map_names::NODES)?,
         })
     }
 }

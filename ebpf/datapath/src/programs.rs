@@ -91,6 +91,14 @@ fn pin_action(pinned_tag: Option<u64>, new_tag: u64) -> PinAction {
 /// program with its pinned copy, pins what is new or changed, and opens all programs from pins.
 pub(crate) fn load_or_adopt(layout: &PinLayout) -> Result<(Programs, Origin)> {
     let maps_dir = layout.maps_dir();
+    // Maps an earlier version pinned and no program uses any more: unpinning frees them once
+    // the old programs are replaced below.
+    for name in ferrox_abi::map_names::OBSOLETE {
+        let pin = layout.map(name);
+        if pin.exists() {
+            std::fs::remove_file(&pin).map_err(|e| DatapathError::io("unpinning", &pin, e))?;
+        }
+    }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&maps_dir)
         .load(OBJECT)

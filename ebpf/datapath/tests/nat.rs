@@ -139,9 +139,9 @@ fn backend(dp: &mut Datapath, id: u32, addr: [u8; 4], port: u16, l4: u8, local: 
 
 fn counters(dp: &Datapath) -> Vec<u64> {
     (0..COUNTER_SLOTS)
-        .map(|i| {
-            let (h, r) = counter_cell(i).unwrap();
-            dp.maps().counters.get(h, r).unwrap().packets
+        .map(|i| match counter_cell(i) {
+            Some((h, r)) => dp.maps().counters.get(h, r).unwrap().packets,
+            None => 0,
         })
         .collect()
 }

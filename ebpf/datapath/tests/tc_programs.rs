@@ -137,9 +137,9 @@ fn hook_of(p: TcProgram) -> Hook {
 
 fn all_counters(dp: &Datapath) -> Vec<u64> {
     (0..COUNTER_SLOTS)
-        .map(|i| {
-            let (hook, reason) = counter_cell(i).unwrap();
-            dp.maps().counters.get(hook, reason).unwrap().packets
+        .map(|i| match counter_cell(i) {
+            Some((hook, reason)) => dp.maps().counters.get(hook, reason).unwrap().packets,
+            None => 0,
         })
         .collect()
 }

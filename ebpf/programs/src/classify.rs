@@ -2,28 +2,13 @@
 //! header is sound. For now every sound frame passes; a malformed IPv4 header is dropped and
 //! counted.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use ferrox_abi::{Hook, Reason, Verdict, proto};
 
 use crate::{
     counters::count,
     packet::{ETH_HLEN, Frame, IP_OFFSET, IPV4_MIN_HLEN, Ipv4Hdr},
 };
-
-/// Classifies the packet, counts it, and returns the TC verdict. "Pass" is `TC_ACT_UNSPEC`
-/// (TCX_NEXT): the packet goes on to any later TCX program, then to the stack.
-#[inline(always)]
-pub fn tc_classify_and_pass(ctx: &TcContext, hook: Hook) -> i32 {
-    let reason = classify(ctx);
-    count(hook, reason, ctx.len());
-    match reason.verdict() {
-        Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Pass | Verdict::Translate => TC_ACT_UNSPEC,
-    }
-}
 
 /// The same at XDP: `XDP_PASS` or `XDP_DROP`.
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! The ferrox kernel programs. Each entry point is a thin shell: it calls into a module that
 //! owns one job, and returns the verdict that module chose. Every path ends in a named
-//! [`Reason`](ferrox_abi::Reason), counted in `COUNTERS_V1`.
+//! [`Reason`](ferrox_abi::Reason), counted in `COUNTERS_V2`.
 #![no_std]
 #![no_main]
 #![allow(
@@ -15,6 +15,7 @@ mod maps;
 mod nat;
 mod packet;
 mod sock_lb;
+mod tunnel;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
@@ -58,10 +59,11 @@ pub fn tc_uplink_in(ctx: TcContext) -> i32 {
     nat::uplink_ingress(&ctx)
 }
 
-/// Packets leaving the node through its uplink.
+/// Packets leaving the node through its uplink: those to a remote pod block reached in
+/// IP-in-IP are encapsulated here.
 #[classifier]
 pub fn tc_uplink_out(ctx: TcContext) -> i32 {
-    classify::tc_classify_and_pass(&ctx, Hook::TcUplinkEgress)
+    tunnel::uplink_egress(&ctx)
 }
 
 /// Frames arriving on the uplink, before the stack allocates an skb (when XDP is enabled).

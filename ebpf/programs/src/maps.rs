@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
-    DatapathConfig, EndpointInfo, EndpointKey, MAGLEV_TABLE_SIZE, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SrcRangeKey, capacity,
+    DatapathConfig, EndpointInfo, EndpointKey, MAGLEV_TABLE_SIZE, NodeInfo, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, capacity,
 };
 
 #[map]
@@ -28,7 +28,7 @@ pub static SOCK_RNAT_V1: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::pinned(capacity::SOCK_REVNAT, 0);
 
 #[map]
-pub static COUNTERS_V1: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+pub static COUNTERS_V2: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 #[map]
 pub static ENDPOINTS_V1: HashMap<EndpointKey, EndpointInfo> =
@@ -61,3 +61,12 @@ pub static MAGLEV_V1: HashOfMaps<
 /// Events for `ferrox monitor` (see [`crate::events`]).
 #[map]
 pub static EVENTS_V1: RingBuf = RingBuf::pinned(ferrox_abi::EVENTS_BYTES, 0);
+
+/// Remote pod blocks reached in IP-in-IP (see [`crate::tunnel`]).
+#[map]
+pub static TUNNEL_V1: LpmTrie<TunnelKey, TunnelInfo> =
+    LpmTrie::pinned(capacity::TUNNELS, BPF_F_NO_PREALLOC);
+
+/// The cluster's node addresses: the only sources IP-in-IP is decapsulated from.
+#[map]
+pub static NODES_V1: HashMap<u32, NodeInfo> = HashMap::pinned(capacity::NODES, 0);

@@ -33,15 +33,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ferrox_abi::{
-    AffinityKey, AffinityValue, CtEntry, CtKey, Hook, MAGLEV_TABLE_SIZE, POD_GATEWAY, Reason,
-    ServiceKey, ServiceValue, SrcRangeKey, Verdict, affinity_client, backend_flags, ct_flags,
-    proto, scope, src_range_prefixlen, svc_flags,
+    AffinityKey, AffinityValue, CtEntry, CtKey, EndpointKey, Hook, MAGLEV_TABLE_SIZE, POD_GATEWAY,
+    Reason, ServiceKey, ServiceValue, SrcRangeKey, Verdict, affinity_client, backend_flags,
+    ct_flags, proto, scope, src_range_prefixlen, svc_flags,
 };
 
 use crate::{
     classify::classify,
     counters::count,
-    maps::{AFFINITY_V1, BACKENDS_V1, CONFIG_V1, CT_V1, MAGLEV_V1, SRC_RANGES_V1, SVC_V1},
+    maps::{
+        AFFINITY_V1, BACKENDS_V1, CONFIG_V1, CT_V1, ENDPOINTS_V1, MAGLEV_V1, SRC_RANGES_V1, SVC_V1,
+    },
     packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
 };
 
@@ -139,10 +141,23 @@ fn action_of(reason: Reason) -> i32 {
     }
 }
 
-/// Uplink ingress: translate external flows and the replies of SNATed ones.
+/// Uplink ingress: decapsulate IP-in-IP from the cluster's nodes, then translate external flows
+/// and the replies of SNATed ones. A decapsulated packet is counted twice: as `tunnel-decap`,
+/// then by what happened to the inner packet.
 #[inline(always)]
 pub fn uplink_ingress(ctx: &TcContext) -> i32 {
-    let (reason, action) = match parse(ctx) {
+    let decapsulated = match crate::tunnel::decap(ctx) {
+        crate::tunnel::Decap::NotTunnel => false,
+        crate::tunnel::Decap::Done => {
+            count(Hook::TcUplinkIngress, Reason::TunnelDecap, ctx.len());
+            true
+        }
+        crate::tunnel::Decap::Drop(r) => {
+            count(Hook::TcUplinkIngress, r, ctx.len());
+            return TC_ACT_SHOT;
+        }
+    };
+    let (reason, mut action) = match parse(ctx) {
         Parsed::Other(r) => (r, action_of(r)),
         Parsed::Flow(flow) => uplink_flow(ctx, &flow),
         Parsed::Icmp {
@@ -152,8 +167,26 @@ pub fn uplink_ingress(ctx: &TcContext) -> i32 {
             tot_len,
         } => icmp(ctx, l4_off, saddr, daddr, tot_len),
     };
+    if decapsulated && action == TC_ACT_UNSPEC {
+        action = to_local_pod(ctx);
+    }
     count(Hook::TcUplinkIngress, reason, ctx.len());
     action
+}
+
+/// A decapsulated packet nothing translated: straight to its pod's veth when it is for a pod of
+/// this node (the kernel resolves the pod's MAC), else to the stack.
+#[inline(always)]
+fn to_local_pod(ctx: &TcContext) -> i32 {
+    let Ok(daddr) = ctx.load::<u32>(IP_DADDR_OFF) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: hash map values are read once, by copy.
+    match unsafe { ENDPOINTS_V1.get(&EndpointKey { addr: daddr }) } {
+        // SAFETY: the kernel resolves the pod's MAC itself.
+        Some(ep) => unsafe { bpf_redirect_neigh(ep.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
+        None => TC_ACT_UNSPEC,
+    }
 }
 
 /// Pod veth ingress (packets leaving a pod): translate replies of flows a local backend serves.

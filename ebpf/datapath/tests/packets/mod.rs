@@ -25,6 +25,7 @@ struct Ipv4 {
     tot_len: Option<u16>,
     frag_offset: u16,
     more_fragments: bool,
+    dont_fragment: bool,
     proto: u8,
     l4: Vec<u8>,
 }
@@ -81,6 +82,7 @@ impl Packet {
             tot_len: None,
             frag_offset: 0,
             more_fragments: false,
+            dont_fragment: false,
             proto: 0,
             l4: Vec::new(),
         });
@@ -118,6 +120,11 @@ impl Packet {
 
     pub fn more_fragments(mut self) -> Self {
         self.ip().more_fragments = true;
+        self
+    }
+
+    pub fn dont_fragment(mut self) -> Self {
+        self.ip().dont_fragment = true;
         self
     }
 
@@ -225,7 +232,9 @@ impl Packet {
                 h[0] = (ip.version << 4) | (ip.ihl & 0x0f);
                 let tot = ip.tot_len.unwrap_or((hlen + ip.l4.len()) as u16);
                 h[2..4].copy_from_slice(&tot.to_be_bytes());
-                let frag = (ip.frag_offset & 0x1fff) | if ip.more_fragments { 0x2000 } else { 0 };
+                let frag = (ip.frag_offset & 0x1fff)
+                    | if ip.more_fragments { 0x2000 } else { 0 }
+                    | if ip.dont_fragment { 0x4000 } else { 0 };
                 h[6..8].copy_from_slice(&frag.to_be_bytes());
                 h[8] = 64;
                 h[9] = ip.proto;
@@ -298,6 +307,28 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
         return true; // no checksum
     }
     l4_checksum(src, dst, proto, l4) == 0
+}
+
+/// `frame` (Ethernet + IPv4) wrapped in IP-in-IP from `src` to `dst`, as a node's encapsulation
+/// writes it: the inner packet's TOS and don't-fragment bit, TTL 64, identification `id`.
+pub fn ipip(frame: &[u8], src: [u8; 4], dst: [u8; 4], id: u16) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[1] = inner[1];
+    h[2..4].copy_from_slice(&((inner.len() + 20) as u16).to_be_bytes());
+    h[4..6].copy_from_slice(&id.to_be_bytes());
+    h[6] = inner[6] & 0x40;
+    h[8] = 64;
+    h[9] = 4;
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = frame[..14].to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(inner);
+    out
 }
 
 /// The Internet checksum (RFC 1071).

@@ -1,0 +1,203 @@
+//! IP-in-IP between nodes, done here because the node needs no `ipip` device for it.
+//!
+//! Encapsulation happens at the uplink's TC egress, for every packet leaving the node: one whose
+//! destination falls in a remote pod block of `TUNNEL_V1` gets an outer IPv4 header (protocol 4)
+//! from this node's address to the block's node. The kernel route of the block (installed by
+//! the agent, with an MTU 20 bytes below the uplink's) already picked the right next hop (the
+//! remote node itself, or the router towards it), so the Ethernet header stays as it is. Pod
+//! traffic, host traffic and packets the per-packet NAT redirected all leave through this hook.
+//!
+//! Decapsulation happens at the uplink's TC ingress, before service translation, and only for
+//! IP-in-IP addressed to this node from an address in `NODES_V1`: anything else is dropped and
+//! counted, so nobody outside the cluster can slip packets to a pod through the tunnel. The
+//! inner packet then goes through the uplink's usual processing (replies of translated flows are
+//! translated back), and, addressed to a pod of this node, is handed straight to the pod's veth.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::bpf_get_prandom_u32,
+    maps::lpm_trie::Key as LpmKey,
+    programs::TcContext,
+};
+use ferrox_abi::{
+    Hook, IPIP_OVERHEAD, IPPROTO_IPIP, Reason, TunnelKey, Verdict, node_flags, tunnel_flags,
+};
+
+use crate::{
+    classify::classify,
+    counters::count,
+    maps::{CONFIG_V1, NODES_V1, TUNNEL_V1},
+    packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
+};
+
+/// `frag_off` bits, network byte order as read from the packet.
+const IP_DF_BE: u16 = 0x4000u16.to_be();
+const IP_MF_OFFSET_BE: u16 = 0x3fffu16.to_be();
+const OUTER_TTL: u8 = 64;
+
+/// Uplink egress: encapsulate packets to remote pod blocks; everything else passes.
+#[inline(always)]
+pub fn uplink_egress(ctx: &TcContext) -> i32 {
+    let reason = classify(ctx);
+    let (reason, action) = match reason.verdict() {
+        Verdict::Drop => (reason, TC_ACT_SHOT),
+        _ if reason == Reason::PassNotIpv4 => (reason, TC_ACT_UNSPEC),
+        _ => encap(ctx, reason),
+    };
+    count(Hook::TcUplinkEgress, reason, ctx.len());
+    action
+}
+
+/// The node's own address, network byte order (0 when the agent has not said yet).
+#[inline(always)]
+fn node_addr() -> u32 {
+    CONFIG_V1.get(0).map_or(0, |c| c.node_addr)
+}
+
+#[inline(always)]
+fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
+    let Some(ip) = ctx.header::<Ipv4Hdr>(ETH_HLEN) else {
+        return (reason, TC_ACT_UNSPEC);
+    };
+    // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
+    let ip = unsafe { ip.read_unaligned() };
+    if ip.proto == IPPROTO_IPIP {
+        // Already a tunnel packet (ours, or one the host sends itself): never wrap twice.
+        return (reason, TC_ACT_UNSPEC);
+    }
+    let key = LpmKey::new(32, TunnelKey { addr: ip.daddr });
+    let Some(tunnel) = TUNNEL_V1.get(&key).copied() else {
+        return (reason, TC_ACT_UNSPEC);
+    };
+    if tunnel.flags & tunnel_flags::IPIP == 0 {
+        return (reason, TC_ACT_UNSPEC);
+    }
+    let source = node_addr();
+    if source == 0 || tunnel.remote == 0 {
+        return (Reason::DropTunnelEncap, TC_ACT_SHOT);
+    }
+    let inner_len = ctx.len().saturating_sub(ETH_HLEN as u32);
+    // Room for the outer header between the Ethernet and the inner IP header. The kernel marks
+    // GSO packets as IP-in-IP and lowers their segment size by the header, so every segment
+    // still fits the uplink; UDP GSO cannot change its segment size and keeps it.
+    let grow = IPIP_OVERHEAD as i32;
+    let flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
+    if ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, flags).is_err()
+        && ctx
+            .adjust_room(
+                grow,
+                BPF_ADJ_ROOM_MAC,
+                flags | u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+            )
+            .is_err()
+    {
+        return (Reason::DropTunnelEncap, TC_ACT_SHOT);
+    }
+    let tot_len = (inner_len + IPIP_OVERHEAD).min(u32::from(u16::MAX)) as u16;
+    let mut outer = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: ip.tos,
+        tot_len: tot_len.to_be(),
+        // SAFETY: a helper without arguments.
+        id: unsafe { bpf_get_prandom_u32() } as u16,
+        // Don't-fragment follows the inner packet, so path-MTU discovery keeps working.
+        frag_off: ip.frag_off & IP_DF_BE,
+        ttl: OUTER_TTL,
+        proto: IPPROTO_IPIP,
+        check: 0,
+        saddr: source,
+        daddr: tunnel.remote,
+    };
+    outer.check = ipv4_checksum(&outer);
+    if ctx.store(ETH_HLEN, &outer, 0).is_err() {
+        return (Reason::DropTunnelEncap, TC_ACT_SHOT);
+    }
+    (Reason::TunnelEncap, TC_ACT_UNSPEC)
+}
+
+/// The header checksum of an IPv4 header without options.
+#[inline(always)]
+fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+    // SAFETY: `Ipv4Hdr` is 20 bytes of plain integers, `repr(C)` without padding.
+    let words: [u16; 10] = unsafe { core::mem::transmute(*h) };
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 10 {
+        sum += u32::from(words[i]);
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// What [`decap`] did.
+pub enum Decap {
+    /// Not IP-in-IP for this node: process the packet as it is.
+    NotTunnel,
+    /// The outer header is gone; process the inner packet.
+    Done,
+    /// Dropped for this reason.
+    Drop(Reason),
+}
+
+/// Uplink ingress, before anything else: strip the outer header of IP-in-IP from a node.
+#[inline(always)]
+pub fn decap(ctx: &TcContext) -> Decap {
+    let Some(ip) = ctx.header::<Ipv4Hdr>(ETH_HLEN) else {
+        return Decap::NotTunnel;
+    };
+    // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
+    let ip = unsafe { ip.read_unaligned() };
+    if ip.proto != IPPROTO_IPIP || ip.version_ihl >> 4 != 4 {
+        return Decap::NotTunnel;
+    }
+    let local = node_addr();
+    if local == 0 || ip.daddr != local {
+        return Decap::NotTunnel;
+    }
+    // SAFETY: hash map values are read once, by copy.
+    let known =
+        unsafe { NODES_V1.get(&ip.saddr) }.is_some_and(|n| n.flags & node_flags::TUNNEL_PEER != 0);
+    if !known {
+        crate::events::drop(
+            Hook::TcUplinkIngress,
+            Reason::DropTunnelSource,
+            IPPROTO_IPIP,
+            ip.saddr,
+            0,
+            ip.daddr,
+            0,
+        );
+        return Decap::Drop(Reason::DropTunnelSource);
+    }
+    if ip.frag_off & IP_MF_OFFSET_BE != 0 {
+        // The encapsulating node never fragments the outer packet (it keeps the inner one
+        // below the path MTU); a fragment means something in between did, and TC cannot
+        // reassemble.
+        return Decap::Drop(Reason::DropTunnelMalformed);
+    }
+    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Decap::Drop(Reason::DropTunnelMalformed);
+    }
+    // Copied out with a helper: the offset depends on the outer header's length.
+    let inner_version = ctx.load::<u8>(ETH_HLEN + ihl).map_or(0, |b| b >> 4);
+    if inner_version != 4 {
+        return Decap::Drop(Reason::DropTunnelMalformed);
+    }
+    if ctx
+        .adjust_room(
+            -(ihl as i32),
+            BPF_ADJ_ROOM_MAC,
+            u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+        )
+        .is_err()
+    {
+        return Decap::Drop(Reason::DropTunnelMalformed);
+    }
+    Decap::Done
+}
