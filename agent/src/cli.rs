@@ -44,6 +44,9 @@ pub enum Command {
     Ct(CtCommand),
     /// This node's pod endpoints: address, veth, pod.
     Endpoints(IpamArgs),
+    /// Routes to other nodes' pod blocks: next hops, IP-in-IP or direct, MTU; the nodes
+    /// IP-in-IP is accepted from.
+    Routes(OutputArgs),
     /// The node at a glance: agent, kernel, attachments, map fill, IPAM, warnings.
     Status(IpamArgs),
     /// A live stream of drops (with reasons) and translations (before and after).
@@ -138,6 +141,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// How pod traffic reaches other nodes (Calico's ipipMode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TunnelSetting {
+    /// Routed as is: the underlay must carry pod addresses (one L2 segment, or BGP to the
+    /// routers).
+    Never,
+    /// IP-in-IP to every other node.
+    Always,
+    /// IP-in-IP only to nodes outside this node's subnet; direct within it.
+    CrossSubnet,
+}
+
+impl TunnelSetting {
+    pub fn mode(self) -> ferrox_cni::node_config::TunnelMode {
+        use ferrox_cni::node_config::TunnelMode;
+        match self {
+            Self::Never => TunnelMode::Never,
+            Self::Always => TunnelMode::Always,
+            Self::CrossSubnet => TunnelMode::CrossSubnet,
+        }
+    }
+}
+
 /// Where pod addresses come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum IpamSetting {
@@ -228,6 +254,16 @@ pub struct AgentArgs {
     )]
     pub metrics_bind_address: std::net::SocketAddr,
 
+    /// How pod traffic reaches other nodes: `never` (routed as is), `always` (IP-in-IP, done in
+    /// eBPF) or `cross-subnet` (IP-in-IP only to nodes in other subnets). Pods get the uplink's
+    /// MTU minus 20 in the IP-in-IP modes.
+    #[arg(long, value_enum, env = "FERROX_TUNNEL_MODE", default_value_t = TunnelSetting::CrossSubnet)]
+    pub tunnel_mode: TunnelSetting,
+
+    /// Program routes to the other nodes' pod blocks (off: something else routes them).
+    #[arg(long, env = "FERROX_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub routes: bool,
+
     /// Where pod addresses come from: `kubernetes` (the Node's spec.podCIDRs) or `pools`
     /// (blocks claimed from --ipam-pool through the API, more as pods need them).
     #[arg(long, value_enum, env = "FERROX_IPAM", default_value_t = IpamSetting::Kubernetes)]
@@ -258,7 +294,7 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_IPAM_RELEASE_AFTER", default_value_t = 600)]
     pub ipam_release_after: u64,
 
-    /// MTU of pod interfaces; default: the uplink's MTU.
+    /// MTU of pod interfaces; default: the uplink's MTU, minus 20 in the IP-in-IP modes.
     #[arg(long, env = "FERROX_MTU")]
     pub mtu: Option<u32>,
 

@@ -8,7 +8,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
-use ferrox_cni::node_config::{IpamMode, NodeConfig, SCHEMA_VERSION, TunnelMode};
+use ferrox_cni::node_config::{IpamMode, NodeConfig, SCHEMA_VERSION};
 use ferrox_datapath::{Datapath, PinLayout, XdpAttachMode};
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, Config, config::KubeConfigOptions};
@@ -92,9 +92,11 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         None if args.pod_cidr.is_empty() => node_pod_cidrs(&node)?,
         None => args.pod_cidr.clone(),
     };
+    let uplink_mtu = node::interface_mtu(&uplink)?;
+    let tunnel_mode = args.tunnel_mode.mode();
     let mtu = match args.mtu {
         Some(m) => m,
-        None => node::interface_mtu(&uplink)?,
+        None => crate::routing::plan::pod_mtu(&tunnel_mode, uplink_mtu),
     };
     let config = NodeConfig {
         version: SCHEMA_VERSION,
@@ -102,7 +104,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         pod_cidrs,
         gateway: ferrox_abi::POD_GATEWAY.into(),
         mtu,
-        tunnel_mode: TunnelMode::None,
+        tunnel_mode: tunnel_mode.clone(),
         bpffs_root: layout.root().to_path_buf(),
         ipam_dir: args.ipam_dir.clone(),
         ipam_mode: if ipam.is_some() {
@@ -111,7 +113,43 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             IpamMode::Kubernetes
         },
     };
-    write_datapath_config(&mut dp, &node, &args.node_name, &uplink)?;
+    let node_addr = write_datapath_config(&mut dp, &node, &args.node_name, &uplink)?;
+    let metrics = crate::metrics::Metrics::default();
+    if args.routes {
+        match node_addr {
+            Some(addr) => {
+                let uplink_index = ferrox_datapath::ifindex(&uplink)
+                    .with_context(|| format!("uplink {uplink}"))?;
+                let nl = ferrox_cni::netlink::Netlink::open().context("opening rtnetlink")?;
+                let subnet = crate::routing::uplink_subnet(&nl, uplink_index, addr)?;
+                let settings = crate::routing::Settings {
+                    mode: tunnel_mode,
+                    local: crate::routing::plan::LocalNode {
+                        name: args.node_name.clone(),
+                        addr,
+                        subnet,
+                        uplink_mtu,
+                        pod_cidrs: config.pod_cidrs.clone(),
+                    },
+                    uplink: uplink.clone(),
+                    uplink_index,
+                    ipam_blocks: config.ipam_mode == IpamMode::Pools,
+                    layout: layout.clone(),
+                };
+                crate::routing::start(
+                    client.clone(),
+                    settings,
+                    metrics.clone(),
+                    Duration::from_secs(10),
+                )
+                .await?;
+            }
+            None => warn!(
+                node = %args.node_name,
+                "the Node has no IPv4 address: routes to other nodes are not programmed"
+            ),
+        }
+    }
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
@@ -132,7 +170,6 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             args.node_config.clone(),
         ));
     }
-    let metrics = crate::metrics::Metrics::default();
     tokio::spawn(
         metrics
             .clone()
@@ -183,7 +220,7 @@ fn write_datapath_config(
     node: &Node,
     node_name: &str,
     uplink: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<std::net::Ipv4Addr>> {
     let info = services::sync::node_info(node_name, Some(node));
     let node_addr = info.addresses.first().copied();
     if node_addr.is_none() {
@@ -218,7 +255,7 @@ fn write_datapath_config(
     };
     dp.maps_mut().config.set(&cfg)?;
     info!(node_addr = ?node_addr, uplink, "datapath configuration written");
-    Ok(())
+    Ok(node_addr)
 }
 
 /// `ferrox agent --cleanup`: removes pins (detaching every program) and the node configuration.

@@ -269,7 +269,9 @@ pub fn uninstall(args: &UninstallArgs, layout: &PinLayout) -> anyhow::Result<Rem
 
     let nl = ferrox_cni::netlink::Netlink::open().context("opening rtnetlink")?;
     for route in nl.list_routes(ferrox_cni::netlink::ALL_TABLES)? {
-        if route.protocol == ferrox_cni::pod::ROUTE_PROTOCOL && nl.del_route(&route)? {
+        let ours = route.protocol == ferrox_cni::pod::ROUTE_PROTOCOL
+            || route.protocol == crate::routing::kernel::ROUTE_PROTOCOL;
+        if ours && nl.del_route(&route)? {
             removed.routes += 1;
         }
     }

@@ -13,6 +13,8 @@ pub mod ipam_cli;
 pub mod metrics;
 pub mod monitor;
 pub mod node;
+pub mod routes_cli;
+pub mod routing;
 pub mod services;
 pub mod sockets;
 pub mod status;

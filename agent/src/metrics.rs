@@ -41,6 +41,31 @@ struct State {
     ct_entries: usize,
     /// Wall clock (unix seconds) of the last sync.
     last_sync_unix: Option<u64>,
+    routing: Option<RoutingStatus>,
+    routing_applies: u64,
+    routing_failures: u64,
+}
+
+/// Routing between nodes, as of the last time the agent programmed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingStatus {
+    /// never, always or cross-subnet.
+    pub mode: String,
+    /// Where the routes come from (kubernetes: Node podCIDRs and IPAM blocks).
+    pub source: String,
+    /// Kernel routes to other nodes' pod blocks.
+    pub routes: usize,
+    /// Of those, the ones reached in IP-in-IP.
+    pub tunnels: usize,
+    /// Other nodes, the only sources of IP-in-IP accepted.
+    pub peers: usize,
+    /// Blocks that cannot be routed, with the reason ("10.244.3.0/24 (node-3): no route to ...").
+    pub unroutable: Vec<String>,
+    /// Unix seconds of the last apply.
+    pub applied_unix: Option<u64>,
+    /// The last failure, if the last apply failed.
+    pub error: Option<String>,
 }
 
 /// What only the agent knows about itself, as `ferrox status` gets it over the agent's socket.
@@ -61,6 +86,8 @@ pub struct AgentStatus {
     pub conntrack_expired: u64,
     pub flows_purged: u64,
     pub sockets_closed: u64,
+    #[serde(default)]
+    pub routing: Option<RoutingStatus>,
 }
 
 /// The metrics the agent's tasks record into; cheap to clone.
@@ -130,7 +157,18 @@ impl Metrics {
             conntrack_expired: s.ct_gc_removed,
             flows_purged: s.flows_purged,
             sockets_closed: s.sockets_closed,
+            routing: s.routing.clone(),
         }
+    }
+
+    /// Records one routing apply (`ok` false: it failed; the status keeps the error).
+    pub fn routing(&self, status: RoutingStatus, ok: bool) {
+        let mut s = self.lock();
+        s.routing_applies += 1;
+        if !ok {
+            s.routing_failures += 1;
+        }
+        s.routing = Some(status);
     }
 
     /// Answers every connection on the unix socket `path` (owner-only) with the agent's status
@@ -261,6 +299,35 @@ impl Metrics {
                 format!("{{cause=\"backend-gone\"}} {}", s.flows_purged),
             ],
         );
+        if let Some(r) = &s.routing {
+            section(
+                "ferrox_routes",
+                "gauge",
+                "Routes to other nodes' pod blocks, by how they are reached, as of the last apply.",
+                vec![
+                    format!("{{via=\"direct\"}} {}", r.routes - r.tunnels),
+                    format!("{{via=\"ipip\"}} {}", r.tunnels),
+                ],
+            );
+            section(
+                "ferrox_routes_unroutable",
+                "gauge",
+                "Pod blocks that cannot be routed (no route to their node, overlap with this node's blocks).",
+                vec![format!(" {}", r.unroutable.len())],
+            );
+            section(
+                "ferrox_route_applies_total",
+                "counter",
+                "Times routing was programmed, by result.",
+                vec![
+                    format!(
+                        "{{result=\"ok\"}} {}",
+                        s.routing_applies - s.routing_failures
+                    ),
+                    format!("{{result=\"error\"}} {}", s.routing_failures),
+                ],
+            );
+        }
         section(
             "ferrox_udp_sockets_closed_total",
             "counter",

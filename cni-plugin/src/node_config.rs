@@ -18,8 +18,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TunnelMode {
-    /// Pod traffic between nodes is routed as is.
-    None,
+    /// Pod traffic between nodes is routed as is (Calico's `Never`).
+    #[serde(alias = "none")]
+    Never,
     /// IP-in-IP to every other node.
     Always,
     /// IP-in-IP only to nodes in other subnets.
@@ -145,7 +146,7 @@ mod tests {
             pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
             gateway: Ipv4Addr::new(169, 254, 1, 1),
             mtu: 1500,
-            tunnel_mode: TunnelMode::None,
+            tunnel_mode: TunnelMode::Never,
             bpffs_root: "/sys/fs/bpf/ferrox".into(),
             ipam_dir: "/var/lib/ferrox/ipam".into(),
             ipam_mode: IpamMode::Kubernetes,
@@ -159,7 +160,7 @@ mod tests {
         sample().write(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\"podCIDRs\""), "{text}");
-        assert!(text.contains("\"tunnelMode\": \"none\""), "{text}");
+        assert!(text.contains("\"tunnelMode\": \"never\""), "{text}");
         assert_eq!(NodeConfig::read(&path).unwrap(), sample());
     }
 

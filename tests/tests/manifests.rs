@@ -330,6 +330,11 @@ fn resource_of(kind: &str) -> (String, String) {
         "Endpoints" => of::<k8s_openapi::api::core::v1::Endpoints>(),
         "Namespace" => of::<k8s_openapi::api::core::v1::Namespace>(),
         "ConfigMap" => of::<ConfigMap>(),
+        // The agent's only dynamic kind: IPAM blocks (watched for routes to other nodes).
+        "DynamicObject" => (
+            ferrox::ipam::GROUP.to_owned(),
+            ferrox::ipam::PLURAL.to_owned(),
+        ),
         other => panic!("the agent uses Api::<{other}>: add its group and resource here"),
     }
 }

@@ -13,8 +13,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteNextHop, RouteNextHopFlags,
-    RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric, RouteNextHop,
+    RouteNextHopFlags, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
@@ -220,6 +220,9 @@ pub struct Route {
     /// ECMP next hops. When non-empty, `gateway`/`oif` stay `None`. The
     /// kernel reports a multipath route of one next hop as a plain route.
     pub next_hops: Vec<NextHop>,
+    /// Path MTU of the route (`mtu`), below the interface's when the path
+    /// adds a header (a tunnel).
+    pub mtu: Option<u32>,
 }
 
 impl Route {
@@ -244,6 +247,7 @@ impl Route {
             kind: RouteKind::Unicast,
             onlink: false,
             next_hops: Vec::new(),
+            mtu: None,
         }
     }
 
@@ -256,6 +260,13 @@ impl Route {
     #[must_use]
     pub fn via(mut self, gateway: Ipv4Addr) -> Self {
         self.gateway = Some(gateway);
+        self
+    }
+
+    /// Sets the path MTU (`mtu`).
+    #[must_use]
+    pub fn mtu(mut self, mtu: u32) -> Self {
+        self.mtu = Some(mtu);
         self
     }
 
@@ -334,6 +345,9 @@ impl fmt::Display for Route {
         }
         if let Some(oif) = self.oif {
             write!(f, " dev {oif}")?;
+        }
+        if let Some(mtu) = self.mtu {
+            write!(f, " mtu {mtu}")?;
         }
         if self.onlink {
             write!(f, " onlink")?;
@@ -469,6 +483,9 @@ pub(super) fn route_message(route: &Route, purpose: Purpose) -> RouteMessage {
     if let Some(metric) = route.metric {
         attributes.push(RouteAttribute::Priority(metric));
     }
+    if let (Some(mtu), Purpose::Change) = (route.mtu, purpose) {
+        attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+    }
     if !route.next_hops.is_empty() {
         attributes.push(RouteAttribute::MultiPath(
             route.next_hops.iter().map(next_hop_message).collect(),
@@ -515,6 +532,12 @@ pub(super) fn parse_route(message: &RouteMessage) -> std::result::Result<Option<
             RouteAttribute::Table(table) => route.table = *table,
             RouteAttribute::MultiPath(hops) => {
                 route.next_hops = hops.iter().map(parse_next_hop).collect();
+            }
+            RouteAttribute::Metrics(metrics) => {
+                route.mtu = metrics.iter().find_map(|m| match m {
+                    RouteMetric::Mtu(mtu) => Some(*mtu),
+                    _ => None,
+                });
             }
             _ => {}
         }

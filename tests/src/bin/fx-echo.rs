@@ -5,6 +5,8 @@
 //!   each datagram with `<name> <datagram>`.
 //! - `fx-echo call tcp|udp ADDR:PORT [--count N]`: N connections (or datagrams); prints one JSON
 //!   line per call with the backend's name and the peer address the application saw.
+//! - `fx-echo transfer ADDR:PORT --bytes N`: one TCP connection that sends N bytes and reads
+//!   them back, verified; prints `{"bytes": N, "backend": ..., "ms": ...}` (status 1 on error).
 //! - `fx-echo stream ADDR:PORT`: one TCP connection carrying a verified echo stream; prints
 //!   `progress <bytes>` lines, and on SIGTERM a JSON summary; any error ends it with status 1.
 #![allow(
@@ -78,6 +80,11 @@ enum Cmd {
         timeout_ms: u64,
     },
     /// GET `path` from `target` over HTTP/1.1; prints the status and body.
+    Transfer {
+        target: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+    },
     HttpGet {
         target: SocketAddr,
         #[arg(default_value = "/")]
@@ -143,6 +150,7 @@ fn main() {
             Duration::from_millis(interval_ms),
             Duration::from_millis(timeout_ms),
         ),
+        Cmd::Transfer { target, bytes } => transfer(target, bytes),
         Cmd::HttpGet { target, path } => {
             let line = http_get(target, &path);
             let failed = line.get("error").is_some();
@@ -479,4 +487,58 @@ fn stream(target: SocketAddr, chunk: usize, pause: Duration) {
         "{}",
         serde_json::json!({ "done": true, "bytes": bytes, "backend": backend, "peer": peer })
     );
+}
+
+/// Sends `bytes` bytes over one connection while a second thread reads the echo back and checks
+/// every byte.
+fn transfer(target: SocketAddr, bytes: usize) {
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        println!("{}", serde_json::json!({ "error": format!("{what}: {e}") }));
+        std::process::exit(1);
+    };
+    let started = Instant::now();
+    let conn = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        .unwrap_or_else(|e| fail("connect", &e));
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut greeting = String::new();
+    reader
+        .read_line(&mut greeting)
+        .unwrap_or_else(|e| fail("greeting", &e));
+    let pattern = |i: usize| (i.wrapping_mul(7) % 251) as u8;
+    let checker = std::thread::spawn(move || -> Result<(), String> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = 0usize;
+        while seen < bytes {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| format!("read at {seen}: {e}"))?;
+            if n == 0 {
+                return Err(format!("closed after {seen} bytes"));
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                if *b != pattern(seen + k) {
+                    return Err(format!("byte {} differs", seen + k));
+                }
+            }
+            seen += n;
+        }
+        Ok(())
+    });
+    let mut w = conn;
+    let data: Vec<u8> = (0..bytes).map(pattern).collect();
+    w.write_all(&data).unwrap_or_else(|e| fail("write", &e));
+    match checker.join() {
+        Ok(Ok(())) => println!(
+            "{}",
+            serde_json::json!({
+                "bytes": bytes,
+                "backend": greeting.split_whitespace().nth(1).unwrap_or_default(),
+                "ms": started.elapsed().as_secs_f64() * 1e3,
+            })
+        ),
+        Ok(Err(e)) => fail("echo", &e),
+        Err(_) => fail("echo", &"reader panicked"),
+    }
 }

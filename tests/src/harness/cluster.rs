@@ -36,13 +36,16 @@ use crate::apiserver::ApiServer;
 
 /// The Service CIDR the tests allocate cluster IPs from.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
-/// The underlay host that serves the Kubernetes API.
+/// The underlay host that serves the Kubernetes API (and routes between the two subnets).
 const API_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The router's address on the second underlay subnet (198.19.0.0/24).
+pub const SUBNET2_ROUTER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const API_PORT: u16 = 6443;
 const AGENT_READY: &str = "CNI ready";
 
 pub struct ClusterBuilder {
     nodes: usize,
+    second_subnet_from: Option<usize>,
     static_pod_routes: bool,
     agent_env: Vec<(String, String)>,
     start_agents: bool,
@@ -56,8 +59,16 @@ impl ClusterBuilder {
         self
     }
 
+    /// Nodes from `index` on sit in a second underlay subnet (198.19.0.0/24), one router hop
+    /// away from the first (the fabric namespace routes between its two bridges).
+    pub fn second_subnet_from(mut self, index: usize) -> Self {
+        self.second_subnet_from = Some(index);
+        self
+    }
+
     /// Routes between the nodes' pod CIDRs over the underlay, installed by the harness (as a
-    /// cloud route table would). On by default until the agents route pods themselves.
+    /// cloud route table would), and the agents' own routing off. Off by default: the agents
+    /// route pods themselves.
     pub fn static_pod_routes(mut self, on: bool) -> Self {
         self.static_pod_routes = on;
         self
@@ -165,6 +176,43 @@ impl ExternalClient {
     }
 }
 
+/// A running capture on the underlay.
+pub struct Capture {
+    proc: Proc,
+    netns: PathBuf,
+    marker: Ipv4Addr,
+}
+
+impl Capture {
+    /// Stops the capture once it has seen the end marker (so every packet sent before the call
+    /// is in); returns the packet lines, marker and tcpdump's own messages left out.
+    pub fn stop(mut self) -> Vec<String> {
+        let marker = format!("{}.9:", self.marker);
+        let netns = self.netns.clone();
+        let to = SocketAddr::from((self.marker, 9));
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&netns).expect("opening the fabric netns");
+            // SAFETY: setns on this short-lived thread only; the fd is valid for the call.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("marker socket");
+            s.send_to(b"end", to)
+                .expect("sending the capture's end marker");
+        })
+        .join()
+        .expect("marker thread");
+        self.proc
+            .wait_for_line("the capture's end marker", Duration::from_secs(10), |l| {
+                l.contains(&marker)
+            });
+        self.proc.signal_and_wait(libc::SIGINT);
+        self.proc
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains(" IP ") && !l.contains(&marker))
+            .collect()
+    }
+}
+
 impl std::ops::Deref for ExternalClient {
     type Target = Place;
     fn deref(&self) -> &Place {
@@ -223,7 +271,8 @@ impl Cluster {
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder {
             nodes: 1,
-            static_pod_routes: true,
+            second_subnet_from: None,
+            static_pod_routes: false,
             agent_env: Vec::new(),
             start_agents: true,
             api_server_by_flag: false,
@@ -259,6 +308,12 @@ impl Cluster {
         fabric.ip(&["link", "add", "br0", "type", "bridge"]);
         fabric.ip(&["addr", "add", &format!("{API_ADDR}/24"), "dev", "br0"]);
         fabric.ip(&["link", "set", "br0", "up"]);
+        if b.second_subnet_from.is_some() {
+            fabric.ip(&["link", "add", "br1", "type", "bridge"]);
+            fabric.ip(&["addr", "add", &format!("{SUBNET2_ROUTER}/24"), "dev", "br1"]);
+            fabric.ip(&["link", "set", "br1", "up"]);
+            fabric.sysctl(&["net.ipv4.ip_forward=1"]);
+        }
         let listener = listen_in(&fabric.path(), SocketAddr::from((API_ADDR, API_PORT)));
         cluster.fabric = Some(fabric);
         cluster.api = Some(ApiServer::start(listener));
@@ -292,8 +347,12 @@ impl Cluster {
         )
         .unwrap();
 
+        if b.static_pod_routes {
+            b.agent_env.push(("FERROX_ROUTES".into(), "false".into()));
+        }
         for index in 1..=b.nodes {
-            let node = cluster.add_node(index, &kubeconfig, &b.agent_env);
+            let second = b.second_subnet_from.is_some_and(|from| index >= from);
+            let node = cluster.add_node(index, second, &kubeconfig, &b.agent_env);
             cluster.nodes.push(node);
         }
         if b.static_pod_routes {
@@ -320,9 +379,23 @@ impl Cluster {
         cluster
     }
 
-    fn add_node(&self, index: usize, kubeconfig: &Path, agent_env: &[(String, String)]) -> Node {
+    fn add_node(
+        &self,
+        index: usize,
+        second_subnet: bool,
+        kubeconfig: &Path,
+        agent_env: &[(String, String)],
+    ) -> Node {
         let name = format!("node-{index}");
-        let addr = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
+        let (addr, gateway, bridge) = if second_subnet {
+            (
+                Ipv4Addr::new(198, 19, 0, 10 + index as u8),
+                SUBNET2_ROUTER,
+                "br1",
+            )
+        } else {
+            (Ipv4Addr::new(198, 18, 0, 10 + index as u8), API_ADDR, "br0")
+        };
         let pod_cidr: Ipv4Net = format!("10.244.{index}.0/24").parse().unwrap();
         let netns = NetNs::create(&format!("{}{}-n{index}", leaks::NETNS_PREFIX, self.id));
         let fabric = self.fabric.as_ref().unwrap();
@@ -339,10 +412,10 @@ impl Cluster {
             "netns",
             netns.name(),
         ]);
-        fabric.ip(&["link", "set", &uplink, "master", "br0", "up"]);
+        fabric.ip(&["link", "set", &uplink, "master", bridge, "up"]);
         netns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         netns.ip(&["link", "set", "eth0", "up"]);
-        netns.ip(&["route", "add", "default", "via", &API_ADDR.to_string()]);
+        netns.ip(&["route", "add", "default", "via", &gateway.to_string()]);
         netns.sysctl(&[
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
@@ -500,6 +573,44 @@ impl Cluster {
 
     /// A client outside every node (a namespace on the underlay, 198.18.0.200, in no node's
     /// cgroup): for NodePorts, load balancer IPs and health checks as the outside sees them.
+    /// Starts `tcpdump -nn -l -i <bridge> <filter>` on the underlay (the fabric namespace) and
+    /// waits until it listens. Stop it with [`Capture::stop`] to get one line per packet.
+    pub fn capture(&self, bridge: &str, filter: &str) -> Capture {
+        let fabric = self.fabric.as_ref().expect("fabric");
+        let cgroup = self.cgroup_dir.join("fabric");
+        std::fs::create_dir_all(&cgroup).expect("creating the fabric's cgroup");
+        // The end marker: a datagram the fabric sends itself to a fixed neighbour, which the
+        // capture sees after every packet before it.
+        let marker = match bridge {
+            "br1" => Ipv4Addr::new(198, 19, 0, 250),
+            _ => Ipv4Addr::new(198, 18, 0, 250),
+        };
+        fabric.ip(&[
+            "neigh",
+            "replace",
+            &marker.to_string(),
+            "lladdr",
+            "02:00:00:00:00:fa",
+            "dev",
+            bridge,
+            "nud",
+            "permanent",
+        ]);
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-nn", "-l", "-i", bridge]).arg(format!(
+            "({filter}) or (udp and dst host {marker} and dst port 9)"
+        ));
+        let proc = Proc::spawn(&format!("tcpdump {bridge}"), cmd, &fabric.path(), &cgroup);
+        proc.wait_for_line("tcpdump to listen", Duration::from_secs(10), |l| {
+            l.contains("listening on")
+        });
+        Capture {
+            proc,
+            netns: fabric.path(),
+            marker,
+        }
+    }
+
     pub fn external_client(&self) -> ExternalClient {
         let mut ext = self
             .external

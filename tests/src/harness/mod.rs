@@ -14,7 +14,10 @@ mod netns;
 mod process;
 
 pub use bins::bin_path;
-pub use cluster::{Cluster, ClusterBuilder, ExternalClient, Node, Place, Pod, SERVICE_CIDR};
+pub use cluster::{
+    Capture, Cluster, ClusterBuilder, ExternalClient, Node, Place, Pod, SERVICE_CIDR,
+    SUBNET2_ROUTER,
+};
 pub use netns::NetNs;
 pub use process::{Proc, spawn_in};
 

@@ -1,0 +1,300 @@
+//! Routing between nodes: every other node's pod blocks get a kernel route on this node, and in
+//! the IP-in-IP modes a tunnel entry the datapath encapsulates with (see
+//! `ebpf/programs/src/tunnel.rs`).
+//!
+//! The blocks come from the Kubernetes API: each Node's `spec.podCIDRs` and, with `--ipam
+//! pools`, the `IPAMBlock` objects naming it, reached at the Node's InternalIP. (BGP, issue #5,
+//! will be a second source for the same plan.) [`plan`] turns them into what the node must hold,
+//! purely; [`kernel`] makes the kernel and the maps hold exactly that, removing what an earlier
+//! run left and the plan no longer wants. The first apply happens before the node configuration
+//! is written, so a pod never starts on a node that cannot reach the others.
+
+pub mod kernel;
+pub mod plan;
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use ferrox_cni::{netlink::Netlink, node_config::TunnelMode};
+use ferrox_datapath::{Maps, PinLayout};
+use futures::StreamExt as _;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    api::DynamicObject,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tracing::{info, warn};
+
+use crate::metrics::{Metrics, RoutingStatus};
+use plan::{LocalNode, Plan, RemoteBlock};
+
+/// What routing needs to know about this node and how to run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub mode: TunnelMode,
+    pub local: LocalNode,
+    pub uplink: String,
+    pub uplink_index: u32,
+    /// IPAM blocks are watched too (`--ipam pools`).
+    pub ipam_blocks: bool,
+    pub layout: PinLayout,
+}
+
+/// `never`, `always`, `cross-subnet`.
+pub fn mode_name(mode: &TunnelMode) -> &'static str {
+    match mode {
+        TunnelMode::Never => "never",
+        TunnelMode::Always => "always",
+        TunnelMode::CrossSubnet => "cross-subnet",
+    }
+}
+
+/// The underlay subnet of `addr` on `uplink`, from the interface's addresses; a /32 when no
+/// address covers it (every node is then "in another subnet").
+pub fn uplink_subnet(nl: &Netlink, uplink: u32, addr: Ipv4Addr) -> anyhow::Result<Ipv4Net> {
+    let subnet = nl
+        .list_addresses(uplink)
+        .context("listing the uplink's addresses")?
+        .into_iter()
+        .filter_map(|a| match a {
+            ipnet::IpNet::V4(n) if n.contains(&addr) => Some(n.trunc()),
+            _ => None,
+        })
+        .max_by_key(|n| n.prefix_len());
+    Ok(subnet.unwrap_or_else(|| Ipv4Net::from(addr)))
+}
+
+/// A node's address (first IPv4 InternalIP, else ExternalIP) and pod blocks.
+fn node_blocks(n: &Node) -> Option<(String, Ipv4Addr, Vec<Ipv4Net>)> {
+    let name = n.metadata.name.clone()?;
+    let addrs = n.status.as_ref()?.addresses.as_ref()?;
+    let addr = ["InternalIP", "ExternalIP"].iter().find_map(|t| {
+        addrs
+            .iter()
+            .filter(|a| a.type_ == *t)
+            .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+    })?;
+    let spec = n.spec.as_ref();
+    let mut cidrs: Vec<Ipv4Net> = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    cidrs.sort();
+    Some((name, addr, cidrs))
+}
+
+/// The remote blocks and peer addresses the API holds now.
+fn blocks_from(
+    nodes: &[Arc<Node>],
+    ipam: &[Arc<DynamicObject>],
+) -> (Vec<RemoteBlock>, Vec<Ipv4Addr>) {
+    let mut addr_of = BTreeMap::new();
+    let mut blocks = Vec::new();
+    for n in nodes {
+        if let Some((name, addr, cidrs)) = node_blocks(n) {
+            for prefix in cidrs {
+                blocks.push(RemoteBlock {
+                    prefix,
+                    node: name.clone(),
+                    node_addr: addr,
+                });
+            }
+            addr_of.insert(name, addr);
+        }
+    }
+    for o in ipam {
+        let Some(spec) = o.data.get("spec") else {
+            continue;
+        };
+        let (Some(cidr), Some(node)) = (
+            spec.get("cidr")
+                .and_then(|c| c.as_str())
+                .and_then(|c| c.parse().ok()),
+            spec.get("node").and_then(|n| n.as_str()),
+        ) else {
+            continue;
+        };
+        if let Some(addr) = addr_of.get(node) {
+            blocks.push(RemoteBlock {
+                prefix: cidr,
+                node: node.to_owned(),
+                node_addr: *addr,
+            });
+        }
+    }
+    (blocks, addr_of.into_values().collect())
+}
+
+/// Computes the plan for what the API holds and programs it.
+fn program(
+    settings: &Settings,
+    nl: &Netlink,
+    maps: &mut Maps,
+    nodes: &[Arc<Node>],
+    ipam: &[Arc<DynamicObject>],
+    metrics: &Metrics,
+) -> anyhow::Result<Plan> {
+    let (blocks, peers) = blocks_from(nodes, ipam);
+    let underlay = nl
+        .list_routes(ferrox_cni::netlink::MAIN_TABLE)
+        .context("listing routes")?;
+    let plan = plan::plan(&settings.local, &settings.mode, &blocks, &peers, |a| {
+        kernel::underlay_next_hop(&underlay, a)
+    });
+    for u in &plan.unroutable {
+        warn!(block = %u.prefix, node = %u.node, reason = %u.reason, "pod block not routed");
+    }
+    let result = kernel::apply(nl, maps, &plan, settings.uplink_index);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs());
+    let status = RoutingStatus {
+        mode: mode_name(&settings.mode).into(),
+        source: "kubernetes".into(),
+        routes: plan.routes.len(),
+        tunnels: plan.tunnels.len(),
+        peers: plan.peers.len(),
+        unroutable: plan
+            .unroutable
+            .iter()
+            .map(|u| format!("{} ({}): {}", u.prefix, u.node, u.reason))
+            .collect(),
+        applied_unix: now,
+        error: result.as_ref().err().map(|e| format!("{e:#}")),
+    };
+    metrics.routing(status, result.is_ok());
+    let applied = result?;
+    if !applied.is_empty() {
+        info!(
+            ?applied,
+            routes = plan.routes.len(),
+            tunnels = plan.tunnels.len(),
+            "routes programmed"
+        );
+    }
+    Ok(plan)
+}
+
+/// The watched objects.
+struct Stores {
+    nodes: Store<Node>,
+    ipam: Option<Store<DynamicObject>>,
+}
+
+impl Stores {
+    fn snapshot(&self) -> (Vec<Arc<Node>>, Vec<Arc<DynamicObject>>) {
+        (
+            self.nodes.state(),
+            self.ipam.as_ref().map(Store::state).unwrap_or_default(),
+        )
+    }
+}
+
+/// Starts the watches; every event wakes `notify`.
+fn watch(client: &Client, ipam_blocks: bool, notify: Arc<tokio::sync::Notify>) -> Stores {
+    let (nodes, writer) = reflector::store::<Node>();
+    let n = notify.clone();
+    tokio::spawn(
+        reflector::reflector(
+            writer,
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .for_each(move |e| {
+            match e {
+                Ok(_) => n.notify_one(),
+                Err(e) => warn!(error = %e, "routing: Node watch failed; retrying"),
+            }
+            futures::future::ready(())
+        }),
+    );
+    let ipam = ipam_blocks.then(|| {
+        let ar = crate::ipam::block_resource();
+        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        let reader = writer.as_reader();
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        let n = notify.clone();
+        tokio::spawn(
+            reflector::reflector(writer, watcher(api, watcher::Config::default()))
+                .default_backoff()
+                .for_each(move |e| {
+                    match e {
+                        Ok(_) => n.notify_one(),
+                        Err(e) => warn!(error = %e, "routing: IPAMBlock watch failed; retrying"),
+                    }
+                    futures::future::ready(())
+                }),
+        );
+        reader
+    });
+    Stores { nodes, ipam }
+}
+
+/// Programs the routes once the watches have listed everything (bounded by `timeout`), then keeps
+/// them in step with the API in a spawned task.
+pub async fn start(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let stores = watch(&client, settings.ipam_blocks, notify.clone());
+    let ready = async {
+        stores.nodes.wait_until_ready().await?;
+        if let Some(s) = &stores.ipam {
+            s.wait_until_ready().await?;
+        }
+        Ok::<_, reflector::store::WriterDropped>(())
+    };
+    match tokio::time::timeout(timeout, ready).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => anyhow::bail!("routing watches ended: {e}"),
+        Err(_) => warn!(
+            ?timeout,
+            "routing: the API did not list Nodes in time; routes follow when it does"
+        ),
+    }
+    let nl = Netlink::open().context("opening rtnetlink")?;
+    let mut maps = Maps::open(&settings.layout).context("opening the datapath maps")?;
+    let (nodes, ipam) = stores.snapshot();
+    let started = Instant::now();
+    match program(&settings, &nl, &mut maps, &nodes, &ipam, &metrics) {
+        Ok(plan) => info!(
+            mode = mode_name(&settings.mode),
+            routes = plan.routes.len(),
+            tunnels = plan.tunnels.len(),
+            peers = plan.peers.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "routing programmed"
+        ),
+        Err(e) => warn!(error = %format!("{e:#}"), "routing: programming failed; retrying"),
+    }
+    tokio::spawn(async move {
+        loop {
+            // A change, or a periodic check that repairs what someone else changed.
+            let _ = tokio::time::timeout(Duration::from_secs(30), notify.notified()).await;
+            let (nodes, ipam) = stores.snapshot();
+            if let Err(e) = program(&settings, &nl, &mut maps, &nodes, &ipam, &metrics) {
+                warn!(error = %format!("{e:#}"), "routing: programming failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    Ok(())
+}

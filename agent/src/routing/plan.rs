@@ -1,0 +1,297 @@
+//! From "which node holds which pod block" to what the node must program: kernel routes (with
+//! their next hops and path MTU), tunnel entries, and the set of node addresses allowed to send
+//! IP-in-IP. Pure: no kernel, no API; the caller resolves next hops outside the local subnet.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ferrox_cni::node_config::TunnelMode;
+use ipnet::Ipv4Net;
+
+/// This node, as routing sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalNode {
+    pub name: String,
+    /// The node's address on the underlay (the outer source of IP-in-IP).
+    pub addr: Ipv4Addr,
+    /// The underlay subnet of the uplink (nodes inside it are reached directly).
+    pub subnet: Ipv4Net,
+    /// The uplink's MTU.
+    pub uplink_mtu: u32,
+    /// The node's own pod blocks (never routed elsewhere).
+    pub pod_cidrs: Vec<Ipv4Net>,
+}
+
+/// A pod block and the node that holds it, from whatever source (Node objects, IPAM blocks,
+/// BGP).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteBlock {
+    pub prefix: Ipv4Net,
+    pub node: String,
+    pub node_addr: Ipv4Addr,
+}
+
+/// One kernel route the agent owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedRoute {
+    /// Next hops on the underlay, sorted; more than one is ECMP.
+    pub next_hops: Vec<Ipv4Addr>,
+    /// Path MTU, set when the block is reached in IP-in-IP.
+    pub mtu: Option<u32>,
+    /// The node(s) that hold the block.
+    pub nodes: Vec<String>,
+    /// Reached in IP-in-IP (the tunnel entry names the outer destination).
+    pub encap: Option<Ipv4Addr>,
+}
+
+/// A block that cannot be routed, and why (reported, never half-programmed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unroutable {
+    pub prefix: Ipv4Net,
+    pub node: String,
+    pub reason: String,
+}
+
+/// Everything routing programs on the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub routes: BTreeMap<Ipv4Net, PlannedRoute>,
+    /// Remote block -> outer destination of its IP-in-IP.
+    pub tunnels: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// Addresses of the other nodes: IP-in-IP is accepted from these only.
+    pub peers: BTreeSet<Ipv4Addr>,
+    pub unroutable: Vec<Unroutable>,
+}
+
+/// The MTU pods get in `mode` on an uplink of `uplink_mtu`: 20 bytes less whenever some peer may
+/// be reached in IP-in-IP.
+pub fn pod_mtu(mode: &TunnelMode, uplink_mtu: u32) -> u32 {
+    match mode {
+        TunnelMode::Never => uplink_mtu,
+        TunnelMode::Always | TunnelMode::CrossSubnet => {
+            uplink_mtu.saturating_sub(ferrox_abi::IPIP_OVERHEAD)
+        }
+    }
+}
+
+/// The plan for `blocks` in `mode`. `underlay_next_hop` gives the gateway towards a node address
+/// outside the local subnet (`None`: no route to it).
+pub fn plan(
+    local: &LocalNode,
+    mode: &TunnelMode,
+    blocks: &[RemoteBlock],
+    peer_addrs: &[Ipv4Addr],
+    underlay_next_hop: impl Fn(Ipv4Addr) -> Option<Ipv4Addr>,
+) -> Plan {
+    let mut out = Plan {
+        peers: peer_addrs
+            .iter()
+            .copied()
+            .filter(|a| *a != local.addr)
+            .collect(),
+        ..Plan::default()
+    };
+    let mut sorted: Vec<&RemoteBlock> = blocks.iter().collect();
+    sorted.sort();
+    for b in sorted {
+        let prefix = b.prefix.trunc();
+        if b.node == local.name || b.node_addr == local.addr {
+            continue;
+        }
+        if let Some(own) = local
+            .pod_cidrs
+            .iter()
+            .find(|c| c.contains(&prefix) || prefix.contains(*c))
+        {
+            out.unroutable.push(Unroutable {
+                prefix,
+                node: b.node.clone(),
+                reason: format!("overlaps this node's own block {own}"),
+            });
+            continue;
+        }
+        let on_link = local.subnet.contains(&b.node_addr);
+        let encap = match mode {
+            TunnelMode::Always => true,
+            TunnelMode::Never => false,
+            TunnelMode::CrossSubnet => !on_link,
+        };
+        let hop = if on_link {
+            Some(b.node_addr)
+        } else {
+            underlay_next_hop(b.node_addr)
+        };
+        let Some(hop) = hop else {
+            out.unroutable.push(Unroutable {
+                prefix,
+                node: b.node.clone(),
+                reason: format!("no route to node address {}", b.node_addr),
+            });
+            continue;
+        };
+        let mtu = encap.then(|| pod_mtu(&TunnelMode::Always, local.uplink_mtu));
+        match out.routes.get_mut(&prefix) {
+            // Several nodes announce the block (BGP anycast, a block moving): ECMP when they
+            // agree on encapsulation; a tunnel can only have one outer destination, the first.
+            Some(r) => {
+                if !r.next_hops.contains(&hop) && r.encap.is_none() && !encap {
+                    r.next_hops.push(hop);
+                    r.next_hops.sort();
+                }
+                r.nodes.push(b.node.clone());
+            }
+            None => {
+                out.routes.insert(
+                    prefix,
+                    PlannedRoute {
+                        next_hops: vec![hop],
+                        mtu,
+                        nodes: vec![b.node.clone()],
+                        encap: encap.then_some(b.node_addr),
+                    },
+                );
+                if encap {
+                    out.tunnels.insert(prefix, b.node_addr);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> LocalNode {
+        LocalNode {
+            name: "node-1".into(),
+            addr: "198.18.0.11".parse().unwrap(),
+            subnet: "198.18.0.0/24".parse().unwrap(),
+            uplink_mtu: 1500,
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+        }
+    }
+
+    fn block(prefix: &str, node: &str, addr: &str) -> RemoteBlock {
+        RemoteBlock {
+            prefix: prefix.parse().unwrap(),
+            node: node.into(),
+            node_addr: addr.parse().unwrap(),
+        }
+    }
+
+    fn blocks() -> Vec<RemoteBlock> {
+        vec![
+            block("10.244.1.0/24", "node-1", "198.18.0.11"),
+            block("10.244.2.0/24", "node-2", "198.18.0.12"),
+            block("10.244.3.0/24", "node-3", "198.19.0.13"),
+        ]
+    }
+
+    const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+    fn via_router(a: Ipv4Addr) -> Option<Ipv4Addr> {
+        "198.19.0.0/24"
+            .parse::<Ipv4Net>()
+            .unwrap()
+            .contains(&a)
+            .then_some(ROUTER)
+    }
+
+    #[test]
+    fn each_mode_routes_every_remote_block_and_tunnels_the_right_ones() {
+        let addrs: Vec<Ipv4Addr> = blocks().iter().map(|b| b.node_addr).collect();
+        // (mode, which blocks are tunnelled, MTU of pods)
+        let cases = [
+            (TunnelMode::Never, vec![], 1500),
+            (
+                TunnelMode::Always,
+                vec!["10.244.2.0/24", "10.244.3.0/24"],
+                1480,
+            ),
+            (TunnelMode::CrossSubnet, vec!["10.244.3.0/24"], 1480),
+        ];
+        for (mode, tunnelled, mtu) in cases {
+            let p = plan(&local(), &mode, &blocks(), &addrs, via_router);
+            assert_eq!(pod_mtu(&mode, 1500), mtu, "{mode:?}");
+            assert_eq!(p.routes.len(), 2, "{mode:?}: the own block is not routed");
+            let node2 = &p.routes[&"10.244.2.0/24".parse().unwrap()];
+            assert_eq!(
+                node2.next_hops,
+                vec!["198.18.0.12".parse::<Ipv4Addr>().unwrap()]
+            );
+            let node3 = &p.routes[&"10.244.3.0/24".parse().unwrap()];
+            assert_eq!(
+                node3.next_hops,
+                vec![ROUTER],
+                "{mode:?}: other subnet via the router"
+            );
+            let got: Vec<String> = p.tunnels.keys().map(|k| k.to_string()).collect();
+            assert_eq!(got, tunnelled, "{mode:?}");
+            for (prefix, r) in &p.routes {
+                let tunnel = p.tunnels.contains_key(prefix);
+                assert_eq!(
+                    r.mtu.is_some(),
+                    tunnel,
+                    "{mode:?} {prefix}: MTU only on tunnels"
+                );
+                assert_eq!(r.encap.is_some(), tunnel);
+            }
+            assert_eq!(p.peers.len(), 2, "every other node may send IP-in-IP");
+            assert!(p.unroutable.is_empty());
+        }
+        let p = plan(&local(), &TunnelMode::Always, &blocks(), &addrs, via_router);
+        assert_eq!(p.routes[&"10.244.2.0/24".parse().unwrap()].mtu, Some(1480));
+    }
+
+    #[test]
+    fn unreachable_nodes_and_overlapping_blocks_are_reported_not_programmed() {
+        let mut b = blocks();
+        b.push(block("10.244.1.128/25", "node-9", "198.18.0.19"));
+        let p = plan(&local(), &TunnelMode::CrossSubnet, &b, &[], |_| None);
+        let reasons: Vec<(String, String)> = p
+            .unroutable
+            .iter()
+            .map(|u| (u.prefix.to_string(), u.reason.clone()))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (
+                    "10.244.1.128/25".to_string(),
+                    "overlaps this node's own block 10.244.1.0/24".to_string()
+                ),
+                (
+                    "10.244.3.0/24".to_string(),
+                    "no route to node address 198.19.0.13".to_string()
+                ),
+            ]
+        );
+        assert_eq!(p.routes.len(), 1);
+        assert!(p.tunnels.is_empty());
+    }
+
+    #[test]
+    fn a_block_announced_by_two_nodes_is_ecmp_when_routed_directly() {
+        let b = vec![
+            block("10.96.0.0/12", "node-3", "198.18.0.13"),
+            block("10.96.0.0/12", "node-2", "198.18.0.12"),
+        ];
+        let p = plan(&local(), &TunnelMode::Never, &b, &[], |_| None);
+        let r = &p.routes[&"10.96.0.0/12".parse().unwrap()];
+        assert_eq!(
+            r.next_hops,
+            vec![
+                "198.18.0.12".parse::<Ipv4Addr>().unwrap(),
+                "198.18.0.13".parse().unwrap()
+            ]
+        );
+        let p = plan(&local(), &TunnelMode::Always, &b, &[], |_| None);
+        let r = &p.routes[&"10.96.0.0/12".parse().unwrap()];
+        assert_eq!(r.next_hops.len(), 1, "a tunnel has one outer destination");
+        assert_eq!(p.tunnels.len(), 1);
+    }
+}
