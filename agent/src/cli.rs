@@ -44,6 +44,9 @@ pub enum Command {
     Ct(CtCommand),
     /// This node's pod endpoints: address, veth, pod.
     Endpoints(IpamArgs),
+    /// BGP sessions and routes (asks the agent).
+    #[command(subcommand)]
+    Bgp(BgpCommand),
     /// Routes to other nodes' pod blocks: next hops, IP-in-IP or direct, MTU; the nodes
     /// IP-in-IP is accepted from.
     Routes(OutputArgs),
@@ -61,6 +64,15 @@ pub enum Command {
     /// What a packet would meet on this node: path, conntrack, frontend, source ranges, the
     /// backend and why. Works while the agent is down.
     Trace(TraceArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BgpCommand {
+    /// Each neighbour: state, since when, hold time, prefixes received and advertised, last
+    /// error.
+    Peers(IpamArgs),
+    /// The best route to each prefix learned over BGP, with its next hops and peers.
+    Routes(IpamArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,6 +271,36 @@ pub struct AgentArgs {
     /// MTU minus 20 in the IP-in-IP modes.
     #[arg(long, value_enum, env = "FERROX_TUNNEL_MODE", default_value_t = TunnelSetting::CrossSubnet)]
     pub tunnel_mode: TunnelSetting,
+
+    /// Run the BGP speaker: announce this node's pod blocks to the --bgp-peers and route what
+    /// they announce.
+    #[arg(long, env = "FERROX_BGP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub bgp: bool,
+
+    /// This node's AS number (4-octet numbers work).
+    #[arg(long, env = "FERROX_BGP_AS", default_value_t = 64512)]
+    pub bgp_as: u32,
+
+    /// BGP neighbours: `name=address:as` (or `address:as`), comma-separated or repeated.
+    #[arg(long, env = "FERROX_BGP_PEERS", value_delimiter = ',')]
+    pub bgp_peers: Vec<String>,
+
+    /// TCP port the speaker listens on and connects to.
+    #[arg(long, env = "FERROX_BGP_PORT", default_value_t = 179)]
+    pub bgp_port: u16,
+
+    /// Hold time offered to peers (seconds; keepalives every third of it).
+    #[arg(long, env = "FERROX_BGP_HOLD_TIME", default_value_t = 90)]
+    pub bgp_hold_time: u16,
+
+    /// Graceful restart time announced: how long peers keep this node's routes while the agent
+    /// restarts (seconds).
+    #[arg(long, env = "FERROX_BGP_RESTART_TIME", default_value_t = 120)]
+    pub bgp_restart_time: u16,
+
+    /// Seconds between connection attempts to a peer that is down.
+    #[arg(long, env = "FERROX_BGP_CONNECT_RETRY", default_value_t = 5)]
+    pub bgp_connect_retry: u64,
 
     /// Program routes to the other nodes' pod blocks (off: something else routes them).
     #[arg(long, env = "FERROX_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]

@@ -135,6 +135,55 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                     uplink_index,
                     ipam_blocks: config.ipam_mode == IpamMode::Pools,
                     layout: layout.clone(),
+                    bgp: None,
+                    keep_until: None,
+                };
+                let settings = if args.bgp {
+                    let peers = args
+                        .bgp_peers
+                        .iter()
+                        .map(|p| crate::bgp::parse_peer(p, args.bgp_port))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    // This node's blocks (pools mode: the blocks at start; later claims are
+                    // announced from the next start on).
+                    let (exports_tx, exports) =
+                        tokio::sync::watch::channel(config.pod_cidrs.clone());
+                    let (speaker, learned) = crate::bgp::speaker::start(
+                        crate::bgp::speaker::Config {
+                            asn: args.bgp_as,
+                            router_id: addr,
+                            listen: std::net::SocketAddr::from(([0, 0, 0, 0], args.bgp_port)),
+                            hold_time: args.bgp_hold_time,
+                            restart_time: args.bgp_restart_time,
+                            connect_retry: Duration::from_secs(args.bgp_connect_retry.max(1)),
+                            next_hop: addr,
+                        },
+                        peers,
+                        exports,
+                    )
+                    .await?;
+                    info!(
+                        asn = args.bgp_as,
+                        peers = args.bgp_peers.len(),
+                        "BGP speaker started"
+                    );
+                    // The exports channel lives as long as the agent (its sessions end with it).
+                    tokio::spawn(async move {
+                        let _exports = exports_tx;
+                        std::future::pending::<()>().await;
+                    });
+                    metrics.set_bgp(speaker);
+                    crate::routing::Settings {
+                        bgp: Some(learned),
+                        // Long enough for the sessions to come back and resend their routes.
+                        keep_until: Some(
+                            std::time::Instant::now()
+                                + Duration::from_secs(3 * u64::from(args.bgp_hold_time).max(10)),
+                        ),
+                        ..settings
+                    }
+                } else {
+                    settings
                 };
                 crate::routing::start(
                     client.clone(),

@@ -1,6 +1,7 @@
 //! ferrox: the node agent (`ferrox agent`) and the node CLI, as a library so that the tests can
 //! reach its pure parts.
 
+pub mod bgp;
 pub mod cli;
 pub mod conntrack;
 pub mod ct_cli;

@@ -56,6 +56,7 @@ fn main() -> std::process::ExitCode {
             ferrox::ct_cli::list(&layout, &filter, output)
         }
         Command::Ct(CtCommand::Flush { filter }) => ferrox::ct_cli::flush(&layout, &filter),
+        Command::Bgp(cmd) => ferrox::bgp::cli(cmd),
         Command::Routes(a) => ferrox::routes_cli::print(&layout, a.output),
         Command::Endpoints(a) => ferrox::ct_cli::endpoints(&layout, &a.node_config, a.output),
         Command::Status(a) => ferrox::status::print(&layout, &a.node_config, a.output),

@@ -88,12 +88,25 @@ pub struct AgentStatus {
     pub sockets_closed: u64,
     #[serde(default)]
     pub routing: Option<RoutingStatus>,
+    /// BGP sessions, when the speaker runs.
+    #[serde(default)]
+    pub bgp_peers: Option<Vec<crate::bgp::speaker::PeerStatus>>,
+    /// Best BGP routes, when the speaker runs.
+    #[serde(default)]
+    pub bgp_routes: Option<Vec<crate::bgp::speaker::LearnedRoute>>,
 }
 
 /// The metrics the agent's tasks record into; cheap to clone.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Metrics {
     state: Arc<Mutex<State>>,
+    bgp: Arc<Mutex<Option<crate::bgp::speaker::Speaker>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Metrics {
@@ -140,6 +153,11 @@ impl Metrics {
 
     /// The agent's own state, for `ferrox status`.
     pub fn status(&self) -> AgentStatus {
+        let bgp = self
+            .bgp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let s = self.lock();
         AgentStatus {
             pid: std::process::id(),
@@ -158,7 +176,14 @@ impl Metrics {
             flows_purged: s.flows_purged,
             sockets_closed: s.sockets_closed,
             routing: s.routing.clone(),
+            bgp_peers: bgp.as_ref().map(crate::bgp::speaker::Speaker::peers),
+            bgp_routes: bgp.as_ref().map(crate::bgp::speaker::Speaker::routes),
         }
+    }
+
+    /// The BGP speaker whose sessions and routes the status reports.
+    pub fn set_bgp(&self, speaker: crate::bgp::speaker::Speaker) {
+        *self.bgp.lock().unwrap_or_else(PoisonError::into_inner) = Some(speaker);
     }
 
     /// Records one routing apply (`ok` false: it failed; the status keeps the error).
@@ -209,6 +234,11 @@ impl Metrics {
 
     /// The exposition text, with the datapath's `counters`.
     pub fn render(&self, counters: &[CounterRow]) -> String {
+        let bgp = self
+            .bgp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let s = self.lock();
         let mut text = String::new();
         // One metric family: HELP, TYPE, then its samples (each: labels or suffix, value).
@@ -299,6 +329,34 @@ impl Metrics {
                 format!("{{cause=\"backend-gone\"}} {}", s.flows_purged),
             ],
         );
+        if let Some(speaker) = &bgp {
+            let peers = speaker.peers();
+            section(
+                "ferrox_bgp_session_up",
+                "gauge",
+                "1 while the BGP session with the peer is established.",
+                peers
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{{peer=\"{}\",name=\"{}\"}} {}",
+                            p.addr,
+                            p.name,
+                            u8::from(p.state == "established")
+                        )
+                    })
+                    .collect(),
+            );
+            section(
+                "ferrox_bgp_received_prefixes",
+                "gauge",
+                "Prefixes received from the peer (in the RIB).",
+                peers
+                    .iter()
+                    .map(|p| format!("{{peer=\"{}\"}} {}", p.addr, p.received))
+                    .collect(),
+            );
+        }
         if let Some(r) = &s.routing {
             section(
                 "ferrox_routes",
@@ -479,5 +537,20 @@ mod tests {
             ),
             3.0
         );
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    #[test]
+    fn the_status_with_bgp_round_trips_through_json() {
+        let st = super::AgentStatus {
+            bgp_peers: Some(vec![crate::bgp::speaker::PeerStatus::default()]),
+            bgp_routes: Some(vec![]),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&st).unwrap();
+        let back: super::AgentStatus = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, st);
     }
 }

@@ -57,7 +57,8 @@ pub struct Status {
     pub warnings: Vec<String>,
 }
 
-fn agent_status(socket: &Path) -> Option<AgentStatus> {
+/// What the agent says over its status socket; `None` when it does not answer.
+pub fn agent_status(socket: &Path) -> Option<AgentStatus> {
     let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
         .ok()?;

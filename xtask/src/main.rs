@@ -116,6 +116,11 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Bench { quick } => {
             setup::run(setup::Mode::IfMissing)?;
             require_root("the benchmarks load eBPF programs and build network namespaces")?;
+            // The throughput section runs the real agent, plugin and fx-echo, release-built.
+            status(
+                "bench (release build)",
+                cargo().args(["build", "--release", "--quiet", "--bins"]),
+            )?;
             let mut c = cargo();
             c.args([
                 "run",

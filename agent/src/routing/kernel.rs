@@ -91,8 +91,16 @@ pub fn underlay_next_hop(routes: &[Route], addr: Ipv4Addr) -> Option<Ipv4Addr> {
         })
 }
 
-/// Programs `plan`; `uplink` is the uplink's interface index.
-pub fn apply(nl: &Netlink, maps: &mut Maps, plan: &Plan, uplink: u32) -> anyhow::Result<Applied> {
+/// Programs `plan`; `uplink` is the uplink's interface index. Routes (and tunnel entries) of
+/// ours to the prefixes in `keep` stay even when the plan does not name them (after a restart,
+/// until the BGP sessions have had time to announce them again).
+pub fn apply(
+    nl: &Netlink,
+    maps: &mut Maps,
+    plan: &Plan,
+    uplink: u32,
+    keep: &BTreeSet<Ipv4Net>,
+) -> anyhow::Result<Applied> {
     let mut done = Applied::default();
     let existing = owned_routes(nl)?;
     for (prefix, r) in &plan.routes {
@@ -105,7 +113,7 @@ pub fn apply(nl: &Netlink, maps: &mut Maps, plan: &Plan, uplink: u32) -> anyhow:
         done.routes_set += 1;
     }
     for (prefix, route) in &existing {
-        if !plan.routes.contains_key(prefix) && nl.del_route(route)? {
+        if !keep.contains(prefix) && !plan.routes.contains_key(prefix) && nl.del_route(route)? {
             done.routes_removed += 1;
         }
     }
@@ -131,7 +139,10 @@ pub fn apply(nl: &Netlink, maps: &mut Maps, plan: &Plan, uplink: u32) -> anyhow:
         done.tunnels_set += 1;
     }
     for prefix in tunnels.keys() {
-        if !plan.tunnels.contains_key(prefix) && maps.tunnels.remove(*prefix)? {
+        if !keep.contains(prefix)
+            && !plan.tunnels.contains_key(prefix)
+            && maps.tunnels.remove(*prefix)?
+        {
             done.tunnels_removed += 1;
         }
     }

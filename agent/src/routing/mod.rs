@@ -34,6 +34,7 @@ use kube::{
         watcher,
     },
 };
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::metrics::{Metrics, RoutingStatus};
@@ -49,6 +50,12 @@ pub struct Settings {
     /// IPAM blocks are watched too (`--ipam pools`).
     pub ipam_blocks: bool,
     pub layout: PinLayout,
+    /// Best routes from the BGP speaker, when it runs.
+    pub bgp: Option<watch::Receiver<BTreeMap<Ipv4Net, crate::bgp::rib::Best>>>,
+    /// Until then, the routes of ours found at start are kept even when the plan does not name
+    /// them (the BGP sessions re-learn them after an agent restart, as graceful restart
+    /// intends). Routes learned and withdrawn in this run go at once.
+    pub keep_until: Option<Instant>,
 }
 
 /// `never`, `always`, `cross-subnet`.
@@ -111,6 +118,7 @@ fn blocks_from(
                     prefix,
                     node: name.clone(),
                     node_addr: addr,
+                    external: false,
                 });
             }
             addr_of.insert(name, addr);
@@ -133,6 +141,7 @@ fn blocks_from(
                 prefix: cidr,
                 node: node.to_owned(),
                 node_addr: *addr,
+                external: false,
             });
         }
     }
@@ -142,30 +151,72 @@ fn blocks_from(
 /// Computes the plan for what the API holds and programs it.
 fn program(
     settings: &Settings,
+    found_at_start: &std::collections::BTreeSet<Ipv4Net>,
     nl: &Netlink,
     maps: &mut Maps,
     nodes: &[Arc<Node>],
     ipam: &[Arc<DynamicObject>],
     metrics: &Metrics,
 ) -> anyhow::Result<Plan> {
-    let (blocks, peers) = blocks_from(nodes, ipam);
+    let (mut blocks, peers) = blocks_from(nodes, ipam);
+    if let Some(bgp) = &settings.bgp {
+        for (prefix, best) in bgp.borrow().iter() {
+            for nh in &best.next_hops {
+                blocks.push(RemoteBlock {
+                    prefix: *prefix,
+                    node: format!("bgp:{}", best.peers.first().copied().unwrap_or(*nh)),
+                    node_addr: *nh,
+                    external: !peers.contains(nh),
+                });
+            }
+        }
+    }
     let underlay = nl
         .list_routes(ferrox_cni::netlink::MAIN_TABLE)
         .context("listing routes")?;
-    let plan = plan::plan(&settings.local, &settings.mode, &blocks, &peers, |a| {
+    let mut plan = plan::plan(&settings.local, &settings.mode, &blocks, &peers, |a| {
         kernel::underlay_next_hop(&underlay, a)
+    });
+    // Never replace a route someone else owns (the node's default route, a static route): a
+    // route is replaced by destination, whoever installed it.
+    let taken: std::collections::BTreeSet<Ipv4Net> = underlay
+        .iter()
+        .filter(|r| r.protocol != kernel::ROUTE_PROTOCOL)
+        .map(|r| r.dst)
+        .collect();
+    plan.routes.retain(|prefix, r| {
+        if taken.contains(prefix) {
+            plan.unroutable.push(plan::Unroutable {
+                prefix: *prefix,
+                node: r.nodes.join(","),
+                reason: "another route to it exists (not ferrox's)".into(),
+            });
+            plan.tunnels.remove(prefix);
+            false
+        } else {
+            true
+        }
     });
     for u in &plan.unroutable {
         warn!(block = %u.prefix, node = %u.node, reason = %u.reason, "pod block not routed");
     }
-    let result = kernel::apply(nl, maps, &plan, settings.uplink_index);
+    let keep = match settings.keep_until {
+        Some(t) if Instant::now() < t => found_at_start.clone(),
+        _ => std::collections::BTreeSet::new(),
+    };
+    let result = kernel::apply(nl, maps, &plan, settings.uplink_index, &keep);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
         .map(|d| d.as_secs());
     let status = RoutingStatus {
         mode: mode_name(&settings.mode).into(),
-        source: "kubernetes".into(),
+        source: if settings.bgp.is_some() {
+            "kubernetes+bgp"
+        } else {
+            "kubernetes"
+        }
+        .into(),
         routes: plan.routes.len(),
         tunnels: plan.tunnels.len(),
         peers: plan.peers.len(),
@@ -206,7 +257,7 @@ impl Stores {
 }
 
 /// Starts the watches; every event wakes `notify`.
-fn watch(client: &Client, ipam_blocks: bool, notify: Arc<tokio::sync::Notify>) -> Stores {
+fn watch_api(client: &Client, ipam_blocks: bool, notify: Arc<tokio::sync::Notify>) -> Stores {
     let (nodes, writer) = reflector::store::<Node>();
     let n = notify.clone();
     tokio::spawn(
@@ -254,7 +305,15 @@ pub async fn start(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let notify = Arc::new(tokio::sync::Notify::new());
-    let stores = watch(&client, settings.ipam_blocks, notify.clone());
+    let stores = watch_api(&client, settings.ipam_blocks, notify.clone());
+    if let Some(mut rx) = settings.bgp.clone() {
+        let n = notify.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                n.notify_one();
+            }
+        });
+    }
     let ready = async {
         stores.nodes.wait_until_ready().await?;
         if let Some(s) = &stores.ipam {
@@ -272,9 +331,19 @@ pub async fn start(
     }
     let nl = Netlink::open().context("opening rtnetlink")?;
     let mut maps = Maps::open(&settings.layout).context("opening the datapath maps")?;
+    let found_at_start: std::collections::BTreeSet<Ipv4Net> =
+        kernel::owned_routes(&nl)?.into_keys().collect();
     let (nodes, ipam) = stores.snapshot();
     let started = Instant::now();
-    match program(&settings, &nl, &mut maps, &nodes, &ipam, &metrics) {
+    match program(
+        &settings,
+        &found_at_start,
+        &nl,
+        &mut maps,
+        &nodes,
+        &ipam,
+        &metrics,
+    ) {
         Ok(plan) => info!(
             mode = mode_name(&settings.mode),
             routes = plan.routes.len(),
@@ -287,10 +356,23 @@ pub async fn start(
     }
     tokio::spawn(async move {
         loop {
-            // A change, or a periodic check that repairs what someone else changed.
-            let _ = tokio::time::timeout(Duration::from_secs(30), notify.notified()).await;
+            // A change, a periodic check that repairs what someone else changed, or the end of
+            // the time stale routes are kept.
+            let check = match settings.keep_until {
+                Some(t) if Instant::now() < t => t.saturating_duration_since(Instant::now()),
+                _ => Duration::from_secs(30),
+            };
+            let _ = tokio::time::timeout(check, notify.notified()).await;
             let (nodes, ipam) = stores.snapshot();
-            if let Err(e) = program(&settings, &nl, &mut maps, &nodes, &ipam, &metrics) {
+            if let Err(e) = program(
+                &settings,
+                &found_at_start,
+                &nl,
+                &mut maps,
+                &nodes,
+                &ipam,
+                &metrics,
+            ) {
                 warn!(error = %format!("{e:#}"), "routing: programming failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

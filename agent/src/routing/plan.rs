@@ -30,7 +30,10 @@ pub struct LocalNode {
 pub struct RemoteBlock {
     pub prefix: Ipv4Net,
     pub node: String,
+    /// The node's address, or the next hop a BGP peer gave.
     pub node_addr: Ipv4Addr,
+    /// Not a cluster node (a router, a host outside the cluster): never reached in IP-in-IP.
+    pub external: bool,
 }
 
 /// One kernel route the agent owns.
@@ -100,11 +103,10 @@ pub fn plan(
         if b.node == local.name || b.node_addr == local.addr {
             continue;
         }
-        if let Some(own) = local
-            .pod_cidrs
-            .iter()
-            .find(|c| c.contains(&prefix) || prefix.contains(*c))
-        {
+        // A block inside one of ours would take our pods' traffic; a wider one (an aggregate)
+        // is fine, the pods' own routes are more specific.
+        let overlaps = |c: &Ipv4Net| c.contains(&prefix) || (!b.external && prefix.contains(c));
+        if let Some(own) = local.pod_cidrs.iter().find(|c| overlaps(c)) {
             out.unroutable.push(Unroutable {
                 prefix,
                 node: b.node.clone(),
@@ -113,11 +115,12 @@ pub fn plan(
             continue;
         }
         let on_link = local.subnet.contains(&b.node_addr);
-        let encap = match mode {
-            TunnelMode::Always => true,
-            TunnelMode::Never => false,
-            TunnelMode::CrossSubnet => !on_link,
-        };
+        let encap = !b.external
+            && match mode {
+                TunnelMode::Always => true,
+                TunnelMode::Never => false,
+                TunnelMode::CrossSubnet => !on_link,
+            };
         let hop = if on_link {
             Some(b.node_addr)
         } else {
@@ -180,6 +183,7 @@ mod tests {
             prefix: prefix.parse().unwrap(),
             node: node.into(),
             node_addr: addr.parse().unwrap(),
+            external: false,
         }
     }
 
@@ -293,5 +297,19 @@ mod tests {
         let r = &p.routes[&"10.96.0.0/12".parse().unwrap()];
         assert_eq!(r.next_hops.len(), 1, "a tunnel has one outer destination");
         assert_eq!(p.tunnels.len(), 1);
+    }
+
+    #[test]
+    fn routes_from_outside_the_cluster_are_never_tunnelled_and_may_aggregate() {
+        let mut ext = block("10.0.0.0/8", "bgp:tor", "198.18.0.1");
+        ext.external = true;
+        let p = plan(&local(), &TunnelMode::Always, &[ext.clone()], &[], |_| None);
+        assert!(p.tunnels.is_empty());
+        assert_eq!(p.routes[&"10.0.0.0/8".parse().unwrap()].mtu, None);
+        // The same aggregate from a node would swallow this node's block: refused.
+        ext.external = false;
+        let p = plan(&local(), &TunnelMode::Always, &[ext], &[], |_| None);
+        assert!(p.routes.is_empty());
+        assert_eq!(p.unroutable.len(), 1);
     }
 }

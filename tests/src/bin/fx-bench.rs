@@ -1,5 +1,7 @@
-//! `cargo xtask bench`: packet-path figures. So far section 1 of the benchmark plan: the cost of
-//! each TC path per packet with BPF_PROG_TEST_RUN, for 1, 1k, 10k and 100k Services.
+//! `cargo xtask bench`: packet-path figures. Section 1 of the benchmark plan: the cost of each TC
+//! path per packet with BPF_PROG_TEST_RUN, for 1, 1k, 10k and 100k Services. Section 4: pod to
+//! pod throughput across nodes (iperf3) with eBPF IP-in-IP, direct routing and the kernel's
+//! VXLAN device, with the CPU each costs.
 //!
 //! Method: every measured run is one `BPF_PROG_TEST_RUN` with `repeat = 1` on a fresh copy of the
 //! input, so the program never runs on its own output (the NAT paths rewrite the packet, which a
@@ -25,11 +27,32 @@ use ferrox_abi::{
     Backend, DatapathConfig, ServiceKey, ServiceValue, backend_flags, scope, svc_flags,
 };
 use ferrox_datapath::{Datapath, TcProgram, bpffs::ScratchBpffs};
+use ferrox_tests::harness::Cluster;
 use serde_json::{Value, json};
 
 const NODE: [u8; 4] = [198, 18, 0, 11];
 const CLIENT: [u8; 4] = [198, 18, 0, 200];
 const LOCAL_POD: [u8; 4] = [10, 244, 1, 5];
+const NODE2: [u8; 4] = [198, 18, 0, 12];
+const REMOTE_POD: [u8; 4] = [10, 244, 2, 6];
+
+/// `frame` wrapped in IP-in-IP from `src` to `dst`, as a node's encapsulation writes it.
+fn ipip(frame: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let inner = &frame[14..];
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((inner.len() + 20) as u16).to_be_bytes());
+    h[8] = 64;
+    h[9] = 4;
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    let c = checksum(&h, 0);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = frame[..14].to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(inner);
+    out
+}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
@@ -165,6 +188,147 @@ fn measure(
     (d[d.len() / 2], d[0], d[d.len() - 1])
 }
 
+/// Busy CPU time of the whole machine so far, in seconds (`/proc/stat`: all but idle and iowait).
+fn cpu_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = fields.iter().take(8).sum();
+    let idle = fields[3] + fields[4];
+    // USER_HZ is 100 on Linux.
+    (total - idle) / 100.0
+}
+
+/// A VXLAN overlay between the nodes with the kernel's device (VNI 42, UDP 4789, static
+/// flooding entries), and each node's pod block routed over it: the reference overlay.
+fn vxlan(c: &Cluster) {
+    for n in c.nodes() {
+        let ns = n.netns();
+        let addr = n.addr.to_string();
+        ns.ip(&[
+            "link",
+            "add",
+            "vxlan0",
+            "type",
+            "vxlan",
+            "id",
+            "42",
+            "local",
+            &addr,
+            "dev",
+            "eth0",
+            "dstport",
+            "4789",
+            "nolearning",
+        ]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.99.0.{}/24", n.index),
+            "dev",
+            "vxlan0",
+        ]);
+        ns.ip(&["link", "set", "vxlan0", "up"]);
+        for o in c.nodes().iter().filter(|o| o.index != n.index) {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns.name(), "bridge", "fdb", "append"])
+                .args([
+                    "00:00:00:00:00:00",
+                    "dev",
+                    "vxlan0",
+                    "dst",
+                    &o.addr.to_string(),
+                ])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            ns.ip(&[
+                "route",
+                "add",
+                &o.pod_cidr.to_string(),
+                "via",
+                &format!("10.99.0.{}", o.index),
+                "dev",
+                "vxlan0",
+                "onlink",
+            ]);
+        }
+    }
+}
+
+/// Section 4: iperf3 from a pod on node-1 to a pod on node-2, in each way of crossing nodes.
+fn throughput(quick: bool) -> Vec<Value> {
+    let secs = if quick { 3 } else { 10 };
+    let repeats = if quick { 1 } else { 3 };
+    let mut rows = Vec::new();
+    for (path, mode) in [
+        ("direct routing (never)", Some("never")),
+        ("eBPF IP-in-IP (always)", Some("always")),
+        ("kernel VXLAN device", None),
+    ] {
+        let mut b = Cluster::builder().nodes(2);
+        b = match mode {
+            Some(m) => b.agent_env("FERROX_TUNNEL_MODE", m),
+            None => b
+                .agent_env("FERROX_TUNNEL_MODE", "never")
+                .agent_env("FERROX_ROUTES", "false")
+                .agent_env("FERROX_MTU", "1450"),
+        };
+        let c = b.build();
+        if mode.is_none() {
+            vxlan(&c);
+        }
+        let client = c.add_pod(1, "client");
+        let server = c.add_pod(2, "server");
+        let srv = server.command("iperf3", &["-s"]);
+        srv.wait_for_line(
+            "iperf3 to listen",
+            std::time::Duration::from_secs(10),
+            |l| l.contains("Server listening"),
+        );
+        let mut gbps = Vec::new();
+        let mut cores_per_gbps = Vec::new();
+        for _ in 0..repeats {
+            let cpu0 = cpu_busy_seconds();
+            let t0 = std::time::Instant::now();
+            let out = client.command_output(
+                "iperf3",
+                &["-c", &server.ip.to_string(), "-t", &secs.to_string(), "-J"],
+            );
+            let wall = t0.elapsed().as_secs_f64();
+            let cpu = cpu_busy_seconds() - cpu0;
+            assert!(out.status.success(), "iperf3 over {path}: {out:?}");
+            let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let bps = j["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap();
+            let g = bps / 1e9;
+            gbps.push(g);
+            cores_per_gbps.push(cpu / wall / g);
+        }
+        let stats = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        let (g, gmin, gmax) = stats(&mut gbps);
+        let (c50, _, _) = stats(&mut cores_per_gbps);
+        eprintln!(
+            "{path:<28} {g:>6.2} Gbit/s (min {gmin:.2}, max {gmax:.2})  {c50:.3} CPU cores per Gbit/s"
+        );
+        rows.push(json!({
+            "path": path, "gbps_median": g, "gbps_min": gmin, "gbps_max": gmax,
+            "cores_per_gbps": c50, "seconds": secs, "repeats": repeats,
+        }));
+    }
+    rows
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let runs: u32 = if quick { 300 } else { 3000 };
@@ -258,7 +422,7 @@ fn main() {
                     rows.push(json!({ "services": n, "path": path, "median_ns": m.0, "min_ns": m.1, "max_ns": m.2 }));
                 };
                 let m = measure(&mut dp, TcProgram::UplinkEgress, up0, runs, |_| tcp(NODE, 22, CLIENT, 40000), PASS);
-                row("baseline: classify and count (egress)", m);
+                row("baseline: classify, count, tunnel lookup miss (egress)", m);
                 let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| tcp(CLIENT, 40000, NODE, 22), PASS);
                 row("miss: not a frontend", m);
                 let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |i| tcp(CLIENT, (20_000 + i) as u16, NODE, port), REDIRECT);
@@ -267,12 +431,38 @@ fn main() {
                 row("established flow: conntrack hit, DNAT", m);
                 let m = measure(&mut dp, TcProgram::FromPod, pod0, runs, |_| tcp(LOCAL_POD, 8080, CLIENT, 20_000), REDIRECT);
                 row("reply: reverse NAT at the pod's veth", m);
+                dp.maps_mut()
+                    .tunnels
+                    .insert(&ferrox_datapath::Tunnel {
+                        prefix: "10.244.2.0/24".parse().unwrap(),
+                        remote: NODE2.into(),
+                        flags: ferrox_abi::tunnel_flags::IPIP,
+                    })
+                    .unwrap();
+                dp.maps_mut()
+                    .nodes
+                    .insert(&be(NODE2), &ferrox_abi::NodeInfo { flags: ferrox_abi::node_flags::TUNNEL_PEER })
+                    .unwrap();
+                dp.maps_mut()
+                    .endpoints
+                    .insert(
+                        &ferrox_abi::EndpointKey { addr: be(LOCAL_POD) },
+                        &ferrox_abi::EndpointInfo { ifindex: pod0, flags: ferrox_abi::endpoint_flags::POD },
+                    )
+                    .unwrap();
+                let m = measure(&mut dp, TcProgram::UplinkEgress, up0, runs, |_| tcp(LOCAL_POD, 40000, REMOTE_POD, 8080), PASS);
+                row("IP-in-IP encap (egress)", m);
+                let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| ipip(&tcp(REMOTE_POD, 8080, LOCAL_POD, 40000), NODE2, NODE), REDIRECT);
+                row("IP-in-IP decap, to the pod (ingress)", m);
+                dp.maps_mut().tunnels.remove("10.244.2.0/24".parse().unwrap()).unwrap();
             }
             rows
         })
         .join()
         .unwrap()
     });
+
+    let throughput = throughput(quick);
 
     let uname = Command::new("uname").arg("-r").output().unwrap();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -296,6 +486,7 @@ fn main() {
         "method": "BPF_PROG_TEST_RUN, repeat = 1 per run on a fresh input, kernel-measured duration; median/min/max over runs",
         "runs_per_figure": runs,
         "per_packet": results,
+        "throughput": throughput,
     });
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = root.join("bench/results");
@@ -313,7 +504,7 @@ fn main() {
         if quick { " --quick" } else { "" }
     ));
     md.push_str("## 1. Per-packet cost of each TC path\n\n");
-    md.push_str(&format!("Method: {}; {} runs per figure. The baseline is the uplink egress program, which only classifies and counts; ratio = path median / baseline median of the same run.\n\n", doc["method"].as_str().unwrap_or(""), runs));
+    md.push_str(&format!("Method: {}; {} runs per figure. The baseline is the uplink egress program on a packet to no remote pod block (classify, count, one tunnel-trie miss); ratio = path median / baseline median of the same run.\n\n", doc["method"].as_str().unwrap_or(""), runs));
     md.push_str("| Services | Path | median ns | min | max | ratio to baseline |\n| ---: | --- | ---: | ---: | ---: | ---: |\n");
     for &n in &sizes {
         let rows: Vec<&Value> = doc["per_packet"]
@@ -339,7 +530,28 @@ fn main() {
             ));
         }
     }
-    md.push_str("\nSections 2-6 of the plan (connection latency against kube-proxy's iptables and nftables rulesets, programming time, cross-node throughput, CNI and BGP figures) are not measured yet.\n");
+    md.push_str("\n## 4. Pod to pod throughput across nodes\n\n");
+    md.push_str("Method: a 2-node harness cluster (nodes are network namespaces on one machine, joined by veths and a bridge, so the \"wire\" is memory and both ends share the same CPUs); `iperf3 -c` (one TCP stream) from a pod on node-1 to a pod on node-2, run by the real agent and CNI plugin (release build). CPU is the whole machine's busy time (`/proc/stat`, all but idle and iowait) during the run, per second and per Gbit/s: sender, receiver and the path together. VXLAN: the kernel's device (VNI 42, static flood entries), pods at MTU 1450, ferrox's routing off; IP-in-IP pods at 1480; direct at 1500. Ratio = median / direct routing's median.\n\n");
+    md.push_str("| Path | Gbit/s median | min | max | CPU cores per Gbit/s | throughput ratio to direct |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
+    let tp = doc["throughput"].as_array().unwrap();
+    let direct = tp
+        .iter()
+        .find(|r| r["path"].as_str().unwrap_or("").starts_with("direct"))
+        .and_then(|r| r["gbps_median"].as_f64())
+        .unwrap_or(1.0);
+    for r in tp {
+        let g = r["gbps_median"].as_f64().unwrap_or(0.0);
+        md.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} |\n",
+            r["path"].as_str().unwrap_or(""),
+            g,
+            r["gbps_min"].as_f64().unwrap_or(0.0),
+            r["gbps_max"].as_f64().unwrap_or(0.0),
+            r["cores_per_gbps"].as_f64().unwrap_or(0.0),
+            g / direct
+        ));
+    }
+    md.push_str("\nSections 2, 3, 5 and 6 of the plan (connection latency against kube-proxy's iptables and nftables rulesets, programming time, CNI and BGP figures) are not measured yet.\n");
     let docs = root.join("docs");
     std::fs::create_dir_all(&docs).unwrap();
     std::fs::write(docs.join("benchmarks.md"), md).unwrap();

@@ -579,6 +579,16 @@ impl Cluster {
         let fabric = self.fabric.as_ref().expect("fabric");
         let cgroup = self.cgroup_dir.join("fabric");
         std::fs::create_dir_all(&cgroup).expect("creating the fabric's cgroup");
+        {
+            // Killed and removed with the cluster, like every process outside the nodes.
+            let mut extra = self
+                .unhooked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !extra.contains(&cgroup) {
+                extra.push(cgroup.clone());
+            }
+        }
         // The end marker: a datagram the fabric sends itself to a fixed neighbour, which the
         // capture sees after every packet before it.
         let marker = match bridge {
@@ -1044,6 +1054,27 @@ impl Node {
 }
 
 impl Place {
+    /// Starts `program <args>` here (any program: iperf3, ping, ...).
+    pub fn command(&self, program: &str, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Proc::spawn(
+            &format!("{} {program} {}", self.name, args.join(" ")),
+            cmd,
+            &self.netns_path,
+            &self.cgroup,
+        )
+    }
+
+    /// Runs `program <args>` here to completion.
+    pub fn command_output(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        let _ns = spawn_in(&mut cmd, &self.netns_path, &self.cgroup);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("running {program}: {e}"))
+    }
+
     /// Starts `fx-echo <args>` here.
     pub fn spawn(&self, args: &[&str]) -> Proc {
         let mut cmd = Command::new(bin_path("fx-echo"));

@@ -1,0 +1,885 @@
+//! The BGP speaker: one task per configured peer running the RFC 4271 session (Connect/Active,
+//! OpenSent, OpenConfirm, Established, with connect-retry, hold and keepalive timers), a listener
+//! that hands incoming connections to their peer's task (unknown sources are refused), and the
+//! RIB the sessions feed. The best paths are published on a watch channel for routing; this
+//! node's prefixes come in on another and are announced to every peer.
+//!
+//! Errors never crash the speaker: a malformed message is answered with its NOTIFICATION and the
+//! session is reset; the peer's task then reconnects after the connect-retry time. A peer that
+//! announced graceful restart keeps its routes (marked stale) for its restart time when its
+//! session drops without a NOTIFICATION, until it announces them again and sends End-of-RIB.
+//!
+//! Collisions (both sides connecting at once): the connection initiated by the side with the
+//! higher BGP identifier survives (RFC 4271 6.8). The peer's identifier is not known before its
+//! OPEN, so its address stands in for it, which holds where router IDs are node addresses.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    time::{Instant, sleep_until},
+};
+use tracing::{info, warn};
+
+use super::{
+    rib::{Best, Path, Rib},
+    wire::{
+        self, AFI_IPV4, Attributes, Capabilities, GracefulRestart, Message, Notification, Open,
+        Origin, SAFI_UNICAST, Segment, Update, err,
+    },
+};
+
+/// This speaker.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    pub listen: SocketAddr,
+    /// Hold time offered in OPEN (seconds; 0 disables keepalives, 3 or more).
+    pub hold_time: u16,
+    /// Graceful restart time announced: how long peers keep this node's routes while it
+    /// restarts.
+    pub restart_time: u16,
+    pub connect_retry: Duration,
+    /// The next hop of the routes this node announces (its address).
+    pub next_hop: Ipv4Addr,
+}
+
+/// A configured neighbour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub asn: u32,
+    pub port: u16,
+    /// Only accept its connections, never connect.
+    pub passive: bool,
+}
+
+/// One session as `ferrox bgp peers` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub asn: u32,
+    /// idle, connect, active, open-sent, open-confirm, established.
+    pub state: String,
+    /// Unix seconds of the last change of state.
+    pub since_unix: u64,
+    pub router_id: Option<Ipv4Addr>,
+    pub hold_time: u16,
+    /// Prefixes received from the peer (in the RIB, stale ones included).
+    pub received: usize,
+    /// Prefixes announced to the peer.
+    pub advertised: usize,
+    /// The peer announced graceful restart (its routes survive its restarts).
+    pub graceful_restart: bool,
+    /// Seconds its routes are kept while it restarts.
+    pub restart_time: u16,
+    pub last_error: Option<String>,
+    pub established_count: u64,
+}
+
+/// A best route as `ferrox bgp routes` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LearnedRoute {
+    pub prefix: Ipv4Net,
+    pub next_hops: Vec<Ipv4Addr>,
+    pub peers: Vec<Ipv4Addr>,
+    pub as_path_len: usize,
+}
+
+impl Default for PeerStatus {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            addr: Ipv4Addr::UNSPECIFIED,
+            asn: 0,
+            state: "idle".into(),
+            since_unix: 0,
+            router_id: None,
+            hold_time: 0,
+            received: 0,
+            advertised: 0,
+            graceful_restart: false,
+            restart_time: 0,
+            last_error: None,
+            established_count: 0,
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Shared {
+    cfg: Config,
+    rib: Mutex<Rib>,
+    status: Mutex<BTreeMap<Ipv4Addr, PeerStatus>>,
+    learned: watch::Sender<BTreeMap<Ipv4Net, Best>>,
+}
+
+impl Shared {
+    fn set_state(&self, peer: &Peer, state: &str, error: Option<String>) {
+        let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = s.entry(peer.addr).or_default();
+        if e.state != state {
+            e.since_unix = now_unix();
+        }
+        e.state = state.to_owned();
+        if state == "established" {
+            e.established_count += 1;
+        }
+        if error.is_some() {
+            e.last_error = error;
+        }
+    }
+
+    fn update_status(&self, peer: Ipv4Addr, f: impl FnOnce(&mut PeerStatus)) {
+        let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        f(s.entry(peer).or_default());
+    }
+
+    fn publish(&self) {
+        let rib = self.rib.lock().unwrap_or_else(PoisonError::into_inner);
+        let best = rib.best();
+        let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        for (addr, st) in s.iter_mut() {
+            st.received = rib.count_from(*addr);
+        }
+        drop(s);
+        drop(rib);
+        self.learned.send_replace(best);
+    }
+}
+
+/// The running speaker: its sessions' status and best routes.
+#[derive(Clone)]
+pub struct Speaker {
+    shared: Arc<Shared>,
+}
+
+impl Speaker {
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn routes(&self) -> Vec<LearnedRoute> {
+        self.shared
+            .learned
+            .borrow()
+            .iter()
+            .map(|(p, b)| LearnedRoute {
+                prefix: *p,
+                next_hops: b.next_hops.clone(),
+                peers: b.peers.clone(),
+                as_path_len: b.as_path_len,
+            })
+            .collect()
+    }
+}
+
+/// Starts the listener and one session task per peer. `exports`: the prefixes this node
+/// announces. Returns the speaker and the best routes as they change.
+pub async fn start(
+    cfg: Config,
+    peers: Vec<Peer>,
+    exports: watch::Receiver<Vec<Ipv4Net>>,
+) -> anyhow::Result<(Speaker, watch::Receiver<BTreeMap<Ipv4Net, Best>>)> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("BGP: listening on {}: {e}", cfg.listen))?;
+    let (learned, learned_rx) = watch::channel(BTreeMap::new());
+    let shared = Arc::new(Shared {
+        cfg,
+        rib: Mutex::new(Rib::default()),
+        status: Mutex::new(BTreeMap::new()),
+        learned,
+    });
+    let mut inboxes = HashMap::new();
+    for peer in peers {
+        let (tx, rx) = mpsc::channel(4);
+        inboxes.insert(peer.addr, tx);
+        shared.update_status(peer.addr, |s| {
+            s.name = peer.name.clone();
+            s.addr = peer.addr;
+            s.asn = peer.asn;
+            s.state = "idle".into();
+            s.since_unix = now_unix();
+        });
+        tokio::spawn(peer_task(shared.clone(), peer, rx, exports.clone()));
+    }
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, from)) = listener.accept().await else {
+                continue;
+            };
+            let std::net::IpAddr::V4(ip) = from.ip() else {
+                continue;
+            };
+            match inboxes.get(&ip) {
+                Some(tx) => {
+                    let _ = tx.try_send(stream);
+                }
+                None => warn!(%from, "BGP: connection from an unconfigured address refused"),
+            }
+        }
+    });
+    Ok((Speaker { shared }, learned_rx))
+}
+
+/// How a session ended.
+enum End {
+    /// We sent this NOTIFICATION.
+    Sent(Notification),
+    /// The peer sent this one.
+    Received(Notification),
+    /// The connection broke (or the peer closed it) without a NOTIFICATION.
+    Lost(String),
+    /// A colliding connection replaces this one.
+    Replaced(TcpStream),
+}
+
+async fn peer_task(
+    shared: Arc<Shared>,
+    peer: Peer,
+    mut inbox: mpsc::Receiver<TcpStream>,
+    exports: watch::Receiver<Vec<Ipv4Net>>,
+) {
+    let mut next: Option<TcpStream> = None;
+    loop {
+        let stream = match next.take() {
+            Some(s) => s,
+            None => {
+                shared.set_state(&peer, if peer.passive { "active" } else { "connect" }, None);
+                let target = SocketAddr::from((peer.addr, peer.port));
+                let connect = async {
+                    if peer.passive {
+                        std::future::pending().await
+                    } else {
+                        tokio::time::timeout(shared.cfg.connect_retry, TcpStream::connect(target))
+                            .await
+                    }
+                };
+                tokio::select! {
+                    r = connect => match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            shared.set_state(&peer, "active", Some(format!("connect: {e}")));
+                            match wait_or_accept(&shared, &mut inbox).await {
+                                Some(s) => s,
+                                None => continue,
+                            }
+                        }
+                        Err(_) => continue,
+                    },
+                    Some(s) = inbox.recv() => s,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let had_gr = std::sync::atomic::AtomicBool::new(false);
+        let end = session(&shared, &peer, stream, &mut inbox, exports.clone(), &had_gr).await;
+        let (error, graceful) = match end {
+            End::Replaced(s) => {
+                next = Some(s);
+                (
+                    Some("connection collision: the peer's connection kept".to_owned()),
+                    true,
+                )
+            }
+            End::Sent(n) => (Some(format!("sent {n}")), false),
+            End::Received(n) => (Some(format!("received {n}")), false),
+            End::Lost(e) => (Some(e), true),
+        };
+        info!(peer = %peer.addr, error = ?error, "BGP session down");
+        shared.set_state(&peer, "idle", error);
+        let keep = graceful && had_gr.load(std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut rib = shared.rib.lock().unwrap_or_else(PoisonError::into_inner);
+            if keep {
+                rib.mark_stale(peer.addr);
+            } else {
+                rib.drop_peer(peer.addr);
+            }
+        }
+        shared.publish();
+        if keep {
+            let restart = shared
+                .status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&peer.addr)
+                .map(|s| s.restart_time)
+                .unwrap_or(0);
+            let shared = shared.clone();
+            let addr = peer.addr;
+            let wait = Duration::from_secs(u64::from(restart.max(1)));
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let swept = shared
+                    .rib
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .sweep_stale(addr);
+                if swept > 0 {
+                    info!(peer = %addr, swept, "BGP: the peer did not come back in time; its stale routes are gone");
+                    shared.publish();
+                }
+            });
+        }
+        if next.is_none() {
+            next = wait_or_accept(&shared, &mut inbox).await;
+        }
+    }
+}
+
+/// Waits the connect-retry time, or less if the peer connects to us meanwhile.
+async fn wait_or_accept(
+    shared: &Shared,
+    inbox: &mut mpsc::Receiver<TcpStream>,
+) -> Option<TcpStream> {
+    tokio::select! {
+        _ = tokio::time::sleep(shared.cfg.connect_retry) => None,
+        s = inbox.recv() => s,
+    }
+}
+
+fn export_attrs(cfg: &Config, peer: &Peer) -> Attributes {
+    let ebgp = peer.asn != cfg.asn;
+    Attributes {
+        origin: Origin::Igp,
+        as_path: if ebgp {
+            vec![Segment::Sequence(vec![cfg.asn])]
+        } else {
+            vec![]
+        },
+        next_hop: Some(cfg.next_hop),
+        local_pref: (!ebgp).then_some(100),
+        ..Attributes::default()
+    }
+}
+
+/// The UPDATEs that take a peer from having `old` to having `new`.
+fn export_updates(cfg: &Config, peer: &Peer, old: &[Ipv4Net], new: &[Ipv4Net]) -> Vec<Message> {
+    let withdrawn: Vec<Ipv4Net> = old.iter().filter(|p| !new.contains(p)).copied().collect();
+    let added: Vec<Ipv4Net> = new.iter().filter(|p| !old.contains(p)).copied().collect();
+    let mut out = Vec::new();
+    for chunk in withdrawn.chunks(wire::PREFIXES_PER_UPDATE) {
+        out.push(Message::Update(Update {
+            withdrawn: chunk.to_vec(),
+            ..Update::default()
+        }));
+    }
+    for chunk in added.chunks(wire::PREFIXES_PER_UPDATE) {
+        out.push(Message::Update(Update {
+            withdrawn: vec![],
+            attrs: Some(export_attrs(cfg, peer)),
+            nlri: chunk.to_vec(),
+        }));
+    }
+    out
+}
+
+/// Checks a peer's OPEN; the NOTIFICATION to send when it is not acceptable.
+pub fn check_open(cfg: &Config, peer: &Peer, open: &Open) -> Result<u16, Notification> {
+    if open.asn != peer.asn {
+        return Err(Notification::new(
+            err::OPEN,
+            err::OPEN_BAD_PEER_AS,
+            u16::try_from(peer.asn)
+                .unwrap_or(wire::AS_TRANS)
+                .to_be_bytes()
+                .to_vec(),
+        ));
+    }
+    if open.router_id == cfg.router_id && peer.asn == cfg.asn {
+        return Err(Notification::new(err::OPEN, err::OPEN_BAD_IDENTIFIER, []));
+    }
+    // The hold time is the smaller of the two; 0 means no keepalives at all.
+    Ok(cfg.hold_time.min(open.hold_time))
+}
+
+async fn send(
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    msg: &Message,
+    four: bool,
+) -> Result<(), End> {
+    w.write_all(&wire::encode(msg, four))
+        .await
+        .map_err(|e| End::Lost(format!("write: {e}")))
+}
+
+async fn fail(w: &mut tokio::net::tcp::OwnedWriteHalf, n: Notification) -> End {
+    let _ = w
+        .write_all(&wire::encode(&Message::Notification(n.clone()), true))
+        .await;
+    let _ = w.shutdown().await;
+    End::Sent(n)
+}
+
+/// One TCP connection's session, until it ends.
+async fn session(
+    shared: &Shared,
+    peer: &Peer,
+    stream: TcpStream,
+    inbox: &mut mpsc::Receiver<TcpStream>,
+    mut exports: watch::Receiver<Vec<Ipv4Net>>,
+    had_gr: &std::sync::atomic::AtomicBool,
+) -> End {
+    let cfg = &shared.cfg;
+    let (mut rd, mut wr) = stream.into_split();
+    let open = Open {
+        version: 4,
+        asn: cfg.asn,
+        hold_time: cfg.hold_time,
+        router_id: cfg.router_id,
+        caps: Capabilities {
+            four_octet_as: Some(cfg.asn),
+            ipv4_unicast: true,
+            route_refresh: true,
+            graceful_restart: Some(GracefulRestart {
+                restarting: false,
+                restart_time: cfg.restart_time,
+                ipv4_unicast: Some(true),
+            }),
+            other: vec![],
+        },
+    };
+    if let Err(e) = send(&mut wr, &Message::Open(open), true).await {
+        return e;
+    }
+    shared.set_state(peer, "open-sent", None);
+    let mut state = "open-sent";
+    let mut four = true;
+    let mut hold = Duration::from_secs(240);
+    let mut hold_deadline = Instant::now() + hold;
+    let mut keepalive_at: Option<Instant> = None;
+    let mut advertised: Vec<Ipv4Net> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    loop {
+        // Every complete message in the buffer first.
+        loop {
+            let decoded = match wire::decode(&buf, four) {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(n) => return fail(&mut wr, n).await,
+            };
+            let (msg, used) = decoded;
+            buf.drain(..used);
+            if !hold.is_zero() {
+                hold_deadline = Instant::now() + hold;
+            }
+            match (state, msg) {
+                (_, Message::Notification(n)) => return End::Received(n),
+                ("open-sent", Message::Open(o)) => {
+                    let negotiated = match check_open(cfg, peer, &o) {
+                        Ok(h) => h,
+                        Err(n) => return fail(&mut wr, n).await,
+                    };
+                    four = o.caps.four_octet_as.is_some();
+                    hold = Duration::from_secs(u64::from(negotiated));
+                    hold_deadline = Instant::now() + hold;
+                    keepalive_at = (negotiated > 0)
+                        .then(|| Instant::now() + Duration::from_secs(u64::from(negotiated / 3)));
+                    let gr = o.caps.graceful_restart.clone();
+                    had_gr.store(gr.is_some(), std::sync::atomic::Ordering::Relaxed);
+                    shared.update_status(peer.addr, |s| {
+                        s.router_id = Some(o.router_id);
+                        s.hold_time = negotiated;
+                        s.graceful_restart = gr.is_some();
+                        s.restart_time = gr.as_ref().map_or(0, |g| g.restart_time);
+                    });
+                    if let Err(e) = send(&mut wr, &Message::Keepalive, four).await {
+                        return e;
+                    }
+                    state = "open-confirm";
+                    shared.set_state(peer, state, None);
+                }
+                ("open-confirm", Message::Keepalive) => {
+                    state = "established";
+                    shared.set_state(peer, state, None);
+                    info!(peer = %peer.addr, asn = peer.asn, "BGP session established");
+                    let now: Vec<Ipv4Net> = exports.borrow_and_update().clone();
+                    for m in export_updates(cfg, peer, &[], &now) {
+                        if let Err(e) = send(&mut wr, &m, four).await {
+                            return e;
+                        }
+                    }
+                    advertised = now;
+                    shared.update_status(peer.addr, |s| s.advertised = advertised.len());
+                    // End-of-RIB: everything this node has is announced.
+                    if let Err(e) = send(&mut wr, &Message::Update(Update::default()), four).await {
+                        return e;
+                    }
+                }
+                ("established", Message::Keepalive) => {}
+                ("established", Message::Update(u)) => {
+                    apply_update(shared, peer, &u);
+                }
+                ("established", Message::RouteRefresh { afi, safi }) => {
+                    if afi == AFI_IPV4 && safi == SAFI_UNICAST {
+                        for m in export_updates(cfg, peer, &[], &advertised) {
+                            if let Err(e) = send(&mut wr, &m, four).await {
+                                return e;
+                            }
+                        }
+                    }
+                }
+                (st, other) => {
+                    let sub = match st {
+                        "open-sent" => 1,
+                        "open-confirm" => 2,
+                        _ => 3,
+                    };
+                    warn!(peer = %peer.addr, state = st, message = ?other, "BGP: unexpected message");
+                    return fail(&mut wr, Notification::new(err::FSM, sub, [])).await;
+                }
+            }
+        }
+        let keepalive = async {
+            match keepalive_at {
+                Some(t) if state != "open-sent" => sleep_until(t).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let hold_timer = async {
+            if hold.is_zero() && state == "established" {
+                std::future::pending::<()>().await;
+            } else {
+                sleep_until(hold_deadline).await;
+            }
+        };
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => return End::Lost("the peer closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return End::Lost(format!("read: {e}")),
+            },
+            () = hold_timer => {
+                return fail(&mut wr, Notification::new(err::HOLD_TIMER_EXPIRED, 0, [])).await;
+            }
+            () = keepalive => {
+                if let Err(e) = send(&mut wr, &Message::Keepalive, four).await {
+                    return e;
+                }
+                keepalive_at = Some(Instant::now() + hold / 3);
+            }
+            r = exports.changed(), if state == "established" => {
+                if r.is_err() {
+                    return fail(&mut wr, Notification::new(err::CEASE, err::CEASE_ADMIN_SHUTDOWN, [])).await;
+                }
+                let now: Vec<Ipv4Net> = exports.borrow_and_update().clone();
+                for m in export_updates(cfg, peer, &advertised, &now) {
+                    if let Err(e) = send(&mut wr, &m, four).await {
+                        return e;
+                    }
+                }
+                advertised = now;
+                shared.update_status(peer.addr, |s| s.advertised = advertised.len());
+            }
+            Some(other) = inbox.recv() => {
+                // Collision: keep the connection the higher identifier initiated.
+                if state != "established" && cfg.router_id < peer.addr {
+                    let _ = wr
+                        .write_all(&wire::encode(
+                            &Message::Notification(Notification::new(err::CEASE, err::CEASE_COLLISION, [])),
+                            four,
+                        ))
+                        .await;
+                    return End::Replaced(other);
+                }
+                let mut other = other;
+                let _ = other
+                    .write_all(&wire::encode(
+                        &Message::Notification(Notification::new(err::CEASE, err::CEASE_COLLISION, [])),
+                        true,
+                    ))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Applies an UPDATE from `peer` to the RIB and publishes the result.
+fn apply_update(shared: &Shared, peer: &Peer, u: &Update) {
+    let cfg = &shared.cfg;
+    let ebgp = peer.asn != cfg.asn;
+    let router_id = shared
+        .status
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&peer.addr)
+        .and_then(|s| s.router_id)
+        .unwrap_or(peer.addr);
+    let mut rib = shared.rib.lock().unwrap_or_else(PoisonError::into_inner);
+    for p in &u.withdrawn {
+        rib.withdraw(*p, peer.addr);
+    }
+    if u.is_end_of_rib() {
+        let swept = rib.sweep_stale(peer.addr);
+        if swept > 0 {
+            info!(peer = %peer.addr, swept, "BGP: End-of-RIB; stale routes removed");
+        }
+    }
+    if let Some(a) = &u.attrs {
+        // Loops: our own AS in an eBGP path, our own routes reflected back, our own next hop.
+        let looped = (ebgp && a.contains_as(cfg.asn))
+            || a.originator_id == Some(cfg.router_id)
+            || a.next_hop == Some(cfg.next_hop);
+        for p in &u.nlri {
+            if looped {
+                rib.withdraw(*p, peer.addr);
+                continue;
+            }
+            rib.announce(
+                *p,
+                Path {
+                    peer: peer.addr,
+                    peer_router_id: router_id,
+                    ebgp,
+                    attrs: a.clone(),
+                    stale: false,
+                },
+            );
+        }
+    }
+    drop(rib);
+    shared.publish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(port: u16) -> Config {
+        Config {
+            asn: 64512,
+            router_id: "127.0.0.1".parse().unwrap(),
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            hold_time: 9,
+            restart_time: 120,
+            connect_retry: Duration::from_millis(200),
+            next_hop: "198.18.0.11".parse().unwrap(),
+        }
+    }
+
+    /// A scripted peer on 127.0.0.2: connects to the speaker, exchanges OPEN and KEEPALIVE, then
+    /// runs `script` on the established connection.
+    async fn peer_session(port: u16) -> (TcpStream, Vec<u8>) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
+        let mut s = sock
+            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap();
+        let open = Open {
+            version: 4,
+            asn: 65001,
+            hold_time: 9,
+            router_id: "127.0.0.2".parse().unwrap(),
+            caps: Capabilities {
+                four_octet_as: Some(65001),
+                ipv4_unicast: true,
+                ..Capabilities::default()
+            },
+        };
+        s.write_all(&wire::encode(&Message::Open(open), true))
+            .await
+            .unwrap();
+        s.write_all(&wire::encode(&Message::Keepalive, true))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        // Their OPEN, KEEPALIVE, our route and End-of-RIB.
+        while !contains_eor(&got) {
+            let mut b = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .expect("the speaker answers")
+                .unwrap();
+            assert!(n > 0, "closed early");
+            got.extend_from_slice(&b[..n]);
+        }
+        (s, got)
+    }
+
+    fn messages(mut b: &[u8]) -> Vec<Message> {
+        let mut out = Vec::new();
+        while let Ok(Some((m, used))) = wire::decode(b, true) {
+            out.push(m);
+            b = &b[used..];
+        }
+        out
+    }
+
+    fn contains_eor(b: &[u8]) -> bool {
+        messages(b)
+            .iter()
+            .any(|m| matches!(m, Message::Update(u) if u.is_end_of_rib()))
+    }
+
+    async fn speaker(
+        port: u16,
+    ) -> (
+        Speaker,
+        watch::Receiver<BTreeMap<Ipv4Net, Best>>,
+        watch::Sender<Vec<Ipv4Net>>,
+    ) {
+        let (tx, rx) = watch::channel(vec!["10.244.1.0/24".parse().unwrap()]);
+        let peer = Peer {
+            name: "test".into(),
+            addr: "127.0.0.2".parse().unwrap(),
+            asn: 65001,
+            port: 1,
+            passive: true,
+        };
+        let (s, learned) = start(cfg(port), vec![peer], rx).await.unwrap();
+        (s, learned, tx)
+    }
+
+    #[tokio::test]
+    async fn a_session_exchanges_routes_and_a_malformed_update_resets_it() {
+        let port = 17_900 + (std::process::id() % 1000) as u16;
+        let (speaker, mut learned, _exports) = speaker(port).await;
+        let (mut s, got) = peer_session(port).await;
+        let msgs = messages(&got);
+        assert!(
+            matches!(&msgs[0], Message::Open(o) if o.asn == 64512 && o.caps.graceful_restart.is_some())
+        );
+        let announced: Vec<Ipv4Net> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                Message::Update(u) => Some(u.nlri.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(announced, vec!["10.244.1.0/24".parse::<Ipv4Net>().unwrap()]);
+        assert_eq!(speaker.peers()[0].state, "established");
+
+        // The peer announces a route: it becomes the best path.
+        let u = Update {
+            withdrawn: vec![],
+            attrs: Some(Attributes {
+                origin: Origin::Igp,
+                as_path: vec![Segment::Sequence(vec![65001])],
+                next_hop: Some("198.18.0.250".parse().unwrap()),
+                ..Attributes::default()
+            }),
+            nlri: vec!["192.0.2.0/24".parse().unwrap()],
+        };
+        s.write_all(&wire::encode(&Message::Update(u), true))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), learned.wait_for(|b| !b.is_empty()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            speaker.routes()[0].next_hops,
+            vec!["198.18.0.250".parse::<Ipv4Addr>().unwrap()]
+        );
+
+        // A malformed UPDATE (ORIGIN 9): NOTIFICATION 3/6, connection closed, routes gone.
+        let mut bad = wire::encode(
+            &Message::Update(Update {
+                withdrawn: vec![],
+                attrs: Some(Attributes {
+                    origin: Origin::Igp,
+                    next_hop: Some("198.18.0.250".parse().unwrap()),
+                    ..Attributes::default()
+                }),
+                nlri: vec!["192.0.3.0/24".parse().unwrap()],
+            }),
+            true,
+        );
+        // The ORIGIN value is the first attribute's last byte: header, 2+2 lengths, 3 bytes in.
+        bad[19 + 4 + 3] = 9;
+        s.write_all(&bad).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        let notes: Vec<Notification> = messages(&rest)
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Notification(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(notes.len(), 1, "{rest:?}");
+        assert_eq!((notes[0].code, notes[0].subcode), (3, 6));
+        tokio::time::timeout(Duration::from_secs(5), learned.wait_for(|b| b.is_empty()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(speaker.peers()[0].state, "established");
+        assert!(
+            speaker.peers()[0]
+                .last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("ORIGIN")
+        );
+
+        // The speaker takes the peer back afterwards.
+        let (_s2, _) = peer_session(port).await;
+        assert_eq!(speaker.peers()[0].state, "established");
+        assert_eq!(speaker.peers()[0].established_count, 2);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_peer_as_is_refused_with_bad_peer_as() {
+        let port = 18_900 + (std::process::id() % 1000) as u16;
+        let (speaker, _learned, _exports) = speaker(port).await;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
+        let mut s = sock
+            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap();
+        let open = Open {
+            version: 4,
+            asn: 65099,
+            hold_time: 9,
+            router_id: "127.0.0.2".parse().unwrap(),
+            caps: Capabilities::default(),
+        };
+        s.write_all(&wire::encode(&Message::Open(open), true))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        let last = messages(&rest).pop();
+        assert!(
+            matches!(&last, Some(Message::Notification(n)) if (n.code, n.subcode) == (2, 2)),
+            "{last:?}"
+        );
+        assert!(
+            speaker.peers()[0]
+                .last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("bad peer AS")
+        );
+    }
+}
