@@ -285,6 +285,19 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_BGP_PEERS", value_delimiter = ',')]
     pub bgp_peers: Vec<String>,
 
+    /// Where the BGP MD5 keys are: a file per peer name (`mesh` for the node-to-node mesh),
+    /// e.g. a Kubernetes Secret mounted there.
+    #[arg(
+        long,
+        env = "FERROX_BGP_PASSWORD_DIR",
+        default_value = "/etc/ferrox/bgp-passwords"
+    )]
+    pub bgp_password_dir: std::path::PathBuf,
+
+    /// iBGP full mesh: every other Node is a peer (in --bgp-as), besides --bgp-peers.
+    #[arg(long, env = "FERROX_BGP_MESH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bgp_mesh: bool,
+
     /// TCP port the speaker listens on and connects to.
     #[arg(long, env = "FERROX_BGP_PORT", default_value_t = 179)]
     pub bgp_port: u16,

@@ -136,14 +136,18 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                     ipam_blocks: config.ipam_mode == IpamMode::Pools,
                     layout: layout.clone(),
                     bgp: None,
+                    mesh: None,
                     keep_until: None,
                 };
                 let settings = if args.bgp {
-                    let peers = args
+                    let mut peers = args
                         .bgp_peers
                         .iter()
                         .map(|p| crate::bgp::parse_peer(p, args.bgp_port))
                         .collect::<anyhow::Result<Vec<_>>>()?;
+                    for p in &mut peers {
+                        p.password = crate::bgp::password(&args.bgp_password_dir, &p.name)?;
+                    }
                     // This node's blocks (pools mode: the blocks at start; later claims are
                     // announced from the next start on).
                     let (exports_tx, exports) =
@@ -158,7 +162,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                             connect_retry: Duration::from_secs(args.bgp_connect_retry.max(1)),
                             next_hop: addr,
                         },
-                        peers,
+                        peers.clone(),
                         exports,
                     )
                     .await?;
@@ -172,9 +176,17 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                         let _exports = exports_tx;
                         std::future::pending::<()>().await;
                     });
-                    metrics.set_bgp(speaker);
+                    metrics.set_bgp(speaker.clone());
+                    let mesh_password = crate::bgp::password(&args.bgp_password_dir, "mesh")?;
                     crate::routing::Settings {
                         bgp: Some(learned),
+                        mesh: args.bgp_mesh.then(|| crate::routing::Mesh {
+                            speaker,
+                            external: peers,
+                            asn: args.bgp_as,
+                            port: args.bgp_port,
+                            password: mesh_password,
+                        }),
                         // Long enough for the sessions to come back and resend their routes.
                         keep_until: Some(
                             std::time::Instant::now()

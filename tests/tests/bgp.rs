@@ -18,6 +18,9 @@ struct Bird {
     ext: ExternalClient,
 }
 
+/// The TCP MD5 key both sides use.
+const PASSWORD: &str = "s3cret-md5";
+
 fn bird_config(ext_ip: &str, node_ip: &str, statics: &[&str]) -> String {
     let routes: String = statics
         .iter()
@@ -29,7 +32,7 @@ fn bird_config(ext_ip: &str, node_ip: &str, statics: &[&str]) -> String {
          protocol kernel {{ ipv4 {{ import none; export all; }}; scan time 1; }}\n\
          protocol static {{ ipv4;\n{routes}}}\n\
          protocol bgp node1 {{\n  local {ext_ip} as 65001;\n  neighbor {node_ip} as 64512;\n  \
-           hold time 9; connect retry time 1; graceful restart on;\n  \
+           hold time 9; connect retry time 1; graceful restart on; password \"{PASSWORD}\";\n  \
            ipv4 {{ import all; export all; next hop self; }};\n}}\n"
     )
 }
@@ -88,6 +91,13 @@ impl Drop for Bird {
     }
 }
 
+/// A fresh directory under the system's temporary directory, removed at the end of the run.
+fn tempfile_dir(what: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrox-bgp-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 fn owned_route(node: &Node, prefix: &str) -> Option<String> {
     node.netns()
         .ip(&["route", "show", "proto", "243"])
@@ -118,9 +128,14 @@ fn wait_established(node: &Node, what: &str) {
 
 #[test]
 fn bird_as_an_external_peer_routes_both_ways_withdraws_and_survives_an_agent_restart() {
-    // The first external client is 198.18.0.200: the peer the agent is told about.
+    // The first external client is 198.18.0.200: the peer the agent is told about. BIRD insists
+    // on a TCP MD5 signature: the session only comes up if the agent signs with the key it
+    // reads from its password directory (where a Secret would be mounted).
+    let keys = tempfile_dir("keys");
+    std::fs::write(keys.join("bird"), format!("{PASSWORD}\n")).unwrap();
     let c = Cluster::builder()
         .nodes(1)
+        .agent_env("FERROX_BGP_PASSWORD_DIR", &keys.display().to_string())
         .agent_env("FERROX_BGP", "true")
         .agent_env("FERROX_BGP_PEERS", "bird=198.18.0.200:65001")
         .agent_env("FERROX_BGP_HOLD_TIME", "9")
@@ -227,4 +242,54 @@ fn bird_as_an_external_peer_routes_both_ways_withdraws_and_survives_an_agent_res
         Duration::from_secs(10),
         || owned_route(n1, "192.0.2.0/24").ok_or_else(|| "missing".to_owned()),
     );
+    drop(bird);
+    drop(c);
+    let _ = std::fs::remove_dir_all(&keys);
+}
+
+#[test]
+fn nodes_form_an_ibgp_full_mesh_and_learn_each_others_blocks() {
+    let c = Cluster::builder()
+        .nodes(3)
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
+        .build();
+    for n in c.nodes() {
+        wait_for("every session established", Duration::from_secs(30), || {
+            let p = bgp_peers(n)?;
+            let peers = p.as_array().cloned().unwrap_or_default();
+            if peers.len() == 2 && peers.iter().all(|x| x["state"] == "established") {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            }
+        });
+    }
+    let routes: serde_json::Value =
+        serde_json::from_str(&c.node(1).ferrox(&["bgp", "routes", "-o", "json"])).unwrap();
+    let got: Vec<String> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} via {}",
+                r["prefix"].as_str().unwrap(),
+                r["nextHops"][0].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            format!("{} via {}", c.node(2).pod_cidr, c.node(2).addr),
+            format!("{} via {}", c.node(3).pod_cidr, c.node(3).addr),
+        ]
+    );
+    // Pods reach each other (the routes from the API and from BGP agree).
+    let a = c.add_pod(1, "a");
+    let b = c.add_pod(3, "b");
+    let _s = b.serve(8080);
+    let (by, _) = a.call_tcp(&format!("{}:8080", b.ip), 3);
+    assert_eq!(by.get("b"), Some(&3), "{by:?}");
 }

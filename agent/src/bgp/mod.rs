@@ -8,6 +8,19 @@ pub mod wire;
 
 use std::net::Ipv4Addr;
 
+/// The MD5 key of the peer `name`: the file `<dir>/<name>` (a Kubernetes Secret mounted there,
+/// one key per peer name), trimmed; `None` when there is no such file.
+pub fn password(dir: &std::path::Path, name: &str) -> anyhow::Result<Option<String>> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Ok(None);
+    }
+    match std::fs::read_to_string(dir.join(name)) {
+        Ok(s) => Ok(Some(s.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("reading the BGP password of {name}: {e}")),
+    }
+}
+
 /// Parses a `--bgp-peers` entry: `name=address:as` or `address:as`.
 pub fn parse_peer(s: &str, port: u16) -> anyhow::Result<speaker::Peer> {
     let (name, rest) = match s.split_once('=') {
@@ -34,6 +47,7 @@ pub fn parse_peer(s: &str, port: u16) -> anyhow::Result<speaker::Peer> {
         asn,
         port,
         passive: false,
+        password: None,
     })
 }
 

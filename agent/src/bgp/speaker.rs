@@ -62,6 +62,61 @@ pub struct Peer {
     pub port: u16,
     /// Only accept its connections, never connect.
     pub passive: bool,
+    /// TCP MD5 signature key (RFC 2385), on both the listener and outgoing connections.
+    pub password: Option<String>,
+}
+
+/// `struct tcp_md5sig` of `linux/tcp.h`.
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: i32,
+    key: [u8; 80],
+}
+
+/// Sets (or, with `None`, removes) the MD5 key for connections with `peer` on socket `fd`.
+pub fn set_md5(fd: std::os::fd::RawFd, peer: Ipv4Addr, key: Option<&str>) -> std::io::Result<()> {
+    let key = key.unwrap_or("").as_bytes();
+    if key.len() > 80 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a TCP MD5 key is at most 80 bytes",
+        ));
+    }
+    // SAFETY: all-zero is a valid `tcp_md5sig` (an empty key, no flags).
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(peer.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a `sockaddr_in` fits at the start of a `sockaddr_storage`.
+    unsafe {
+        std::ptr::write((&raw mut sig.addr).cast::<libc::sockaddr_in>(), sin);
+    }
+    sig.keylen = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key);
+    // SAFETY: `sig` lives across the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_MD5SIG,
+            (&raw const sig).cast(),
+            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// One session as `ferrox bgp peers` shows it.
@@ -131,6 +186,24 @@ struct Shared {
     rib: Mutex<Rib>,
     status: Mutex<BTreeMap<Ipv4Addr, PeerStatus>>,
     learned: watch::Sender<BTreeMap<Ipv4Net, Best>>,
+    /// The configured peers: their session task, and where the listener hands their
+    /// connections.
+    peers: Mutex<HashMap<Ipv4Addr, PeerHandle>>,
+    exports: watch::Receiver<Vec<Ipv4Net>>,
+    /// The listening socket (MD5 keys are set on it per peer).
+    listener_fd: std::os::fd::RawFd,
+}
+
+struct PeerHandle {
+    peer: Peer,
+    inbox: mpsc::Sender<TcpStream>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for PeerHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Shared {
@@ -174,6 +247,75 @@ pub struct Speaker {
 }
 
 impl Speaker {
+    /// Makes the configured peers `wanted`: new ones get a session task, removed ones (or ones
+    /// whose AS changed) lose theirs and their routes.
+    pub fn set_peers(&self, wanted: &[Peer]) {
+        let shared = &self.shared;
+        let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let gone: Vec<Ipv4Addr> = peers
+            .iter()
+            .filter(|(a, h)| !wanted.iter().any(|w| w.addr == **a && *w == h.peer))
+            .map(|(a, _)| *a)
+            .collect();
+        let mut changed = false;
+        for addr in gone {
+            if let Some(h) = peers.remove(&addr)
+                && h.peer.password.is_some()
+            {
+                let _ = set_md5(shared.listener_fd, addr, None);
+            }
+            shared
+                .status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&addr);
+            shared
+                .rib
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drop_peer(addr);
+            info!(peer = %addr, "BGP: peer removed");
+            changed = true;
+        }
+        for w in wanted {
+            if peers.contains_key(&w.addr) {
+                continue;
+            }
+            if w.password.is_some()
+                && let Err(e) = set_md5(shared.listener_fd, w.addr, w.password.as_deref())
+            {
+                warn!(peer = %w.addr, error = %e, "BGP: cannot set the TCP MD5 key; the session will fail");
+                shared.update_status(w.addr, |s| s.last_error = Some(format!("TCP MD5 key: {e}")));
+            }
+            let (tx, rx) = mpsc::channel(4);
+            shared.update_status(w.addr, |s| {
+                s.name = w.name.clone();
+                s.addr = w.addr;
+                s.asn = w.asn;
+                s.state = "idle".into();
+                s.since_unix = now_unix();
+            });
+            let task = tokio::spawn(peer_task(
+                shared.clone(),
+                w.clone(),
+                rx,
+                shared.exports.clone(),
+            ));
+            peers.insert(
+                w.addr,
+                PeerHandle {
+                    peer: w.clone(),
+                    inbox: tx,
+                    task: task.abort_handle(),
+                },
+            );
+        }
+        drop(peers);
+        if changed {
+            shared.publish();
+        }
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.shared
             .status
@@ -215,20 +357,14 @@ pub async fn start(
         rib: Mutex::new(Rib::default()),
         status: Mutex::new(BTreeMap::new()),
         learned,
+        peers: Mutex::new(HashMap::new()),
+        exports,
+        listener_fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
     });
-    let mut inboxes = HashMap::new();
-    for peer in peers {
-        let (tx, rx) = mpsc::channel(4);
-        inboxes.insert(peer.addr, tx);
-        shared.update_status(peer.addr, |s| {
-            s.name = peer.name.clone();
-            s.addr = peer.addr;
-            s.asn = peer.asn;
-            s.state = "idle".into();
-            s.since_unix = now_unix();
-        });
-        tokio::spawn(peer_task(shared.clone(), peer, rx, exports.clone()));
-    }
+    let speaker = Speaker {
+        shared: shared.clone(),
+    };
+    speaker.set_peers(&peers);
     tokio::spawn(async move {
         loop {
             let Ok((stream, from)) = listener.accept().await else {
@@ -237,7 +373,13 @@ pub async fn start(
             let std::net::IpAddr::V4(ip) = from.ip() else {
                 continue;
             };
-            match inboxes.get(&ip) {
+            let inbox = shared
+                .peers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&ip)
+                .map(|h| h.inbox.clone());
+            match inbox {
                 Some(tx) => {
                     let _ = tx.try_send(stream);
                 }
@@ -245,7 +387,7 @@ pub async fn start(
             }
         }
     });
-    Ok((Speaker { shared }, learned_rx))
+    Ok((speaker, learned_rx))
 }
 
 /// How a session ended.
@@ -277,8 +419,7 @@ async fn peer_task(
                     if peer.passive {
                         std::future::pending().await
                     } else {
-                        tokio::time::timeout(shared.cfg.connect_retry, TcpStream::connect(target))
-                            .await
+                        tokio::time::timeout(shared.cfg.connect_retry, connect(&peer, target)).await
                     }
                 };
                 tokio::select! {
@@ -352,6 +493,16 @@ async fn peer_task(
             next = wait_or_accept(&shared, &mut inbox).await;
         }
     }
+}
+
+/// Connects to `peer`, signing with its MD5 key when it has one.
+async fn connect(peer: &Peer, target: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd as _;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    if peer.password.is_some() {
+        set_md5(sock.as_raw_fd(), peer.addr, peer.password.as_deref())?;
+    }
+    sock.connect(target).await
 }
 
 /// Waits the connect-retry time, or less if the peer connects to us meanwhile.
@@ -753,6 +904,7 @@ mod tests {
             asn: 65001,
             port: 1,
             passive: true,
+            password: None,
         };
         let (s, learned) = start(cfg(port), vec![peer], rx).await.unwrap();
         (s, learned, tx)

@@ -52,10 +52,33 @@ pub struct Settings {
     pub layout: PinLayout,
     /// Best routes from the BGP speaker, when it runs.
     pub bgp: Option<watch::Receiver<BTreeMap<Ipv4Net, crate::bgp::rib::Best>>>,
+    /// The BGP speaker's peers follow the Nodes: every other node is an iBGP peer (full mesh),
+    /// besides the configured ones.
+    pub mesh: Option<Mesh>,
     /// Until then, the routes of ours found at start are kept even when the plan does not name
     /// them (the BGP sessions re-learn them after an agent restart, as graceful restart
     /// intends). Routes learned and withdrawn in this run go at once.
     pub keep_until: Option<Instant>,
+}
+
+/// iBGP full mesh among the cluster's nodes.
+#[derive(Clone)]
+pub struct Mesh {
+    pub speaker: crate::bgp::speaker::Speaker,
+    /// Peers configured by hand (routers), kept as they are.
+    pub external: Vec<crate::bgp::speaker::Peer>,
+    pub asn: u32,
+    pub port: u16,
+    /// The mesh's MD5 key (`<password dir>/mesh`), if any.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("asn", &self.asn)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `never`, `always`, `cross-subnet`.
@@ -159,6 +182,25 @@ fn program(
     metrics: &Metrics,
 ) -> anyhow::Result<Plan> {
     let (mut blocks, peers) = blocks_from(nodes, ipam);
+    if let Some(mesh) = &settings.mesh {
+        let mut wanted = mesh.external.clone();
+        for n in nodes {
+            if let Some((name, addr, _)) = node_blocks(n)
+                && addr != settings.local.addr
+                && !wanted.iter().any(|p| p.addr == addr)
+            {
+                wanted.push(crate::bgp::speaker::Peer {
+                    name,
+                    addr,
+                    asn: mesh.asn,
+                    port: mesh.port,
+                    passive: false,
+                    password: mesh.password.clone(),
+                });
+            }
+        }
+        mesh.speaker.set_peers(&wanted);
+    }
     if let Some(bgp) = &settings.bgp {
         for (prefix, best) in bgp.borrow().iter() {
             for nh in &best.next_hops {
