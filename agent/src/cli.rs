@@ -138,6 +138,8 @@ pub enum Output {
     Table,
     /// JSON for scripts; the field names are a stable interface.
     Json,
+    /// The same document as YAML.
+    Yaml,
 }
 
 #[derive(Debug, Args)]

@@ -134,7 +134,7 @@ pub fn list(layout: &PinLayout, filter: &Filter, output: Output) -> anyhow::Resu
         .map(|(f, _)| f)
         .collect();
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&flows)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &flows)?,
         Output::Table => {
             let rows: Vec<[String; 7]> = flows
                 .iter()
@@ -227,7 +227,7 @@ pub fn endpoints(
         .collect();
     rows.sort_by_key(|r| r.ip);
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &rows)?,
         Output::Table => {
             let t: Vec<[String; 4]> = rows
                 .iter()

@@ -91,7 +91,7 @@ pub fn services(layout: &PinLayout) -> anyhow::Result<Vec<ServiceRow>> {
 pub fn print_services(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
     let rows = services(layout)?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &rows)?,
         Output::Table => {
             let table: Vec<[String; 4]> = rows
                 .iter()
@@ -135,7 +135,7 @@ pub fn print_counters(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
     let maps = Maps::open(layout)?;
     let rows = maps.counters.snapshot()?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &rows)?,
         Output::Table => {
             let table: Vec<[String; 5]> = rows
                 .iter()
@@ -158,7 +158,7 @@ pub fn print_counters(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
 pub fn print_datapath(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
     let objects = ferrox_datapath::inventory(layout)?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&objects)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &objects)?,
         Output::Table => {
             let table: Vec<[String; 4]> = objects
                 .iter()
@@ -188,6 +188,17 @@ pub fn print_datapath(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
                 .collect();
             print_table(["KIND", "NAME", "ID", "ATTACHED TO"], &table);
         }
+    }
+    Ok(())
+}
+
+/// Prints `data` as the JSON or YAML document `output` asks for (the same fields either way).
+pub fn print_data<T: serde::Serialize>(output: Output, data: &T) -> anyhow::Result<()> {
+    match output {
+        // Through a JSON value, so that both carry the very same document (serde_yaml would
+        // write enums as YAML tags).
+        Output::Yaml => print!("{}", serde_yaml::to_string(&serde_json::to_value(data)?)?),
+        Output::Json | Output::Table => println!("{}", serde_json::to_string_pretty(data)?),
     }
     Ok(())
 }

@@ -192,7 +192,7 @@ pub fn show(node_config: &Path, output: Output) -> anyhow::Result<()> {
         allocations: rows,
     };
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&show)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &show)?,
         Output::Table => {
             println!("mode: {:?}", show.mode);
             let blocks: Vec<[String; 3]> = show
@@ -237,7 +237,7 @@ pub fn run_check(node_config: &Path, layout: &PinLayout, output: Output) -> anyh
         &pod_endpoints(layout)?,
     );
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&problems)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &problems)?,
         Output::Table => {
             if problems.is_empty() {
                 println!("no problems: {} allocations", allocations.len());

@@ -108,6 +108,11 @@ pub fn run(layout: &PinLayout, filter: &Filter, output: Output) -> anyhow::Resul
             let Some(l) = line(&ev, filter) else { continue };
             let text = match output {
                 Output::Json => serde_json::to_string(&l)?,
+                // One YAML document per event.
+                Output::Yaml => format!(
+                    "---\n{}",
+                    serde_yaml::to_string(&serde_json::to_value(&l)?)?.trim_end()
+                ),
                 Output::Table => format!(
                     "{:<9} {:<18} {:<22} {} {} -> {}{}",
                     l.kind.to_uppercase(),

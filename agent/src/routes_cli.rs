@@ -103,7 +103,7 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<Routes> {
 pub fn print(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
     let r = collect(layout)?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &r)?,
         Output::Table => {
             let rows: Vec<[String; 6]> = r
                 .routes

@@ -228,7 +228,7 @@ pub fn collect(layout: &PinLayout, node_config: &Path) -> Status {
 pub fn print(layout: &PinLayout, node_config: &Path, output: Output) -> anyhow::Result<()> {
     let s = collect(layout, node_config);
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Output::Json | Output::Yaml => crate::inspect::print_data(output, &s)?,
         Output::Table => {
             println!("kernel      {}", s.kernel);
             match &s.agent {

@@ -392,7 +392,9 @@ pub fn parse_dst(s: &str) -> anyhow::Result<(Ipv4Addr, u16, u8)> {
 
 pub fn print(trace: &Trace, output: crate::cli::Output) -> anyhow::Result<()> {
     match output {
-        crate::cli::Output::Json => println!("{}", serde_json::to_string_pretty(trace)?),
+        crate::cli::Output::Json | crate::cli::Output::Yaml => {
+            crate::inspect::print_data(output, trace)?
+        }
         crate::cli::Output::Table => {
             println!("{} -> {}/{}", trace.src, trace.dst, trace.proto);
             for (i, s) in trace.steps.iter().enumerate() {

@@ -66,11 +66,11 @@ pub fn cli(cmd: crate::cli::BgpCommand) -> anyhow::Result<()> {
         anyhow::bail!("the agent runs without BGP (--bgp)");
     };
     match (&cmd, args.output) {
-        (crate::cli::BgpCommand::Peers(_), Output::Json) => {
-            println!("{}", serde_json::to_string_pretty(&peers)?);
+        (crate::cli::BgpCommand::Peers(_), o @ (Output::Json | Output::Yaml)) => {
+            crate::inspect::print_data(o, &peers)?;
         }
-        (crate::cli::BgpCommand::Routes(_), Output::Json) => {
-            println!("{}", serde_json::to_string_pretty(&routes)?);
+        (crate::cli::BgpCommand::Routes(_), o @ (Output::Json | Output::Yaml)) => {
+            crate::inspect::print_data(o, &routes)?;
         }
         (crate::cli::BgpCommand::Peers(_), Output::Table) => {
             let now = std::time::SystemTime::now()
