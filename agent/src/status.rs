@@ -204,6 +204,33 @@ pub fn collect(layout: &PinLayout, node_config: &Path) -> Status {
                 capacity,
             }
         });
+    if let Some(r) = agent.as_ref().and_then(|a| a.routing.as_ref()) {
+        if let Some(e) = &r.error {
+            warnings.push(format!("programming routes failed: {e}"));
+        }
+        for u in &r.unroutable {
+            warnings.push(format!("pod block not routed: {u}"));
+        }
+    }
+    for p in agent
+        .as_ref()
+        .and_then(|a| a.bgp_peers.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if p.state != "established" {
+            warnings.push(format!(
+                "BGP session with {} ({}) is {}{}",
+                p.name,
+                p.addr,
+                p.state,
+                p.last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     if let Some(i) = &ipam
         && i.mode == ferrox_cni::node_config::IpamMode::Kubernetes
         && i.used * 10 >= i.capacity * 9
@@ -251,6 +278,20 @@ pub fn print(layout: &PinLayout, node_config: &Path, output: Output) -> anyhow::
                     "NOT LOADED"
                 }
             );
+            if let Some(r) = s.agent.as_ref().and_then(|a| a.routing.as_ref()) {
+                println!(
+                    "routing     {} from {}: {} routes to other nodes' blocks ({} in IP-in-IP), {} tunnel peers",
+                    r.mode, r.source, r.routes, r.tunnels, r.peers
+                );
+            }
+            if let Some(peers) = s.agent.as_ref().and_then(|a| a.bgp_peers.as_ref()) {
+                let up = peers.iter().filter(|p| p.state == "established").count();
+                let received: usize = peers.iter().map(|p| p.received).sum();
+                println!(
+                    "bgp         {up} of {} sessions established, {received} prefixes received",
+                    peers.len()
+                );
+            }
             if let Some(i) = &s.ipam {
                 println!(
                     "ipam        {:?}: {} of {} addresses in {}",

@@ -182,6 +182,11 @@ fn bird_as_an_external_peer_routes_both_ways_withdraws_and_survives_an_agent_res
     let routes: serde_json::Value =
         serde_json::from_str(&n1.ferrox(&["bgp", "routes", "-o", "json"])).unwrap();
     assert_eq!(routes.as_array().unwrap().len(), 2, "{routes}");
+    let status = n1.ferrox(&["status"]);
+    assert!(
+        status.contains("bgp         1 of 1 sessions established, 2 prefixes received"),
+        "{status}"
+    );
     let peers = bgp_peers(n1).unwrap();
     assert_eq!(peers[0]["received"], 2, "{peers}");
     assert_eq!(peers[0]["advertised"], 1, "{peers}");
