@@ -234,7 +234,11 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     tokio::spawn(
         metrics
             .clone()
-            .serve(args.metrics_bind_address, layout.clone()),
+            .serve(
+                args.metrics_bind_address,
+                layout.clone(),
+                args.node_config.clone(),
+            ),
     );
     tokio::spawn(
         metrics

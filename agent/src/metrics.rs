@@ -418,7 +418,67 @@ impl Metrics {
     }
 
     /// Serves `/metrics` on `addr` until the task is dropped.
-    pub async fn serve(self, addr: std::net::SocketAddr, layout: PinLayout) {
+    /// The node's fill levels, IPAM use and CNI readiness (from what `ferrox status` reads).
+    fn render_node(status: &crate::status::Status, cni_ready: bool) -> String {
+        let mut text = String::new();
+        let mut section = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for sample in samples {
+                let _ = writeln!(text, "{name}{sample}");
+            }
+        };
+        section(
+            "ferrox_map_entries",
+            "gauge",
+            "Entries in each pinned map.",
+            status
+                .maps
+                .iter()
+                .map(|m| format!("{{map=\"{}\"}} {}", m.name, m.entries))
+                .collect(),
+        );
+        section(
+            "ferrox_map_capacity",
+            "gauge",
+            "Capacity (max entries) of each pinned map.",
+            status
+                .maps
+                .iter()
+                .map(|m| format!("{{map=\"{}\"}} {}", m.name, m.capacity))
+                .collect(),
+        );
+        if let Some(i) = &status.ipam {
+            section(
+                "ferrox_ipam_addresses",
+                "gauge",
+                "Pod addresses of this node's blocks, in use and in all.",
+                vec![
+                    format!("{{state=\"used\"}} {}", i.used),
+                    format!("{{state=\"capacity\"}} {}", i.capacity),
+                ],
+            );
+            section(
+                "ferrox_ipam_blocks",
+                "gauge",
+                "Address blocks this node allocates pod addresses from.",
+                vec![format!(" {}", i.blocks.len())],
+            );
+        }
+        section(
+            "ferrox_cni_ready",
+            "gauge",
+            "1 when the node configuration the CNI plugin reads is in place (pods can start).",
+            vec![format!(" {}", u8::from(cni_ready))],
+        );
+        text
+    }
+
+    pub async fn serve(
+        self,
+        addr: std::net::SocketAddr,
+        layout: PinLayout,
+        node_config: std::path::PathBuf,
+    ) {
         let counters = match ferrox_datapath::Maps::open(&layout) {
             Ok(m) => Some(m.counters),
             Err(e) => {
@@ -434,7 +494,9 @@ impl Metrics {
                 .as_ref()
                 .and_then(|c| c.snapshot().ok())
                 .unwrap_or_default();
-            me.render(&rows)
+            let status = crate::status::collect_with(&layout, &node_config, Some(me.status()));
+            let cni_ready = ferrox_cni::node_config::NodeConfig::read(&node_config).is_ok();
+            me.render(&rows) + &Self::render_node(&status, cni_ready)
         })
         .await;
     }

@@ -76,12 +76,16 @@ fn fill(name: &'static str, entries: usize, capacity: u32) -> MapFill {
     }
 }
 
-/// Collects the status of the node.
+/// Collects the status of the node, asking the agent over its socket.
 pub fn collect(layout: &PinLayout, node_config: &Path) -> Status {
+    collect_with(layout, node_config, agent_status(&socket_path(node_config)))
+}
+
+/// Collects the status of the node with what the agent says (`None`: it does not answer).
+pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentStatus>) -> Status {
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    let agent = agent_status(&socket_path(node_config));
     let mut warnings = Vec::new();
     match &agent {
         None => warnings.push(format!(

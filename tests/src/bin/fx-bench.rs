@@ -286,7 +286,7 @@ fn throughput(quick: bool) -> Vec<Value> {
         }
         let client = c.add_pod(1, "client");
         let server = c.add_pod(2, "server");
-        let srv = server.command("iperf3", &["-s"]);
+        let srv = server.command("iperf3", &["-s", "--forceflush"]);
         srv.wait_for_line(
             "iperf3 to listen",
             std::time::Duration::from_secs(10),
