@@ -231,15 +231,11 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             args.node_config.clone(),
         ));
     }
-    tokio::spawn(
-        metrics
-            .clone()
-            .serve(
-                args.metrics_bind_address,
-                layout.clone(),
-                args.node_config.clone(),
-            ),
-    );
+    tokio::spawn(metrics.clone().serve(
+        args.metrics_bind_address,
+        layout.clone(),
+        args.node_config.clone(),
+    ));
     tokio::spawn(
         metrics
             .clone()

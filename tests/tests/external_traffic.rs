@@ -298,10 +298,13 @@ fn load_balancer_source_ranges_admit_listed_clients_and_count_the_others() {
     assert_eq!(metric(denied_metric) as u64, denials());
     assert!(metric(r#"ferrox_sync_total{kind="full"}"#) >= 1.0);
     assert_eq!(metric("ferrox_cni_ready"), 1.0);
-    assert!(metric(r#"ferrox_ipam_addresses{state="used"}"#) >= 1.0, "the backend pods");
+    assert!(
+        metric(r#"ferrox_ipam_addresses{state="used"}"#) >= 1.0,
+        "the backend pods"
+    );
     assert_eq!(metric(r#"ferrox_ipam_addresses{state="capacity"}"#), 254.0);
-    assert!(metric(r#"ferrox_map_entries{map="SVC_V1"}"#) >= 2.0);
-    assert!(metric(r#"ferrox_map_capacity{map="CT_V1"}"#) > 0.0);
+    assert!(metric(r#"ferrox_map_entries{map="services"}"#) >= 2.0);
+    assert!(metric(r#"ferrox_map_capacity{map="conntrack"}"#) > 0.0);
     assert!(metric(r#"ferrox_programmed{object="source-range"}"#) >= 2.0);
     // The ranges guard the load balancer's address only, as with kube-proxy: the node port of
     // the same Service stays open.
