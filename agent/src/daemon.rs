@@ -180,12 +180,14 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                     let mesh_password = crate::bgp::password(&args.bgp_password_dir, "mesh")?;
                     crate::routing::Settings {
                         bgp: Some(learned),
-                        mesh: args.bgp_mesh.then(|| crate::routing::Mesh {
+                        mesh: Some(crate::routing::Mesh {
                             speaker,
                             external: peers,
+                            mesh: args.bgp_mesh,
                             asn: args.bgp_as,
                             port: args.bgp_port,
                             password: mesh_password,
+                            password_dir: args.bgp_password_dir.clone(),
                         }),
                         // Long enough for the sessions to come back and resend their routes.
                         keep_until: Some(

@@ -298,3 +298,82 @@ fn nodes_form_an_ibgp_full_mesh_and_learn_each_others_blocks() {
     let (by, _) = a.call_tcp(&format!("{}:8080", b.ip), 3);
     assert_eq!(by.get("b"), Some(&3), "{by:?}");
 }
+
+#[test]
+fn a_bgp_peer_object_adds_a_router_and_deleting_it_closes_the_session() {
+    let keys = tempfile_dir("crd-keys");
+    std::fs::write(keys.join("tor-a"), PASSWORD).unwrap();
+    let c = Cluster::builder()
+        .nodes(1)
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_PASSWORD_DIR", &keys.display().to_string())
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
+        .build();
+    let n1 = c.node(1);
+    let bird = Bird::start(&c, n1, &["192.0.2.0/24"]);
+    let peers = ferrox_tests::apiserver::ResourceType::cluster(
+        ferrox::bgp::PEER_GROUP,
+        ferrox::bgp::PEER_VERSION,
+        ferrox::bgp::PEER_PLURAL,
+        ferrox::bgp::PEER_KIND,
+    );
+    c.api()
+        .apply_value(
+            &peers,
+            serde_json::json!({
+                "apiVersion": "bgp.ferrox.io/v1",
+                "kind": "BGPPeer",
+                "metadata": { "name": "tor-a" },
+                "spec": { "address": "198.18.0.200", "asn": 65001, "holdTime": 6,
+                          "password": "tor-a", "nodes": ["node-1"] }
+            }),
+        )
+        .unwrap();
+    wait_established(n1, "the session with the BGPPeer");
+    let p = bgp_peers(n1).unwrap();
+    assert_eq!(p[0]["name"], "tor-a", "{p}");
+    assert_eq!(p[0]["holdTime"], 6, "the peer's own hold time: {p}");
+    let block = n1.pod_cidr.to_string();
+    wait_for(
+        "BIRD to install the pod block",
+        Duration::from_secs(10),
+        || {
+            let r = bird.kernel_route(&block);
+            if r.contains("via 198.18.0.11") {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        },
+    );
+
+    // Deleting the object closes the session with a Cease: BIRD forgets the node's routes at
+    // once (no graceful-restart wait), and the node forgets BIRD's.
+    c.api().delete_value(&peers, None, "tor-a").unwrap();
+    wait_for(
+        "BIRD to drop the pod block",
+        Duration::from_secs(10),
+        || {
+            let r = bird.kernel_route(&block);
+            if r.is_empty() { Ok(()) } else { Err(r) }
+        },
+    );
+    wait_for(
+        "the node to drop BIRD's route",
+        Duration::from_secs(10),
+        || match owned_route(n1, "192.0.2.0/24") {
+            None => Ok(()),
+            Some(r) => Err(r),
+        },
+    );
+    let p = bgp_peers(n1).unwrap();
+    assert_eq!(p.as_array().map(Vec::len), Some(0), "{p}");
+    let proto = bird.birdc(&["show", "protocols", "all", "node1"]);
+    assert!(
+        proto.contains("de-configured") || proto.contains("Peer de-configured"),
+        "{proto}"
+    );
+    drop(bird);
+    drop(c);
+    let _ = std::fs::remove_dir_all(&keys);
+}

@@ -58,18 +58,34 @@ fn every_manifest_document_is_a_typed_kubernetes_object() {
                 "DaemonSet" => manifests::typed::<DaemonSet>(&doc).map(drop),
                 "CustomResourceDefinition" => manifests::typed::<CustomResourceDefinition>(&doc)
                     .and_then(|crd| {
-                        // The resource the agent's code uses (ferrox::ipam).
+                        // A resource the agent's code uses (ferrox::ipam, ferrox::bgp).
                         let v = crd.spec.versions.first().map(|v| v.name.as_str());
-                        let ok = crd.spec.group == ferrox::ipam::GROUP
-                            && crd.spec.names.plural == ferrox::ipam::PLURAL
-                            && crd.spec.names.kind == ferrox::ipam::KIND
-                            && crd.spec.scope == "Cluster"
-                            && v == Some(ferrox::ipam::VERSION);
+                        let known = [
+                            (
+                                ferrox::ipam::GROUP,
+                                ferrox::ipam::PLURAL,
+                                ferrox::ipam::KIND,
+                                ferrox::ipam::VERSION,
+                            ),
+                            (
+                                ferrox::bgp::PEER_GROUP,
+                                ferrox::bgp::PEER_PLURAL,
+                                ferrox::bgp::PEER_KIND,
+                                ferrox::bgp::PEER_VERSION,
+                            ),
+                        ];
+                        let ok = known.iter().any(|(g, p, k, ver)| {
+                            crd.spec.group == *g
+                                && crd.spec.names.plural == *p
+                                && crd.spec.names.kind == *k
+                                && crd.spec.scope == "Cluster"
+                                && v == Some(*ver)
+                        });
                         if ok {
                             Ok(())
                         } else {
                             Err(format!(
-                                "differs from ferrox::ipam's resource: {:?}",
+                                "differs from the resources ferrox::ipam and ferrox::bgp use: {:?}",
                                 crd.spec
                             ))
                         }
@@ -330,7 +346,7 @@ fn resource_of(kind: &str) -> (String, String) {
         "Endpoints" => of::<k8s_openapi::api::core::v1::Endpoints>(),
         "Namespace" => of::<k8s_openapi::api::core::v1::Namespace>(),
         "ConfigMap" => of::<ConfigMap>(),
-        // The agent's only dynamic kind: IPAM blocks (watched for routes to other nodes).
+        // Dynamic kinds: IPAM blocks and BGP peers; the ClusterRole audit below covers both.
         "DynamicObject" => (
             ferrox::ipam::GROUP.to_owned(),
             ferrox::ipam::PLURAL.to_owned(),
@@ -382,6 +398,7 @@ fn the_cluster_role_allows_exactly_the_api_calls_the_agent_makes() {
         .agent_env("FERROX_IPAM_BLOCK_SIZE", "30")
         .agent_env("FERROX_IPAM_LOW_WATER", "1")
         .agent_env("FERROX_IPAM_RELEASE_AFTER", "1")
+        .agent_env("FERROX_BGP", "true")
         .build();
     let n = c.node(1);
     let svc: Service = serde_json::from_value(serde_json::json!({

@@ -21,6 +21,85 @@ pub fn password(dir: &std::path::Path, name: &str) -> anyhow::Result<Option<Stri
     }
 }
 
+pub const PEER_GROUP: &str = "bgp.ferrox.io";
+pub const PEER_VERSION: &str = "v1";
+pub const PEER_KIND: &str = "BGPPeer";
+pub const PEER_PLURAL: &str = "bgppeers";
+
+/// The `BGPPeer` resource: one object per external neighbour (`manifests/ferrox.yaml`). A custom
+/// resource rather than a ConfigMap: each peer has its own lifecycle and history, is listed with
+/// `kubectl get bgppeers`, validated by its schema and watched one by one.
+pub fn peer_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: PEER_GROUP.into(),
+        version: PEER_VERSION.into(),
+        api_version: format!("{PEER_GROUP}/{PEER_VERSION}"),
+        kind: PEER_KIND.into(),
+        plural: PEER_PLURAL.into(),
+    }
+}
+
+/// The peer a `BGPPeer` object describes for node `node`: `Ok(None)` when its `spec.nodes` list
+/// leaves this node out. `spec`: `address`, `asn`, optional `holdTime`, `password` (the key's
+/// file name in the password directory), `nodes`, `export` (only `podBlocks` for now).
+pub fn peer_from_object(
+    o: &kube::api::DynamicObject,
+    node: &str,
+    port: u16,
+    password_dir: &std::path::Path,
+) -> Result<Option<speaker::Peer>, String> {
+    let name = o.metadata.name.clone().unwrap_or_default();
+    let spec = o.data.get("spec").ok_or("no spec")?;
+    if let Some(nodes) = spec.get("nodes").and_then(|n| n.as_array())
+        && !nodes.iter().any(|n| n.as_str() == Some(node))
+    {
+        return Ok(None);
+    }
+    let addr: Ipv4Addr = spec
+        .get("address")
+        .and_then(|a| a.as_str())
+        .ok_or("spec.address missing")?
+        .parse()
+        .map_err(|e| format!("spec.address: {e}"))?;
+    let asn = spec
+        .get("asn")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|a| u32::try_from(a).ok())
+        .ok_or("spec.asn missing or not a 32-bit number")?;
+    let hold_time = match spec.get("holdTime").and_then(serde_json::Value::as_u64) {
+        None => None,
+        Some(h) if h == 0 || (3..=65535).contains(&h) => Some(h as u16),
+        Some(h) => return Err(format!("spec.holdTime {h}: 0, or 3 to 65535")),
+    };
+    for e in spec
+        .get("export")
+        .and_then(|e| e.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if e.as_str() != Some("podBlocks") {
+            return Err(format!("spec.export {e}: only podBlocks is supported"));
+        }
+    }
+    let password = match spec.get("password").and_then(|p| p.as_str()) {
+        Some(key) => Some(
+            password(password_dir, key)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no key {key:?} in {}", password_dir.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Some(speaker::Peer {
+        name,
+        addr,
+        asn,
+        port,
+        passive: false,
+        password,
+        hold_time,
+    }))
+}
+
 /// Parses a `--bgp-peers` entry: `name=address:as` or `address:as`.
 pub fn parse_peer(s: &str, port: u16) -> anyhow::Result<speaker::Peer> {
     let (name, rest) = match s.split_once('=') {
@@ -48,6 +127,7 @@ pub fn parse_peer(s: &str, port: u16) -> anyhow::Result<speaker::Peer> {
         port,
         passive: false,
         password: None,
+        hold_time: None,
     })
 }
 
@@ -132,6 +212,71 @@ pub fn cli(cmd: crate::cli::BgpCommand) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bgp_peer_objects_become_peers_or_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("ferrox-bgp-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tor"), "k3y\n").unwrap();
+        let obj = |spec: serde_json::Value| -> kube::api::DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "bgp.ferrox.io/v1", "kind": "BGPPeer",
+                "metadata": { "name": "tor" }, "spec": spec
+            }))
+            .unwrap()
+        };
+        let ok = super::peer_from_object(
+            &obj(
+                serde_json::json!({"address": "10.0.0.1", "asn": 4200000000u32,
+                "holdTime": 30, "password": "tor", "nodes": ["node-1"], "export": ["podBlocks"]}),
+            ),
+            "node-1",
+            179,
+            &dir,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (
+                ok.name.as_str(),
+                ok.asn,
+                ok.hold_time,
+                ok.password.as_deref()
+            ),
+            ("tor", 4_200_000_000, Some(30), Some("k3y"))
+        );
+        let other_node = super::peer_from_object(
+            &obj(serde_json::json!({"address": "10.0.0.1", "asn": 1, "nodes": ["node-2"]})),
+            "node-1",
+            179,
+            &dir,
+        );
+        assert_eq!(other_node, Ok(None));
+        for (spec, want) in [
+            (serde_json::json!({"asn": 1}), "spec.address missing"),
+            (
+                serde_json::json!({"address": "10.0.0", "asn": 1}),
+                "spec.address",
+            ),
+            (serde_json::json!({"address": "10.0.0.1"}), "spec.asn"),
+            (
+                serde_json::json!({"address": "10.0.0.1", "asn": 1, "holdTime": 2}),
+                "spec.holdTime 2",
+            ),
+            (
+                serde_json::json!({"address": "10.0.0.1", "asn": 1, "export": ["serviceIPs"]}),
+                "only podBlocks",
+            ),
+            (
+                serde_json::json!({"address": "10.0.0.1", "asn": 1, "password": "nope"}),
+                "no key \"nope\"",
+            ),
+        ] {
+            let e = super::peer_from_object(&obj(spec.clone()), "node-1", 179, &dir).unwrap_err();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn peers_parse_with_and_without_a_name() {
         let p = super::parse_peer("tor=198.18.0.1:4200000000", 179).unwrap();

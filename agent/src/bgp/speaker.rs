@@ -64,6 +64,8 @@ pub struct Peer {
     pub passive: bool,
     /// TCP MD5 signature key (RFC 2385), on both the listener and outgoing connections.
     pub password: Option<String>,
+    /// Hold time offered to this peer, instead of the speaker's.
+    pub hold_time: Option<u16>,
 }
 
 /// `struct tcp_md5sig` of `linux/tcp.h`.
@@ -197,19 +199,23 @@ struct Shared {
 struct PeerHandle {
     peer: Peer,
     inbox: mpsc::Sender<TcpStream>,
-    task: tokio::task::AbortHandle,
+    /// Set when the peer is removed: its task says goodbye (Cease, peer de-configured) and ends.
+    stop: watch::Sender<bool>,
 }
 
 impl Drop for PeerHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        let _ = self.stop.send(true);
     }
 }
 
 impl Shared {
     fn set_state(&self, peer: &Peer, state: &str, error: Option<String>) {
         let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        let e = s.entry(peer.addr).or_default();
+        // A peer removed meanwhile has no entry, and gets none back.
+        let Some(e) = s.get_mut(&peer.addr) else {
+            return;
+        };
         if e.state != state {
             e.since_unix = now_unix();
         }
@@ -224,7 +230,9 @@ impl Shared {
 
     fn update_status(&self, peer: Ipv4Addr, f: impl FnOnce(&mut PeerStatus)) {
         let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        f(s.entry(peer).or_default());
+        if let Some(e) = s.get_mut(&peer) {
+            f(e);
+        }
     }
 
     fn publish(&self) {
@@ -281,32 +289,42 @@ impl Speaker {
             if peers.contains_key(&w.addr) {
                 continue;
             }
+            let (tx, rx) = mpsc::channel(4);
+            let (stop, stop_rx) = watch::channel(false);
+            shared
+                .status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    w.addr,
+                    PeerStatus {
+                        name: w.name.clone(),
+                        addr: w.addr,
+                        asn: w.asn,
+                        state: "idle".into(),
+                        since_unix: now_unix(),
+                        ..PeerStatus::default()
+                    },
+                );
             if w.password.is_some()
                 && let Err(e) = set_md5(shared.listener_fd, w.addr, w.password.as_deref())
             {
                 warn!(peer = %w.addr, error = %e, "BGP: cannot set the TCP MD5 key; the session will fail");
                 shared.update_status(w.addr, |s| s.last_error = Some(format!("TCP MD5 key: {e}")));
             }
-            let (tx, rx) = mpsc::channel(4);
-            shared.update_status(w.addr, |s| {
-                s.name = w.name.clone();
-                s.addr = w.addr;
-                s.asn = w.asn;
-                s.state = "idle".into();
-                s.since_unix = now_unix();
-            });
-            let task = tokio::spawn(peer_task(
+            tokio::spawn(peer_task(
                 shared.clone(),
                 w.clone(),
                 rx,
                 shared.exports.clone(),
+                stop_rx,
             ));
             peers.insert(
                 w.addr,
                 PeerHandle {
                     peer: w.clone(),
                     inbox: tx,
-                    task: task.abort_handle(),
+                    stop,
                 },
             );
         }
@@ -407,9 +425,13 @@ async fn peer_task(
     peer: Peer,
     mut inbox: mpsc::Receiver<TcpStream>,
     exports: watch::Receiver<Vec<Ipv4Net>>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut next: Option<TcpStream> = None;
     loop {
+        if *stop.borrow() {
+            return;
+        }
         let stream = match next.take() {
             Some(s) => s,
             None => {
@@ -427,7 +449,7 @@ async fn peer_task(
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             shared.set_state(&peer, "active", Some(format!("connect: {e}")));
-                            match wait_or_accept(&shared, &mut inbox).await {
+                            match wait_or_accept(&shared, &mut inbox, &mut stop).await {
                                 Some(s) => s,
                                 None => continue,
                             }
@@ -435,12 +457,22 @@ async fn peer_task(
                         Err(_) => continue,
                     },
                     Some(s) = inbox.recv() => s,
+                    _ = stop.changed() => return,
                 }
             }
         };
         let _ = stream.set_nodelay(true);
         let had_gr = std::sync::atomic::AtomicBool::new(false);
-        let end = session(&shared, &peer, stream, &mut inbox, exports.clone(), &had_gr).await;
+        let end = session(
+            &shared,
+            &peer,
+            stream,
+            &mut inbox,
+            exports.clone(),
+            &had_gr,
+            &mut stop,
+        )
+        .await;
         let (error, graceful) = match end {
             End::Replaced(s) => {
                 next = Some(s);
@@ -490,7 +522,7 @@ async fn peer_task(
             });
         }
         if next.is_none() {
-            next = wait_or_accept(&shared, &mut inbox).await;
+            next = wait_or_accept(&shared, &mut inbox, &mut stop).await;
         }
     }
 }
@@ -509,10 +541,12 @@ async fn connect(peer: &Peer, target: SocketAddr) -> std::io::Result<TcpStream> 
 async fn wait_or_accept(
     shared: &Shared,
     inbox: &mut mpsc::Receiver<TcpStream>,
+    stop: &mut watch::Receiver<bool>,
 ) -> Option<TcpStream> {
     tokio::select! {
         _ = tokio::time::sleep(shared.cfg.connect_retry) => None,
         s = inbox.recv() => s,
+        _ = stop.changed() => None,
     }
 }
 
@@ -597,13 +631,15 @@ async fn session(
     inbox: &mut mpsc::Receiver<TcpStream>,
     mut exports: watch::Receiver<Vec<Ipv4Net>>,
     had_gr: &std::sync::atomic::AtomicBool,
+    stop: &mut watch::Receiver<bool>,
 ) -> End {
     let cfg = &shared.cfg;
     let (mut rd, mut wr) = stream.into_split();
+    let offered = peer.hold_time.unwrap_or(cfg.hold_time);
     let open = Open {
         version: 4,
         asn: cfg.asn,
-        hold_time: cfg.hold_time,
+        hold_time: offered,
         router_id: cfg.router_id,
         caps: Capabilities {
             four_octet_as: Some(cfg.asn),
@@ -645,7 +681,7 @@ async fn session(
                 (_, Message::Notification(n)) => return End::Received(n),
                 ("open-sent", Message::Open(o)) => {
                     let negotiated = match check_open(cfg, peer, &o) {
-                        Ok(h) => h,
+                        Ok(h) => h.min(offered),
                         Err(n) => return fail(&mut wr, n).await,
                     };
                     four = o.caps.four_octet_as.is_some();
@@ -748,6 +784,13 @@ async fn session(
                 }
                 advertised = now;
                 shared.update_status(peer.addr, |s| s.advertised = advertised.len());
+            }
+            _ = stop.changed() => {
+                return fail(
+                    &mut wr,
+                    Notification::new(err::CEASE, err::CEASE_PEER_DECONFIGURED, []),
+                )
+                .await;
             }
             Some(other) = inbox.recv() => {
                 // Collision: keep the connection the higher identifier initiated.
@@ -905,6 +948,7 @@ mod tests {
             port: 1,
             passive: true,
             password: None,
+            hold_time: None,
         };
         let (s, learned) = start(cfg(port), vec![peer], rx).await.unwrap();
         (s, learned, tx)

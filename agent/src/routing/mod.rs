@@ -61,16 +61,20 @@ pub struct Settings {
     pub keep_until: Option<Instant>,
 }
 
-/// iBGP full mesh among the cluster's nodes.
+/// Who the BGP speaker peers with: the configured routers (flags and `BGPPeer` objects) and, in
+/// a full mesh, every other node.
 #[derive(Clone)]
 pub struct Mesh {
     pub speaker: crate::bgp::speaker::Speaker,
-    /// Peers configured by hand (routers), kept as they are.
+    /// Peers from the command line, kept as they are.
     pub external: Vec<crate::bgp::speaker::Peer>,
+    /// iBGP with every other Node.
+    pub mesh: bool,
     pub asn: u32,
     pub port: u16,
     /// The mesh's MD5 key (`<password dir>/mesh`), if any.
     pub password: Option<String>,
+    pub password_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -177,14 +181,25 @@ fn program(
     found_at_start: &std::collections::BTreeSet<Ipv4Net>,
     nl: &Netlink,
     maps: &mut Maps,
-    nodes: &[Arc<Node>],
-    ipam: &[Arc<DynamicObject>],
+    (nodes, ipam, bgp_peers): &Snapshot,
     metrics: &Metrics,
 ) -> anyhow::Result<Plan> {
     let (mut blocks, peers) = blocks_from(nodes, ipam);
     if let Some(mesh) = &settings.mesh {
         let mut wanted = mesh.external.clone();
-        for n in nodes {
+        for o in bgp_peers {
+            match crate::bgp::peer_from_object(
+                o,
+                &settings.local.name,
+                mesh.port,
+                &mesh.password_dir,
+            ) {
+                Ok(Some(p)) if !wanted.iter().any(|w| w.addr == p.addr) => wanted.push(p),
+                Ok(_) => {}
+                Err(e) => warn!(peer = ?o.metadata.name, error = %e, "BGPPeer not used"),
+            }
+        }
+        for n in nodes.iter().filter(|_| mesh.mesh) {
             if let Some((name, addr, _)) = node_blocks(n)
                 && addr != settings.local.addr
                 && !wanted.iter().any(|p| p.addr == addr)
@@ -196,6 +211,7 @@ fn program(
                     port: mesh.port,
                     passive: false,
                     password: mesh.password.clone(),
+                    hold_time: None,
                 });
             }
         }
@@ -287,19 +303,60 @@ fn program(
 struct Stores {
     nodes: Store<Node>,
     ipam: Option<Store<DynamicObject>>,
+    bgp_peers: Option<Store<DynamicObject>>,
 }
 
+/// What the watches hold: Nodes, IPAM blocks, BGP peers.
+type Snapshot = (
+    Vec<Arc<Node>>,
+    Vec<Arc<DynamicObject>>,
+    Vec<Arc<DynamicObject>>,
+);
+
 impl Stores {
-    fn snapshot(&self) -> (Vec<Arc<Node>>, Vec<Arc<DynamicObject>>) {
+    fn snapshot(&self) -> Snapshot {
         (
             self.nodes.state(),
             self.ipam.as_ref().map(Store::state).unwrap_or_default(),
+            self.bgp_peers
+                .as_ref()
+                .map(Store::state)
+                .unwrap_or_default(),
         )
     }
 }
 
+/// Watches objects of a custom resource into a store; every event wakes `notify`.
+fn watch_dynamic(
+    client: &Client,
+    ar: kube::api::ApiResource,
+    notify: Arc<tokio::sync::Notify>,
+) -> Store<DynamicObject> {
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let reader = writer.as_reader();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    let kind = ar.kind.clone();
+    tokio::spawn(
+        reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(move |e| {
+                match e {
+                    Ok(_) => notify.notify_one(),
+                    Err(e) => warn!(kind = %kind, error = %e, "routing: watch failed; retrying"),
+                }
+                futures::future::ready(())
+            }),
+    );
+    reader
+}
+
 /// Starts the watches; every event wakes `notify`.
-fn watch_api(client: &Client, ipam_blocks: bool, notify: Arc<tokio::sync::Notify>) -> Stores {
+fn watch_api(
+    client: &Client,
+    ipam_blocks: bool,
+    bgp: bool,
+    notify: Arc<tokio::sync::Notify>,
+) -> Stores {
     let (nodes, writer) = reflector::store::<Node>();
     let n = notify.clone();
     tokio::spawn(
@@ -316,26 +373,14 @@ fn watch_api(client: &Client, ipam_blocks: bool, notify: Arc<tokio::sync::Notify
             futures::future::ready(())
         }),
     );
-    let ipam = ipam_blocks.then(|| {
-        let ar = crate::ipam::block_resource();
-        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-        let reader = writer.as_reader();
-        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-        let n = notify.clone();
-        tokio::spawn(
-            reflector::reflector(writer, watcher(api, watcher::Config::default()))
-                .default_backoff()
-                .for_each(move |e| {
-                    match e {
-                        Ok(_) => n.notify_one(),
-                        Err(e) => warn!(error = %e, "routing: IPAMBlock watch failed; retrying"),
-                    }
-                    futures::future::ready(())
-                }),
-        );
-        reader
-    });
-    Stores { nodes, ipam }
+    let ipam =
+        ipam_blocks.then(|| watch_dynamic(client, crate::ipam::block_resource(), notify.clone()));
+    let bgp_peers = bgp.then(|| watch_dynamic(client, crate::bgp::peer_resource(), notify.clone()));
+    Stores {
+        nodes,
+        ipam,
+        bgp_peers,
+    }
 }
 
 /// Programs the routes once the watches have listed everything (bounded by `timeout`), then keeps
@@ -347,7 +392,12 @@ pub async fn start(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let notify = Arc::new(tokio::sync::Notify::new());
-    let stores = watch_api(&client, settings.ipam_blocks, notify.clone());
+    let stores = watch_api(
+        &client,
+        settings.ipam_blocks,
+        settings.mesh.is_some(),
+        notify.clone(),
+    );
     if let Some(mut rx) = settings.bgp.clone() {
         let n = notify.clone();
         tokio::spawn(async move {
@@ -358,7 +408,7 @@ pub async fn start(
     }
     let ready = async {
         stores.nodes.wait_until_ready().await?;
-        if let Some(s) = &stores.ipam {
+        for s in [&stores.ipam, &stores.bgp_peers].into_iter().flatten() {
             s.wait_until_ready().await?;
         }
         Ok::<_, reflector::store::WriterDropped>(())
@@ -375,17 +425,9 @@ pub async fn start(
     let mut maps = Maps::open(&settings.layout).context("opening the datapath maps")?;
     let found_at_start: std::collections::BTreeSet<Ipv4Net> =
         kernel::owned_routes(&nl)?.into_keys().collect();
-    let (nodes, ipam) = stores.snapshot();
+    let api = stores.snapshot();
     let started = Instant::now();
-    match program(
-        &settings,
-        &found_at_start,
-        &nl,
-        &mut maps,
-        &nodes,
-        &ipam,
-        &metrics,
-    ) {
+    match program(&settings, &found_at_start, &nl, &mut maps, &api, &metrics) {
         Ok(plan) => info!(
             mode = mode_name(&settings.mode),
             routes = plan.routes.len(),
@@ -405,16 +447,8 @@ pub async fn start(
                 _ => Duration::from_secs(30),
             };
             let _ = tokio::time::timeout(check, notify.notified()).await;
-            let (nodes, ipam) = stores.snapshot();
-            if let Err(e) = program(
-                &settings,
-                &found_at_start,
-                &nl,
-                &mut maps,
-                &nodes,
-                &ipam,
-                &metrics,
-            ) {
+            let api = stores.snapshot();
+            if let Err(e) = program(&settings, &found_at_start, &nl, &mut maps, &api, &metrics) {
                 warn!(error = %format!("{e:#}"), "routing: programming failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -326,6 +326,14 @@ impl Cluster {
                 ferrox::ipam::PLURAL,
                 ferrox::ipam::KIND,
             ));
+        cluster
+            .api()
+            .register(crate::apiserver::ResourceType::cluster(
+                ferrox::bgp::PEER_GROUP,
+                ferrox::bgp::PEER_VERSION,
+                ferrox::bgp::PEER_PLURAL,
+                ferrox::bgp::PEER_KIND,
+            ));
 
         let kubeconfig = cluster.dir.join("kubeconfig");
         let kubeconfig_port = if b.api_server_by_flag {
