@@ -96,6 +96,14 @@ pub struct AgentStatus {
     pub bgp_routes: Option<Vec<crate::bgp::speaker::LearnedRoute>>,
 }
 
+/// Appends one metric family: HELP, TYPE, then its samples (each: labels or suffix, value).
+fn family(text: &mut String, name: &str, kind: &str, help: &str, samples: Vec<String>) {
+    let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for sample in samples {
+        let _ = writeln!(text, "{name}{sample}");
+    }
+}
+
 /// The metrics the agent's tasks record into; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -241,12 +249,8 @@ impl Metrics {
             .clone();
         let s = self.lock();
         let mut text = String::new();
-        // One metric family: HELP, TYPE, then its samples (each: labels or suffix, value).
         let mut section = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
-            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for sample in samples {
-                let _ = writeln!(text, "{name}{sample}");
-            }
+            family(&mut text, name, kind, help, samples);
         };
         section(
             "ferrox_sync_total",
@@ -422,10 +426,7 @@ impl Metrics {
     fn render_node(status: &crate::status::Status, cni_ready: bool) -> String {
         let mut text = String::new();
         let mut section = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
-            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for sample in samples {
-                let _ = writeln!(text, "{name}{sample}");
-            }
+            family(&mut text, name, kind, help, samples);
         };
         section(
             "ferrox_map_entries",
@@ -494,7 +495,9 @@ impl Metrics {
                 .as_ref()
                 .and_then(|c| c.snapshot().ok())
                 .unwrap_or_default();
-            let status = crate::status::collect_with(&layout, &node_config, Some(me.status()));
+            // Only the node's part (maps, IPAM) is rendered: no need to build the agent's own
+            // status (with every BGP route) on each scrape.
+            let status = crate::status::collect_with(&layout, &node_config, None);
             let cni_ready = ferrox_cni::node_config::NodeConfig::read(&node_config).is_ok();
             me.render(&rows) + &Self::render_node(&status, cni_ready)
         })

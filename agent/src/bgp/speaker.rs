@@ -878,15 +878,19 @@ mod tests {
         }
     }
 
-    /// A scripted peer on 127.0.0.2: connects to the speaker, exchanges OPEN and KEEPALIVE, then
-    /// runs `script` on the established connection.
-    async fn peer_session(port: u16) -> (TcpStream, Vec<u8>) {
+    /// A TCP connection from the test peer's address (127.0.0.2) to the speaker.
+    async fn connect_as_peer(port: u16) -> TcpStream {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind(SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
-        let mut s = sock
-            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        sock.connect(SocketAddr::from(([127, 0, 0, 1], port)))
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A scripted peer on 127.0.0.2: connects to the speaker and exchanges OPEN and KEEPALIVE;
+    /// returns the connection and what the speaker sent up to its End-of-RIB.
+    async fn peer_session(port: u16) -> (TcpStream, Vec<u8>) {
+        let mut s = connect_as_peer(port).await;
         let open = Open {
             version: 4,
             asn: 65001,
@@ -1047,12 +1051,7 @@ mod tests {
     async fn a_wrong_peer_as_is_refused_with_bad_peer_as() {
         let port = 18_900 + (std::process::id() % 1000) as u16;
         let (speaker, _learned, _exports) = speaker(port).await;
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(SocketAddr::from(([127, 0, 0, 2], 0))).unwrap();
-        let mut s = sock
-            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
-            .await
-            .unwrap();
+        let mut s = connect_as_peer(port).await;
         let open = Open {
             version: 4,
             asn: 65099,

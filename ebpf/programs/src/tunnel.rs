@@ -147,6 +147,9 @@ pub enum Decap {
 /// Uplink ingress, before anything else: strip the outer header of IP-in-IP from a node.
 #[inline(always)]
 pub fn decap(ctx: &TcContext) -> Decap {
+    if !ctx.is_ipv4() {
+        return Decap::NotTunnel;
+    }
     let Some(ip) = ctx.header::<Ipv4Hdr>(ETH_HLEN) else {
         return Decap::NotTunnel;
     };
