@@ -37,16 +37,41 @@ fn bird_config(ext_ip: &str, node_ip: &str, statics: &[&str]) -> String {
     )
 }
 
+/// BIRD as the route reflector of every node (iBGP, AS 64512): the nodes are its clients.
+fn bird_rr_config(ext_ip: &str, nodes: &[&Node]) -> String {
+    let mut conf = format!(
+        "router id {ext_ip};\n\
+         protocol device {{ scan time 1; }}\n\
+         template bgp nodes {{\n  local {ext_ip} as 64512;\n  direct;\n  rr client;\n  \
+           rr cluster id {RR_CLUSTER};\n  hold time 9; connect retry time 1;\n  \
+           ipv4 {{ import all; export all; }};\n}}\n"
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        conf += &format!(
+            "protocol bgp node{} from nodes {{ neighbor {} as 64512; }}\n",
+            i + 1,
+            n.addr
+        );
+    }
+    conf
+}
+
+/// BIRD's cluster ID as a route reflector.
+const RR_CLUSTER: &str = "10.255.0.1";
+
 impl Bird {
     fn start(c: &Cluster, node: &Node, statics: &[&str]) -> Self {
+        let node = node.addr.to_string();
+        Self::with_config(c, |ext_ip| bird_config(ext_ip, &node, statics))
+    }
+
+    /// BIRD in the next external client's namespace, with the configuration `config` makes
+    /// for its address.
+    fn with_config(c: &Cluster, config: impl FnOnce(&str) -> String) -> Self {
         let ext = c.external_client();
         let dir = std::env::temp_dir().join(format!("ferrox-bird-{}-{}", c.id(), ext.ip));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("bird.conf"),
-            bird_config(&ext.ip.to_string(), &node.addr.to_string(), statics),
-        )
-        .unwrap();
+        std::fs::write(dir.join("bird.conf"), config(&ext.ip.to_string())).unwrap();
         let conf = dir.join("bird.conf").display().to_string();
         let sock = dir.join("bird.ctl").display().to_string();
         let proc = ext.command("bird", &["-f", "-c", &conf, "-s", &sock]);
@@ -376,4 +401,213 @@ fn a_bgp_peer_object_adds_a_router_and_deleting_it_closes_the_session() {
     drop(bird);
     drop(c);
     let _ = std::fs::remove_dir_all(&keys);
+}
+
+/// `ferrox bgp routes -o json` as "prefix via next-hop from peer [originator; cluster list]".
+fn bgp_routes(node: &Node) -> Vec<String> {
+    let routes: serde_json::Value =
+        serde_json::from_str(&node.ferrox(&["bgp", "routes", "-o", "json"])).unwrap();
+    routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let list = |v: &serde_json::Value| {
+                v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| x.as_str().unwrap().to_owned())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default()
+            };
+            format!(
+                "{} via {} from {} [{}; {}]",
+                r["prefix"].as_str().unwrap(),
+                list(&r["nextHops"]),
+                list(&r["peers"]),
+                r["originatorId"].as_str().unwrap_or("-"),
+                list(&r["clusterList"]),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `node` has exactly the BGP sessions `want` (addresses), all established.
+fn wait_sessions(node: &Node, want: &[String]) {
+    wait_for(
+        &format!("{}'s sessions {want:?}", node.name),
+        Duration::from_secs(30),
+        || {
+            let p = bgp_peers(node)?;
+            let mut got: Vec<String> = p
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|x| x["state"] == "established")
+                .map(|x| x["addr"].as_str().unwrap_or("").to_owned())
+                .collect();
+            got.sort();
+            let total = p.as_array().map_or(0, Vec::len);
+            if got == want && total == want.len() {
+                Ok(())
+            } else {
+                Err(p.to_string())
+            }
+        },
+    );
+}
+
+#[test]
+fn bird_as_route_reflector_passes_each_nodes_block_to_the_others() {
+    // Mesh off: the nodes peer only with BIRD (a BGPPeer in their own AS, for every node), and
+    // learn each other's blocks from it, next hop unchanged, tagged by the reflector.
+    let c = Cluster::builder()
+        .nodes(3)
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_MESH", "false")
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
+        .build();
+    let nodes: Vec<&Node> = c.nodes().iter().collect();
+    let bird = Bird::with_config(&c, |ext_ip| bird_rr_config(ext_ip, &nodes));
+    let peers = ferrox_tests::apiserver::ResourceType::cluster(
+        ferrox::bgp::PEER_GROUP,
+        ferrox::bgp::PEER_VERSION,
+        ferrox::bgp::PEER_PLURAL,
+        ferrox::bgp::PEER_KIND,
+    );
+    c.api()
+        .apply_value(
+            &peers,
+            serde_json::json!({
+                "apiVersion": "bgp.ferrox.io/v1", "kind": "BGPPeer",
+                "metadata": { "name": "rr" },
+                "spec": { "address": bird.ext.ip.to_string(), "asn": 64512 }
+            }),
+        )
+        .unwrap();
+    for n in c.nodes() {
+        wait_sessions(n, &[bird.ext.ip.to_string()]);
+    }
+    for n in c.nodes() {
+        let want: Vec<String> = c
+            .nodes()
+            .iter()
+            .filter(|o| o.name != n.name)
+            .map(|o| {
+                format!(
+                    "{} via {} from {} [{}; {RR_CLUSTER}]",
+                    o.pod_cidr, o.addr, bird.ext.ip, o.addr
+                )
+            })
+            .collect();
+        wait_for(
+            &format!("{} to learn the other blocks from BIRD", n.name),
+            Duration::from_secs(10),
+            || {
+                let got = bgp_routes(n);
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?} want {want:?}"))
+                }
+            },
+        );
+    }
+    // BIRD holds each block once, from its node.
+    let table = bird.birdc(&["show", "route"]);
+    for n in c.nodes() {
+        assert!(
+            table.contains(&n.pod_cidr.to_string()),
+            "{} missing: {table}",
+            n.pod_cidr
+        );
+    }
+    let a = c.add_pod(2, "a");
+    let b = c.add_pod(3, "b");
+    let _s = b.serve(8080);
+    let (by, _) = a.call_tcp(&format!("{}:8080", b.ip), 3);
+    assert_eq!(by.get("b"), Some(&3), "{by:?}");
+}
+
+#[test]
+fn a_node_annotated_as_route_reflector_reflects_between_the_others() {
+    use k8s_openapi::api::core::v1::Node as K8sNode;
+    let c = Cluster::builder()
+        .nodes(3)
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_MESH", "false")
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
+        .build();
+    let addr = |i: usize| c.node(i).addr.to_string();
+    // No mesh and no reflector yet: no sessions at all.
+    wait_sessions(c.node(2), &[]);
+    // node-1 becomes a reflector: it peers with both others (its clients), they with it only.
+    let set_cluster = |value: Option<&str>| {
+        let mut n1: K8sNode = c.api().get(None, "node-1").unwrap();
+        let ann = n1.metadata.annotations.get_or_insert_with(Default::default);
+        match value {
+            Some(v) => ann.insert(ferrox::bgp::RR_CLUSTER_ID_ANNOTATION.into(), v.into()),
+            None => ann.remove(ferrox::bgp::RR_CLUSTER_ID_ANNOTATION),
+        };
+        c.api().replace(&n1).unwrap();
+    };
+    set_cluster(Some("10.255.9.9"));
+    wait_sessions(c.node(1), &[addr(2), addr(3)]);
+    wait_sessions(c.node(2), &[addr(1)]);
+    wait_sessions(c.node(3), &[addr(1)]);
+    let peers = bgp_peers(c.node(1)).unwrap();
+    assert!(
+        peers
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["rrClient"] == true),
+        "{peers}"
+    );
+    // node-2 learns node-3's block from node-1, next hop node-3, originator node-3, through
+    // cluster 10.255.9.9; and node-1's own block from node-1 directly (not reflected).
+    let n1 = c.node(1);
+    let n3 = c.node(3);
+    let want = vec![
+        format!("{} via {} from {} [-; ]", n1.pod_cidr, n1.addr, n1.addr),
+        format!(
+            "{} via {} from {} [{}; 10.255.9.9]",
+            n3.pod_cidr, n3.addr, n1.addr, n3.addr
+        ),
+    ];
+    wait_for(
+        "node-2 to learn node-3's block through node-1",
+        Duration::from_secs(10),
+        || {
+            let got = bgp_routes(c.node(2));
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?} want {want:?}"))
+            }
+        },
+    );
+    // The reflector keeps the clients' paths as they are (nothing reflected back to it).
+    let on_rr = bgp_routes(n1);
+    assert_eq!(on_rr.len(), 2, "{on_rr:?}");
+    assert!(on_rr.iter().all(|r| r.ends_with("[-; ]")), "{on_rr:?}");
+
+    // No longer a reflector: the sessions go, and with them the reflected routes.
+    set_cluster(None);
+    wait_sessions(c.node(2), &[]);
+    wait_for(
+        "node-2 to forget the reflected routes",
+        Duration::from_secs(10),
+        || {
+            let got = bgp_routes(c.node(2));
+            if got.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    );
 }

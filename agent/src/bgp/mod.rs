@@ -26,6 +26,25 @@ pub const PEER_VERSION: &str = "v1";
 pub const PEER_KIND: &str = "BGPPeer";
 pub const PEER_PLURAL: &str = "bgppeers";
 
+/// The Node annotation that makes a node a route reflector (when the full mesh is off): its
+/// value is the cluster ID, an IPv4 address. Nodes without it peer only with the reflectors.
+pub const RR_CLUSTER_ID_ANNOTATION: &str = "bgp.ferrox.io/route-reflector-cluster-id";
+
+/// The route-reflector cluster ID a Node carries; an error for a value that is not an IPv4
+/// address.
+pub fn rr_cluster_id(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<Option<Ipv4Addr>, String> {
+    match annotations.and_then(|a| a.get(RR_CLUSTER_ID_ANNOTATION)) {
+        None => Ok(None),
+        Some(v) => {
+            v.trim().parse().map(Some).map_err(|e| {
+                format!("{RR_CLUSTER_ID_ANNOTATION} {v:?}: {e} (want an IPv4 address)")
+            })
+        }
+    }
+}
+
 /// The `BGPPeer` resource: one object per external neighbour (`manifests/ferrox.yaml`). A custom
 /// resource rather than a ConfigMap: each peer has its own lifecycle and history, is listed with
 /// `kubectl get bgppeers`, validated by its schema and watched one by one.
@@ -97,6 +116,7 @@ pub fn peer_from_object(
         passive: false,
         password,
         hold_time,
+        rr_client: false,
     }))
 }
 
@@ -128,6 +148,7 @@ pub fn parse_peer(s: &str, port: u16) -> anyhow::Result<speaker::Peer> {
         passive: false,
         password: None,
         hold_time: None,
+        rr_client: false,
     })
 }
 

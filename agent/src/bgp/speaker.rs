@@ -9,6 +9,12 @@
 //! announced graceful restart keeps its routes (marked stale) for its restart time when its
 //! session drops without a NOTIFICATION, until it announces them again and sends End-of-RIB.
 //!
+//! Route reflection (RFC 4456), when the node has a cluster ID: the best path learned from an
+//! iBGP peer is passed on to the other iBGP peers, from a client to everyone, from a non-client
+//! to clients only, with ORIGINATOR_ID set and the cluster ID put first in CLUSTER_LIST; a path
+//! that already carries the cluster ID is a loop and is ignored. Paths from eBGP peers are not
+//! passed on (the nodes are not a transit network).
+//!
 //! Collisions (both sides connecting at once): the connection initiated by the side with the
 //! higher BGP identifier survives (RFC 4271 6.8). The peer's identifier is not known before its
 //! OPEN, so its address stands in for it, which holds where router IDs are node addresses.
@@ -66,6 +72,8 @@ pub struct Peer {
     pub password: Option<String>,
     /// Hold time offered to this peer, instead of the speaker's.
     pub hold_time: Option<u16>,
+    /// A route-reflector client of this node (meaningful when the node has a cluster ID).
+    pub rr_client: bool,
 }
 
 /// `struct tcp_md5sig` of `linux/tcp.h`.
@@ -144,6 +152,9 @@ pub struct PeerStatus {
     pub restart_time: u16,
     pub last_error: Option<String>,
     pub established_count: u64,
+    /// This node reflects routes to the peer as its route-reflector client.
+    #[serde(default)]
+    pub rr_client: bool,
 }
 
 /// A best route as `ferrox bgp routes` shows it.
@@ -154,6 +165,13 @@ pub struct LearnedRoute {
     pub next_hops: Vec<Ipv4Addr>,
     pub peers: Vec<Ipv4Addr>,
     pub as_path_len: usize,
+    /// The router that first announced the route in this AS, when a route reflector passed it
+    /// on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub originator_id: Option<Ipv4Addr>,
+    /// The route reflectors it passed through, the last one first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_list: Vec<Ipv4Addr>,
 }
 
 impl Default for PeerStatus {
@@ -172,6 +190,7 @@ impl Default for PeerStatus {
             restart_time: 0,
             last_error: None,
             established_count: 0,
+            rr_client: false,
         }
     }
 }
@@ -194,6 +213,11 @@ struct Shared {
     exports: watch::Receiver<Vec<Ipv4Net>>,
     /// The listening socket (MD5 keys are set on it per peer).
     listener_fd: std::os::fd::RawFd,
+    /// This node's route-reflector cluster ID, when it reflects.
+    cluster_id: Mutex<Option<Ipv4Addr>>,
+    /// Bumped when what is reflected may have changed: the sessions recompute what they
+    /// announce.
+    reflect: watch::Sender<u64>,
 }
 
 struct PeerHandle {
@@ -235,16 +259,74 @@ impl Shared {
         }
     }
 
+    /// Publishes the best paths of the prefixes changed since the last call. The RIB stays
+    /// locked meanwhile, so publications never overtake each other.
     fn publish(&self) {
-        let rib = self.rib.lock().unwrap_or_else(PoisonError::into_inner);
-        let best = rib.best();
+        let mut rib = self.rib.lock().unwrap_or_else(PoisonError::into_inner);
+        let changes = rib.take_changes();
         let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         for (addr, st) in s.iter_mut() {
             st.received = rib.count_from(*addr);
         }
         drop(s);
+        if changes.is_empty() {
+            return;
+        }
+        self.learned.send_modify(|best| {
+            for (prefix, b) in changes {
+                match b {
+                    Some(b) => best.insert(prefix, b),
+                    None => best.remove(&prefix),
+                };
+            }
+        });
         drop(rib);
-        self.learned.send_replace(best);
+        if self.cluster_id().is_some() {
+            self.reflect.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn cluster_id(&self) -> Option<Ipv4Addr> {
+        *self
+            .cluster_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What this node announces to `peer`: its own prefixes and, as a route reflector, the
+    /// best paths it reflects to that peer.
+    fn adj_rib_out(&self, peer: &Peer, own: &[Ipv4Net]) -> BTreeMap<Ipv4Net, Attributes> {
+        let cfg = &self.cfg;
+        let mut out: BTreeMap<Ipv4Net, Attributes> =
+            own.iter().map(|p| (*p, export_attrs(cfg, peer))).collect();
+        let Some(cluster_id) = self.cluster_id() else {
+            return out;
+        };
+        if peer.asn != cfg.asn {
+            return out;
+        }
+        let clients: HashMap<Ipv4Addr, bool> = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(a, h)| (*a, h.peer.asn == cfg.asn && h.peer.rr_client))
+            .collect();
+        for (prefix, best) in self.learned.borrow().iter() {
+            let from = &best.path;
+            if from.ebgp || from.peer == peer.addr || out.contains_key(prefix) {
+                continue;
+            }
+            let from_client = clients.get(&from.peer).copied().unwrap_or(false);
+            if !from_client && !peer.rr_client {
+                continue;
+            }
+            let mut a = from.attrs.clone();
+            a.originator_id.get_or_insert(from.peer_router_id);
+            a.cluster_list.insert(0, cluster_id);
+            out.insert(*prefix, a);
+        }
+        out
     }
 }
 
@@ -257,8 +339,21 @@ pub struct Speaker {
 impl Speaker {
     /// Makes the configured peers `wanted`: new ones get a session task, removed ones (or ones
     /// whose AS changed) lose theirs and their routes.
-    pub fn set_peers(&self, wanted: &[Peer]) {
+    /// `cluster_id`: this node reflects routes between its iBGP peers (clients are marked in
+    /// [`Peer::rr_client`]); `None`: it does not.
+    pub fn set_peers(&self, wanted: &[Peer], cluster_id: Option<Ipv4Addr>) {
         let shared = &self.shared;
+        let old_cluster = std::mem::replace(
+            &mut *shared
+                .cluster_id
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            cluster_id,
+        );
+        if old_cluster != cluster_id {
+            info!(?cluster_id, "BGP: route reflector cluster ID");
+            shared.reflect.send_modify(|n| *n += 1);
+        }
         let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let gone: Vec<Ipv4Addr> = peers
             .iter()
@@ -303,6 +398,7 @@ impl Speaker {
                         asn: w.asn,
                         state: "idle".into(),
                         since_unix: now_unix(),
+                        rr_client: w.rr_client,
                         ..PeerStatus::default()
                     },
                 );
@@ -354,6 +450,8 @@ impl Speaker {
                 next_hops: b.next_hops.clone(),
                 peers: b.peers.clone(),
                 as_path_len: b.as_path_len,
+                originator_id: b.path.attrs.originator_id,
+                cluster_list: b.path.attrs.cluster_list.clone(),
             })
             .collect()
     }
@@ -378,11 +476,13 @@ pub async fn start(
         peers: Mutex::new(HashMap::new()),
         exports,
         listener_fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+        cluster_id: Mutex::new(None),
+        reflect: watch::channel(0).0,
     });
     let speaker = Speaker {
         shared: shared.clone(),
     };
-    speaker.set_peers(&peers);
+    speaker.set_peers(&peers, None);
     tokio::spawn(async move {
         loop {
             let Ok((stream, from)) = listener.accept().await else {
@@ -565,10 +665,25 @@ fn export_attrs(cfg: &Config, peer: &Peer) -> Attributes {
     }
 }
 
-/// The UPDATEs that take a peer from having `old` to having `new`.
-fn export_updates(cfg: &Config, peer: &Peer, old: &[Ipv4Net], new: &[Ipv4Net]) -> Vec<Message> {
-    let withdrawn: Vec<Ipv4Net> = old.iter().filter(|p| !new.contains(p)).copied().collect();
-    let added: Vec<Ipv4Net> = new.iter().filter(|p| !old.contains(p)).copied().collect();
+/// The UPDATEs that take a peer from having `old` to having `new`: withdrawals, then the
+/// prefixes new or changed, those with the same attributes together.
+fn export_updates(
+    old: &BTreeMap<Ipv4Net, Attributes>,
+    new: &BTreeMap<Ipv4Net, Attributes>,
+) -> Vec<Message> {
+    let withdrawn: Vec<Ipv4Net> = old
+        .keys()
+        .filter(|p| !new.contains_key(p))
+        .copied()
+        .collect();
+    let mut by_attrs: HashMap<&Attributes, Vec<Ipv4Net>> = HashMap::new();
+    for (prefix, a) in new {
+        if old.get(prefix) != Some(a) {
+            by_attrs.entry(a).or_default().push(*prefix);
+        }
+    }
+    let mut groups: Vec<(&Attributes, Vec<Ipv4Net>)> = by_attrs.into_iter().collect();
+    groups.sort_by_key(|(_, prefixes)| prefixes[0]);
     let mut out = Vec::new();
     for chunk in withdrawn.chunks(wire::PREFIXES_PER_UPDATE) {
         out.push(Message::Update(Update {
@@ -576,12 +691,14 @@ fn export_updates(cfg: &Config, peer: &Peer, old: &[Ipv4Net], new: &[Ipv4Net]) -
             ..Update::default()
         }));
     }
-    for chunk in added.chunks(wire::PREFIXES_PER_UPDATE) {
-        out.push(Message::Update(Update {
-            withdrawn: vec![],
-            attrs: Some(export_attrs(cfg, peer)),
-            nlri: chunk.to_vec(),
-        }));
+    for (attrs, prefixes) in groups {
+        for chunk in prefixes.chunks(wire::PREFIXES_PER_UPDATE) {
+            out.push(Message::Update(Update {
+                withdrawn: vec![],
+                attrs: Some(attrs.clone()),
+                nlri: chunk.to_vec(),
+            }));
+        }
     }
     out
 }
@@ -662,7 +779,8 @@ async fn session(
     let mut hold = Duration::from_secs(240);
     let mut hold_deadline = Instant::now() + hold;
     let mut keepalive_at: Option<Instant> = None;
-    let mut advertised: Vec<Ipv4Net> = Vec::new();
+    let mut advertised: BTreeMap<Ipv4Net, Attributes> = BTreeMap::new();
+    let mut reflect = shared.reflect.subscribe();
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     loop {
         // Every complete message in the buffer first.
@@ -707,8 +825,10 @@ async fn session(
                     state = "established";
                     shared.set_state(peer, state, None);
                     info!(peer = %peer.addr, asn = peer.asn, "BGP session established");
-                    let now: Vec<Ipv4Net> = exports.borrow_and_update().clone();
-                    for m in export_updates(cfg, peer, &[], &now) {
+                    let own: Vec<Ipv4Net> = exports.borrow_and_update().clone();
+                    reflect.mark_unchanged();
+                    let now = shared.adj_rib_out(peer, &own);
+                    for m in export_updates(&BTreeMap::new(), &now) {
                         if let Err(e) = send(&mut wr, &m, four).await {
                             return e;
                         }
@@ -726,7 +846,7 @@ async fn session(
                 }
                 ("established", Message::RouteRefresh { afi, safi }) => {
                     if afi == AFI_IPV4 && safi == SAFI_UNICAST {
-                        for m in export_updates(cfg, peer, &[], &advertised) {
+                        for m in export_updates(&BTreeMap::new(), &advertised) {
                             if let Err(e) = send(&mut wr, &m, four).await {
                                 return e;
                             }
@@ -776,8 +896,20 @@ async fn session(
                 if r.is_err() {
                     return fail(&mut wr, Notification::new(err::CEASE, err::CEASE_ADMIN_SHUTDOWN, [])).await;
                 }
-                let now: Vec<Ipv4Net> = exports.borrow_and_update().clone();
-                for m in export_updates(cfg, peer, &advertised, &now) {
+                let own: Vec<Ipv4Net> = exports.borrow_and_update().clone();
+                let now = shared.adj_rib_out(peer, &own);
+                for m in export_updates(&advertised, &now) {
+                    if let Err(e) = send(&mut wr, &m, four).await {
+                        return e;
+                    }
+                }
+                advertised = now;
+                shared.update_status(peer.addr, |s| s.advertised = advertised.len());
+            }
+            _ = reflect.changed(), if state == "established" => {
+                let own: Vec<Ipv4Net> = exports.borrow().clone();
+                let now = shared.adj_rib_out(peer, &own);
+                for m in export_updates(&advertised, &now) {
                     if let Err(e) = send(&mut wr, &m, four).await {
                         return e;
                     }
@@ -838,9 +970,11 @@ fn apply_update(shared: &Shared, peer: &Peer, u: &Update) {
     }
     if let Some(a) = &u.attrs {
         // Loops: our own AS in an eBGP path, our own routes reflected back, our own next hop.
+        let cluster_id = shared.cluster_id();
         let looped = (ebgp && a.contains_as(cfg.asn))
             || a.originator_id == Some(cfg.router_id)
-            || a.next_hop == Some(cfg.next_hop);
+            || a.next_hop == Some(cfg.next_hop)
+            || cluster_id.is_some_and(|c| a.cluster_list.contains(&c));
         for p in &u.nlri {
             if looped {
                 rib.withdraw(*p, peer.addr);
@@ -953,6 +1087,7 @@ mod tests {
             passive: true,
             password: None,
             hold_time: None,
+            rr_client: false,
         };
         let (s, learned) = start(cfg(port), vec![peer], rx).await.unwrap();
         (s, learned, tx)

@@ -199,7 +199,29 @@ fn program(
                 Err(e) => warn!(peer = ?o.metadata.name, error = %e, "BGPPeer not used"),
             }
         }
-        for n in nodes.iter().filter(|_| mesh.mesh) {
+        // Full mesh: every other node. Without it, route reflectors (Nodes with a cluster ID)
+        // peer with every other node and the rest only with the reflectors.
+        let cluster_of = |n: &Node| match crate::bgp::rr_cluster_id(n.metadata.annotations.as_ref())
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(node = ?n.metadata.name, error = %e, "route reflector annotation ignored");
+                None
+            }
+        };
+        let own_cluster = if mesh.mesh {
+            None
+        } else {
+            nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(settings.local.name.as_str()))
+                .and_then(|n| cluster_of(n))
+        };
+        for n in nodes {
+            let their_cluster = if mesh.mesh { None } else { cluster_of(n) };
+            if !mesh.mesh && own_cluster.is_none() && their_cluster.is_none() {
+                continue;
+            }
             if let Some((name, addr, _)) = node_blocks(n)
                 && addr != settings.local.addr
                 && !wanted.iter().any(|p| p.addr == addr)
@@ -212,10 +234,11 @@ fn program(
                     passive: false,
                     password: mesh.password.clone(),
                     hold_time: None,
+                    rr_client: own_cluster.is_some() && their_cluster.is_none(),
                 });
             }
         }
-        mesh.speaker.set_peers(&wanted);
+        mesh.speaker.set_peers(&wanted, own_cluster);
     }
     if let Some(bgp) = &settings.bgp {
         for (prefix, best) in bgp.borrow().iter() {
