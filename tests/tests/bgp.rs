@@ -9,14 +9,7 @@
 
 use std::{path::PathBuf, time::Duration, time::Instant};
 
-use ferrox_tests::harness::{Cluster, ExternalClient, Node, Proc, wait_for};
-
-/// BIRD in the external client's namespace, peering with node-1 (AS 64512) from AS 65001.
-struct Bird {
-    _proc: Proc,
-    dir: PathBuf,
-    ext: ExternalClient,
-}
+use ferrox_tests::harness::{Cluster, Node, bird::Bird, wait_for};
 
 /// The TCP MD5 key both sides use.
 const PASSWORD: &str = "s3cret-md5";
@@ -59,61 +52,19 @@ fn bird_rr_config(ext_ip: &str, nodes: &[&Node]) -> String {
 /// BIRD's cluster ID as a route reflector.
 const RR_CLUSTER: &str = "10.255.0.1";
 
-impl Bird {
-    fn start(c: &Cluster, node: &Node, statics: &[&str]) -> Self {
-        let node = node.addr.to_string();
-        Self::with_config(c, |ext_ip| bird_config(ext_ip, &node, statics))
-    }
-
-    /// BIRD in the next external client's namespace, with the configuration `config` makes
-    /// for its address.
-    fn with_config(c: &Cluster, config: impl FnOnce(&str) -> String) -> Self {
-        let ext = c.external_client();
-        let dir = std::env::temp_dir().join(format!("ferrox-bird-{}-{}", c.id(), ext.ip));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("bird.conf"), config(&ext.ip.to_string())).unwrap();
-        let conf = dir.join("bird.conf").display().to_string();
-        let sock = dir.join("bird.ctl").display().to_string();
-        let proc = ext.command("bird", &["-f", "-c", &conf, "-s", &sock]);
-        Self {
-            _proc: proc,
-            dir,
-            ext,
-        }
-    }
-
-    fn birdc(&self, args: &[&str]) -> String {
-        let sock = self.dir.join("bird.ctl").display().to_string();
-        let mut full = vec!["-s", sock.as_str()];
-        full.extend_from_slice(args);
-        let out = self.ext.command_output("birdc", &full);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Rewrites the static routes and tells BIRD to reload.
-    fn set_statics(&self, node: &Node, statics: &[&str]) {
-        std::fs::write(
-            self.dir.join("bird.conf"),
-            bird_config(&self.ext.ip.to_string(), &node.addr.to_string(), statics),
-        )
-        .unwrap();
-        let out = self.birdc(&["configure"]);
-        assert!(out.contains("Reconfigured"), "{out}");
-    }
-
-    /// The route BIRD put in its namespace's kernel table for `prefix`.
-    fn kernel_route(&self, prefix: &str) -> String {
-        let out = self
-            .ext
-            .command_output("ip", &["route", "show", prefix, "proto", "bird"]);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
+/// Rewrites BIRD's static routes (as an external peer of `node`) and has it reload.
+fn set_statics(bird: &Bird, node: &Node, statics: &[&str]) {
+    bird.reconfigure(&bird_config(
+        &bird.ext.ip.to_string(),
+        &node.addr.to_string(),
+        statics,
+    ));
 }
 
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// BIRD as an external peer of `node` (AS 65001), announcing `statics`.
+fn external_bird(c: &Cluster, node: &Node, statics: &[&str]) -> Bird {
+    let node = node.addr.to_string();
+    Bird::start(c, |ext_ip| bird_config(ext_ip, &node, statics))
 }
 
 /// A fresh directory under the system's temporary directory, removed at the end of the run.
@@ -170,7 +121,7 @@ fn bird_as_an_external_peer_routes_both_ways_withdraws_and_survives_an_agent_res
     let pod = c.add_pod(1, "web");
     let _srv = pod.serve(8080);
     let started = Instant::now();
-    let bird = Bird::start(&c, n1, &["192.0.2.0/24", "198.51.100.0/24"]);
+    let bird = external_bird(&c, n1, &["192.0.2.0/24", "198.51.100.0/24"]);
 
     // Session up; BIRD learns the node's pod block (into its kernel table)...
     wait_established(n1, "the session to come up");
@@ -223,7 +174,7 @@ fn bird_as_an_external_peer_routes_both_ways_withdraws_and_survives_an_agent_res
     assert_eq!(by.get("web"), Some(&3), "{by:?}");
 
     // A withdrawal at BIRD removes the node's route.
-    bird.set_statics(n1, &["192.0.2.0/24"]);
+    set_statics(&bird, n1, &["192.0.2.0/24"]);
     wait_for(
         "the withdrawn route to go",
         Duration::from_secs(10),
@@ -335,7 +286,7 @@ fn a_bgp_peer_object_adds_a_router_and_deleting_it_closes_the_session() {
         .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
         .build();
     let n1 = c.node(1);
-    let bird = Bird::start(&c, n1, &["192.0.2.0/24"]);
+    let bird = external_bird(&c, n1, &["192.0.2.0/24"]);
     let peers = ferrox_tests::apiserver::ResourceType::cluster(
         ferrox::bgp::PEER_GROUP,
         ferrox::bgp::PEER_VERSION,
@@ -471,7 +422,7 @@ fn bird_as_route_reflector_passes_each_nodes_block_to_the_others() {
         .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
         .build();
     let nodes: Vec<&Node> = c.nodes().iter().collect();
-    let bird = Bird::with_config(&c, |ext_ip| bird_rr_config(ext_ip, &nodes));
+    let bird = Bird::start(&c, |ext_ip| bird_rr_config(ext_ip, &nodes));
     let peers = ferrox_tests::apiserver::ResourceType::cluster(
         ferrox::bgp::PEER_GROUP,
         ferrox::bgp::PEER_VERSION,
@@ -609,5 +560,31 @@ fn a_node_annotated_as_route_reflector_reflects_between_the_others() {
                 Err(format!("{got:?}"))
             }
         },
+    );
+}
+
+#[test]
+fn the_node_installs_100k_routes_from_bird_and_removes_them_on_withdrawal() {
+    // Correctness at scale: every one of 100,000 prefixes becomes a kernel route via BIRD, and
+    // every one goes when BIRD withdraws them. The times are printed, not asserted (the bench
+    // records them from a release build).
+    let c = Cluster::builder()
+        .nodes(1)
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_PEERS", "bird=198.18.0.200:65001")
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
+        .build();
+    let l = ferrox_tests::harness::bird::learn_and_forget(&c, c.node(1), 100_000);
+    for l in c.node(1).agent_log() {
+        if l.contains("routes programmed") {
+            println!("{l}");
+        }
+    }
+    println!(
+        "figure: 100,000 routes from BIRD programmed {:.2} s after birdc configure ({:.2} s of \
+         it BIRD reading its configuration), withdrawn in {:.2} s",
+        l.learned.as_secs_f64(),
+        l.bird_configure.as_secs_f64(),
+        l.withdrawn.as_secs_f64()
     );
 }

@@ -91,18 +91,19 @@ pub fn underlay_next_hop(routes: &[Route], addr: Ipv4Addr) -> Option<Ipv4Addr> {
         })
 }
 
-/// Programs `plan`; `uplink` is the uplink's interface index. Routes (and tunnel entries) of
-/// ours to the prefixes in `keep` stay even when the plan does not name them (after a restart,
-/// until the BGP sessions have had time to announce them again).
+/// Programs `plan`; `uplink` is the uplink's interface index; `existing`: the routes of ours in
+/// the kernel now ([`owned_routes`]). Routes (and tunnel entries) of ours to the prefixes in
+/// `keep` stay even when the plan does not name them (after a restart, until the BGP sessions
+/// have had time to announce them again).
 pub fn apply(
     nl: &Netlink,
     maps: &mut Maps,
     plan: &Plan,
     uplink: u32,
     keep: &BTreeSet<Ipv4Net>,
+    existing: &BTreeMap<Ipv4Net, Route>,
 ) -> anyhow::Result<Applied> {
     let mut done = Applied::default();
-    let existing = owned_routes(nl)?;
     for (prefix, r) in &plan.routes {
         let want = desired_route(*prefix, r, uplink);
         if existing.get(prefix).map(shape) == Some(shape(&want)) {
@@ -112,7 +113,7 @@ pub fn apply(
             .with_context(|| format!("installing the route {want}"))?;
         done.routes_set += 1;
     }
-    for (prefix, route) in &existing {
+    for (prefix, route) in existing {
         if !keep.contains(prefix) && !plan.routes.contains_key(prefix) && nl.del_route(route)? {
             done.routes_removed += 1;
         }

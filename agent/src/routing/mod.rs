@@ -252,19 +252,25 @@ fn program(
             }
         }
     }
+    let started = Instant::now();
     let underlay = nl
         .list_routes(ferrox_cni::netlink::MAIN_TABLE)
         .context("listing routes")?;
+    let listed = started.elapsed();
+    let (ours, foreign): (Vec<_>, Vec<_>) = underlay
+        .into_iter()
+        .partition(|r| r.protocol == kernel::ROUTE_PROTOCOL);
+    // The gateway towards each next hop, looked up once per address (100,000 learned routes
+    // share a handful of next hops).
+    let mut hops: std::collections::HashMap<Ipv4Addr, Option<Ipv4Addr>> = Default::default();
     let mut plan = plan::plan(&settings.local, &settings.mode, &blocks, &peers, |a| {
-        kernel::underlay_next_hop(&underlay, a)
+        *hops
+            .entry(a)
+            .or_insert_with(|| kernel::underlay_next_hop(&foreign, a))
     });
     // Never replace a route someone else owns (the node's default route, a static route): a
     // route is replaced by destination, whoever installed it.
-    let taken: std::collections::BTreeSet<Ipv4Net> = underlay
-        .iter()
-        .filter(|r| r.protocol != kernel::ROUTE_PROTOCOL)
-        .map(|r| r.dst)
-        .collect();
+    let taken: std::collections::BTreeSet<Ipv4Net> = foreign.iter().map(|r| r.dst).collect();
     plan.routes.retain(|prefix, r| {
         if taken.contains(prefix) {
             plan.unroutable.push(plan::Unroutable {
@@ -285,7 +291,9 @@ fn program(
         Some(t) if Instant::now() < t => found_at_start.clone(),
         _ => std::collections::BTreeSet::new(),
     };
-    let result = kernel::apply(nl, maps, &plan, settings.uplink_index, &keep);
+    let planned = started.elapsed();
+    let existing = ours.into_iter().map(|r| (r.dst, r)).collect();
+    let result = kernel::apply(nl, maps, &plan, settings.uplink_index, &keep, &existing);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
@@ -316,6 +324,9 @@ fn program(
             ?applied,
             routes = plan.routes.len(),
             tunnels = plan.tunnels.len(),
+            list_ms = listed.as_secs_f64() * 1e3,
+            plan_ms = (planned - listed).as_secs_f64() * 1e3,
+            apply_ms = (started.elapsed() - planned).as_secs_f64() * 1e3,
             "routes programmed"
         );
     }
@@ -471,7 +482,12 @@ pub async fn start(
             };
             let _ = tokio::time::timeout(check, notify.notified()).await;
             let api = stores.snapshot();
-            if let Err(e) = program(&settings, &found_at_start, &nl, &mut maps, &api, &metrics) {
+            // Programming 100,000 routes takes a while: the runtime's other tasks (BGP
+            // sessions, /metrics) move to another thread meanwhile.
+            let result = tokio::task::block_in_place(|| {
+                program(&settings, &found_at_start, &nl, &mut maps, &api, &metrics)
+            });
+            if let Err(e) = result {
                 warn!(error = %format!("{e:#}"), "routing: programming failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -86,7 +86,7 @@ pub fn plan(
     mode: &TunnelMode,
     blocks: &[RemoteBlock],
     peer_addrs: &[Ipv4Addr],
-    underlay_next_hop: impl Fn(Ipv4Addr) -> Option<Ipv4Addr>,
+    mut underlay_next_hop: impl FnMut(Ipv4Addr) -> Option<Ipv4Addr>,
 ) -> Plan {
     let mut out = Plan {
         peers: peer_addrs

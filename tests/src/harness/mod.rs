@@ -8,6 +8,7 @@
 //! Nothing here touches the machine's own interfaces, routes or root cgroup.
 
 mod bins;
+pub mod bird;
 mod cluster;
 pub mod leaks;
 mod netns;

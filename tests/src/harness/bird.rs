@@ -1,0 +1,194 @@
+//! BIRD 2, a real router, in an external client's namespace on the underlay: the peer the BGP
+//! tests (and the BGP benchmark) talk to.
+
+use std::path::PathBuf;
+
+use super::{Cluster, ExternalClient, Proc};
+
+pub struct Bird {
+    _proc: Proc,
+    dir: PathBuf,
+    pub ext: ExternalClient,
+}
+
+impl Bird {
+    /// BIRD in the next external client's namespace, with the configuration `config` makes for
+    /// its address.
+    pub fn start(c: &Cluster, config: impl FnOnce(&str) -> String) -> Self {
+        let ext = c.external_client();
+        let dir = std::env::temp_dir().join(format!("ferrox-bird-{}-{}", c.id(), ext.ip));
+        std::fs::create_dir_all(&dir).expect("BIRD's directory");
+        std::fs::write(dir.join("bird.conf"), config(&ext.ip.to_string())).expect("bird.conf");
+        let conf = dir.join("bird.conf").display().to_string();
+        let sock = dir.join("bird.ctl").display().to_string();
+        let proc = ext.command("bird", &["-f", "-c", &conf, "-s", &sock]);
+        Self {
+            _proc: proc,
+            dir,
+            ext,
+        }
+    }
+
+    /// `birdc` on BIRD's control socket; its standard output.
+    pub fn birdc(&self, args: &[&str]) -> String {
+        let sock = self.dir.join("bird.ctl").display().to_string();
+        let mut full = vec!["-s", sock.as_str()];
+        full.extend_from_slice(args);
+        let out = self.ext.command_output("birdc", &full);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Replaces the configuration and has BIRD load it; panics unless BIRD says it did.
+    pub fn reconfigure(&self, config: &str) {
+        std::fs::write(self.dir.join("bird.conf"), config).expect("bird.conf");
+        let out = self.birdc(&["configure"]);
+        assert!(out.contains("Reconfigured"), "birdc configure: {out}");
+    }
+
+    /// The route BIRD put in its namespace's kernel table for `prefix`.
+    pub fn kernel_route(&self, prefix: &str) -> String {
+        let out = self
+            .ext
+            .command_output("ip", &["route", "show", prefix, "proto", "bird"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `n` distinct /24 prefixes from 20.0.0.0 up (20.0.0.0/24, 20.0.1.0/24, ...), for scale runs.
+pub fn scale_prefixes(n: u32) -> impl Iterator<Item = String> {
+    (0..n).map(|i| {
+        let a = (20u32 << 24) + (i << 8);
+        format!("{}/24", std::net::Ipv4Addr::from(a))
+    })
+}
+
+/// BIRD as an external peer of the node at `node_ip` (AS 65001 to the node's 64512),
+/// announcing `prefixes` (static routes) and taking nothing from the node.
+pub fn announcing_config(ext_ip: &str, node_ip: &str, prefixes: &[String]) -> String {
+    let mut conf = format!(
+        "router id {ext_ip};\nprotocol device {{ scan time 1; }}\nprotocol static {{ ipv4;\n"
+    );
+    for p in prefixes {
+        conf += "  route ";
+        conf += p;
+        conf += " blackhole;\n";
+    }
+    conf += &format!(
+        "}}\nprotocol bgp node1 {{\n  local {ext_ip} as 65001;\n  neighbor {node_ip} as 64512;\n  \
+         hold time 90; connect retry time 1;\n  ipv4 {{ import none; export all; next hop self; }};\n}}\n"
+    );
+    conf
+}
+
+/// The kernel routes to other nodes' and peers' prefixes `node`'s agent reports on its
+/// `/metrics` as programmed (`ferrox_routes`, all kinds), and how many applies failed; `None`
+/// when the agent did not answer.
+fn programmed(node: &super::Node) -> Option<(u64, u64)> {
+    let (status, lines) = node
+        .host()
+        .run(&["http-get", "127.0.0.1:10249", "/metrics"]);
+    let body = match (status.success(), lines.first()) {
+        (true, Some(l)) if l["status"] == 200 => l["body"].as_str().unwrap_or("").to_owned(),
+        _ => return None,
+    };
+    let sum = |prefix: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    Some((
+        sum("ferrox_routes{"),
+        sum("ferrox_route_applies_total{result=\"error\"}"),
+    ))
+}
+
+/// Polls (every 5 ms, no back-off: this times things) until `node` reports `n` routes
+/// programmed; panics after `limit`.
+fn until_programmed(node: &super::Node, n: u64, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (routes, errors) = programmed(node).unwrap_or((u64::MAX, 0));
+        assert_eq!(errors, 0, "route programming failed on {}", node.name);
+        if routes == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} programmed {routes} routes of {n} after {limit:?}",
+            node.name
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Scale run against a one-node cluster whose agent peers with the first external client
+/// (`FERROX_BGP_PEERS=bird=198.18.0.200:65001`): BIRD comes up announcing nothing; once the
+/// session is up it is told to announce `n` /24s, then none. Checks the kernel table holds
+/// exactly `n` routes of ours via BIRD in between, and none at the end.
+pub fn learn_and_forget(c: &Cluster, node: &super::Node, n: u32) -> Learning {
+    let node_ip = node.addr.to_string();
+    let bird = Bird::start(c, |ext| announcing_config(ext, &node_ip, &[]));
+    super::wait_for(
+        "the BGP session with BIRD",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = node.ferrox_output(&["bgp", "peers", "-o", "json"]);
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            if v[0]["state"] == "established" {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    );
+    let ext = bird.ext.ip.to_string();
+    let prefixes: Vec<String> = scale_prefixes(n).collect();
+    let limit = std::time::Duration::from_secs(120);
+    let started = std::time::Instant::now();
+    bird.reconfigure(&announcing_config(&ext, &node_ip, &prefixes));
+    let configured = started.elapsed();
+    until_programmed(node, u64::from(n), limit);
+    let learned = started.elapsed();
+    let in_kernel = node
+        .netns()
+        .ip(&["route", "show", "proto", "243"])
+        .lines()
+        .filter(|l| l.contains(&format!("via {ext} ")))
+        .count();
+    assert_eq!(in_kernel, n as usize, "kernel routes of ours via BIRD");
+    let started = std::time::Instant::now();
+    bird.reconfigure(&announcing_config(&ext, &node_ip, &[]));
+    until_programmed(node, 0, limit);
+    let withdrawn = started.elapsed();
+    let left = node.netns().ip(&["route", "show", "proto", "243"]);
+    assert!(
+        left.trim().is_empty(),
+        "routes left: {}",
+        &left[..left.len().min(500)]
+    );
+    Learning {
+        bird_configure: configured,
+        learned,
+        withdrawn,
+    }
+}
+
+/// What [`learn_and_forget`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Learning {
+    /// `birdc configure` with the routes: BIRD reading its configuration (it announces after).
+    pub bird_configure: std::time::Duration,
+    /// From `birdc configure` to every route programmed on the node (includes `bird_configure`).
+    pub learned: std::time::Duration,
+    /// From `birdc configure` without them to none left.
+    pub withdrawn: std::time::Duration,
+}
