@@ -287,6 +287,21 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_BGP_PEERS", value_delimiter = ',')]
     pub bgp_peers: Vec<String>,
 
+    /// What the --bgp-peers are sent: podBlocks, serviceClusterIPs, serviceExternalIPs,
+    /// serviceLoadBalancerIPs (BGPPeer objects say it in spec.export).
+    #[arg(
+        long,
+        env = "FERROX_BGP_EXPORT",
+        value_delimiter = ',',
+        default_value = "podBlocks"
+    )]
+    pub bgp_export: Vec<String>,
+
+    /// The Service ClusterIP range(s) announced to peers that export serviceClusterIPs, from
+    /// every node (as Calico's serviceClusterIPs).
+    #[arg(long, env = "FERROX_BGP_SERVICE_CLUSTER_IPS", value_delimiter = ',')]
+    pub bgp_service_cluster_ips: Vec<ipnet::Ipv4Net>,
+
     /// Where the BGP MD5 keys are: a file per peer name (`mesh` for the node-to-node mesh),
     /// e.g. a Kubernetes Secret mounted there.
     #[arg(

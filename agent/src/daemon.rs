@@ -115,6 +115,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     };
     let node_addr = write_datapath_config(&mut dp, &node, &args.node_name, &uplink)?;
     let metrics = crate::metrics::Metrics::default();
+    let mut advertise = None;
     if args.routes {
         match node_addr {
             Some(addr) => {
@@ -140,18 +141,27 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                     keep_until: None,
                 };
                 let settings = if args.bgp {
+                    let export = crate::bgp::speaker::Export::parse(
+                        args.bgp_export.iter().map(String::as_str),
+                    )
+                    .map_err(|e| anyhow::anyhow!("--bgp-{e}"))?;
                     let mut peers = args
                         .bgp_peers
                         .iter()
-                        .map(|p| crate::bgp::parse_peer(p, args.bgp_port))
+                        .map(|p| crate::bgp::parse_peer(p, args.bgp_port, export))
                         .collect::<anyhow::Result<Vec<_>>>()?;
                     for p in &mut peers {
                         p.password = crate::bgp::password(&args.bgp_password_dir, &p.name)?;
                     }
                     // This node's blocks (pools mode: the blocks at start; later claims are
-                    // announced from the next start on).
+                    // announced from the next start on), the ClusterIP range, and the
+                    // Service addresses the service sync keeps up to date.
                     let (exports_tx, exports) =
-                        tokio::sync::watch::channel(config.pod_cidrs.clone());
+                        tokio::sync::watch::channel(crate::bgp::speaker::Exports {
+                            pod_blocks: config.pod_cidrs.clone(),
+                            cluster_ips: args.bgp_service_cluster_ips.clone(),
+                            ..Default::default()
+                        });
                     let (speaker, learned) = crate::bgp::speaker::start(
                         crate::bgp::speaker::Config {
                             asn: args.bgp_as,
@@ -172,10 +182,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                         "BGP speaker started"
                     );
                     // The exports channel lives as long as the agent (its sessions end with it).
-                    tokio::spawn(async move {
-                        let _exports = exports_tx;
-                        std::future::pending::<()>().await;
-                    });
+                    advertise = Some(std::sync::Arc::new(exports_tx));
                     metrics.set_bgp(speaker.clone());
                     let mesh_password = crate::bgp::password(&args.bgp_password_dir, "mesh")?;
                     crate::routing::Settings {
@@ -256,6 +263,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     let health = crate::health::Health::default();
     tokio::spawn(health.clone().serve_healthz(args.healthz_bind_address));
     let sync_config = services::sync::SyncConfig {
+        advertise,
         node_name: args.node_name.clone(),
         options: services::model::ProxyOptions {
             nodeport_addresses: args.nodeport_addresses.clone(),

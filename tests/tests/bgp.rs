@@ -588,3 +588,136 @@ fn the_node_installs_100k_routes_from_bird_and_removes_them_on_withdrawal() {
         l.withdrawn.as_secs_f64()
     );
 }
+
+/// The next hops BIRD holds for `prefix` (every path, best or not), sorted.
+fn bird_paths(bird: &Bird, prefix: &str) -> Vec<String> {
+    let out = bird.birdc(&["show", "route", prefix]);
+    let mut hops: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("via "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    hops.sort();
+    hops
+}
+
+#[test]
+fn service_addresses_are_announced_and_local_policy_ones_only_by_nodes_with_an_endpoint() {
+    use ferrox::services::testing::{slice, svc};
+    let c = Cluster::builder()
+        .nodes(2)
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
+        .agent_env(
+            "FERROX_BGP_SERVICE_CLUSTER_IPS",
+            ferrox_tests::harness::SERVICE_CIDR,
+        )
+        .build();
+    let nodes: Vec<String> = c.nodes().iter().map(|n| n.addr.to_string()).collect();
+    let bird = Bird::start(&c, |ext| {
+        let mut conf = format!(
+            "router id {ext};\nprotocol device {{ scan time 1; }}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; scan time 1; }}\n\
+             template bgp nodes {{ local {ext} as 65001; hold time 9; connect retry time 1;\n  \
+               ipv4 {{ import all; export none; }}; }}\n"
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            conf += &format!(
+                "protocol bgp node{} from nodes {{ neighbor {n} as 64512; }}\n",
+                i + 1
+            );
+        }
+        conf
+    });
+    let peers = ferrox_tests::apiserver::ResourceType::cluster(
+        ferrox::bgp::PEER_GROUP,
+        ferrox::bgp::PEER_VERSION,
+        ferrox::bgp::PEER_PLURAL,
+        ferrox::bgp::PEER_KIND,
+    );
+    c.api()
+        .apply_value(
+            &peers,
+            serde_json::json!({
+                "apiVersion": "bgp.ferrox.io/v1", "kind": "BGPPeer",
+                "metadata": { "name": "tor" },
+                "spec": { "address": bird.ext.ip.to_string(), "asn": 65001,
+                          "export": ["podBlocks", "serviceClusterIPs", "serviceExternalIPs",
+                                     "serviceLoadBalancerIPs"] }
+            }),
+        )
+        .unwrap();
+    let web2 = c.add_pod(2, "web-2");
+    let _s2 = web2.serve(8080);
+    // eTP=Local with its only endpoint on node-2; eTP=Cluster with the same endpoint.
+    c.api().apply(
+        &svc("local")
+            .cluster_ip("10.96.7.40")
+            .external_ip("203.0.113.40")
+            .external_traffic_policy("Local")
+            .port("http", 80, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &svc("cluster")
+            .cluster_ip("10.96.7.41")
+            .load_balancer("203.0.113.41")
+            .port("http", 80, "TCP")
+            .build(),
+    );
+    for s in ["local", "cluster"] {
+        c.api().apply(
+            &slice(s, &format!("{s}-1"))
+                .port("http", 8080, "TCP")
+                .ready_on(web2.ip, "node-2")
+                .build(),
+        );
+    }
+    let wait_paths = |prefix: &str, want: &[&String]| {
+        let want: Vec<String> = want.iter().map(|s| (*s).clone()).collect();
+        wait_for(
+            &format!("BIRD's paths to {prefix}"),
+            Duration::from_secs(20),
+            || {
+                let got = bird_paths(&bird, prefix);
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?} want {want:?}"))
+                }
+            },
+        );
+    };
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    wait_paths(ferrox_tests::harness::SERVICE_CIDR, &[n1, n2]);
+    wait_paths("203.0.113.41/32", &[n1, n2]);
+    wait_paths("203.0.113.40/32", &[n2]);
+    wait_paths(&c.node(1).pod_cidr.to_string(), &[n1]);
+    // From outside, over the route BIRD learned (the client's own routes know nothing of
+    // 203.0.113.40): answered by the endpoint on node-2, from the Service's address.
+    let (by, peers_seen) = bird.ext.call_tcp("203.0.113.40:80", 3);
+    assert_eq!(by.get("web-2"), Some(&3), "{by:?}");
+    assert!(
+        peers_seen.iter().all(|p| p == "203.0.113.40:80"),
+        "{peers_seen:?}"
+    );
+
+    // The endpoint moves to node-1: so does the /32.
+    let web1 = c.add_pod(1, "web-1");
+    let _s1 = web1.serve(8080);
+    c.api().apply(
+        &slice("local", "local-1")
+            .port("http", 8080, "TCP")
+            .ready_on(web1.ip, "node-1")
+            .build(),
+    );
+    wait_paths("203.0.113.40/32", &[n1]);
+    let (by, _) = bird.ext.call_tcp("203.0.113.40:80", 3);
+    assert_eq!(by.get("web-1"), Some(&3), "{by:?}");
+    // And when the Service goes, so does its address.
+    c.api()
+        .delete::<k8s_openapi::api::core::v1::Service>(Some("default"), "local")
+        .unwrap();
+    wait_paths("203.0.113.40/32", &[]);
+}

@@ -90,16 +90,14 @@ pub fn peer_from_object(
         Some(h) if h == 0 || (3..=65535).contains(&h) => Some(h as u16),
         Some(h) => return Err(format!("spec.holdTime {h}: 0, or 3 to 65535")),
     };
-    for e in spec
-        .get("export")
-        .and_then(|e| e.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if e.as_str() != Some("podBlocks") {
-            return Err(format!("spec.export {e}: only podBlocks is supported"));
+    let export = match spec.get("export") {
+        None => speaker::Export::default(),
+        Some(e) => {
+            let names = e.as_array().ok_or("spec.export: a list")?;
+            speaker::Export::parse(names.iter().map(|n| n.as_str().unwrap_or("")))
+                .map_err(|e| format!("spec.{e}"))?
         }
-    }
+    };
     let password = match spec.get("password").and_then(|p| p.as_str()) {
         Some(key) => Some(
             password(password_dir, key)
@@ -117,11 +115,13 @@ pub fn peer_from_object(
         password,
         hold_time,
         rr_client: false,
+        export,
     }))
 }
 
-/// Parses a `--bgp-peers` entry: `name=address:as` or `address:as`.
-pub fn parse_peer(s: &str, port: u16) -> anyhow::Result<speaker::Peer> {
+/// Parses a `--bgp-peers` entry: `name=address:as` or `address:as`; such peers are sent what
+/// `export` names.
+pub fn parse_peer(s: &str, port: u16, export: speaker::Export) -> anyhow::Result<speaker::Peer> {
     let (name, rest) = match s.split_once('=') {
         Some((n, r)) => (n.trim().to_owned(), r),
         None => (String::new(), s),
@@ -149,6 +149,7 @@ pub fn parse_peer(s: &str, port: u16) -> anyhow::Result<speaker::Peer> {
         password: None,
         hold_time: None,
         rr_client: false,
+        export,
     })
 }
 
@@ -248,7 +249,7 @@ mod tests {
         let ok = super::peer_from_object(
             &obj(
                 serde_json::json!({"address": "10.0.0.1", "asn": 4200000000u32,
-                "holdTime": 30, "password": "tor", "nodes": ["node-1"], "export": ["podBlocks"]}),
+                "holdTime": 30, "password": "tor", "nodes": ["node-1"], "export": ["podBlocks", "serviceLoadBalancerIPs"]}),
             ),
             "node-1",
             179,
@@ -264,6 +265,15 @@ mod tests {
                 ok.password.as_deref()
             ),
             ("tor", 4_200_000_000, Some(30), Some("k3y"))
+        );
+        assert_eq!(
+            ok.export,
+            super::speaker::Export {
+                pod_blocks: true,
+                cluster_ips: false,
+                external_ips: false,
+                load_balancer_ips: true,
+            }
         );
         let other_node = super::peer_from_object(
             &obj(serde_json::json!({"address": "10.0.0.1", "asn": 1, "nodes": ["node-2"]})),
@@ -285,7 +295,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"address": "10.0.0.1", "asn": 1, "export": ["serviceIPs"]}),
-                "only podBlocks",
+                "spec.export \"serviceIPs\": one of podBlocks, serviceClusterIPs",
             ),
             (
                 serde_json::json!({"address": "10.0.0.1", "asn": 1, "password": "nope"}),
@@ -300,15 +310,18 @@ mod tests {
 
     #[test]
     fn peers_parse_with_and_without_a_name() {
-        let p = super::parse_peer("tor=198.18.0.1:4200000000", 179).unwrap();
+        let p = super::parse_peer("tor=198.18.0.1:4200000000", 179, Default::default()).unwrap();
         assert_eq!(
             (p.name.as_str(), p.addr.to_string(), p.asn),
             ("tor", "198.18.0.1".into(), 4_200_000_000)
         );
-        let p = super::parse_peer("198.18.0.1:65001", 179).unwrap();
+        let p = super::parse_peer("198.18.0.1:65001", 179, Default::default()).unwrap();
         assert_eq!(p.name, "198.18.0.1");
         for bad in ["tor=198.18.0.1", "x=1.2.3:65001", "x=1.2.3.4:as"] {
-            assert!(super::parse_peer(bad, 179).is_err(), "{bad}");
+            assert!(
+                super::parse_peer(bad, 179, Default::default()).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -74,6 +74,94 @@ pub struct Peer {
     pub hold_time: Option<u16>,
     /// A route-reflector client of this node (meaningful when the node has a cluster ID).
     pub rr_client: bool,
+    /// Which of this node's prefixes the peer is sent.
+    pub export: Export,
+}
+
+/// Kinds of prefixes a peer can be sent (`BGPPeer` `spec.export`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Export {
+    /// The node's pod blocks.
+    pub pod_blocks: bool,
+    /// The Service ClusterIP range(s) (`--bgp-service-cluster-ip-range`), from every node.
+    pub cluster_ips: bool,
+    /// Services' externalIPs as /32s.
+    pub external_ips: bool,
+    /// Services' LoadBalancer ingress IPs as /32s.
+    pub load_balancer_ips: bool,
+}
+
+impl Default for Export {
+    /// The node's pod blocks only.
+    fn default() -> Self {
+        Self {
+            pod_blocks: true,
+            cluster_ips: false,
+            external_ips: false,
+            load_balancer_ips: false,
+        }
+    }
+}
+
+impl Export {
+    pub const NAMES: [&str; 4] = [
+        "podBlocks",
+        "serviceClusterIPs",
+        "serviceExternalIPs",
+        "serviceLoadBalancerIPs",
+    ];
+
+    /// From names as in `spec.export` (an empty list: nothing at all).
+    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut e = Self {
+            pod_blocks: false,
+            ..Self::default()
+        };
+        for n in names {
+            match n {
+                "podBlocks" => e.pod_blocks = true,
+                "serviceClusterIPs" => e.cluster_ips = true,
+                "serviceExternalIPs" => e.external_ips = true,
+                "serviceLoadBalancerIPs" => e.load_balancer_ips = true,
+                other => {
+                    return Err(format!(
+                        "export {other:?}: one of {}",
+                        Self::NAMES.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(e)
+    }
+}
+
+/// This node's prefixes, by kind; each peer is sent the kinds its [`Export`] names.
+/// eTP=Local Services' addresses are here only while the node has a local endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exports {
+    pub pod_blocks: Vec<Ipv4Net>,
+    pub cluster_ips: Vec<Ipv4Net>,
+    pub external_ips: Vec<Ipv4Net>,
+    pub load_balancer_ips: Vec<Ipv4Net>,
+}
+
+impl Exports {
+    /// The prefixes `export` selects, sorted, without duplicates.
+    pub fn select(&self, export: &Export) -> Vec<Ipv4Net> {
+        let mut out: Vec<Ipv4Net> = [
+            (export.pod_blocks, &self.pod_blocks),
+            (export.cluster_ips, &self.cluster_ips),
+            (export.external_ips, &self.external_ips),
+            (export.load_balancer_ips, &self.load_balancer_ips),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .flat_map(|(_, v)| v.iter().copied())
+        .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 /// `struct tcp_md5sig` of `linux/tcp.h`.
@@ -210,7 +298,7 @@ struct Shared {
     /// The configured peers: their session task, and where the listener hands their
     /// connections.
     peers: Mutex<HashMap<Ipv4Addr, PeerHandle>>,
-    exports: watch::Receiver<Vec<Ipv4Net>>,
+    exports: watch::Receiver<Exports>,
     /// The listening socket (MD5 keys are set on it per peer).
     listener_fd: std::os::fd::RawFd,
     /// This node's route-reflector cluster ID, when it reflects.
@@ -462,7 +550,7 @@ impl Speaker {
 pub async fn start(
     cfg: Config,
     peers: Vec<Peer>,
-    exports: watch::Receiver<Vec<Ipv4Net>>,
+    exports: watch::Receiver<Exports>,
 ) -> anyhow::Result<(Speaker, watch::Receiver<BTreeMap<Ipv4Net, Best>>)> {
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -524,7 +612,7 @@ async fn peer_task(
     shared: Arc<Shared>,
     peer: Peer,
     mut inbox: mpsc::Receiver<TcpStream>,
-    exports: watch::Receiver<Vec<Ipv4Net>>,
+    exports: watch::Receiver<Exports>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut next: Option<TcpStream> = None;
@@ -746,7 +834,7 @@ async fn session(
     peer: &Peer,
     stream: TcpStream,
     inbox: &mut mpsc::Receiver<TcpStream>,
-    mut exports: watch::Receiver<Vec<Ipv4Net>>,
+    mut exports: watch::Receiver<Exports>,
     had_gr: &std::sync::atomic::AtomicBool,
     stop: &mut watch::Receiver<bool>,
 ) -> End {
@@ -825,7 +913,7 @@ async fn session(
                     state = "established";
                     shared.set_state(peer, state, None);
                     info!(peer = %peer.addr, asn = peer.asn, "BGP session established");
-                    let own: Vec<Ipv4Net> = exports.borrow_and_update().clone();
+                    let own = exports.borrow_and_update().select(&peer.export);
                     reflect.mark_unchanged();
                     let now = shared.adj_rib_out(peer, &own);
                     for m in export_updates(&BTreeMap::new(), &now) {
@@ -896,7 +984,7 @@ async fn session(
                 if r.is_err() {
                     return fail(&mut wr, Notification::new(err::CEASE, err::CEASE_ADMIN_SHUTDOWN, [])).await;
                 }
-                let own: Vec<Ipv4Net> = exports.borrow_and_update().clone();
+                let own = exports.borrow_and_update().select(&peer.export);
                 let now = shared.adj_rib_out(peer, &own);
                 for m in export_updates(&advertised, &now) {
                     if let Err(e) = send(&mut wr, &m, four).await {
@@ -907,7 +995,7 @@ async fn session(
                 shared.update_status(peer.addr, |s| s.advertised = advertised.len());
             }
             _ = reflect.changed(), if state == "established" => {
-                let own: Vec<Ipv4Net> = exports.borrow().clone();
+                let own = exports.borrow().select(&peer.export);
                 let now = shared.adj_rib_out(peer, &own);
                 for m in export_updates(&advertised, &now) {
                     if let Err(e) = send(&mut wr, &m, four).await {
@@ -1076,9 +1164,15 @@ mod tests {
     ) -> (
         Speaker,
         watch::Receiver<BTreeMap<Ipv4Net, Best>>,
-        watch::Sender<Vec<Ipv4Net>>,
+        watch::Sender<Exports>,
     ) {
-        let (tx, rx) = watch::channel(vec!["10.244.1.0/24".parse().unwrap()]);
+        // Service addresses too: the peer (default export) is sent the pod block alone.
+        let (tx, rx) = watch::channel(Exports {
+            pod_blocks: vec!["10.244.1.0/24".parse().unwrap()],
+            cluster_ips: vec!["10.96.0.0/12".parse().unwrap()],
+            external_ips: vec!["203.0.113.7/32".parse().unwrap()],
+            load_balancer_ips: vec![],
+        });
         let peer = Peer {
             name: "test".into(),
             addr: "127.0.0.2".parse().unwrap(),
@@ -1088,6 +1182,7 @@ mod tests {
             password: None,
             hold_time: None,
             rr_client: false,
+            export: Export::default(),
         };
         let (s, learned) = start(cfg(port), vec![peer], rx).await.unwrap();
         (s, learned, tx)

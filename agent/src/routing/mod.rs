@@ -235,6 +235,7 @@ fn program(
                     password: mesh.password.clone(),
                     hold_time: None,
                     rr_client: own_cluster.is_some() && their_cluster.is_none(),
+                    export: crate::bgp::speaker::Export::default(),
                 });
             }
         }

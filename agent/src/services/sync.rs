@@ -139,6 +139,9 @@ impl Lists {
 /// What the service sync needs to know besides the API objects.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
+    /// The BGP speaker's exports: the service sync keeps their externalIPs and LoadBalancer
+    /// IPs equal to the table's.
+    pub advertise: Option<std::sync::Arc<tokio::sync::watch::Sender<crate::bgp::speaker::Exports>>>,
     pub node_name: String,
     pub options: ProxyOptions,
 }
@@ -238,6 +241,15 @@ pub async fn run(
         log_report(&report, table.skipped.len(), full, took);
         metrics.sync(&report, full, table.skipped.len(), took.as_secs_f64());
         health.set_checks(&table.health_checks);
+        if let Some(tx) = &config.advertise {
+            let (external, lb) = advertised_ips(table);
+            tx.send_if_modified(|e| {
+                let changed = e.external_ips != external || e.load_balancer_ips != lb;
+                e.external_ips = external;
+                e.load_balancer_ips = lb;
+                changed
+            });
+        }
         health.synced();
         if full {
             for s in &table.skipped {
@@ -246,6 +258,33 @@ pub async fn run(
         }
     }
     anyhow::bail!("every watch ended")
+}
+
+/// The externalIPs and LoadBalancer IPs this node announces over BGP, as /32s: every one of
+/// an externalTrafficPolicy Cluster Service, those of a Local one only while this node has a
+/// local endpoint (so routers send its traffic only to nodes that serve it, keeping the client
+/// address).
+pub fn advertised_ips(
+    table: &crate::services::model::Desired,
+) -> (Vec<ipnet::Ipv4Net>, Vec<ipnet::Ipv4Net>) {
+    use crate::services::model::{FrontendKind, Scope};
+    let mut external = std::collections::BTreeSet::new();
+    let mut lb = std::collections::BTreeSet::new();
+    for (key, spec) in &table.frontends {
+        if key.scope != Scope::External {
+            continue;
+        }
+        let set = match spec.kind {
+            FrontendKind::ExternalIp => &mut external,
+            FrontendKind::LoadBalancer => &mut lb,
+            FrontendKind::ClusterIp | FrontendKind::NodePort => continue,
+        };
+        if spec.external_local && !spec.backends.iter().any(|b| b.local) {
+            continue;
+        }
+        set.insert(ipnet::Ipv4Net::from(key.frontend.addr));
+    }
+    (external.into_iter().collect(), lb.into_iter().collect())
 }
 
 fn log_report(report: &SyncReport, skipped: usize, full: bool, took: std::time::Duration) {
@@ -271,5 +310,75 @@ fn log_report(report: &SyncReport, skipped: usize, full: bool, took: std::time::
             took_us = took.as_micros() as u64,
             "service maps synced"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_ips;
+    use crate::services::{
+        model::{NodeInfo, ProxyOptions},
+        state::ClusterState,
+        testing::{slice, svc},
+    };
+
+    /// (node, the externalIPs and LoadBalancer IPs it announces)
+    #[test]
+    fn local_policy_addresses_are_announced_only_by_nodes_with_a_local_endpoint() {
+        let services = [
+            svc("local")
+                .cluster_ip("10.96.0.1")
+                .external_ip("203.0.113.1")
+                .load_balancer("203.0.113.2")
+                .external_traffic_policy("Local")
+                .port("http", 80, "TCP")
+                .build(),
+            svc("cluster")
+                .cluster_ip("10.96.0.2")
+                .load_balancer("203.0.113.3")
+                .port("http", 80, "TCP")
+                .build(),
+            svc("plain")
+                .cluster_ip("10.96.0.3")
+                .port("http", 80, "TCP")
+                .build(),
+        ];
+        let slices = [
+            slice("local", "local-1")
+                .port("http", 8080, "TCP")
+                .ready_on("10.244.2.5", "node-2")
+                .build(),
+            slice("cluster", "cluster-1")
+                .port("http", 8080, "TCP")
+                .ready_on("10.244.2.6", "node-2")
+                .build(),
+        ];
+        for (node, external, lb) in [
+            ("node-1", vec![], vec!["203.0.113.3/32"]),
+            (
+                "node-2",
+                vec!["203.0.113.1/32"],
+                vec!["203.0.113.2/32", "203.0.113.3/32"],
+            ),
+        ] {
+            let mut st = ClusterState::new(
+                NodeInfo {
+                    name: node.into(),
+                    addresses: vec![],
+                    zone: None,
+                },
+                ProxyOptions::default(),
+            );
+            st.replace_services(services.clone());
+            st.replace_slices(slices.clone());
+            st.update();
+            let (e, l) = advertised_ips(st.table());
+            let s = |v: Vec<ipnet::Ipv4Net>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+            assert_eq!((s(e), s(l)), (s2(&external), s2(&lb)), "{node}");
+        }
+    }
+
+    fn s2(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| (*x).to_owned()).collect()
     }
 }
