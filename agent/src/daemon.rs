@@ -238,6 +238,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             blocks,
             config.clone(),
             args.node_config.clone(),
+            advertise.clone(),
         ));
     }
     tokio::spawn(metrics.clone().serve(

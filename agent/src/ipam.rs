@@ -256,12 +256,30 @@ pub fn decide(
     Decision::Nothing
 }
 
+/// The blocks this node holds become the pod blocks its BGP speaker announces (a block is
+/// announced once claimed, withdrawn once released).
+fn announce(
+    exports: Option<&tokio::sync::watch::Sender<crate::bgp::speaker::Exports>>,
+    blocks: &[Ipv4Net],
+) {
+    if let Some(tx) = exports {
+        tx.send_if_modified(|e| {
+            let changed = e.pod_blocks != blocks;
+            if changed {
+                e.pod_blocks = blocks.to_vec();
+            }
+            changed
+        });
+    }
+}
+
 fn in_block(ip: Ipv4Addr, blocks: &[Ipv4Net]) -> Option<Ipv4Net> {
     blocks.iter().find(|b| b.contains(&ip)).copied()
 }
 
 /// Keeps this node's blocks in step with its pods' needs, until the process ends. `config` is
-/// the node configuration as first written (with the initial blocks).
+/// the node configuration as first written (with the initial blocks). `exports`: the BGP
+/// speaker's, whose pod blocks follow the blocks this node holds.
 pub async fn run(
     client: Client,
     node: String,
@@ -269,6 +287,7 @@ pub async fn run(
     mut blocks: Vec<Block>,
     mut config: NodeConfig,
     config_path: PathBuf,
+    exports: Option<std::sync::Arc<tokio::sync::watch::Sender<crate::bgp::speaker::Exports>>>,
 ) {
     let store = Store::new(&config.ipam_dir);
     let demand_path = config.ipam_dir.join(DEMAND_MARKER);
@@ -278,6 +297,7 @@ pub async fn run(
     loop {
         tick.tick().await;
         let cidrs: Vec<Ipv4Net> = blocks.iter().map(|b| b.cidr).collect();
+        announce(exports.as_deref(), &cidrs);
         let allocations = match store.list() {
             Ok(a) => a,
             Err(e) => {
@@ -307,6 +327,7 @@ pub async fn run(
                     blocks.push(b);
                     blocks.sort_by_key(|b| b.cidr);
                     config.pod_cidrs = blocks.iter().map(|b| b.cidr).collect();
+                    announce(exports.as_deref(), &config.pod_cidrs);
                     if let Err(e) = config.write(&config_path) {
                         warn!(error = %e, "IPAM: writing the node configuration failed");
                     }

@@ -589,19 +589,6 @@ fn the_node_installs_100k_routes_from_bird_and_removes_them_on_withdrawal() {
     );
 }
 
-/// The next hops BIRD holds for `prefix` (every path, best or not), sorted.
-fn bird_paths(bird: &Bird, prefix: &str) -> Vec<String> {
-    let out = bird.birdc(&["show", "route", prefix]);
-    let mut hops: Vec<String> = out
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("via "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect();
-    hops.sort();
-    hops
-}
-
 #[test]
 fn service_addresses_are_announced_and_local_policy_ones_only_by_nodes_with_an_endpoint() {
     use ferrox::services::testing::{slice, svc};
@@ -616,19 +603,7 @@ fn service_addresses_are_announced_and_local_policy_ones_only_by_nodes_with_an_e
         .build();
     let nodes: Vec<String> = c.nodes().iter().map(|n| n.addr.to_string()).collect();
     let bird = Bird::start(&c, |ext| {
-        let mut conf = format!(
-            "router id {ext};\nprotocol device {{ scan time 1; }}\n\
-             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; scan time 1; }}\n\
-             template bgp nodes {{ local {ext} as 65001; hold time 9; connect retry time 1;\n  \
-               ipv4 {{ import all; export none; }}; }}\n"
-        );
-        for (i, n) in nodes.iter().enumerate() {
-            conf += &format!(
-                "protocol bgp node{} from nodes {{ neighbor {n} as 64512; }}\n",
-                i + 1
-            );
-        }
-        conf
+        ferrox_tests::harness::bird::listening_config(ext, &nodes)
     });
     let peers = ferrox_tests::apiserver::ResourceType::cluster(
         ferrox::bgp::PEER_GROUP,
@@ -680,7 +655,7 @@ fn service_addresses_are_announced_and_local_policy_ones_only_by_nodes_with_an_e
             &format!("BIRD's paths to {prefix}"),
             Duration::from_secs(20),
             || {
-                let got = bird_paths(&bird, prefix);
+                let got = bird.paths(prefix);
                 if got == want {
                     Ok(())
                 } else {

@@ -138,8 +138,30 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
         // Only when full: the plugin's demand marker is what brings the second block.
         .agent_env("FERROX_IPAM_LOW_WATER", "0")
         .agent_env("FERROX_IPAM_RELEASE_AFTER", "1")
+        // BIRD listens to what the node announces: each block while the node holds it.
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_PEERS", "bird=198.18.0.200:65001")
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
         .build();
     let node = c.node(1);
+    let node_addr = vec![node.addr.to_string()];
+    let bird = ferrox_tests::harness::bird::Bird::start(&c, |ext| {
+        ferrox_tests::harness::bird::listening_config(ext, &node_addr)
+    });
+    let bird_paths = |prefix: Ipv4Net, want: &[String]| {
+        wait_for(
+            &format!("BIRD's paths to {prefix}"),
+            Duration::from_secs(20),
+            || {
+                let got = bird.paths(&prefix.to_string());
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            },
+        );
+    };
     let first = node_blocks(node);
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0].prefix_len(), 26);
@@ -170,6 +192,8 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
     let blocks = node_blocks(node);
     assert_eq!(blocks.len(), 2, "{blocks:?}");
     let second = *blocks.iter().find(|b| **b != first[0]).unwrap();
+    bird_paths(first[0], &node_addr);
+    bird_paths(second, &node_addr);
     assert!(ips[..FULL].iter().all(|ip| first[0].contains(ip)));
     assert!(ips[FULL..].iter().all(|ip| second.contains(ip)), "{ips:?}");
     let objects = c.api().list_values(&block_type());
@@ -213,6 +237,8 @@ fn a_full_block_brings_a_second_one_and_an_emptied_one_goes_back() {
             }
         },
     );
+    bird_paths(second, &[]);
+    bird_paths(first[0], &node_addr);
     // The first block, still used, stays.
     for i in 0..FULL {
         let out = node.cni_raw(

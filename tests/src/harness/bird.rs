@@ -45,6 +45,19 @@ impl Bird {
         assert!(out.contains("Reconfigured"), "birdc configure: {out}");
     }
 
+    /// The next hops BIRD holds for `prefix` (every path, best or not), sorted.
+    pub fn paths(&self, prefix: &str) -> Vec<String> {
+        let out = self.birdc(&["show", "route", prefix]);
+        let mut hops: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("via "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect();
+        hops.sort();
+        hops
+    }
+
     /// The route BIRD put in its namespace's kernel table for `prefix`.
     pub fn kernel_route(&self, prefix: &str) -> String {
         let out = self
@@ -66,6 +79,24 @@ pub fn scale_prefixes(n: u32) -> impl Iterator<Item = String> {
         let a = (20u32 << 24) + (i << 8);
         format!("{}/24", std::net::Ipv4Addr::from(a))
     })
+}
+
+/// BIRD (AS 65001) peering with each of `nodes` (addresses; AS 64512), taking everything they
+/// announce, into its namespace's kernel table (ECMP across nodes) and announcing nothing.
+pub fn listening_config(ext_ip: &str, nodes: &[String]) -> String {
+    let mut conf = format!(
+        "router id {ext_ip};\nprotocol device {{ scan time 1; }}\n\
+         protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; scan time 1; }}\n\
+         template bgp nodes {{ local {ext_ip} as 65001; hold time 9; connect retry time 1;\n  \
+           ipv4 {{ import all; export none; }}; }}\n"
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        conf += &format!(
+            "protocol bgp node{} from nodes {{ neighbor {n} as 64512; }}\n",
+            i + 1
+        );
+    }
+    conf
 }
 
 /// BIRD as an external peer of the node at `node_ip` (AS 65001 to the node's 64512),
