@@ -167,6 +167,12 @@ pub enum TunnelSetting {
     CrossSubnet,
 }
 
+fn parse_pool_mode(
+    s: &str,
+) -> Result<(ipnet::Ipv4Net, ferrox_cni::node_config::TunnelMode), String> {
+    crate::routing::plan::Modes::parse_pool(s)
+}
+
 impl TunnelSetting {
     pub fn mode(self) -> ferrox_cni::node_config::TunnelMode {
         use ferrox_cni::node_config::TunnelMode;
@@ -273,6 +279,12 @@ pub struct AgentArgs {
     /// MTU minus 20 in the IP-in-IP modes.
     #[arg(long, value_enum, env = "FERROX_TUNNEL_MODE", default_value_t = TunnelSetting::CrossSubnet)]
     pub tunnel_mode: TunnelSetting,
+
+    /// Per-pool tunnel modes, `CIDR=never|always|cross-subnet`, comma-separated or repeated:
+    /// traffic to a pod block inside CIDR travels in that pool's mode (the narrowest pool wins;
+    /// blocks in no pool use --tunnel-mode).
+    #[arg(long, env = "FERROX_TUNNEL_MODE_POOLS", value_delimiter = ',', value_parser = parse_pool_mode)]
+    pub tunnel_mode_pool: Vec<(ipnet::Ipv4Net, ferrox_cni::node_config::TunnelMode)>,
 
     /// Run the BGP speaker: announce this node's pod blocks to the --bgp-peers and route what
     /// they announce.

@@ -94,9 +94,13 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     };
     let uplink_mtu = node::interface_mtu(&uplink)?;
     let tunnel_mode = args.tunnel_mode.mode();
+    let modes = crate::routing::plan::Modes {
+        default: tunnel_mode.clone(),
+        pools: args.tunnel_mode_pool.clone(),
+    };
     let mtu = match args.mtu {
         Some(m) => m,
-        None => crate::routing::plan::pod_mtu(&tunnel_mode, uplink_mtu),
+        None => crate::routing::plan::pod_mtu(&modes, uplink_mtu),
     };
     let config = NodeConfig {
         version: SCHEMA_VERSION,
@@ -124,7 +128,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                 let nl = ferrox_cni::netlink::Netlink::open().context("opening rtnetlink")?;
                 let subnet = crate::routing::uplink_subnet(&nl, uplink_index, addr)?;
                 let settings = crate::routing::Settings {
-                    mode: tunnel_mode,
+                    mode: modes,
                     local: crate::routing::plan::LocalNode {
                         name: args.node_name.clone(),
                         addr,

@@ -93,7 +93,7 @@ fn traffic(a: &Pod, b: &Pod, c: &Pod) {
 
 /// A 3-node cluster in `mode`, node-3 in a second subnet when `split`, with a serving pod on each
 /// node; the pods call each other while the underlay's first subnet is captured.
-fn run_mode(mode: &str, split: bool) -> (Cluster, Seen) {
+fn run_mode(mode: &str, split: bool) -> (Cluster, Seen, Pod) {
     let mut b = Cluster::builder()
         .nodes(3)
         .agent_env("FERROX_TUNNEL_MODE", mode);
@@ -108,7 +108,17 @@ fn run_mode(mode: &str, split: bool) -> (Cluster, Seen) {
     let capture = c.capture("br0", "ip proto 4 or tcp port 8080 or udp port 8080");
     traffic(&pa, &pb, &pc);
     let seen = classify(&capture.stop());
-    (c, seen)
+    (c, seen, pa)
+}
+
+/// `ip -o link show eth0` inside the pod.
+fn pod_link(pod: &Pod) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns_path.display()))
+        .args(["ip", "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn node_addr(c: &Cluster, i: usize) -> String {
@@ -117,7 +127,7 @@ fn node_addr(c: &Cluster, i: usize) -> String {
 
 #[test]
 fn never_routes_pod_addresses_as_they_are() {
-    let (c, seen) = run_mode("never", false);
+    let (c, seen, pa) = run_mode("never", false);
     assert!(seen.tunnelled.is_empty(), "{seen:?}");
     assert!(seen.plain > 0, "pod packets cross the underlay: {seen:?}");
     let routes = owned_routes(c.node(1));
@@ -129,13 +139,13 @@ fn never_routes_pod_addresses_as_they_are() {
         "{routes:?}"
     );
     assert!(routes.iter().all(|r| !r.contains("mtu")), "{routes:?}");
-    let pods_mtu = c.node(1).netns().ip(&["-o", "link", "show", "eth0"]);
-    assert!(pods_mtu.contains("mtu 1500"), "{pods_mtu}");
+    let link = pod_link(&pa);
+    assert!(link.contains("mtu 1500"), "{link}");
 }
 
 #[test]
 fn always_wraps_every_packet_between_nodes_in_ip_in_ip() {
-    let (c, seen) = run_mode("always", true);
+    let (c, seen, _) = run_mode("always", true);
     assert_eq!(
         seen.plain, 0,
         "no bare pod address on the underlay: {seen:?}"
@@ -167,7 +177,7 @@ fn always_wraps_every_packet_between_nodes_in_ip_in_ip() {
 
 #[test]
 fn cross_subnet_wraps_only_what_crosses_the_router() {
-    let (c, seen) = run_mode("cross-subnet", true);
+    let (c, seen, _) = run_mode("cross-subnet", true);
     let n1 = node_addr(&c, 1);
     let n2 = node_addr(&c, 2);
     let n3 = node_addr(&c, 3);
@@ -296,13 +306,8 @@ fn ip_in_ip_carries_large_transfers_reports_the_path_mtu_and_refuses_strangers()
     // Pods get the uplink's MTU minus the outer header.
     let link = c.node(1).netns().ip(&["-o", "link", "show", "eth0"]);
     assert!(link.contains("mtu 1500"), "{link}");
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", pa.netns_path.display()))
-        .args(["ip", "-o", "link", "show", "eth0"])
-        .output()
-        .unwrap();
-    let pod_link = String::from_utf8_lossy(&out.stdout);
-    assert!(pod_link.contains("mtu 1480"), "{pod_link}");
+    let link = pod_link(&pa);
+    assert!(link.contains("mtu 1480"), "{link}");
 
     // 1 MB each way over one TCP connection (Linux sets DF on TCP), echoed and verified.
     let (status, lines) = pa.run(&["transfer", &format!("{}:8080", pb.ip), "--bytes", "1048576"]);
@@ -504,4 +509,52 @@ fn routes_follow_nodes_joining_and_leaving_and_stale_ones_go_on_restart() {
     n1.wait_agent_ready();
     let after = owned_routes(n1);
     assert_eq!(after, before, "stale route removed, the others unchanged");
+}
+
+#[test]
+fn a_pools_tunnel_mode_wraps_only_the_traffic_to_blocks_in_that_pool() {
+    // Default never; node-3's block is in an always pool: whatever goes to node-3's pods is
+    // wrapped, whoever sends it, and everything else crosses the underlay as it is.
+    let c = Cluster::builder()
+        .nodes(3)
+        .agent_env("FERROX_TUNNEL_MODE", "never")
+        .agent_env("FERROX_TUNNEL_MODE_POOLS", "10.244.3.0/24=always")
+        .build();
+    let pa = c.add_pod(1, "a");
+    let pb = c.add_pod(2, "b");
+    let pc = c.add_pod(3, "c");
+    let _servers: Vec<_> = [&pa, &pb, &pc].iter().map(|p| p.serve(8080)).collect();
+    let capture = c.capture("br0", "ip proto 4 or tcp port 8080 or udp port 8080");
+    traffic(&pa, &pb, &pc);
+    let seen = classify(&capture.stop());
+    let to: std::collections::BTreeSet<&str> =
+        seen.tunnelled.iter().map(|(_, b)| b.as_str()).collect();
+    assert_eq!(
+        to,
+        [node_addr(&c, 3).as_str()].into_iter().collect(),
+        "only traffic to node-3 is wrapped: {seen:?}"
+    );
+    let from: std::collections::BTreeSet<&str> =
+        seen.tunnelled.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(
+        from,
+        [node_addr(&c, 1).as_str(), node_addr(&c, 2).as_str()]
+            .into_iter()
+            .collect(),
+        "{seen:?}"
+    );
+    assert!(seen.plain > 0, "the rest is not wrapped: {seen:?}");
+    for i in 1..=2 {
+        let tunnels = Maps::open(&c.node(i).layout())
+            .unwrap()
+            .tunnels
+            .entries()
+            .unwrap();
+        let got: Vec<String> = tunnels.iter().map(|t| t.prefix.to_string()).collect();
+        assert_eq!(got, vec!["10.244.3.0/24"], "node-{i}");
+    }
+    let status = c.node(1).ferrox(&["status"]);
+    assert!(status.contains("never, 10.244.3.0/24=always"), "{status}");
+    let link = pod_link(&pa);
+    assert!(link.contains("mtu 1480"), "some traffic is wrapped: {link}");
 }

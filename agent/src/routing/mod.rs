@@ -43,7 +43,7 @@ use plan::{LocalNode, Plan, RemoteBlock};
 /// What routing needs to know about this node and how to run.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub mode: TunnelMode,
+    pub mode: plan::Modes,
     pub local: LocalNode,
     pub uplink: String,
     pub uplink_index: u32,
@@ -92,6 +92,19 @@ pub fn mode_name(mode: &TunnelMode) -> &'static str {
         TunnelMode::Always => "always",
         TunnelMode::CrossSubnet => "cross-subnet",
     }
+}
+
+/// The default mode and the pools' (`never, 10.250.0.0/16=always`).
+pub fn modes_name(modes: &plan::Modes) -> String {
+    std::iter::once(mode_name(&modes.default).to_owned())
+        .chain(
+            modes
+                .pools
+                .iter()
+                .map(|(p, m)| format!("{p}={}", mode_name(m))),
+        )
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The underlay subnet of `addr` on `uplink`, from the interface's addresses; a /32 when no
@@ -300,7 +313,7 @@ fn program(
         .ok()
         .map(|d| d.as_secs());
     let status = RoutingStatus {
-        mode: mode_name(&settings.mode).into(),
+        mode: modes_name(&settings.mode),
         source: if settings.bgp.is_some() {
             "kubernetes+bgp"
         } else {
@@ -464,7 +477,7 @@ pub async fn start(
     let started = Instant::now();
     match program(&settings, &found_at_start, &nl, &mut maps, &api, &metrics) {
         Ok(plan) => info!(
-            mode = mode_name(&settings.mode),
+            mode = modes_name(&settings.mode),
             routes = plan.routes.len(),
             tunnels = plan.tunnels.len(),
             peers = plan.peers.len(),

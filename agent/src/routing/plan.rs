@@ -68,22 +68,70 @@ pub struct Plan {
     pub unroutable: Vec<Unroutable>,
 }
 
-/// The MTU pods get in `mode` on an uplink of `uplink_mtu`: 20 bytes less whenever some peer may
-/// be reached in IP-in-IP.
-pub fn pod_mtu(mode: &TunnelMode, uplink_mtu: u32) -> u32 {
-    match mode {
-        TunnelMode::Never => uplink_mtu,
-        TunnelMode::Always | TunnelMode::CrossSubnet => {
-            uplink_mtu.saturating_sub(ferrox_abi::IPIP_OVERHEAD)
+/// The MTU pods get on an uplink of `uplink_mtu`: 20 bytes less whenever some peer may be
+/// reached in IP-in-IP (in the default mode or in a pool's).
+pub fn pod_mtu(modes: &Modes, uplink_mtu: u32) -> u32 {
+    let ipip = std::iter::once(&modes.default)
+        .chain(modes.pools.iter().map(|(_, m)| m))
+        .any(|m| *m != TunnelMode::Never);
+    if ipip {
+        uplink_mtu.saturating_sub(ferrox_abi::IPIP_OVERHEAD)
+    } else {
+        uplink_mtu
+    }
+}
+
+/// How traffic to a remote block travels: the mode of the narrowest pool that holds the block
+/// (like Calico's per-IPPool ipipMode: the destination's pool decides), else the default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Modes {
+    pub default: TunnelMode,
+    pub pools: Vec<(Ipv4Net, TunnelMode)>,
+}
+
+impl From<TunnelMode> for Modes {
+    fn from(default: TunnelMode) -> Self {
+        Self {
+            default,
+            pools: vec![],
         }
     }
 }
 
-/// The plan for `blocks` in `mode`. `underlay_next_hop` gives the gateway towards a node address
-/// outside the local subnet (`None`: no route to it).
+impl Modes {
+    pub fn for_block(&self, block: Ipv4Net) -> &TunnelMode {
+        self.pools
+            .iter()
+            .filter(|(pool, _)| pool.contains(&block))
+            .max_by_key(|(pool, _)| pool.prefix_len())
+            .map_or(&self.default, |(_, m)| m)
+    }
+
+    /// `CIDR=never|always|cross-subnet`, as `--tunnel-mode-pool` takes it.
+    pub fn parse_pool(s: &str) -> Result<(Ipv4Net, TunnelMode), String> {
+        let (cidr, mode) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: want CIDR=never|always|cross-subnet"))?;
+        let cidr: Ipv4Net = cidr.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let mode = match mode.trim() {
+            "never" | "none" => TunnelMode::Never,
+            "always" => TunnelMode::Always,
+            "cross-subnet" => TunnelMode::CrossSubnet,
+            other => {
+                return Err(format!(
+                    "{s:?}: mode {other:?}: never, always or cross-subnet"
+                ));
+            }
+        };
+        Ok((cidr.trunc(), mode))
+    }
+}
+
+/// The plan for `blocks` with tunnel `modes`. `underlay_next_hop` gives the gateway towards a
+/// node address outside the local subnet (`None`: no route to it).
 pub fn plan(
     local: &LocalNode,
-    mode: &TunnelMode,
+    modes: &Modes,
     blocks: &[RemoteBlock],
     peer_addrs: &[Ipv4Addr],
     mut underlay_next_hop: impl FnMut(Ipv4Addr) -> Option<Ipv4Addr>,
@@ -116,7 +164,7 @@ pub fn plan(
         }
         let on_link = local.subnet.contains(&b.node_addr);
         let encap = !b.external
-            && match mode {
+            && match modes.for_block(prefix) {
                 TunnelMode::Always => true,
                 TunnelMode::Never => false,
                 TunnelMode::CrossSubnet => !on_link,
@@ -134,7 +182,7 @@ pub fn plan(
             });
             continue;
         };
-        let mtu = encap.then(|| pod_mtu(&TunnelMode::Always, local.uplink_mtu));
+        let mtu = encap.then(|| local.uplink_mtu.saturating_sub(ferrox_abi::IPIP_OVERHEAD));
         match out.routes.get_mut(&prefix) {
             // Several nodes announce the block (BGP anycast, a block moving): ECMP when they
             // agree on encapsulation; a tunnel can only have one outer destination, the first.
@@ -219,8 +267,9 @@ mod tests {
             (TunnelMode::CrossSubnet, vec!["10.244.3.0/24"], 1480),
         ];
         for (mode, tunnelled, mtu) in cases {
-            let p = plan(&local(), &mode, &blocks(), &addrs, via_router);
-            assert_eq!(pod_mtu(&mode, 1500), mtu, "{mode:?}");
+            let modes = Modes::from(mode.clone());
+            let p = plan(&local(), &modes, &blocks(), &addrs, via_router);
+            assert_eq!(pod_mtu(&modes, 1500), mtu, "{mode:?}");
             assert_eq!(p.routes.len(), 2, "{mode:?}: the own block is not routed");
             let node2 = &p.routes[&"10.244.2.0/24".parse().unwrap()];
             assert_eq!(
@@ -247,7 +296,13 @@ mod tests {
             assert_eq!(p.peers.len(), 2, "every other node may send IP-in-IP");
             assert!(p.unroutable.is_empty());
         }
-        let p = plan(&local(), &TunnelMode::Always, &blocks(), &addrs, via_router);
+        let p = plan(
+            &local(),
+            &TunnelMode::Always.into(),
+            &blocks(),
+            &addrs,
+            via_router,
+        );
         assert_eq!(p.routes[&"10.244.2.0/24".parse().unwrap()].mtu, Some(1480));
     }
 
@@ -255,7 +310,7 @@ mod tests {
     fn unreachable_nodes_and_overlapping_blocks_are_reported_not_programmed() {
         let mut b = blocks();
         b.push(block("10.244.1.128/25", "node-9", "198.18.0.19"));
-        let p = plan(&local(), &TunnelMode::CrossSubnet, &b, &[], |_| None);
+        let p = plan(&local(), &TunnelMode::CrossSubnet.into(), &b, &[], |_| None);
         let reasons: Vec<(String, String)> = p
             .unroutable
             .iter()
@@ -284,7 +339,7 @@ mod tests {
             block("10.96.0.0/12", "node-3", "198.18.0.13"),
             block("10.96.0.0/12", "node-2", "198.18.0.12"),
         ];
-        let p = plan(&local(), &TunnelMode::Never, &b, &[], |_| None);
+        let p = plan(&local(), &TunnelMode::Never.into(), &b, &[], |_| None);
         let r = &p.routes[&"10.96.0.0/12".parse().unwrap()];
         assert_eq!(
             r.next_hops,
@@ -293,7 +348,7 @@ mod tests {
                 "198.18.0.13".parse().unwrap()
             ]
         );
-        let p = plan(&local(), &TunnelMode::Always, &b, &[], |_| None);
+        let p = plan(&local(), &TunnelMode::Always.into(), &b, &[], |_| None);
         let r = &p.routes[&"10.96.0.0/12".parse().unwrap()];
         assert_eq!(r.next_hops.len(), 1, "a tunnel has one outer destination");
         assert_eq!(p.tunnels.len(), 1);
@@ -303,13 +358,45 @@ mod tests {
     fn routes_from_outside_the_cluster_are_never_tunnelled_and_may_aggregate() {
         let mut ext = block("10.0.0.0/8", "bgp:tor", "198.18.0.1");
         ext.external = true;
-        let p = plan(&local(), &TunnelMode::Always, &[ext.clone()], &[], |_| None);
+        let p = plan(
+            &local(),
+            &TunnelMode::Always.into(),
+            &[ext.clone()],
+            &[],
+            |_| None,
+        );
         assert!(p.tunnels.is_empty());
         assert_eq!(p.routes[&"10.0.0.0/8".parse().unwrap()].mtu, None);
         // The same aggregate from a node would swallow this node's block: refused.
         ext.external = false;
-        let p = plan(&local(), &TunnelMode::Always, &[ext], &[], |_| None);
+        let p = plan(&local(), &TunnelMode::Always.into(), &[ext], &[], |_| None);
         assert!(p.routes.is_empty());
         assert_eq!(p.unroutable.len(), 1);
+    }
+
+    #[test]
+    fn a_pools_mode_decides_for_the_blocks_inside_it() {
+        let addrs: Vec<Ipv4Addr> = blocks().iter().map(|b| b.node_addr).collect();
+        // Default never; node-2's block in an always pool; a narrower never pool inside a wider
+        // always one wins.
+        let modes = Modes {
+            default: TunnelMode::Never,
+            pools: vec![
+                Modes::parse_pool("10.244.2.0/23=always").unwrap(),
+                Modes::parse_pool("10.244.3.0/24=never").unwrap(),
+            ],
+        };
+        let p = plan(&local(), &modes, &blocks(), &addrs, via_router);
+        let got: Vec<String> = p.tunnels.keys().map(|k| k.to_string()).collect();
+        assert_eq!(got, vec!["10.244.2.0/24"]);
+        assert_eq!(pod_mtu(&modes, 1500), 1480, "some traffic is wrapped");
+        assert_eq!(pod_mtu(&TunnelMode::Never.into(), 1500), 1500);
+        for bad in ["10.244.0.0/16", "10.244.0.0/16=ipip", "10.244.0/16=always"] {
+            assert!(Modes::parse_pool(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Modes::parse_pool("10.244.0.0/16=cross-subnet"),
+            Ok(("10.244.0.0/16".parse().unwrap(), TunnelMode::CrossSubnet))
+        );
     }
 }
