@@ -15,5 +15,6 @@
 )]
 
 pub mod apiserver;
+pub mod bench;
 pub mod harness;
 pub mod manifests;

@@ -90,6 +90,18 @@ enum Cmd {
         #[arg(default_value = "/")]
         path: String,
     },
+    /// `count` request/response exchanges, each on a new TCP connection (connect, greeting,
+    /// one echo, close with a reset so no TIME_WAIT piles up), one after the other; prints a
+    /// JSON object with each exchange's time in microseconds and the whole run's.
+    Rr {
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Exchanges made first and not counted (caches, neighbour entries, the server's
+        /// threads).
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+    },
     Stream {
         target: SocketAddr,
         #[arg(long, default_value_t = 1024)]
@@ -151,6 +163,11 @@ fn main() {
             Duration::from_millis(timeout_ms),
         ),
         Cmd::Transfer { target, bytes } => transfer(target, bytes),
+        Cmd::Rr {
+            target,
+            count,
+            warmup,
+        } => rr(target, count, warmup),
         Cmd::HttpGet { target, path } => {
             let line = http_get(target, &path);
             let failed = line.get("error").is_some();
@@ -541,4 +558,57 @@ fn transfer(target: SocketAddr, bytes: usize) {
         Ok(Err(e)) => fail("echo", &e),
         Err(_) => fail("echo", &"reader panicked"),
     }
+}
+
+/// One exchange on a new connection: connect, read the greeting, echo one line, reset.
+fn rr_once(target: SocketAddr) -> std::io::Result<()> {
+    let timeout = Duration::from_secs(3);
+    let mut conn = TcpStream::connect_timeout(&target, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_nodelay(true)?;
+    let mut buf = [0u8; 256];
+    let mut got = 0;
+    // The greeting line ends with a newline.
+    while !buf[..got].contains(&b'\n') {
+        let n = conn.read(&mut buf[got..])?;
+        if n == 0 {
+            return Err(std::io::Error::other("closed before the greeting"));
+        }
+        got += n;
+    }
+    conn.write_all(b"ping\n")?;
+    let mut echo = [0u8; 5];
+    conn.read_exact(&mut echo)?;
+    if &echo != b"ping\n" {
+        return Err(std::io::Error::other("wrong echo"));
+    }
+    socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO))?;
+    Ok(())
+}
+
+fn rr(target: SocketAddr, count: usize, warmup: usize) {
+    for _ in 0..warmup {
+        let _ = rr_once(target);
+    }
+    let started = Instant::now();
+    let mut samples = Vec::with_capacity(count);
+    let mut failures = Vec::new();
+    for _ in 0..count {
+        let t = Instant::now();
+        match rr_once(target) {
+            Ok(()) => samples.push(t.elapsed().as_secs_f64() * 1e6),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "target": target.to_string(),
+            "samples_us": samples,
+            "elapsed_s": elapsed,
+            "failures": failures,
+        })
+    );
+    std::process::exit(i32::from(!failures.is_empty()));
 }

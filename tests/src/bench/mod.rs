@@ -1,0 +1,4 @@
+//! Parts of `cargo xtask bench` that compute things, unit-tested.
+pub mod rulesets;
+pub mod stats;
+pub mod svg;
