@@ -67,6 +67,28 @@ fn external_bird(c: &Cluster, node: &Node, statics: &[&str]) -> Bird {
     Bird::start(c, |ext_ip| bird_config(ext_ip, &node, statics))
 }
 
+fn peer_type() -> ferrox_tests::apiserver::ResourceType {
+    ferrox_tests::apiserver::ResourceType::cluster(
+        ferrox::bgp::PEER_GROUP,
+        ferrox::bgp::PEER_VERSION,
+        ferrox::bgp::PEER_PLURAL,
+        ferrox::bgp::PEER_KIND,
+    )
+}
+
+/// Creates (or replaces) the `BGPPeer` `name` with `spec`.
+fn apply_peer(c: &Cluster, name: &str, spec: serde_json::Value) {
+    c.api()
+        .apply_value(
+            &peer_type(),
+            serde_json::json!({
+                "apiVersion": "bgp.ferrox.io/v1", "kind": "BGPPeer",
+                "metadata": { "name": name }, "spec": spec
+            }),
+        )
+        .unwrap();
+}
+
 /// A fresh directory under the system's temporary directory, removed at the end of the run.
 fn tempfile_dir(what: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ferrox-bgp-{what}-{}", std::process::id()));
@@ -287,24 +309,12 @@ fn a_bgp_peer_object_adds_a_router_and_deleting_it_closes_the_session() {
         .build();
     let n1 = c.node(1);
     let bird = external_bird(&c, n1, &["192.0.2.0/24"]);
-    let peers = ferrox_tests::apiserver::ResourceType::cluster(
-        ferrox::bgp::PEER_GROUP,
-        ferrox::bgp::PEER_VERSION,
-        ferrox::bgp::PEER_PLURAL,
-        ferrox::bgp::PEER_KIND,
+    apply_peer(
+        &c,
+        "tor-a",
+        serde_json::json!({ "address": "198.18.0.200", "asn": 65001, "holdTime": 6,
+                          "password": "tor-a", "nodes": ["node-1"] }),
     );
-    c.api()
-        .apply_value(
-            &peers,
-            serde_json::json!({
-                "apiVersion": "bgp.ferrox.io/v1",
-                "kind": "BGPPeer",
-                "metadata": { "name": "tor-a" },
-                "spec": { "address": "198.18.0.200", "asn": 65001, "holdTime": 6,
-                          "password": "tor-a", "nodes": ["node-1"] }
-            }),
-        )
-        .unwrap();
     wait_established(n1, "the session with the BGPPeer");
     let p = bgp_peers(n1).unwrap();
     assert_eq!(p[0]["name"], "tor-a", "{p}");
@@ -325,7 +335,7 @@ fn a_bgp_peer_object_adds_a_router_and_deleting_it_closes_the_session() {
 
     // Deleting the object closes the session with a Cease: BIRD forgets the node's routes at
     // once (no graceful-restart wait), and the node forgets BIRD's.
-    c.api().delete_value(&peers, None, "tor-a").unwrap();
+    c.api().delete_value(&peer_type(), None, "tor-a").unwrap();
     wait_for(
         "BIRD to drop the pod block",
         Duration::from_secs(10),
@@ -423,22 +433,11 @@ fn bird_as_route_reflector_passes_each_nodes_block_to_the_others() {
         .build();
     let nodes: Vec<&Node> = c.nodes().iter().collect();
     let bird = Bird::start(&c, |ext_ip| bird_rr_config(ext_ip, &nodes));
-    let peers = ferrox_tests::apiserver::ResourceType::cluster(
-        ferrox::bgp::PEER_GROUP,
-        ferrox::bgp::PEER_VERSION,
-        ferrox::bgp::PEER_PLURAL,
-        ferrox::bgp::PEER_KIND,
+    apply_peer(
+        &c,
+        "rr",
+        serde_json::json!({ "address": bird.ext.ip.to_string(), "asn": 64512 }),
     );
-    c.api()
-        .apply_value(
-            &peers,
-            serde_json::json!({
-                "apiVersion": "bgp.ferrox.io/v1", "kind": "BGPPeer",
-                "metadata": { "name": "rr" },
-                "spec": { "address": bird.ext.ip.to_string(), "asn": 64512 }
-            }),
-        )
-        .unwrap();
     for n in c.nodes() {
         wait_sessions(n, &[bird.ext.ip.to_string()]);
     }
@@ -605,24 +604,13 @@ fn service_addresses_are_announced_and_local_policy_ones_only_by_nodes_with_an_e
     let bird = Bird::start(&c, |ext| {
         ferrox_tests::harness::bird::listening_config(ext, &nodes)
     });
-    let peers = ferrox_tests::apiserver::ResourceType::cluster(
-        ferrox::bgp::PEER_GROUP,
-        ferrox::bgp::PEER_VERSION,
-        ferrox::bgp::PEER_PLURAL,
-        ferrox::bgp::PEER_KIND,
-    );
-    c.api()
-        .apply_value(
-            &peers,
-            serde_json::json!({
-                "apiVersion": "bgp.ferrox.io/v1", "kind": "BGPPeer",
-                "metadata": { "name": "tor" },
-                "spec": { "address": bird.ext.ip.to_string(), "asn": 65001,
+    apply_peer(
+        &c,
+        "tor",
+        serde_json::json!({ "address": bird.ext.ip.to_string(), "asn": 65001,
                           "export": ["podBlocks", "serviceClusterIPs", "serviceExternalIPs",
-                                     "serviceLoadBalancerIPs"] }
-            }),
-        )
-        .unwrap();
+                                     "serviceLoadBalancerIPs"] }),
+    );
     let web2 = c.add_pod(2, "web-2");
     let _s2 = web2.serve(8080);
     // eTP=Local with its only endpoint on node-2; eTP=Cluster with the same endpoint.

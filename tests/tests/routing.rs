@@ -94,9 +94,17 @@ fn traffic(a: &Pod, b: &Pod, c: &Pod) {
 /// A 3-node cluster in `mode`, node-3 in a second subnet when `split`, with a serving pod on each
 /// node; the pods call each other while the underlay's first subnet is captured.
 fn run_mode(mode: &str, split: bool) -> (Cluster, Seen, Pod) {
+    run_mode_with(mode, split, &[])
+}
+
+/// [`run_mode`] with more agent settings.
+fn run_mode_with(mode: &str, split: bool, env: &[(&str, &str)]) -> (Cluster, Seen, Pod) {
     let mut b = Cluster::builder()
         .nodes(3)
         .agent_env("FERROX_TUNNEL_MODE", mode);
+    for (k, v) in env {
+        b = b.agent_env(k, v);
+    }
     if split {
         b = b.second_subnet_from(3);
     }
@@ -515,18 +523,11 @@ fn routes_follow_nodes_joining_and_leaving_and_stale_ones_go_on_restart() {
 fn a_pools_tunnel_mode_wraps_only_the_traffic_to_blocks_in_that_pool() {
     // Default never; node-3's block is in an always pool: whatever goes to node-3's pods is
     // wrapped, whoever sends it, and everything else crosses the underlay as it is.
-    let c = Cluster::builder()
-        .nodes(3)
-        .agent_env("FERROX_TUNNEL_MODE", "never")
-        .agent_env("FERROX_TUNNEL_MODE_POOLS", "10.244.3.0/24=always")
-        .build();
-    let pa = c.add_pod(1, "a");
-    let pb = c.add_pod(2, "b");
-    let pc = c.add_pod(3, "c");
-    let _servers: Vec<_> = [&pa, &pb, &pc].iter().map(|p| p.serve(8080)).collect();
-    let capture = c.capture("br0", "ip proto 4 or tcp port 8080 or udp port 8080");
-    traffic(&pa, &pb, &pc);
-    let seen = classify(&capture.stop());
+    let (c, seen, pa) = run_mode_with(
+        "never",
+        false,
+        &[("FERROX_TUNNEL_MODE_POOLS", "10.244.3.0/24=always")],
+    );
     let to: std::collections::BTreeSet<&str> =
         seen.tunnelled.iter().map(|(_, b)| b.as_str()).collect();
     assert_eq!(

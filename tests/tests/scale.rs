@@ -15,9 +15,8 @@ use std::{
 };
 
 use ferrox::services::testing::{slice, svc};
-use ferrox_abi::ServiceKey;
 use ferrox_datapath::Maps;
-use ferrox_tests::harness::{Cluster, wait_for};
+use ferrox_tests::harness::{Cluster, wait_for, wait_for_frontend};
 
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
@@ -137,21 +136,7 @@ fn ten_thousand_services_converge_and_one_more_works_at_once() {
             .ready_on(web.ip, "node-1")
             .build(),
     );
-    let extra_key = ServiceKey::master(u32::from_ne_bytes([10, 96, 0, 77]), 80u16.to_be(), 6)
-        .with_scope(ferrox_abi::scope::INTERNAL);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while maps
-        .services
-        .get(&extra_key)
-        .unwrap()
-        .is_none_or(|m| m.count != 1)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the added Service was not programmed"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_frontend(&maps, Ipv4Addr::new(10, 96, 0, 77), 80, 1);
     let add_one = added.elapsed();
     let (by_backend, _) = client.call_tcp("10.96.0.77:80", 3);
     assert_eq!(by_backend.get("web"), Some(&3));

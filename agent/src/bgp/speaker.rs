@@ -810,6 +810,26 @@ pub fn check_open(cfg: &Config, peer: &Peer, open: &Open) -> Result<u16, Notific
     Ok(cfg.hold_time.min(open.hold_time))
 }
 
+/// Sends `peer` what changed in what it should have (this node's exports it takes, and what
+/// this node reflects to it) since `advertised`, which then holds the new state.
+async fn advertise(
+    shared: &Shared,
+    peer: &Peer,
+    exports: &mut watch::Receiver<Exports>,
+    advertised: &mut BTreeMap<Ipv4Net, Attributes>,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    four: bool,
+) -> Result<(), End> {
+    let own = exports.borrow_and_update().select(&peer.export);
+    let now = shared.adj_rib_out(peer, &own);
+    for m in export_updates(advertised, &now) {
+        send(wr, &m, four).await?;
+    }
+    *advertised = now;
+    shared.update_status(peer.addr, |s| s.advertised = advertised.len());
+    Ok(())
+}
+
 async fn send(
     w: &mut tokio::net::tcp::OwnedWriteHalf,
     msg: &Message,
@@ -913,16 +933,12 @@ async fn session(
                     state = "established";
                     shared.set_state(peer, state, None);
                     info!(peer = %peer.addr, asn = peer.asn, "BGP session established");
-                    let own = exports.borrow_and_update().select(&peer.export);
                     reflect.mark_unchanged();
-                    let now = shared.adj_rib_out(peer, &own);
-                    for m in export_updates(&BTreeMap::new(), &now) {
-                        if let Err(e) = send(&mut wr, &m, four).await {
-                            return e;
-                        }
+                    if let Err(e) =
+                        advertise(shared, peer, &mut exports, &mut advertised, &mut wr, four).await
+                    {
+                        return e;
                     }
-                    advertised = now;
-                    shared.update_status(peer.addr, |s| s.advertised = advertised.len());
                     // End-of-RIB: everything this node has is announced.
                     if let Err(e) = send(&mut wr, &Message::Update(Update::default()), four).await {
                         return e;
@@ -984,26 +1000,14 @@ async fn session(
                 if r.is_err() {
                     return fail(&mut wr, Notification::new(err::CEASE, err::CEASE_ADMIN_SHUTDOWN, [])).await;
                 }
-                let own = exports.borrow_and_update().select(&peer.export);
-                let now = shared.adj_rib_out(peer, &own);
-                for m in export_updates(&advertised, &now) {
-                    if let Err(e) = send(&mut wr, &m, four).await {
-                        return e;
-                    }
+                if let Err(e) = advertise(shared, peer, &mut exports, &mut advertised, &mut wr, four).await {
+                    return e;
                 }
-                advertised = now;
-                shared.update_status(peer.addr, |s| s.advertised = advertised.len());
             }
             _ = reflect.changed(), if state == "established" => {
-                let own = exports.borrow().select(&peer.export);
-                let now = shared.adj_rib_out(peer, &own);
-                for m in export_updates(&advertised, &now) {
-                    if let Err(e) = send(&mut wr, &m, four).await {
-                        return e;
-                    }
+                if let Err(e) = advertise(shared, peer, &mut exports, &mut advertised, &mut wr, four).await {
+                    return e;
                 }
-                advertised = now;
-                shared.update_status(peer.addr, |s| s.advertised = advertised.len());
             }
             _ = stop.changed() => {
                 return fail(

@@ -43,3 +43,29 @@ pub fn wait_for<T>(
         delay = (delay * 2).min(std::time::Duration::from_millis(200));
     }
 }
+
+/// Polls (every millisecond, no back-off: callers time this) until the ClusterIP frontend
+/// `addr:port/TCP` has `backends` backends in `maps`; panics after 30 s. Reads that one entry
+/// only, so polling costs nothing next to what is timed.
+pub fn wait_for_frontend(
+    maps: &ferrox_datapath::Maps,
+    addr: std::net::Ipv4Addr,
+    port: u16,
+    backends: u16,
+) {
+    let key = ferrox_abi::ServiceKey::master(u32::from_ne_bytes(addr.octets()), port.to_be(), 6)
+        .with_scope(ferrox_abi::scope::INTERNAL);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while maps
+        .services
+        .get(&key)
+        .unwrap()
+        .is_none_or(|m| m.count != backends)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr}:{port} was not programmed with {backends} backends"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
