@@ -349,6 +349,9 @@ pub async fn run(
                     config.pod_cidrs = cidrs.clone();
                     continue;
                 }
+                // Withdrawn before it goes back to the pool, so no other node that claims it
+                // announces it while this one still does.
+                announce(exports.as_deref(), &config.pod_cidrs);
                 let still_empty = store.with_lock(|| {
                     store
                         .list()

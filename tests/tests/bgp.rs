@@ -495,16 +495,16 @@ fn a_node_annotated_as_route_reflector_reflects_between_the_others() {
     // No mesh and no reflector yet: no sessions at all.
     wait_sessions(c.node(2), &[]);
     // node-1 becomes a reflector: it peers with both others (its clients), they with it only.
-    let set_cluster = |value: Option<&str>| {
-        let mut n1: K8sNode = c.api().get(None, "node-1").unwrap();
-        let ann = n1.metadata.annotations.get_or_insert_with(Default::default);
+    let set_cluster = |node: &str, value: Option<&str>| {
+        let mut n: K8sNode = c.api().get(None, node).unwrap();
+        let ann = n.metadata.annotations.get_or_insert_with(Default::default);
         match value {
             Some(v) => ann.insert(ferrox::bgp::RR_CLUSTER_ID_ANNOTATION.into(), v.into()),
             None => ann.remove(ferrox::bgp::RR_CLUSTER_ID_ANNOTATION),
         };
-        c.api().replace(&n1).unwrap();
+        c.api().replace(&n).unwrap();
     };
-    set_cluster(Some("10.255.9.9"));
+    set_cluster("node-1", Some("10.255.9.9"));
     wait_sessions(c.node(1), &[addr(2), addr(3)]);
     wait_sessions(c.node(2), &[addr(1)]);
     wait_sessions(c.node(3), &[addr(1)]);
@@ -545,8 +545,40 @@ fn a_node_annotated_as_route_reflector_reflects_between_the_others() {
     assert_eq!(on_rr.len(), 2, "{on_rr:?}");
     assert!(on_rr.iter().all(|r| r.ends_with("[-; ]")), "{on_rr:?}");
 
-    // No longer a reflector: the sessions go, and with them the reflected routes.
-    set_cluster(None);
+    // node-2 becomes a reflector too: node-3 now peers with both; node-1 keeps its session
+    // with node-2 as it was (only its client flag changes: no restart).
+    set_cluster("node-2", Some("10.255.9.9"));
+    wait_sessions(c.node(3), &[addr(1), addr(2)]);
+    wait_for(
+        "node-2 to be a non-client peer of node-1",
+        Duration::from_secs(10),
+        || {
+            let p = bgp_peers(n1)?;
+            let to2 = p
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["addr"] == addr(2).as_str()).cloned())
+                .ok_or_else(|| p.to_string())?;
+            if to2["rrClient"] == false && to2["state"] == "established" {
+                Ok(to2)
+            } else {
+                Err(to2.to_string())
+            }
+        },
+    );
+    // Seen from node-2: its session with node-1 came up once and never went down (a restart
+    // by node-1 would have been a Cease and a second establishment).
+    let on2 = bgp_peers(c.node(2)).unwrap();
+    let to1 = on2
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["addr"] == addr(1).as_str())
+        .unwrap();
+    assert_eq!(to1["establishedCount"], 1, "{to1}");
+
+    // No longer reflectors: the sessions go, and with them the reflected routes.
+    set_cluster("node-2", None);
+    set_cluster("node-1", None);
     wait_sessions(c.node(2), &[]);
     wait_for(
         "node-2 to forget the reflected routes",

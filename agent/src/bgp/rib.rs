@@ -76,6 +76,14 @@ fn compare(a: &Path, b: &Path) -> std::cmp::Ordering {
             }
         })
         .then(b.ebgp.cmp(&a.ebgp))
+        // RFC 4456 9: a path through fewer reflectors first.
+        .then(a.attrs.cluster_list.len().cmp(&b.attrs.cluster_list.len()))
+}
+
+/// The router ID for the last tie-break: a reflected path's originator stands in for the
+/// reflector's ID (RFC 4456 9).
+fn router_id(p: &Path) -> Ipv4Addr {
+    p.attrs.originator_id.unwrap_or(p.peer_router_id)
 }
 
 impl Rib {
@@ -165,7 +173,7 @@ impl Rib {
     pub fn best_of(&self, prefix: Ipv4Net) -> Option<Best> {
         let by_peer = self.paths.get(&prefix)?;
         let mut paths: Vec<&Path> = by_peer.values().collect();
-        paths.sort_by(|a, b| compare(a, b).then(a.peer_router_id.cmp(&b.peer_router_id)));
+        paths.sort_by(|a, b| compare(a, b).then(router_id(a).cmp(&router_id(b))));
         let first = *paths.first()?;
         let equal: Vec<&&Path> = paths
             .iter()
@@ -287,6 +295,16 @@ mod tests {
                 "eBGP over iBGP",
                 path("10.0.0.1", |_| {}),
                 path("10.0.0.2", |p| p.ebgp = true),
+                vec!["10.0.0.2"],
+            ),
+            (
+                "a path through fewer route reflectors",
+                path("10.0.0.1", |p| {
+                    p.attrs.cluster_list = vec![ip("10.255.0.1"), ip("10.255.0.2")]
+                }),
+                path("10.0.0.2", |p| {
+                    p.attrs.cluster_list = vec![ip("10.255.0.1")]
+                }),
                 vec!["10.0.0.2"],
             ),
             (

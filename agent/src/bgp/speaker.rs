@@ -381,32 +381,40 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// What this node announces to `peer`: its own prefixes and, as a route reflector, the
-    /// best paths it reflects to that peer.
-    fn adj_rib_out(&self, peer: &Peer, own: &[Ipv4Net]) -> BTreeMap<Ipv4Net, Attributes> {
+    /// What this node announces to `peer` now: the kinds of its own prefixes the peer takes
+    /// and, as a route reflector, the best paths it reflects to that peer. The peer's export
+    /// kinds and client flag are read as configured now (they change without a new session).
+    fn adj_rib_out(&self, peer: &Peer, exports: &Exports) -> BTreeMap<Ipv4Net, Attributes> {
         let cfg = &self.cfg;
-        let mut out: BTreeMap<Ipv4Net, Attributes> =
-            own.iter().map(|p| (*p, export_attrs(cfg, peer))).collect();
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let (export, rr_client) = peers
+            .get(&peer.addr)
+            .map_or((peer.export, peer.rr_client), |h| {
+                (h.peer.export, h.peer.rr_client)
+            });
+        let clients: HashMap<Ipv4Addr, bool> = peers
+            .iter()
+            .map(|(a, h)| (*a, h.peer.asn == cfg.asn && h.peer.rr_client))
+            .collect();
+        drop(peers);
+        let mut out: BTreeMap<Ipv4Net, Attributes> = exports
+            .select(&export)
+            .into_iter()
+            .map(|p| (p, export_attrs(cfg, peer)))
+            .collect();
         let Some(cluster_id) = self.cluster_id() else {
             return out;
         };
         if peer.asn != cfg.asn {
             return out;
         }
-        let clients: HashMap<Ipv4Addr, bool> = self
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(a, h)| (*a, h.peer.asn == cfg.asn && h.peer.rr_client))
-            .collect();
         for (prefix, best) in self.learned.borrow().iter() {
             let from = &best.path;
             if from.ebgp || from.peer == peer.addr || out.contains_key(prefix) {
                 continue;
             }
             let from_client = clients.get(&from.peer).copied().unwrap_or(false);
-            if !from_client && !peer.rr_client {
+            if !from_client && !rr_client {
                 continue;
             }
             let mut a = from.attrs.clone();
@@ -443,6 +451,27 @@ impl Speaker {
             shared.reflect.send_modify(|n| *n += 1);
         }
         let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        // What is announced to a peer (its export kinds, being a reflector client) changes in
+        // place: its session re-announces, it does not restart.
+        let mut reannounce = false;
+        for w in wanted {
+            if let Some(h) = peers.get_mut(&w.addr)
+                && h.peer != *w
+                && (Peer {
+                    rr_client: w.rr_client,
+                    export: w.export,
+                    ..h.peer.clone()
+                }) == *w
+            {
+                h.peer.rr_client = w.rr_client;
+                h.peer.export = w.export;
+                shared.update_status(w.addr, |s| s.rr_client = w.rr_client);
+                reannounce = true;
+            }
+        }
+        if reannounce {
+            shared.reflect.send_modify(|n| *n += 1);
+        }
         let gone: Vec<Ipv4Addr> = peers
             .iter()
             .filter(|(a, h)| !wanted.iter().any(|w| w.addr == **a && *w == h.peer))
@@ -780,7 +809,28 @@ fn export_updates(
         }));
     }
     for (attrs, prefixes) in groups {
-        for chunk in prefixes.chunks(wire::PREFIXES_PER_UPDATE) {
+        // As many prefixes as fit in 4096 bytes next to these attributes (a reflected route
+        // brings whatever attributes it came with: communities, long AS paths); 5 bytes per
+        // prefix at most (a /32).
+        let bare = wire::encode(
+            &Message::Update(Update {
+                withdrawn: vec![],
+                attrs: Some(attrs.clone()),
+                nlri: vec![],
+            }),
+            true,
+        )
+        .len();
+        let room = wire::MAX_LEN.saturating_sub(bare) / 5;
+        if room == 0 {
+            warn!(
+                prefixes = prefixes.len(),
+                attributes = bare,
+                "BGP: attributes too large for an UPDATE; prefixes not announced"
+            );
+            continue;
+        }
+        for chunk in prefixes.chunks(room.min(wire::PREFIXES_PER_UPDATE)) {
             out.push(Message::Update(Update {
                 withdrawn: vec![],
                 attrs: Some(attrs.clone()),
@@ -820,8 +870,7 @@ async fn advertise(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     four: bool,
 ) -> Result<(), End> {
-    let own = exports.borrow_and_update().select(&peer.export);
-    let now = shared.adj_rib_out(peer, &own);
+    let now = shared.adj_rib_out(peer, &exports.borrow_and_update());
     for m in export_updates(advertised, &now) {
         send(wr, &m, four).await?;
     }
@@ -1310,5 +1359,47 @@ mod tests {
                 .unwrap_or("")
                 .contains("bad peer AS")
         );
+    }
+
+    /// Reflected routes keep the attributes they came with: however large, every UPDATE stays
+    /// within the 4096-byte limit and every prefix is sent once.
+    #[test]
+    fn updates_are_sized_from_their_attributes() {
+        let big = Attributes {
+            origin: Origin::Igp,
+            as_path: vec![Segment::Sequence(vec![65001; 40])],
+            next_hop: Some("198.18.0.12".parse().unwrap()),
+            communities: (0..300).collect(),
+            ..Attributes::default()
+        };
+        let small = Attributes {
+            origin: Origin::Igp,
+            next_hop: Some("198.18.0.13".parse().unwrap()),
+            ..Attributes::default()
+        };
+        let mut new = BTreeMap::new();
+        for i in 0..1500u32 {
+            let p = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap();
+            new.insert(
+                p,
+                if i % 2 == 0 {
+                    big.clone()
+                } else {
+                    small.clone()
+                },
+            );
+        }
+        let mut sent = Vec::new();
+        for m in export_updates(&BTreeMap::new(), &new) {
+            let bytes = wire::encode(&m, true);
+            assert!(bytes.len() <= wire::MAX_LEN, "{} bytes", bytes.len());
+            let Message::Update(u) = m else {
+                panic!("not an UPDATE")
+            };
+            sent.extend(u.nlri);
+        }
+        sent.sort();
+        let want: Vec<Ipv4Net> = new.keys().copied().collect();
+        assert_eq!(sent, want);
     }
 }

@@ -871,8 +871,8 @@ pub fn encode(msg: &Message, four_octet: bool) -> Vec<u8> {
     finish(out)
 }
 
-/// Prefixes per UPDATE so that one stays below the 4096-byte limit with its attributes (a /32
-/// takes 5 bytes; attributes of a reflected route take under 200).
+/// Prefixes per UPDATE at most (a /32 takes 5 bytes: 3500 bytes); fewer when the attributes
+/// need the room (the speaker sizes each UPDATE from its attributes).
 pub const PREFIXES_PER_UPDATE: usize = 700;
 
 #[cfg(test)]
