@@ -122,6 +122,12 @@ impl Rib {
         }
     }
 
+    /// Removes the paths that went through the route-reflector cluster `cluster_id` (loops,
+    /// once this node is in that cluster).
+    pub fn drop_through_cluster(&mut self, cluster_id: Ipv4Addr) -> usize {
+        self.retain(|p| !p.attrs.cluster_list.contains(&cluster_id))
+    }
+
     /// Removes every path of `peer` (its session ended without graceful restart).
     pub fn drop_peer(&mut self, peer: Ipv4Addr) -> usize {
         self.retain(|p| p.peer != peer)
@@ -350,6 +356,17 @@ mod tests {
         assert!(!rib.best().contains_key(&other));
         assert_eq!(rib.drop_peer(ip("10.0.0.1")), 1);
         assert!(rib.is_empty());
+        // Becoming a reflector in cluster C: paths that went through C are loops.
+        rib.announce(
+            prefix,
+            path("10.0.0.1", |p| {
+                p.attrs.cluster_list = vec![ip("10.255.0.9")]
+            }),
+        );
+        rib.announce(other, path("10.0.0.1", |_| {}));
+        assert_eq!(rib.drop_through_cluster(ip("10.255.0.9")), 1);
+        assert!(!rib.best().contains_key(&prefix));
+        assert!(rib.best().contains_key(&other));
     }
 
     /// Random announcements, withdrawals, stale marks, sweeps and dropped peers: the best paths

@@ -448,6 +448,18 @@ impl Speaker {
         );
         if old_cluster != cluster_id {
             info!(?cluster_id, "BGP: route reflector cluster ID");
+            // Paths learned before that went through this cluster are loops now.
+            if let Some(c) = cluster_id {
+                let looped = shared
+                    .rib
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .drop_through_cluster(c);
+                if looped > 0 {
+                    info!(looped, "BGP: paths through this node's cluster dropped");
+                    shared.publish();
+                }
+            }
             shared.reflect.send_modify(|n| *n += 1);
         }
         let mut peers = shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
