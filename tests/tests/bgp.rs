@@ -67,6 +67,23 @@ fn external_bird(c: &Cluster, node: &Node, statics: &[&str]) -> Bird {
     Bird::start(c, |ext_ip| bird_config(ext_ip, &node, statics))
 }
 
+/// Waits until BIRD has put `prefix` in its kernel table via `node`.
+fn wait_bird_installs(bird: &Bird, prefix: &str, node: &Node) {
+    let via = format!("via {}", node.addr);
+    wait_for(
+        "BIRD to install the pod block",
+        Duration::from_secs(10),
+        || {
+            let r = bird.kernel_route(prefix);
+            if r.contains(&via) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}; birdc: {}", bird.birdc(&["show", "route"])))
+            }
+        },
+    );
+}
+
 fn peer_type() -> ferrox_tests::apiserver::ResourceType {
     ferrox_tests::apiserver::ResourceType::cluster(
         ferrox::bgp::PEER_GROUP,
@@ -149,18 +166,7 @@ fn bird_as_an_external_peer_routes_both_ways_withdraws_and_survives_an_agent_res
     wait_established(n1, "the session to come up");
     let established = started.elapsed();
     let block = n1.pod_cidr.to_string();
-    wait_for(
-        "BIRD to install the pod block",
-        Duration::from_secs(10),
-        || {
-            let r = bird.kernel_route(&block);
-            if r.contains("via 198.18.0.11") {
-                Ok(())
-            } else {
-                Err(format!("{r:?}; birdc: {}", bird.birdc(&["show", "route"])))
-            }
-        },
-    );
+    wait_bird_installs(&bird, &block, n1);
     // ... and the node learns BIRD's routes (as kernel routes, never in IP-in-IP: BIRD is not
     // a node).
     for prefix in ["192.0.2.0/24", "198.51.100.0/24"] {
@@ -320,18 +326,7 @@ fn a_bgp_peer_object_adds_a_router_and_deleting_it_closes_the_session() {
     assert_eq!(p[0]["name"], "tor-a", "{p}");
     assert_eq!(p[0]["holdTime"], 6, "the peer's own hold time: {p}");
     let block = n1.pod_cidr.to_string();
-    wait_for(
-        "BIRD to install the pod block",
-        Duration::from_secs(10),
-        || {
-            let r = bird.kernel_route(&block);
-            if r.contains("via 198.18.0.11") {
-                Ok(())
-            } else {
-                Err(r)
-            }
-        },
-    );
+    wait_bird_installs(&bird, &block, n1);
 
     // Deleting the object closes the session with a Cease: BIRD forgets the node's routes at
     // once (no graceful-restart wait), and the node forgets BIRD's.
@@ -599,12 +594,7 @@ fn the_node_installs_100k_routes_from_bird_and_removes_them_on_withdrawal() {
     // Correctness at scale: every one of 100,000 prefixes becomes a kernel route via BIRD, and
     // every one goes when BIRD withdraws them. The times are printed, not asserted (the bench
     // records them from a release build).
-    let c = Cluster::builder()
-        .nodes(1)
-        .agent_env("FERROX_BGP", "true")
-        .agent_env("FERROX_BGP_PEERS", "bird=198.18.0.200:65001")
-        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
-        .build();
+    let c = ferrox_tests::harness::bird::learning_cluster();
     let l = ferrox_tests::harness::bird::learn_and_forget(&c, c.node(1), 100_000);
     for l in c.node(1).agent_log() {
         if l.contains("routes programmed") {

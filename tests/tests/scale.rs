@@ -16,7 +16,7 @@ use std::{
 
 use ferrox::services::testing::{slice, svc};
 use ferrox_datapath::Maps;
-use ferrox_tests::harness::{Cluster, wait_for, wait_for_frontend};
+use ferrox_tests::harness::{Cluster, programmed_services, wait_for, wait_for_frontend};
 
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
@@ -29,18 +29,6 @@ fn cluster_ip(i: u32) -> Ipv4Addr {
 /// The j-th endpoint of the i-th Service (addresses nobody uses: only the maps are checked).
 fn endpoint(i: u32, j: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + j)
-}
-
-/// How many master entries and backends the node's maps hold.
-fn programmed(maps: &Maps) -> (usize, usize) {
-    let masters = maps
-        .services
-        .entries()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.slot == 0)
-        .count();
-    (masters, maps.backends.len().unwrap())
 }
 
 /// One "service maps synced" line of the agent's log.
@@ -105,7 +93,7 @@ fn ten_thousand_services_converge_and_one_more_works_at_once() {
         "10,000 frontends with 100,000 backends",
         Duration::from_secs(300),
         || {
-            let (m, b) = programmed(&maps);
+            let (m, b) = programmed_services(&maps);
             if m == SERVICES as usize && b == (SERVICES * ENDPOINTS) as usize {
                 Ok(())
             } else {
@@ -170,7 +158,7 @@ fn ten_thousand_services_converge_and_one_more_works_at_once() {
         "the restarted agent to program everything",
         Duration::from_secs(300),
         || {
-            let (m, b) = programmed(&maps);
+            let (m, b) = programmed_services(&maps);
             if m == SERVICES as usize + 1 && b == (SERVICES * ENDPOINTS) as usize + 1 {
                 Ok(())
             } else {

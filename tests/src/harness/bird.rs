@@ -160,6 +160,17 @@ fn until_programmed(node: &super::Node, n: u64, limit: std::time::Duration) {
     }
 }
 
+/// A one-node cluster whose agent peers with the first external client (where
+/// [`learn_and_forget`] starts BIRD).
+pub fn learning_cluster() -> Cluster {
+    Cluster::builder()
+        .nodes(1)
+        .agent_env("FERROX_BGP", "true")
+        .agent_env("FERROX_BGP_PEERS", "bird=198.18.0.200:65001")
+        .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
+        .build()
+}
+
 /// Scale run against a one-node cluster whose agent peers with the first external client
 /// (`FERROX_BGP_PEERS=bird=198.18.0.200:65001`): BIRD comes up announcing nothing; once the
 /// session is up it is told to announce `n` /24s, then none. Checks the kernel table holds

@@ -69,3 +69,15 @@ pub fn wait_for_frontend(
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// How many Service frontends (master entries) and backends `maps` hold.
+pub fn programmed_services(maps: &ferrox_datapath::Maps) -> (usize, usize) {
+    let masters = maps
+        .services
+        .entries()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .count();
+    (masters, maps.backends.len().unwrap())
+}

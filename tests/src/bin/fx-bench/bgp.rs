@@ -2,18 +2,13 @@
 //! time from `birdc configure` until the node reports all N kernel routes programmed, and from
 //! the configuration without them until none is left (`ferrox_tests::harness::bird`).
 
-use ferrox_tests::harness::{Cluster, bird};
+use ferrox_tests::harness::bird;
 use serde_json::{Value, json};
 
 pub fn learning(sizes: &[u32]) -> Vec<Value> {
     let mut rows = Vec::new();
     for &n in sizes {
-        let c = Cluster::builder()
-            .nodes(1)
-            .agent_env("FERROX_BGP", "true")
-            .agent_env("FERROX_BGP_PEERS", "bird=198.18.0.200:65001")
-            .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
-            .build();
+        let c = bird::learning_cluster();
         let l = bird::learn_and_forget(&c, c.node(1), n);
         eprintln!(
             "BGP {n:>7} routes: programmed {:.2} s after birdc configure ({:.2} s BIRD reading it), withdrawn {:.2} s",

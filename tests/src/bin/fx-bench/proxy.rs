@@ -32,7 +32,9 @@ use ferrox_tests::{
         rulesets::{self, Svc},
         stats::{self, Summary},
     },
-    harness::{Cluster, NetNs, Place, bin_path, leaks, wait_for, wait_for_frontend},
+    harness::{
+        Cluster, NetNs, Place, bin_path, leaks, programmed_services, wait_for, wait_for_frontend,
+    },
 };
 use serde_json::{Value, json};
 
@@ -298,18 +300,6 @@ pub fn kube_proxy(sizes: &[usize], exchanges: usize, repeats: usize) -> (Vec<Val
     (lat, prog)
 }
 
-/// How many Service master entries and backends the node's maps hold.
-fn programmed(maps: &Maps) -> (usize, usize) {
-    let masters = maps
-        .services
-        .entries()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.slot == 0)
-        .count();
-    (masters, maps.backends.len().unwrap())
-}
-
 /// The agent's own measure of its last full sync (µs), from its log.
 fn full_sync_us(log: &[String]) -> Option<u64> {
     log.iter()
@@ -452,7 +442,7 @@ pub fn ferrox(sizes: &[usize], exchanges: usize) -> (Vec<Value>, Vec<Value>, Vec
         let mut want = (n, distinct.len());
         let converge = |what: &str, want: (usize, usize)| {
             wait_for(what, Duration::from_secs(300), || {
-                let got = programmed(&maps);
+                let got = programmed_services(&maps);
                 if got == want {
                     Ok(())
                 } else {
