@@ -101,7 +101,7 @@ pub async fn run(
     layout: PinLayout,
     timeouts: Timeouts,
     interval: Duration,
-    metrics: crate::metrics::Metrics,
+    metrics: crate::observability::metrics::Metrics,
 ) {
     let mut map: TypedHash<CtKey, CtEntry> = match Maps::open(&layout) {
         Ok(m) => m.conntrack,

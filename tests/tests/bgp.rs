@@ -86,10 +86,10 @@ fn wait_bird_installs(bird: &Bird, prefix: &str, node: &Node) {
 
 fn peer_type() -> ferrox_tests::apiserver::ResourceType {
     ferrox_tests::apiserver::ResourceType::cluster(
-        ferrox::bgp::PEER_GROUP,
-        ferrox::bgp::PEER_VERSION,
-        ferrox::bgp::PEER_PLURAL,
-        ferrox::bgp::PEER_KIND,
+        ferrox::bgp::peers::PEER_GROUP,
+        ferrox::bgp::peers::PEER_VERSION,
+        ferrox::bgp::peers::PEER_PLURAL,
+        ferrox::bgp::peers::PEER_KIND,
     )
 }
 
@@ -494,8 +494,11 @@ fn a_node_annotated_as_route_reflector_reflects_between_the_others() {
         let mut n: K8sNode = c.api().get(None, node).unwrap();
         let ann = n.metadata.annotations.get_or_insert_with(Default::default);
         match value {
-            Some(v) => ann.insert(ferrox::bgp::RR_CLUSTER_ID_ANNOTATION.into(), v.into()),
-            None => ann.remove(ferrox::bgp::RR_CLUSTER_ID_ANNOTATION),
+            Some(v) => ann.insert(
+                ferrox::bgp::peers::RR_CLUSTER_ID_ANNOTATION.into(),
+                v.into(),
+            ),
+            None => ann.remove(ferrox::bgp::peers::RR_CLUSTER_ID_ANNOTATION),
         };
         c.api().replace(&n).unwrap();
     };

@@ -68,10 +68,10 @@ fn every_manifest_document_is_a_typed_kubernetes_object() {
                                 ferrox::ipam::VERSION,
                             ),
                             (
-                                ferrox::bgp::PEER_GROUP,
-                                ferrox::bgp::PEER_PLURAL,
-                                ferrox::bgp::PEER_KIND,
-                                ferrox::bgp::PEER_VERSION,
+                                ferrox::bgp::peers::PEER_GROUP,
+                                ferrox::bgp::peers::PEER_PLURAL,
+                                ferrox::bgp::peers::PEER_KIND,
+                                ferrox::bgp::peers::PEER_VERSION,
                             ),
                         ];
                         let ok = known.iter().any(|(g, p, k, ver)| {

@@ -36,7 +36,8 @@ enum Cmd {
     },
     /// A two-node cluster with a Service backed by pods on both nodes; Ctrl-C tears it down.
     Demo,
-    /// cargo fmt --check and clippy with warnings denied.
+    /// Module graph (no import cycle, nothing imports the agent's CLI), cargo fmt --check and
+    /// clippy with warnings denied.
     Lint,
     /// Packet-path benchmarks (release build): writes bench/results/<time>.json and
     /// docs/benchmarks.md.
@@ -184,7 +185,28 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Crates whose top-level modules must import each other without a cycle, each with the modules
+/// nothing else in it may import.
+const LAYERED: &[(&str, &[&str])] = &[
+    ("agent/src", &["cli"]),
+    ("cni-plugin/src", &[]),
+    ("ebpf/datapath/src", &[]),
+    ("tests/src", &[]),
+];
+
 fn lint() -> anyhow::Result<()> {
+    for (dir, leaves) in LAYERED {
+        let g = xtask::modgraph::graph(&workspace_root().join(dir))
+            .with_context(|| format!("reading {dir}"))?;
+        let problems = xtask::modgraph::violations(&g, leaves);
+        if !problems.is_empty() {
+            bail!("{dir}: {}", problems.join("\n"));
+        }
+        eprintln!(
+            "xtask: module graph of {dir}: {} modules, no cycle",
+            g.len()
+        );
+    }
     status("format check", cargo().args(["fmt", "--all", "--check"]))?;
     status(
         "clippy",

@@ -37,7 +37,7 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::metrics::{Metrics, RoutingStatus};
+use crate::observability::{metrics::Metrics, status::RoutingStatus};
 use plan::{LocalNode, Plan, RemoteBlock};
 
 /// What routing needs to know about this node and how to run.
@@ -201,7 +201,7 @@ fn program(
     if let Some(mesh) = &settings.mesh {
         let mut wanted = mesh.external.clone();
         for o in bgp_peers {
-            match crate::bgp::peer_from_object(
+            match crate::bgp::peers::peer_from_object(
                 o,
                 &settings.local.name,
                 mesh.port,
@@ -214,8 +214,9 @@ fn program(
         }
         // Full mesh: every other node. Without it, route reflectors (Nodes with a cluster ID)
         // peer with every other node and the rest only with the reflectors.
-        let cluster_of = |n: &Node| match crate::bgp::rr_cluster_id(n.metadata.annotations.as_ref())
-        {
+        let cluster_of = |n: &Node| match crate::bgp::peers::rr_cluster_id(
+            n.metadata.annotations.as_ref(),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 warn!(node = ?n.metadata.name, error = %e, "route reflector annotation ignored");
@@ -423,7 +424,8 @@ fn watch_api(
     );
     let ipam =
         ipam_blocks.then(|| watch_dynamic(client, crate::ipam::block_resource(), notify.clone()));
-    let bgp_peers = bgp.then(|| watch_dynamic(client, crate::bgp::peer_resource(), notify.clone()));
+    let bgp_peers =
+        bgp.then(|| watch_dynamic(client, crate::bgp::peers::peer_resource(), notify.clone()));
     Stores {
         nodes,
         ipam,

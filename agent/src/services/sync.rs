@@ -14,12 +14,16 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
+use super::health_check::HealthChecks;
 use super::{
     model::{NodeInfo, ProxyOptions},
     reconcile::{NodeMaps, Reconciler, SyncReport},
     state::{Change, ClusterState},
 };
-use crate::health::Health;
+use crate::observability::{
+    health::Health,
+    metrics::{Metrics, ServiceSync},
+};
 
 /// One event from one of the three watches.
 enum Event {
@@ -181,7 +185,7 @@ pub async fn run(
     mut maps: NodeMaps,
     config: SyncConfig,
     health: Health,
-    metrics: crate::metrics::Metrics,
+    metrics: Metrics,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     watch(
@@ -208,6 +212,7 @@ pub async fn run(
     let (frontends, backends) = reconciler.size();
     info!(frontends, backends, "adopted the programmed service table");
 
+    let checks = HealthChecks::default();
     let mut announced = false;
     while let Some(event) = rx.recv().await {
         health.queued();
@@ -239,8 +244,8 @@ pub async fn run(
         };
         let took = started.elapsed();
         log_report(&report, table.skipped.len(), full, took);
-        metrics.sync(&report, full, table.skipped.len(), took.as_secs_f64());
-        health.set_checks(&table.health_checks);
+        metrics.sync(&figures(&report, full, table.skipped.len(), took));
+        checks.set_checks(&table.health_checks);
         if let Some(tx) = &config.advertise {
             let (external, lb) = advertised_ips(table);
             tx.send_if_modified(|e| {
@@ -285,6 +290,31 @@ pub fn advertised_ips(
         set.insert(ipnet::Ipv4Net::from(key.frontend.addr));
     }
     (external.into_iter().collect(), lb.into_iter().collect())
+}
+
+/// The figures of one sync, for the metrics.
+fn figures(
+    report: &SyncReport,
+    full: bool,
+    skipped: usize,
+    took: std::time::Duration,
+) -> ServiceSync {
+    let map_full = report.failures.iter().filter(|f| f.map_full).count();
+    ServiceSync {
+        full,
+        seconds: took.as_secs_f64(),
+        failures_map_full: map_full,
+        failures_other: report.failures.len() - map_full,
+        frontends: report.frontends,
+        backends: report.backends,
+        maglev_tables: report.maglev_tables,
+        source_ranges: report.source_ranges,
+        skipped,
+        writes: report.writes,
+        deletes: report.deletes,
+        flows_purged: report.flows_purged,
+        sockets_closed: report.sockets_closed,
+    }
 }
 
 fn log_report(report: &SyncReport, skipped: usize, full: bool, took: std::time::Duration) {

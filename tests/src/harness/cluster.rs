@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use ferrox::{inspect::ServiceRow, services::model::Scope};
+use ferrox::{cli::svc::ServiceRow, services::model::Scope};
 use ferrox_cni::spec::AddResult;
 use ferrox_datapath::PinLayout;
 use ipnet::Ipv4Net;
@@ -236,7 +236,7 @@ pub struct Cluster {
 }
 
 fn cgroup_root() -> PathBuf {
-    ferrox::node::cgroup2_mount().expect("a cgroup2 mount")
+    ferrox::daemon::node::cgroup2_mount().expect("a cgroup2 mount")
 }
 
 fn unique_id() -> String {
@@ -329,10 +329,10 @@ impl Cluster {
         cluster
             .api()
             .register(crate::apiserver::ResourceType::cluster(
-                ferrox::bgp::PEER_GROUP,
-                ferrox::bgp::PEER_VERSION,
-                ferrox::bgp::PEER_PLURAL,
-                ferrox::bgp::PEER_KIND,
+                ferrox::bgp::peers::PEER_GROUP,
+                ferrox::bgp::peers::PEER_VERSION,
+                ferrox::bgp::peers::PEER_PLURAL,
+                ferrox::bgp::peers::PEER_KIND,
             ));
 
         let kubeconfig = cluster.dir.join("kubeconfig");
@@ -890,7 +890,7 @@ impl Node {
 
     /// The services this node's datapath holds.
     pub fn services(&self) -> Vec<ServiceRow> {
-        ferrox::inspect::services(&self.layout()).expect("reading the service maps")
+        ferrox::cli::svc::services(&self.layout()).expect("reading the service maps")
     }
 
     /// Waits until `frontend` (e.g. `10.96.0.10:80/TCP`) has exactly `backends` backends for

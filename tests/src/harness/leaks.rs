@@ -25,7 +25,7 @@ pub fn find(id: &str) -> Vec<String> {
             }
         }
     }
-    if let Ok(root) = ferrox::node::cgroup2_mount() {
+    if let Ok(root) = ferrox::daemon::node::cgroup2_mount() {
         let dir = root.join(CGROUP_DIR);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten().filter(|e| e.path().is_dir()) {

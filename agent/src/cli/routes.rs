@@ -9,7 +9,8 @@ use ferrox_datapath::{Maps, PinLayout};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-use crate::{cli::Output, inspect::print_table, routing::kernel};
+use super::output::{Output, print_data, print_table};
+use crate::routing::kernel;
 
 /// One remote pod block.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -100,10 +101,10 @@ pub fn collect(layout: &PinLayout) -> anyhow::Result<Routes> {
     })
 }
 
-pub fn print(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
+pub fn run(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
     let r = collect(layout)?;
     match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &r)?,
+        Output::Json | Output::Yaml => print_data(output, &r)?,
         Output::Table => {
             let rows: Vec<[String; 6]> = r
                 .routes

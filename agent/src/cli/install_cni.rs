@@ -1,5 +1,3 @@
-//! Putting ferrox on a node and taking it off again.
-//!
 //! `ferrox install-cni` (the DaemonSet's `install-cni` container) waits until the agent on the
 //! node is ready — its node configuration written (the datapath is attached) and `/healthz`
 //! answering 200 (the service maps are synced) — and only then copies the CNI plugin into the
@@ -7,10 +5,6 @@
 //! a node's network ready as soon as a configuration file exists, so writing it earlier would
 //! send pods to a node that cannot serve them. Both files are written beside their final name
 //! and renamed into place: the runtime never reads half a file.
-//!
-//! `ferrox uninstall` removes everything ferrox put on the node: the datapath's pins (which
-//! detaches every program), the routes with ferrox's protocol number, the host side of pod
-//! interfaces, the node configuration, the IPAM store, the network configuration and the plugin.
 //!
 //! This module must never write a CNI configuration before the agent answers, leave a partial
 //! file under a name the runtime reads, or remove a file that ferrox did not put there.
@@ -25,10 +19,59 @@ use std::{
 
 use anyhow::Context as _;
 use ferrox_cni::node_config::NodeConfig;
-use ferrox_datapath::PinLayout;
 use tracing::{debug, info, warn};
 
-use crate::cli::{CniDirs, InstallCniArgs, UninstallArgs};
+use clap::Args;
+
+use crate::logging::LogFormat;
+
+/// Where the container runtime looks for CNI plugins and network configurations on this node.
+#[derive(Debug, Args)]
+pub struct CniDirs {
+    /// Directory of CNI plugin binaries (the runtime's CNI bin dir; mounted from the host in the
+    /// DaemonSet).
+    #[arg(long, env = "FERROX_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+
+    /// Directory of CNI network configurations (the runtime's CNI conf dir).
+    #[arg(long, env = "FERROX_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+
+    /// File name of ferrox's network configuration; runtimes use the first file in name order.
+    #[arg(long, env = "FERROX_CNI_CONFLIST_NAME", default_value = CONFLIST_NAME)]
+    pub cni_conflist_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallCniArgs {
+    #[command(flatten)]
+    pub dirs: CniDirs,
+
+    /// The CNI plugin binary to install; default: `ferrox-cni` beside this executable.
+    #[arg(long, env = "FERROX_CNI_BINARY")]
+    pub cni_binary: Option<PathBuf>,
+
+    /// The node configuration the agent writes once the datapath is up (the conflist points the
+    /// plugin at it; the path is the same on the host and in the agent's container).
+    #[arg(long, env = "FERROX_NODE_CONFIG", default_value = ferrox_cni::node_config::DEFAULT_PATH)]
+    pub node_config: PathBuf,
+
+    /// Where the agent serves `/healthz`; the plugin is installed only once it answers 200.
+    #[arg(long, env = "FERROX_AGENT_HEALTHZ", default_value = "127.0.0.1:10256")]
+    pub agent_healthz: std::net::SocketAddr,
+
+    /// After installing, keep running (a DaemonSet container), reinstalling whatever goes
+    /// missing, until SIGTERM.
+    #[arg(long, env = "FERROX_CNI_KEEP_RUNNING")]
+    pub keep_running: bool,
+
+    /// Seconds between two checks of the installed files while running.
+    #[arg(long, env = "FERROX_CNI_RECHECK_INTERVAL", default_value_t = 30)]
+    pub recheck_interval: u64,
+
+    #[arg(long, value_enum, env = "FERROX_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
 
 /// Name of the network configuration file; `05-` sorts it before most other CNIs' files (the
 /// runtime uses the first one).
@@ -144,7 +187,7 @@ pub fn install(dirs: &CniDirs, binary: &Path, node_config: &Path) -> anyhow::Res
 }
 
 /// SIGTERM and SIGINT, blocked so that [`wait_signal`] receives them.
-fn block_signals() -> anyhow::Result<nix::sys::signal::SigSet> {
+pub(super) fn block_signals() -> anyhow::Result<nix::sys::signal::SigSet> {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -154,7 +197,7 @@ fn block_signals() -> anyhow::Result<nix::sys::signal::SigSet> {
 }
 
 /// Sleeps for `timeout`, or less if one of `set` arrives; returns the signal's number then.
-fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32> {
+pub(super) fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32> {
     let ts = nix::sys::time::TimeSpec::from_duration(timeout);
     // SAFETY: `set` is a valid sigset_t, `ts` a valid timespec, and a null info pointer is
     // allowed; the call only reads them.
@@ -163,7 +206,7 @@ fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32>
 }
 
 /// `ferrox install-cni`.
-pub fn run_install(args: &InstallCniArgs) -> anyhow::Result<()> {
+pub fn run(args: &InstallCniArgs) -> anyhow::Result<()> {
     let signals = block_signals()?;
     let binary = match &args.cni_binary {
         Some(b) => b.clone(),
@@ -226,94 +269,6 @@ pub fn run_install(args: &InstallCniArgs) -> anyhow::Result<()> {
     }
 }
 
-/// What [`uninstall`] removed.
-#[derive(Debug, Default)]
-pub struct Removed {
-    pub links: usize,
-    pub programs: usize,
-    pub maps: usize,
-    pub routes: usize,
-    pub interfaces: usize,
-    pub files: Vec<PathBuf>,
-}
-
-fn remove_file(path: &Path, removed: &mut Removed) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {
-            removed.files.push(path.to_path_buf());
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-}
-
-/// True for the host side of a pod interface the plugin created (`fx` and 11 hex digits).
-pub fn is_pod_interface(name: &str) -> bool {
-    name.len() == 13 && name.starts_with("fx") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// `ferrox uninstall`: everything ferrox put on the node, in the current network namespace.
-/// Idempotent: a second run finds nothing and succeeds.
-pub fn uninstall(args: &UninstallArgs, layout: &PinLayout) -> anyhow::Result<Removed> {
-    let mut removed = Removed::default();
-    // The network configuration first: the runtime stops sending new pods here.
-    let conflist = args.dirs.cni_conf_dir.join(&args.dirs.cni_conflist_name);
-    remove_file(&conflist, &mut removed)?;
-    remove_file(&args.dirs.cni_bin_dir.join(CNI_BINARY), &mut removed)?;
-    // Unpinning the links detaches every program from the cgroup, the uplink and pod veths.
-    let report = ferrox_datapath::cleanup(layout).context("removing the datapath's pins")?;
-    removed.links = report.links;
-    removed.programs = report.programs;
-    removed.maps = report.maps;
-
-    let nl = ferrox_cni::netlink::Netlink::open().context("opening rtnetlink")?;
-    for route in nl.list_routes(ferrox_cni::netlink::ALL_TABLES)? {
-        let ours = route.protocol == ferrox_cni::pod::ROUTE_PROTOCOL
-            || route.protocol == crate::routing::kernel::ROUTE_PROTOCOL;
-        if ours && nl.del_route(&route)? {
-            removed.routes += 1;
-        }
-    }
-    for link in nl.list_links()? {
-        if link.kind.as_deref() == Some("veth")
-            && is_pod_interface(&link.name)
-            && nl.delete_link(link.index)?
-        {
-            removed.interfaces += 1;
-        }
-    }
-
-    remove_file(&args.node_config, &mut removed)?;
-    // The agent's status socket beside it (left when the agent was killed).
-    remove_file(&crate::status::socket_path(&args.node_config), &mut removed)?;
-    match std::fs::remove_dir_all(&args.ipam_dir) {
-        Ok(()) => removed.files.push(args.ipam_dir.clone()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", args.ipam_dir.display())),
-    }
-    Ok(removed)
-}
-
-/// `ferrox uninstall`, with its report and `--keep-running`.
-pub fn run_uninstall(args: &UninstallArgs, layout: &PinLayout) -> anyhow::Result<()> {
-    let signals = block_signals()?;
-    let r = uninstall(args, layout)?;
-    info!(
-        links = r.links,
-        programs = r.programs,
-        maps = r.maps,
-        routes = r.routes,
-        pod_interfaces = r.interfaces,
-        files = ?r.files,
-        "ferrox removed from this node"
-    );
-    if args.keep_running {
-        while wait_signal(&signals, Duration::from_secs(3600)).is_none() {}
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
 mod tests {
@@ -334,15 +289,6 @@ mod tests {
             parsed.node_config.as_deref(),
             Some(Path::new("/run/ferrox/node.json"))
         );
-    }
-
-    #[test]
-    fn pod_interfaces_are_told_from_others() {
-        let name = ferrox_cni::pod::host_ifname("abc", "eth0");
-        assert!(is_pod_interface(&name), "{name}");
-        for other in ["eth0", "fx", "fxzzzzzzzzzzz", "fx0123456789ab", "veth1234"] {
-            assert!(!is_pod_interface(other), "{other}");
-        }
     }
 
     #[test]

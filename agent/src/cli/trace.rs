@@ -17,10 +17,33 @@ use ferrox_abi::{
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-use crate::{
-    inspect::flag_names,
-    services::reconcile::{addr_be as be, addr_from_be as addr},
+use super::{
+    output::{Output, print_data},
+    svc::flag_names,
 };
+use crate::services::reconcile::{addr_be as be, addr_from_be as addr};
+
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// The source address, with its port to predict the Maglev choice (e.g. 198.18.0.200:40000).
+    pub src: String,
+    /// The destination, e.g. 10.96.0.10:53/udp (tcp when no protocol is given).
+    pub dst: String,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// `ferrox trace`: explains the packet from the pinned maps and prints the explanation.
+pub fn run(layout: &ferrox_datapath::PinLayout, t: &TraceArgs) -> anyhow::Result<()> {
+    let (src, sport) = parse_src(&t.src)?;
+    let (dst, dport, l4) = parse_dst(&t.dst)?;
+    let view = Pinned::open(layout)?;
+    let origin = view.origin_of(src);
+    print(
+        &explain(&view, origin, src, sport, dst, dport, l4),
+        t.output,
+    )
+}
 
 /// The maps [`explain`] reads.
 pub trait View {
@@ -390,12 +413,10 @@ pub fn parse_dst(s: &str) -> anyhow::Result<(Ipv4Addr, u16, u8)> {
     Ok((a.parse()?, p.parse()?, l4))
 }
 
-pub fn print(trace: &Trace, output: crate::cli::Output) -> anyhow::Result<()> {
+pub fn print(trace: &Trace, output: Output) -> anyhow::Result<()> {
     match output {
-        crate::cli::Output::Json | crate::cli::Output::Yaml => {
-            crate::inspect::print_data(output, trace)?
-        }
-        crate::cli::Output::Table => {
+        Output::Json | Output::Yaml => print_data(output, trace)?,
+        Output::Table => {
             println!("{} -> {}/{}", trace.src, trace.dst, trace.proto);
             for (i, s) in trace.steps.iter().enumerate() {
                 println!("  {}. {}", i + 1, describe(s));

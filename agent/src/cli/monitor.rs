@@ -13,7 +13,7 @@ use ferrox_abi::{Hook, MonitorEvent, Reason, event_kind, proto};
 use ferrox_datapath::{Events, Maps, PinLayout};
 use serde::Serialize;
 
-use crate::{cli::Output, ct_cli::sock};
+use super::{ct::sock, output::Output};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 

@@ -14,10 +14,12 @@ use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, Config, config::KubeConfigOptions};
 use tracing::{info, warn};
 
-use crate::{
-    cli::{AgentArgs, IpamSetting, XdpSetting},
-    node, services,
-};
+pub mod args;
+pub mod node;
+
+use args::{AgentArgs, IpamSetting, XdpSetting};
+
+use crate::{observability, services};
 
 pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     if args.cleanup {
@@ -118,7 +120,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         },
     };
     let node_addr = write_datapath_config(&mut dp, &node, &args.node_name, &uplink)?;
-    let metrics = crate::metrics::Metrics::default();
+    let metrics = observability::metrics::Metrics::default();
     let mut advertise = None;
     if args.routes {
         match node_addr {
@@ -152,10 +154,10 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                     let mut peers = args
                         .bgp_peers
                         .iter()
-                        .map(|p| crate::bgp::parse_peer(p, args.bgp_port, export))
+                        .map(|p| crate::bgp::peers::parse_peer(p, args.bgp_port, export))
                         .collect::<anyhow::Result<Vec<_>>>()?;
                     for p in &mut peers {
-                        p.password = crate::bgp::password(&args.bgp_password_dir, &p.name)?;
+                        p.password = crate::bgp::peers::password(&args.bgp_password_dir, &p.name)?;
                     }
                     // This node's blocks (pools mode: the blocks at start; later claims are
                     // announced from the next start on), the ClusterIP range, and the
@@ -188,7 +190,8 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                     // The exports channel lives as long as the agent (its sessions end with it).
                     advertise = Some(std::sync::Arc::new(exports_tx));
                     metrics.set_bgp(speaker.clone());
-                    let mesh_password = crate::bgp::password(&args.bgp_password_dir, "mesh")?;
+                    let mesh_password =
+                        crate::bgp::peers::password(&args.bgp_password_dir, "mesh")?;
                     crate::routing::Settings {
                         bgp: Some(learned),
                         mesh: Some(crate::routing::Mesh {
@@ -227,7 +230,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     config.write(&args.node_config)?;
     info!(path = %args.node_config.display(), pod_cidrs = ?config.pod_cidrs, mtu, "node configuration written; CNI ready");
 
-    tokio::spawn(crate::ipam::collect_leaks(
+    tokio::spawn(crate::ipam::leaks::collect_leaks(
         client.clone(),
         args.node_name.clone(),
         args.node_config.clone(),
@@ -250,11 +253,11 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         layout.clone(),
         args.node_config.clone(),
     ));
-    tokio::spawn(
-        metrics
-            .clone()
-            .serve_status(crate::status::socket_path(&args.node_config)),
-    );
+    let agent = metrics.clone();
+    tokio::spawn(observability::status::serve(
+        observability::status::socket_path(&args.node_config),
+        move || agent.status(),
+    ));
     tokio::spawn(crate::conntrack::run(
         layout.clone(),
         crate::conntrack::Timeouts {
@@ -265,7 +268,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         Duration::from_secs(args.ct_gc_interval.max(1)),
         metrics.clone(),
     ));
-    let health = crate::health::Health::default();
+    let health = observability::health::Health::default();
     tokio::spawn(health.clone().serve_healthz(args.healthz_bind_address));
     let sync_config = services::sync::SyncConfig {
         advertise,
@@ -279,7 +282,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
     tokio::select! {
         r = services::sync::run(client, maps, sync_config, health, metrics) => r,
         signal = shutdown_signal() => {
-            let _ = std::fs::remove_file(crate::status::socket_path(&args.node_config));
+            let _ = std::fs::remove_file(observability::status::socket_path(&args.node_config));
             info!(signal = signal?, "shutting down; the datapath stays pinned and attached");
             Ok(())
         }
@@ -337,7 +340,7 @@ fn write_datapath_config(
 /// `ferrox agent --cleanup`: removes pins (detaching every program) and the node configuration.
 fn cleanup(args: &AgentArgs, layout: &PinLayout) -> anyhow::Result<()> {
     let report = ferrox_datapath::cleanup(layout)?;
-    let _ = std::fs::remove_file(crate::status::socket_path(&args.node_config));
+    let _ = std::fs::remove_file(observability::status::socket_path(&args.node_config));
     match std::fs::remove_file(&args.node_config) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

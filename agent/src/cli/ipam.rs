@@ -20,7 +20,40 @@ use ferrox_datapath::{Maps, PinLayout};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-use crate::cli::Output;
+use super::{
+    NodeArgs,
+    output::{Output, print_data, print_table},
+};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum IpamCommand {
+    /// Blocks with their use, and every allocation with its pod and veth.
+    Show(NodeArgs),
+    /// Allocations against veths and the endpoint map; exits 1 when something is wrong.
+    Check(NodeArgs),
+    /// Releases the attachment holding an address or container id, as a CNI DEL would.
+    Release {
+        /// An address, or a container id.
+        what: String,
+        #[command(flatten)]
+        args: NodeArgs,
+    },
+}
+
+/// Runs one `ferrox ipam` command; `check` exits 1 when it found a problem (printed), for
+/// scripts.
+pub fn run(cmd: IpamCommand, layout: &PinLayout) -> anyhow::Result<std::process::ExitCode> {
+    match cmd {
+        IpamCommand::Show(a) => show(&a.node_config, a.output)?,
+        IpamCommand::Check(a) => {
+            if !run_check(&a.node_config, layout, a.output)? {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        IpamCommand::Release { what, args } => release(&args.node_config, &what)?,
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
 
 /// One block of the node, with its use.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -192,7 +225,7 @@ pub fn show(node_config: &Path, output: Output) -> anyhow::Result<()> {
         allocations: rows,
     };
     match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &show)?,
+        Output::Json | Output::Yaml => print_data(output, &show)?,
         Output::Table => {
             println!("mode: {:?}", show.mode);
             let blocks: Vec<[String; 3]> = show
@@ -206,7 +239,7 @@ pub fn show(node_config: &Path, output: Output) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            crate::inspect::print_table(["BLOCK", "USED", "CAPACITY"], &blocks);
+            print_table(["BLOCK", "USED", "CAPACITY"], &blocks);
             println!();
             let rows: Vec<[String; 5]> = show
                 .allocations
@@ -221,7 +254,7 @@ pub fn show(node_config: &Path, output: Output) -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            crate::inspect::print_table(["IP", "POD", "CONTAINER", "VETH", "PRESENT"], &rows);
+            print_table(["IP", "POD", "CONTAINER", "VETH", "PRESENT"], &rows);
         }
     }
     Ok(())
@@ -237,7 +270,7 @@ pub fn run_check(node_config: &Path, layout: &PinLayout, output: Output) -> anyh
         &pod_endpoints(layout)?,
     );
     match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &problems)?,
+        Output::Json | Output::Yaml => print_data(output, &problems)?,
         Output::Table => {
             if problems.is_empty() {
                 println!("no problems: {} allocations", allocations.len());

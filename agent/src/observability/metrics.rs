@@ -13,7 +13,29 @@ use std::{
 
 use ferrox_datapath::{CounterRow, PinLayout};
 
-use crate::services::reconcile::SyncReport;
+use super::status::{AgentStatus, RoutingStatus};
+
+/// One service sync as the metrics count it (the service sync fills it from its report).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ServiceSync {
+    /// A full sync (start, relist, node change), or an incremental one.
+    pub full: bool,
+    pub seconds: f64,
+    /// Entries left in their previous state because a map was full.
+    pub failures_map_full: usize,
+    /// Entries left in their previous state for any other reason.
+    pub failures_other: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    pub maglev_tables: usize,
+    pub source_ranges: usize,
+    /// Services the datapath cannot express.
+    pub skipped: usize,
+    pub writes: usize,
+    pub deletes: usize,
+    pub flows_purged: usize,
+    pub sockets_closed: usize,
+}
 
 /// Upper bounds (seconds) of the sync duration histogram's buckets.
 const SYNC_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -46,56 +68,6 @@ struct State {
     routing_failures: u64,
 }
 
-/// Routing between nodes, as of the last time the agent programmed it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RoutingStatus {
-    /// never, always or cross-subnet.
-    pub mode: String,
-    /// Where the routes come from (kubernetes: Node podCIDRs and IPAM blocks).
-    pub source: String,
-    /// Kernel routes to other nodes' pod blocks.
-    pub routes: usize,
-    /// Of those, the ones reached in IP-in-IP.
-    pub tunnels: usize,
-    /// Other nodes, the only sources of IP-in-IP accepted.
-    pub peers: usize,
-    /// Blocks that cannot be routed, with the reason ("10.244.3.0/24 (node-3): no route to ...").
-    pub unroutable: Vec<String>,
-    /// Unix seconds of the last apply.
-    pub applied_unix: Option<u64>,
-    /// The last failure, if the last apply failed.
-    pub error: Option<String>,
-}
-
-/// What only the agent knows about itself, as `ferrox status` gets it over the agent's socket.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct AgentStatus {
-    pub pid: u32,
-    pub last_sync_unix: Option<u64>,
-    pub last_sync_seconds: f64,
-    pub syncs_full: u64,
-    pub syncs_incremental: u64,
-    pub failures_map_full: u64,
-    pub failures_other: u64,
-    pub frontends: usize,
-    pub backends: usize,
-    pub maglev_tables: usize,
-    pub source_ranges: usize,
-    pub services_skipped: usize,
-    pub conntrack_expired: u64,
-    pub flows_purged: u64,
-    pub sockets_closed: u64,
-    #[serde(default)]
-    pub routing: Option<RoutingStatus>,
-    /// BGP sessions, when the speaker runs.
-    #[serde(default)]
-    pub bgp_peers: Option<Vec<crate::bgp::speaker::PeerStatus>>,
-    /// Best BGP routes, when the speaker runs.
-    #[serde(default)]
-    pub bgp_routes: Option<Vec<crate::bgp::speaker::LearnedRoute>>,
-}
-
 /// Appends one metric family: HELP, TYPE, then its samples (each: labels or suffix, value).
 fn family(text: &mut String, name: &str, kind: &str, help: &str, samples: Vec<String>) {
     let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -123,40 +95,35 @@ impl Metrics {
     }
 
     /// Records one service sync.
-    pub fn sync(&self, report: &SyncReport, full: bool, skipped: usize, seconds: f64) {
+    pub fn sync(&self, r: &ServiceSync) {
         let mut s = self.lock();
-        if full {
+        if r.full {
             s.syncs_full += 1;
         } else {
             s.syncs_incremental += 1;
         }
         let bucket = SYNC_BUCKETS
             .iter()
-            .position(|b| seconds <= *b)
+            .position(|b| r.seconds <= *b)
             .unwrap_or(SYNC_BUCKETS.len());
         s.sync_buckets[bucket] += 1;
-        s.sync_sum += seconds;
-        s.last_sync_seconds = seconds;
-        for f in &report.failures {
-            if f.map_full {
-                s.failures_map_full += 1;
-            } else {
-                s.failures_other += 1;
-            }
-        }
-        s.frontends = report.frontends;
-        s.backends = report.backends;
-        s.maglev_tables = report.maglev_tables;
-        s.source_ranges = report.source_ranges;
-        s.skipped = skipped;
-        s.writes += report.writes as u64;
-        s.deletes += report.deletes as u64;
-        s.flows_purged += report.flows_purged as u64;
+        s.sync_sum += r.seconds;
+        s.last_sync_seconds = r.seconds;
+        s.failures_map_full += r.failures_map_full as u64;
+        s.failures_other += r.failures_other as u64;
+        s.frontends = r.frontends;
+        s.backends = r.backends;
+        s.maglev_tables = r.maglev_tables;
+        s.source_ranges = r.source_ranges;
+        s.skipped = r.skipped;
+        s.writes += r.writes as u64;
+        s.deletes += r.deletes as u64;
+        s.flows_purged += r.flows_purged as u64;
         s.last_sync_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
             .map(|d| d.as_secs());
-        s.sockets_closed += report.sockets_closed as u64;
+        s.sockets_closed += r.sockets_closed as u64;
     }
 
     /// The agent's own state, for `ferrox status`.
@@ -202,35 +169,6 @@ impl Metrics {
             s.routing_failures += 1;
         }
         s.routing = Some(status);
-    }
-
-    /// Answers every connection on the unix socket `path` (owner-only) with the agent's status
-    /// as one JSON document, until the task is dropped.
-    pub async fn serve_status(self, path: std::path::PathBuf) {
-        use std::os::unix::fs::PermissionsExt as _;
-        use tokio::io::AsyncWriteExt as _;
-        let _ = std::fs::remove_file(&path);
-        let listener = match tokio::net::UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot serve the status socket");
-                return;
-            }
-        };
-        if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot restrict the status socket");
-        }
-        tracing::info!(path = %path.display(), "serving the status socket");
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                continue;
-            };
-            let body = serde_json::to_vec(&self.status()).unwrap_or_default();
-            tokio::spawn(async move {
-                let _ = conn.write_all(&body).await;
-                let _ = conn.shutdown().await;
-            });
-        }
     }
 
     /// Records one conntrack collection.
@@ -423,7 +361,7 @@ impl Metrics {
 
     /// Serves `/metrics` on `addr` until the task is dropped.
     /// The node's fill levels, IPAM use and CNI readiness (from what `ferrox status` reads).
-    fn render_node(status: &crate::status::Status, cni_ready: bool) -> String {
+    fn render_node(status: &super::status::Status, cni_ready: bool) -> String {
         let mut text = String::new();
         let mut section = |name: &str, kind: &str, help: &str, samples: Vec<String>| {
             family(&mut text, name, kind, help, samples);
@@ -489,7 +427,7 @@ impl Metrics {
         };
         let counters = Arc::new(counters);
         let me = self;
-        crate::health::serve_text(addr, "/metrics", move || {
+        super::http::serve_text(addr, "/metrics", move || {
             let rows = counters
                 .as_ref()
                 .as_ref()
@@ -497,7 +435,7 @@ impl Metrics {
                 .unwrap_or_default();
             // Only the node's part (maps, IPAM) is rendered: no need to build the agent's own
             // status (with every BGP route) on each scrape.
-            let status = crate::status::collect_with(&layout, &node_config, None);
+            let status = super::status::collect_with(&layout, &node_config, None);
             let cni_ready = ferrox_cni::node_config::NodeConfig::read(&node_config).is_ok();
             me.render(&rows) + &Self::render_node(&status, cni_ready)
         })
@@ -513,7 +451,6 @@ mod tests {
     )]
 
     use super::*;
-    use crate::services::reconcile::Failure;
 
     /// A minimal check of the exposition format: every sample line is `name{labels} value`
     /// with a number, every family has HELP and TYPE before its samples.
@@ -551,19 +488,20 @@ mod tests {
     #[test]
     fn syncs_failures_and_counters_render_as_prometheus_text() {
         let m = Metrics::default();
-        let mut report = SyncReport {
+        let mut report = ServiceSync {
+            full: true,
+            seconds: 0.2,
             frontends: 4,
             backends: 7,
             writes: 10,
+            skipped: 1,
             ..Default::default()
         };
-        m.sync(&report, true, 1, 0.2);
-        report.failures.push(Failure {
-            frontend: "10.96.0.1:80/TCP".into(),
-            error: "SVC_V1 is full".into(),
-            map_full: true,
-        });
-        m.sync(&report, false, 1, 0.003);
+        m.sync(&report);
+        report.full = false;
+        report.seconds = 0.003;
+        report.failures_map_full = 1;
+        m.sync(&report);
         m.conntrack_gc(5, 20);
         let text = m.render(&[CounterRow {
             hook: "tc-uplink-ingress",

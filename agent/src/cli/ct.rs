@@ -1,6 +1,5 @@
-//! `ferrox ct list | flush` and `ferrox endpoints`: the connection-tracking table as flows
-//! (both directions of a translated flow on one line) and this node's pod endpoints, from the
-//! pinned maps, so they work while the agent is down.
+//! `ferrox ct list | flush`: the connection-tracking table as flows (both directions of a
+//! translated flow on one line), from the pinned maps, so it works while the agent is down.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -8,7 +7,31 @@ use ferrox_abi::{CtEntry, CtKey, ct_flags, proto};
 use ferrox_datapath::{Maps, PinLayout};
 use serde::Serialize;
 
-use crate::{cli::Output, conntrack::reply_key, inspect::print_table};
+use super::output::{Output, print_data, print_table};
+use crate::conntrack::reply_key;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CtCommand {
+    /// Tracked flows (both directions on one line), filtered.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Forgets the matching flows: their next packet is a new flow (new backend choice).
+    Flush {
+        #[command(flatten)]
+        filter: Filter,
+    },
+}
+
+pub fn run(cmd: CtCommand, layout: &PinLayout) -> anyhow::Result<()> {
+    match cmd {
+        CtCommand::List { filter, output } => list(layout, &filter, output),
+        CtCommand::Flush { filter } => flush(layout, &filter),
+    }
+}
 
 /// Which flows a command applies to; every given field must match.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -134,7 +157,7 @@ pub fn list(layout: &PinLayout, filter: &Filter, output: Output) -> anyhow::Resu
         .map(|(f, _)| f)
         .collect();
     match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &flows)?,
+        Output::Json | Output::Yaml => print_data(output, &flows)?,
         Output::Table => {
             let rows: Vec<[String; 7]> = flows
                 .iter()
@@ -180,71 +203,6 @@ pub fn flush(layout: &PinLayout, filter: &Filter) -> anyhow::Result<()> {
         }
     }
     println!("removed {removed} conntrack entries");
-    Ok(())
-}
-
-/// One pod endpoint of this node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct EndpointRow {
-    pub ip: Ipv4Addr,
-    pub ifindex: u32,
-    /// The host side of its veth, when the interface exists.
-    pub veth: Option<String>,
-    /// namespace/name, from the IPAM store when the node configuration is readable.
-    pub pod: Option<String>,
-    pub container_id: Option<String>,
-}
-
-pub fn endpoints(
-    layout: &PinLayout,
-    node_config: &std::path::Path,
-    output: Output,
-) -> anyhow::Result<()> {
-    let maps = Maps::open(layout)?;
-    let allocations = ferrox_cni::node_config::NodeConfig::read(node_config)
-        .ok()
-        .and_then(|c| ferrox_cni::ipam::Store::new(&c.ipam_dir).list().ok())
-        .unwrap_or_default();
-    let mut rows: Vec<EndpointRow> = maps
-        .endpoints
-        .entries()?
-        .into_iter()
-        .map(|(k, v)| {
-            let ip = Ipv4Addr::from(k.addr.to_ne_bytes());
-            let a = allocations.iter().find(|a| a.ip == ip);
-            EndpointRow {
-                ip,
-                ifindex: v.ifindex,
-                veth: nix::net::if_::if_indextoname(v.ifindex)
-                    .ok()
-                    .map(|n| n.to_string_lossy().into_owned()),
-                pod: a
-                    .filter(|a| !a.pod_name.is_empty())
-                    .map(|a| format!("{}/{}", a.pod_namespace, a.pod_name)),
-                container_id: a.map(|a| a.container_id.clone()),
-            }
-        })
-        .collect();
-    rows.sort_by_key(|r| r.ip);
-    match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &rows)?,
-        Output::Table => {
-            let t: Vec<[String; 4]> = rows
-                .iter()
-                .map(|r| {
-                    [
-                        r.ip.to_string(),
-                        r.veth
-                            .clone()
-                            .unwrap_or_else(|| format!("ifindex {} (gone)", r.ifindex)),
-                        r.pod.clone().unwrap_or_default(),
-                        r.container_id.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            print_table(["IP", "VETH", "POD", "CONTAINER"], &t);
-        }
-    }
     Ok(())
 }
 

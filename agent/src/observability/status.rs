@@ -1,7 +1,8 @@
-//! `ferrox status`: the node at a glance — the agent (over its owner-only unix socket beside the
-//! node configuration), the kernel, where each program is attached, how full each map is, the
-//! IPAM blocks, and the warnings a person should act on. Without the agent it still reports
-//! everything the pinned maps show, and says the agent is down.
+//! The status document: what only the agent knows about itself ([`AgentStatus`], served as
+//! JSON on its owner-only unix socket beside the node configuration), and the node's status
+//! ([`Status`]: the agent's document plus the kernel, attachments, map fill, IPAM and the
+//! warnings a person should act on), collected from the pinned maps and files so that it is
+//! complete while the agent is down. `ferrox status`, `ferrox bgp` and `/metrics` read it.
 
 use std::{
     io::Read as _,
@@ -11,7 +12,55 @@ use std::{
 use ferrox_datapath::{Maps, PinLayout};
 use serde::Serialize;
 
-use crate::{cli::Output, metrics::AgentStatus};
+/// Routing between nodes, as of the last time the agent programmed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingStatus {
+    /// never, always or cross-subnet.
+    pub mode: String,
+    /// Where the routes come from (kubernetes: Node podCIDRs and IPAM blocks).
+    pub source: String,
+    /// Kernel routes to other nodes' pod blocks.
+    pub routes: usize,
+    /// Of those, the ones reached in IP-in-IP.
+    pub tunnels: usize,
+    /// Other nodes, the only sources of IP-in-IP accepted.
+    pub peers: usize,
+    /// Blocks that cannot be routed, with the reason ("10.244.3.0/24 (node-3): no route to ...").
+    pub unroutable: Vec<String>,
+    /// Unix seconds of the last apply.
+    pub applied_unix: Option<u64>,
+    /// The last failure, if the last apply failed.
+    pub error: Option<String>,
+}
+
+/// What only the agent knows about itself, as `ferrox status` gets it over the agent's socket.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AgentStatus {
+    pub pid: u32,
+    pub last_sync_unix: Option<u64>,
+    pub last_sync_seconds: f64,
+    pub syncs_full: u64,
+    pub syncs_incremental: u64,
+    pub failures_map_full: u64,
+    pub failures_other: u64,
+    pub frontends: usize,
+    pub backends: usize,
+    pub maglev_tables: usize,
+    pub source_ranges: usize,
+    pub services_skipped: usize,
+    pub conntrack_expired: u64,
+    pub flows_purged: u64,
+    pub sockets_closed: u64,
+    #[serde(default)]
+    pub routing: Option<RoutingStatus>,
+    /// BGP sessions, when the speaker runs.
+    #[serde(default)]
+    pub bgp_peers: Option<Vec<crate::bgp::speaker::PeerStatus>>,
+    /// Best BGP routes, when the speaker runs.
+    #[serde(default)]
+    pub bgp_routes: Option<Vec<crate::bgp::speaker::LearnedRoute>>,
+}
 
 /// The agent's status socket: `agent.sock` beside the node configuration.
 pub fn socket_path(node_config: &Path) -> PathBuf {
@@ -55,6 +104,35 @@ pub struct Status {
     /// Drops that mean a limit was hit, by reason (packets).
     pub limit_drops: Vec<(String, u64)>,
     pub warnings: Vec<String>,
+}
+
+/// Answers every connection on the unix socket `path` (owner-only) with the agent's status
+/// as one JSON document, until the task is dropped.
+pub async fn serve(path: PathBuf, status: impl Fn() -> AgentStatus + Send + 'static) {
+    use std::os::unix::fs::PermissionsExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot serve the status socket");
+            return;
+        }
+    };
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot restrict the status socket");
+    }
+    tracing::info!(path = %path.display(), "serving the status socket");
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = serde_json::to_vec(&status()).unwrap_or_default();
+        tokio::spawn(async move {
+            let _ = conn.write_all(&body).await;
+            let _ = conn.shutdown().await;
+        });
+    }
 }
 
 /// What the agent says over its status socket; `None` when it does not answer.
@@ -254,84 +332,4 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
         limit_drops,
         warnings,
     }
-}
-
-pub fn print(layout: &PinLayout, node_config: &Path, output: Output) -> anyhow::Result<()> {
-    let s = collect(layout, node_config);
-    match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &s)?,
-        Output::Table => {
-            println!("kernel      {}", s.kernel);
-            match &s.agent {
-                Some(a) => println!(
-                    "agent       running (pid {}); {} frontends, {} backends; {} full and {} incremental syncs, last took {:.1} ms",
-                    a.pid,
-                    a.frontends,
-                    a.backends,
-                    a.syncs_full,
-                    a.syncs_incremental,
-                    a.last_sync_seconds * 1e3
-                ),
-                None => println!("agent       NOT RUNNING"),
-            }
-            println!(
-                "datapath    {}",
-                if s.datapath_loaded {
-                    "loaded"
-                } else {
-                    "NOT LOADED"
-                }
-            );
-            if let Some(r) = s.agent.as_ref().and_then(|a| a.routing.as_ref()) {
-                println!(
-                    "routing     {} from {}: {} routes to other nodes' blocks ({} in IP-in-IP), {} tunnel peers",
-                    r.mode, r.source, r.routes, r.tunnels, r.peers
-                );
-            }
-            if let Some(peers) = s.agent.as_ref().and_then(|a| a.bgp_peers.as_ref()) {
-                let up = peers.iter().filter(|p| p.state == "established").count();
-                let received: usize = peers.iter().map(|p| p.received).sum();
-                println!(
-                    "bgp         {up} of {} sessions established, {received} prefixes received",
-                    peers.len()
-                );
-            }
-            if let Some(i) = &s.ipam {
-                println!(
-                    "ipam        {:?}: {} of {} addresses in {}",
-                    i.mode,
-                    i.used,
-                    i.capacity,
-                    i.blocks.join(", ")
-                );
-            }
-            println!();
-            let maps: Vec<[String; 3]> = s
-                .maps
-                .iter()
-                .map(|m| {
-                    [
-                        m.name.into(),
-                        format!("{} / {}", m.entries, m.capacity),
-                        format!("{:.1}%", m.percent),
-                    ]
-                })
-                .collect();
-            crate::inspect::print_table(["MAP", "ENTRIES", "FILL"], &maps);
-            println!();
-            let links: Vec<[String; 2]> = s
-                .attachments
-                .iter()
-                .map(|a| [a.link.clone(), a.target.clone()])
-                .collect();
-            crate::inspect::print_table(["LINK", "ATTACHED TO"], &links);
-            if !s.warnings.is_empty() {
-                println!();
-                for w in &s.warnings {
-                    println!("WARNING: {w}");
-                }
-            }
-        }
-    }
-    Ok(())
 }

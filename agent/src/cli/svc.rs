@@ -1,5 +1,5 @@
-//! The read-only node commands: they open the pinned maps directly, so they work while the
-//! agent is down. Tables for people, JSON (`-o json`) for scripts.
+//! `ferrox svc list`: every frontend the service maps hold, with its backends, read from the
+//! pinned maps (works while the agent is down).
 
 use std::collections::BTreeMap;
 
@@ -7,11 +7,17 @@ use ferrox_abi::{backend_flags, svc_flags};
 use ferrox_datapath::{Maps, PinLayout};
 use serde::Serialize;
 
-use crate::{
-    cli::Output,
-    services::model::Scope,
-    services::reconcile::{addr_from_be, entry_of},
+use super::output::{Output, print_data, print_table};
+use crate::services::{
+    model::Scope,
+    reconcile::{addr_from_be, entry_of},
 };
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SvcCommand {
+    /// Frontends and their backends.
+    List(super::output::OutputArgs),
+}
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -88,10 +94,10 @@ pub fn services(layout: &PinLayout) -> anyhow::Result<Vec<ServiceRow>> {
     Ok(rows)
 }
 
-pub fn print_services(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
+pub fn run(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
     let rows = services(layout)?;
     match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &rows)?,
+        Output::Json | Output::Yaml => print_data(output, &rows)?,
         Output::Table => {
             let table: Vec<[String; 4]> = rows
                 .iter()
@@ -129,100 +135,4 @@ pub fn print_services(layout: &PinLayout, output: Output) -> anyhow::Result<()> 
         }
     }
     Ok(())
-}
-
-pub fn print_counters(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
-    let maps = Maps::open(layout)?;
-    let rows = maps.counters.snapshot()?;
-    match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &rows)?,
-        Output::Table => {
-            let table: Vec<[String; 5]> = rows
-                .iter()
-                .map(|r| {
-                    [
-                        r.hook.into(),
-                        r.verdict.into(),
-                        r.reason.into(),
-                        r.packets.to_string(),
-                        r.bytes.to_string(),
-                    ]
-                })
-                .collect();
-            print_table(["HOOK", "VERDICT", "REASON", "PACKETS", "BYTES"], &table);
-        }
-    }
-    Ok(())
-}
-
-pub fn print_datapath(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
-    let objects = ferrox_datapath::inventory(layout)?;
-    match output {
-        Output::Json | Output::Yaml => crate::inspect::print_data(output, &objects)?,
-        Output::Table => {
-            let table: Vec<[String; 4]> = objects
-                .iter()
-                .map(|o| {
-                    let target = match o.target {
-                        Some(ferrox_datapath::LinkTarget::Cgroup { cgroup_id, .. }) => {
-                            format!("cgroup id {cgroup_id}")
-                        }
-                        Some(ferrox_datapath::LinkTarget::Tcx { ifindex, .. }) => {
-                            format!("tcx ifindex {ifindex}")
-                        }
-                        Some(ferrox_datapath::LinkTarget::Xdp { ifindex }) => {
-                            format!("xdp ifindex {ifindex}")
-                        }
-                        Some(ferrox_datapath::LinkTarget::Other { link_type }) => {
-                            format!("link type {link_type}")
-                        }
-                        None => String::new(),
-                    };
-                    [
-                        format!("{:?}", o.kind).to_lowercase(),
-                        o.name.clone(),
-                        o.id.to_string(),
-                        target,
-                    ]
-                })
-                .collect();
-            print_table(["KIND", "NAME", "ID", "ATTACHED TO"], &table);
-        }
-    }
-    Ok(())
-}
-
-/// Prints `data` as the JSON or YAML document `output` asks for (the same fields either way).
-pub fn print_data<T: serde::Serialize>(output: Output, data: &T) -> anyhow::Result<()> {
-    match output {
-        // Through a JSON value, so that both carry the very same document (serde_yaml would
-        // write enums as YAML tags).
-        Output::Yaml => print!("{}", serde_yaml::to_string(&serde_json::to_value(data)?)?),
-        Output::Json | Output::Table => println!("{}", serde_json::to_string_pretty(data)?),
-    }
-    Ok(())
-}
-
-pub fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
 }
