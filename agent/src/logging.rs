@@ -8,12 +8,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; call once, before the first log line.
+/// Installs the global subscriber; call once, before the first log line. Text logs carry
+/// colour only when stderr is a terminal: a file, a pipe or a container runtime's log gets
+/// plain text.
 pub fn init(format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -5,8 +5,15 @@
 //! written to a temporary file, fsync'ed, renamed, directory fsync'ed: a plugin killed at any
 //! point leaves either no record or a whole one), and `last` (the last address handed out;
 //! allocation continues after it, so a freed address is not reused at once).
-//! Block management (claiming /26 blocks from pools through the API) is a later layer; this
-//! store allocates from whatever CIDRs the node configuration lists.
+//! The store allocates from the CIDRs the node configuration lists, read under the lock (the
+//! agent takes a block out of the configuration before it checks, under the same lock, that the
+//! block is empty and releases it: an ADD never allocates from a released block).
+//!
+//! A file under `allocations/` that is not a readable record (corrupt, truncated, a stray file
+//! or directory) never stops ADD or DEL: the next change moves it to `set-aside/` and reports it
+//! ([`Scan::bad`], `ferrox ipam check`, the agent's log and metrics). When its name is an address,
+//! that address stays out of use (a pod may hold it) until released by hand
+//! (`ferrox ipam release IP`, [`Store::forget_set_aside`]).
 
 use std::{
     fs::File,
@@ -42,12 +49,8 @@ pub enum IpamError {
         #[source]
         source: std::io::Error,
     },
-    #[error("allocation record {path} is corrupt")]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("reading the node configuration for its blocks: {0}")]
+    Blocks(String),
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> IpamError + 'a {
@@ -61,6 +64,39 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ip
 /// The marker ADD leaves in the store directory when every block is full (pools mode): the
 /// agent claims another block as soon as it sees it.
 pub const DEMAND_MARKER: &str = "demand";
+
+/// A file of the store that is not a readable allocation record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BadRecord {
+    pub path: PathBuf,
+    /// Why it cannot be read.
+    pub reason: String,
+    /// The address its name holds: not handed out while the file is there.
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// What the store holds: the records, and the files that are not records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    pub allocations: Vec<Allocation>,
+    /// In `allocations/` (moved aside by the next change) or already in `set-aside/`.
+    pub bad: Vec<BadRecord>,
+}
+
+impl Scan {
+    /// Addresses that may not be handed out: allocated ones, and those of unreadable records.
+    fn reserved(&self) -> std::collections::BTreeSet<Ipv4Addr> {
+        self.allocations
+            .iter()
+            .map(|a| a.ip)
+            .chain(self.bad.iter().filter_map(|b| b.ip))
+            .collect()
+    }
+}
+
+/// The directory unreadable records are moved to.
+pub const SET_ASIDE_DIR: &str = "set-aside";
 
 /// The store at one directory.
 pub struct Store {
@@ -113,41 +149,111 @@ impl Store {
         File::create(&path).map(drop).map_err(io("creating", &path))
     }
 
-    /// Every allocation record.
-    pub fn list(&self) -> Result<Vec<Allocation>, IpamError> {
+    fn set_aside_dir(&self) -> PathBuf {
+        self.dir.join(SET_ASIDE_DIR)
+    }
+
+    /// Every allocation record, and every file that is not one.
+    pub fn scan(&self) -> Result<Scan, IpamError> {
+        let mut scan = Scan::default();
         let dir = self.allocations_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => {
-                return Err(IpamError::Io {
-                    op: "listing",
-                    path: dir,
-                    source: e,
-                });
+        for path in list_dir(&dir)? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.ends_with(".tmp") {
+                continue; // a write that never finished (or is in progress)
             }
-        };
-        let mut out = Vec::new();
-        for entry in entries {
-            let path = entry.map_err(io("listing", &dir))?.path();
-            if path.extension().is_some_and(|e| e == "tmp") {
-                continue; // a write that never finished
-            }
+            let ip = name.parse::<Ipv4Addr>().ok();
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 // Released by a concurrent DEL between the listing and the read.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io("reading", &path)(e)),
+                Err(e) => {
+                    scan.bad.push(BadRecord {
+                        path,
+                        reason: format!("unreadable: {e}"),
+                        ip,
+                    });
+                    continue;
+                }
             };
-            out.push(
-                serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt {
-                    path: path.clone(),
-                    source,
-                })?,
-            );
+            match serde_json::from_slice::<Allocation>(&bytes) {
+                Ok(a) if Some(a.ip) == ip => scan.allocations.push(a),
+                Ok(a) => scan.bad.push(BadRecord {
+                    path,
+                    reason: format!("the record is for {}, not its file name", a.ip),
+                    ip,
+                }),
+                Err(e) if ip.is_some() => scan.bad.push(BadRecord {
+                    path,
+                    reason: format!("corrupt or truncated record: {e}"),
+                    ip,
+                }),
+                Err(_) => scan.bad.push(BadRecord {
+                    path,
+                    reason: "not an allocation record (its name is not an address)".into(),
+                    ip,
+                }),
+            }
         }
-        out.sort_by_key(|a: &Allocation| a.ip);
-        Ok(out)
+        for path in list_dir(&self.set_aside_dir())? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // `<name>.<unix seconds>`, see `set_aside`.
+            let original = name.rsplit_once('.').map_or(name.as_str(), |(n, _)| n);
+            scan.bad.push(BadRecord {
+                reason: "set aside: unreadable when it was found".into(),
+                ip: original.parse().ok(),
+                path,
+            });
+        }
+        scan.allocations.sort_by_key(|a| a.ip);
+        Ok(scan)
+    }
+
+    /// Every allocation record (files that are not records are left out; see [`Store::scan`]).
+    pub fn list(&self) -> Result<Vec<Allocation>, IpamError> {
+        Ok(self.scan()?.allocations)
+    }
+
+    /// Moves the unreadable files of `scan` that are still under `allocations/` to `set-aside/`
+    /// (called with the lock held). Best effort: a file that cannot be moved stays reported.
+    fn set_aside(&self, scan: &Scan) {
+        let into = self.set_aside_dir();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for bad in scan
+            .bad
+            .iter()
+            .filter(|b| b.path.starts_with(self.allocations_dir()))
+        {
+            let Some(name) = bad.path.file_name() else {
+                continue;
+            };
+            if std::fs::create_dir_all(&into).is_ok() {
+                let to = into.join(format!("{}.{stamp}", name.to_string_lossy()));
+                let _ = std::fs::rename(&bad.path, to);
+            }
+        }
+    }
+
+    /// Removes the set-aside files that name `ip` (an operator found the address free); returns
+    /// how many there were.
+    pub fn forget_set_aside(&self, ip: Ipv4Addr) -> Result<usize, IpamError> {
+        let _lock = self.lock()?;
+        let mut n = 0;
+        for b in self.scan()?.bad {
+            if b.ip == Some(ip) && b.path.starts_with(self.set_aside_dir()) {
+                std::fs::remove_file(&b.path).map_err(io("removing", &b.path))?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Allocates an address for (container, ifname) from `blocks`, or returns the one it already
@@ -155,21 +261,35 @@ impl Store {
     pub fn allocate(
         &self,
         blocks: &[Ipv4Net],
+        record: Allocation,
+    ) -> Result<Allocation, IpamError> {
+        self.allocate_from(|| Ok(blocks.to_vec()), record)
+    }
+
+    /// [`Store::allocate`] from the blocks `blocks()` returns, called with the lock held (the
+    /// plugin re-reads the node configuration there, so a block the agent released while this
+    /// ADD waited for the lock is never used).
+    pub fn allocate_from(
+        &self,
+        blocks: impl FnOnce() -> Result<Vec<Ipv4Net>, IpamError>,
         mut record: Allocation,
     ) -> Result<Allocation, IpamError> {
         let _lock = self.lock()?;
-        let existing = self.list()?;
-        if let Some(a) = existing
+        let scan = self.scan()?;
+        self.set_aside(&scan);
+        if let Some(a) = scan
+            .allocations
             .iter()
             .find(|a| a.container_id == record.container_id && a.ifname == record.ifname)
         {
             return Ok(a.clone());
         }
-        let used: std::collections::BTreeSet<Ipv4Addr> = existing.iter().map(|a| a.ip).collect();
+        let blocks = blocks()?;
+        let used = scan.reserved();
         let last = std::fs::read_to_string(self.dir.join("last"))
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        let ip = next_free(blocks, &used, last).ok_or_else(|| IpamError::Exhausted {
+        let ip = next_free(&blocks, &used, last).ok_or_else(|| IpamError::Exhausted {
             blocks: blocks
                 .iter()
                 .map(ToString::to_string)
@@ -197,8 +317,10 @@ impl Store {
         ifname: &str,
     ) -> Result<Option<Allocation>, IpamError> {
         let _lock = self.lock()?;
-        let Some(a) = self
-            .list()?
+        let scan = self.scan()?;
+        self.set_aside(&scan);
+        let Some(a) = scan
+            .allocations
             .into_iter()
             .find(|a| a.container_id == container_id && a.ifname == ifname)
         else {
@@ -231,6 +353,18 @@ pub fn next_free(
     (0..candidates.len())
         .map(|i| candidates[(start + i) % candidates.len()])
         .find(|c| !used.contains(c))
+}
+
+/// The entries of `dir` (none when it does not exist).
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, IpamError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io("listing", dir)(e)),
+    };
+    entries
+        .map(|e| e.map(|e| e.path()).map_err(io("listing", dir)))
+        .collect()
 }
 
 fn write_durably(path: &Path, body: &[u8]) -> Result<(), IpamError> {
@@ -351,5 +485,169 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("allocations")).unwrap();
         std::fs::write(dir.path().join("allocations/10.244.1.9.tmp"), b"{\"ip\":").unwrap();
         assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unreadable_files_are_set_aside_reported_and_never_stop_add_or_del() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let blocks: Vec<Ipv4Net> = vec!["10.244.1.0/29".parse().unwrap()]; // .1 to .6
+        let a = store.allocate(&blocks, rec("a")).unwrap();
+        let allocs = dir.path().join("allocations");
+        // A truncated record, a record under the wrong name, a stray file and a directory.
+        std::fs::write(allocs.join("10.244.1.2"), br#"{"ip":"10.244.1.2","contai"#).unwrap();
+        std::fs::write(
+            allocs.join("10.244.1.3"),
+            serde_json::to_vec(&Allocation {
+                ip: "10.244.1.5".parse().unwrap(),
+                ..rec("x")
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        std::fs::write(allocs.join("notes.txt"), b"hello").unwrap();
+        std::fs::create_dir(allocs.join("junk")).unwrap();
+
+        let scan = store.scan().unwrap();
+        assert_eq!(scan.allocations, std::slice::from_ref(&a));
+        assert_eq!(scan.bad.len(), 4, "{:#?}", scan.bad);
+        // ADD goes on, around the addresses whose records cannot be read.
+        let b = store.allocate(&blocks, rec("b")).unwrap();
+        let c = store.allocate(&blocks, rec("c")).unwrap();
+        let taken: BTreeSet<Ipv4Addr> = [a.ip, b.ip, c.ip].into();
+        for held in ["10.244.1.2", "10.244.1.3"] {
+            assert!(!taken.contains(&held.parse().unwrap()), "{held} handed out");
+        }
+        // They were moved aside, and are still reported there.
+        let scan = store.scan().unwrap();
+        assert_eq!(scan.allocations.len(), 3);
+        assert_eq!(scan.bad.len(), 4);
+        assert!(
+            scan.bad
+                .iter()
+                .all(|b| b.path.starts_with(dir.path().join(SET_ASIDE_DIR))),
+            "{:#?}",
+            scan.bad
+        );
+        // DEL goes on.
+        assert_eq!(store.release("b", "eth0").unwrap().unwrap().ip, b.ip);
+        // An operator frees one address by hand; it can be handed out again.
+        assert_eq!(
+            store
+                .forget_set_aside("10.244.1.2".parse().unwrap())
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.scan().unwrap().bad.len(), 3);
+        let mut got = BTreeSet::new();
+        while let Ok(n) = store.allocate(&blocks, rec(&format!("n{}", got.len()))) {
+            got.insert(n.ip);
+        }
+        assert!(got.contains(&"10.244.1.2".parse().unwrap()), "{got:?}");
+        assert!(!got.contains(&"10.244.1.3".parse().unwrap()), "{got:?}");
+    }
+
+    /// Replaces the blocks file atomically, as the agent writes the node configuration.
+    fn write_blocks(config: &Path, blocks: &[Ipv4Net]) {
+        let tmp = config.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(blocks).unwrap()).unwrap();
+        std::fs::rename(&tmp, config).unwrap();
+    }
+
+    /// The agent's way of releasing a block: out of the configuration first, then, under the
+    /// store's lock, a check that it is still empty. Returns whether it released the block.
+    fn release_block(store: &Store, config: &Path, keep: &[Ipv4Net], block: Ipv4Net) -> bool {
+        write_blocks(config, keep);
+        store
+            .with_lock(|| !store.list().unwrap().iter().any(|a| block.contains(&a.ip)))
+            .unwrap()
+    }
+
+    #[test]
+    fn adds_racing_a_block_release_never_allocate_from_the_released_block() {
+        let read = |config: &Path| -> Result<Vec<Ipv4Net>, IpamError> {
+            let bytes = std::fs::read(config).map_err(|e| IpamError::Blocks(e.to_string()))?;
+            serde_json::from_slice(&bytes).map_err(|e| IpamError::Blocks(e.to_string()))
+        };
+        let full: Ipv4Net = "10.250.0.0/30".parse().unwrap();
+        let leaving: Ipv4Net = "10.250.1.0/28".parse().unwrap();
+        // Deterministic: ADDs that read the configuration while the block was there, then wait
+        // for the lock the release holds.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("blocks.json");
+        std::fs::write(&config, serde_json::to_vec(&[full, leaving]).unwrap()).unwrap();
+        let store = Store::new(dir.path().join("store"));
+        store.allocate(&[full], rec("f1")).unwrap();
+        store.allocate(&[full], rec("f2")).unwrap();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let path = dir.path().join("store");
+            std::thread::spawn(move || {
+                Store::new(&path)
+                    .with_lock(|| {
+                        locked_tx.send(()).unwrap();
+                        go_rx.recv().unwrap();
+                    })
+                    .unwrap();
+            })
+        };
+        locked_rx.recv().unwrap();
+        let seen_before = read(&config).unwrap();
+        assert!(seen_before.contains(&leaving));
+        let adds: Vec<_> = (0..4)
+            .map(|i| {
+                let (path, config) = (dir.path().join("store"), config.clone());
+                std::thread::spawn(move || {
+                    Store::new(&path).allocate_from(|| read(&config), rec(&format!("a{i}")))
+                })
+            })
+            .collect();
+        // The release: out of the configuration while the ADDs wait, then the check.
+        write_blocks(&config, &[full]);
+        go_tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(release_block(&store, &config, &[full], leaving));
+        for add in adds {
+            let r = add.join().unwrap();
+            assert!(
+                matches!(r, Err(IpamError::Exhausted { .. })),
+                "an ADD got an address after its block left: {r:?}"
+            );
+        }
+        // Racing for real: ADDs and releases on threads, many rounds; after each round the
+        // released block holds nothing, and no address was handed out twice.
+        for round in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let config = dir.path().join("blocks.json");
+            write_blocks(&config, &[full, leaving]);
+            let store = Store::new(dir.path().join("store"));
+            store.allocate(&[full], rec("f1")).unwrap();
+            store.allocate(&[full], rec("f2")).unwrap();
+            let adds: Vec<_> = (0..6)
+                .map(|i| {
+                    let (path, config) = (dir.path().join("store"), config.clone());
+                    std::thread::spawn(move || {
+                        Store::new(&path)
+                            .allocate_from(|| read(&config), rec(&format!("r{round}-{i}")))
+                            .ok()
+                    })
+                })
+                .collect();
+            let released = release_block(&store, &config, &[full], leaving);
+            let got: Vec<Allocation> = adds.into_iter().filter_map(|a| a.join().unwrap()).collect();
+            let all = store.list().unwrap();
+            let unique: BTreeSet<Ipv4Addr> = all.iter().map(|a| a.ip).collect();
+            assert_eq!(unique.len(), all.len(), "round {round}: {all:?}");
+            if released {
+                assert!(
+                    !all.iter().any(|a| leaving.contains(&a.ip)),
+                    "round {round}: {leaving} released but holds {got:?}"
+                );
+            } else {
+                // The release saw an allocation and kept the block (the agent writes it back).
+                assert!(all.iter().any(|a| leaving.contains(&a.ip)), "round {round}");
+            }
+        }
     }
 }

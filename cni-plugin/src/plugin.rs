@@ -179,20 +179,26 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
         pod_namespace: pod_ref.namespace,
         pod_name: pod_ref.name,
     };
-    let alloc = store
-        .allocate(&node.pod_cidrs, record)
-        .map_err(|e| match &e {
-            IpamError::Exhausted { .. } if node.ipam_mode == node_config::IpamMode::Pools => {
-                // The agent claims another block when it sees the marker; the runtime retries.
-                let _ = store.demand_block();
-                CniError::new(
-                    code::TRY_AGAIN_LATER,
-                    format!("{e}; the ferrox agent is claiming another block for this node, retry"),
-                )
-            }
-            IpamError::Exhausted { .. } => CniError::new(code::ADDRESSES_EXHAUSTED, e.to_string()),
-            _ => CniError::new(code::IO_FAILURE, "allocating an address").with_source(&e),
-        })?;
+    // The blocks as they are once the store is locked: the agent may have released one while
+    // this ADD waited.
+    let config_path = node_config_path(conf);
+    let blocks = || {
+        NodeConfig::read(&config_path)
+            .map(|c| c.pod_cidrs)
+            .map_err(|e| IpamError::Blocks(e.to_string()))
+    };
+    let alloc = store.allocate_from(blocks, record).map_err(|e| match &e {
+        IpamError::Exhausted { .. } if node.ipam_mode == node_config::IpamMode::Pools => {
+            // The agent claims another block when it sees the marker; the runtime retries.
+            let _ = store.demand_block();
+            CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("{e}; the ferrox agent is claiming another block for this node, retry"),
+            )
+        }
+        IpamError::Exhausted { .. } => CniError::new(code::ADDRESSES_EXHAUSTED, e.to_string()),
+        _ => CniError::new(code::IO_FAILURE, "allocating an address").with_source(&e),
+    })?;
     {
         let (dir, cid, ifname) = (
             node.ipam_dir.clone(),
@@ -270,17 +276,7 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
         }],
         dns: conf.dns.clone(),
     };
-    let mut json = serde_json::to_value(&result)
-        .map_err(|e| CniError::new(code::IO_FAILURE, "encoding the result").with_source(&e))?;
-    if conf.cni_version == "0.4.0"
-        && let Some(ips) = json.get_mut("ips").and_then(|v| v.as_array_mut())
-    {
-        // 0.4.0 results name the IP version of each address.
-        for ip in ips {
-            ip["version"] = "4".into();
-        }
-    }
-    Ok(json.to_string())
+    Ok(result.to_json().to_string())
 }
 
 fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {

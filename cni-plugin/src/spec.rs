@@ -7,9 +7,15 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-/// The version this plugin speaks in its results.
+/// The newest version this plugin speaks (its errors and VERSION answer use it when the runtime
+/// named none).
 pub const CNI_VERSION: &str = "1.1.0";
+/// Every version this plugin speaks, oldest first; a result has the shape of the version the
+/// configuration names ([`AddResult::to_json`]).
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+/// The version a network configuration names for runtimes whose libcni predates CNI 1.1
+/// (containerd 1.6 and 1.7, CRI-O before libcni 1.2): they refuse a 1.1.0 result.
+pub const COMPATIBLE_VERSION: &str = "1.0.0";
 
 /// Well-known error codes of the CNI specification, and ours (100 and up).
 pub mod code {
@@ -301,9 +307,79 @@ pub struct AddResult {
     pub dns: Option<serde_json::Value>,
 }
 
+impl AddResult {
+    /// The result as version `self.cni_version` shapes it: 1.1.0 as is; 1.0.0 without the
+    /// interface MTU (new in 1.1.0); 0.4.0 also with each address's IP `version`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "cniVersion": self.cni_version,
+            "interfaces": self.interfaces,
+            "ips": self.ips,
+            "routes": self.routes,
+        });
+        if let Some(dns) = &self.dns {
+            json["dns"] = dns.clone();
+        }
+        if self.cni_version != "1.1.0"
+            && let Some(ifs) = json["interfaces"].as_array_mut()
+        {
+            for i in ifs.iter_mut().filter_map(|i| i.as_object_mut()) {
+                i.remove("mtu");
+            }
+        }
+        if self.cni_version == "0.4.0"
+            && let Some(ips) = json["ips"].as_array_mut()
+        {
+            for ip in ips {
+                ip["version"] = "4".into();
+            }
+        }
+        json
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn results_take_the_shape_of_the_configured_version() {
+        let result = |v: &str| AddResult {
+            cni_version: v.into(),
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mac: "02:00:00:00:00:01".into(),
+                mtu: Some(1480),
+                sandbox: Some("/run/netns/p".into()),
+            }],
+            ips: vec![IpConfig {
+                address: "10.244.1.5/32".parse().unwrap(),
+                gateway: Some("169.254.1.1".parse().unwrap()),
+                interface: Some(0),
+            }],
+            routes: vec![],
+            dns: None,
+        };
+        for (version, mtu, ip_version) in [
+            ("1.1.0", Some(1480u32), None),
+            ("1.0.0", None, None),
+            ("0.4.0", None, Some("4")),
+        ] {
+            let json = result(version).to_json();
+            assert_eq!(json["cniVersion"], version);
+            assert_eq!(
+                json["interfaces"][0]["mtu"].as_u64(),
+                mtu.map(u64::from),
+                "{version}"
+            );
+            assert_eq!(json["ips"][0]["version"].as_str(), ip_version, "{version}");
+            assert_eq!(json["ips"][0]["address"], "10.244.1.5/32");
+            assert!(json.get("dns").is_none());
+            // What the plugin printed reads back as a prevResult (CHECK).
+            let back: AddResult = serde_json::from_value(json).unwrap();
+            assert_eq!(back.ips, result(version).ips);
+        }
+    }
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {

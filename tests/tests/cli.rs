@@ -121,3 +121,38 @@ fn json_and_yaml_carry_the_same_documents_and_logs_are_json() {
         "the readiness line is there too"
     );
 }
+
+/// Text logs written to a pipe (a file, a container runtime's log) carry no colour codes.
+#[test]
+fn text_logs_to_a_pipe_are_plain() {
+    use std::io::BufRead as _;
+    let dir = std::env::temp_dir().join(format!("fx-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // install-cni logs that it waits for an agent that is not there, then keeps waiting.
+    let mut child = std::process::Command::new(ferrox_tests::harness::bin_path("ferrox"))
+        .args(["install-cni", "--log-format", "text", "--cni-binary"])
+        .arg(ferrox_tests::harness::bin_path("ferrox-cni"))
+        .arg("--node-config")
+        .arg(dir.join("node.json"))
+        .arg("--cni-bin-dir")
+        .arg(dir.join("bin"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .args(["--agent-healthz", "127.0.0.1:1"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(line.contains("waiting for the agent"), "{line:?}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "colour codes in a piped log: {line:?}"
+    );
+}

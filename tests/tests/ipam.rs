@@ -456,3 +456,53 @@ fn nodes_starting_together_in_pools_mode_get_disjoint_blocks() {
         assert!(node_blocks(node)[0].contains(&pod.ip));
     }
 }
+
+#[test]
+fn a_garbage_file_in_the_store_leaves_add_and_del_working() {
+    let c = Cluster::builder().nodes(1).build();
+    let node = c.node(1);
+    let first = c.add_pod(1, "first");
+    // A record truncated by a crash, for the address allocation would hand out next, and a
+    // stray file someone left there.
+    let next = Ipv4Addr::from(u32::from(first.ip) + 1);
+    let allocations = node.ipam_dir().join("allocations");
+    std::fs::write(allocations.join(next.to_string()), br#"{"ip":"#).unwrap();
+    std::fs::write(allocations.join("README"), b"not a record").unwrap();
+
+    let second = c.add_pod(1, "second");
+    assert_ne!(
+        second.ip, next,
+        "the address of an unreadable record was handed out"
+    );
+    let out = c.cni_del(&first);
+    assert!(out.status.success(), "DEL: {out:?}");
+    assert_eq!(held_addresses(node), BTreeSet::from([second.ip]));
+
+    // Reported, with the address it keeps out of use, and set aside.
+    let out = node.ferrox_output(&["ipam", "check", "-o", "json"]);
+    assert!(!out.status.success(), "an unreadable record is a problem");
+    let problems: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unreadable: Vec<&Value> = problems
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["problem"] == "unreadable-record")
+        .collect();
+    assert_eq!(unreadable.len(), 2, "{problems}");
+    assert!(
+        unreadable
+            .iter()
+            .any(|p| p["ip"] == next.to_string()
+                && p["path"].as_str().unwrap().contains("set-aside")),
+        "{problems}"
+    );
+    let status: Value = serde_json::from_str(&node.ferrox(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["ipam"]["unreadable_records"], 2, "{status}");
+    // An operator frees the address by hand; the stray file stays reported.
+    let out = node.ferrox_output(&["ipam", "release", &next.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let problems: Value =
+        serde_json::from_slice(&node.ferrox_output(&["ipam", "check", "-o", "json"]).stdout)
+            .unwrap();
+    assert_eq!(problems.as_array().unwrap().len(), 1, "{problems}");
+}

@@ -69,6 +69,16 @@ pub struct InstallCniArgs {
     #[arg(long, env = "FERROX_CNI_RECHECK_INTERVAL", default_value_t = 30)]
     pub recheck_interval: u64,
 
+    /// The one CNI version the network configuration names (default: 1.0.0, which every
+    /// runtime accepts, with every version the chain speaks in `cniVersions` for CNI 1.1
+    /// runtimes).
+    #[arg(long, env = "FERROX_CNI_VERSION", value_parser = ["0.4.0", "1.0.0", "1.1.0"])]
+    pub cni_version: Option<String>,
+
+    /// Chain the reference `portmap` plugin (hostPort) when it is in the CNI bin dir.
+    #[arg(long, env = "FERROX_CNI_PORTMAP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cni_portmap: bool,
+
     #[arg(long, value_enum, env = "FERROX_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -81,16 +91,150 @@ pub const CNI_BINARY: &str = "ferrox-cni";
 /// The CNI network name.
 pub const NETWORK_NAME: &str = "ferrox";
 
+/// The reference plugin `hostPort` needs (containernetworking-plugins), chained after ferrox's
+/// when it is in the bin dir, as Calico's default configuration does.
+pub const PORTMAP: &str = "portmap";
+
+/// What the network configuration is made of besides ferrox's plugin.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// `--cni-version`: the one version the configuration names.
+    pub forced: Option<String>,
+    /// The versions `portmap` answered to VERSION, when it is chained.
+    pub portmap: Option<Vec<String>>,
+}
+
 /// The network configuration list the runtime reads: ferrox's plugin, pointed at the node
-/// configuration the agent writes.
-pub fn conflist(node_config: &Path) -> serde_json::Value {
-    serde_json::json!({
-        "cniVersion": ferrox_cni::spec::CNI_VERSION,
+/// configuration the agent writes, then `portmap` when it is chained.
+///
+/// Versions: `cniVersions` lists every version all the chained plugins speak (CNI 1.1 runtimes
+/// pick the highest they know from it); `cniVersion` is the highest of those that runtimes whose
+/// libcni predates CNI 1.1 accept ([`ferrox_cni::spec::COMPATIBLE_VERSION`]: containerd 1.6 and
+/// 1.7 refuse a 1.1.0 result), so the file works with every runtime in service. `--cni-version`
+/// names one version for both, and must be one every chained plugin speaks.
+pub fn conflist(node_config: &Path, chain: &Chain) -> Result<serde_json::Value, String> {
+    use ferrox_cni::spec::{COMPATIBLE_VERSION, SUPPORTED_VERSIONS};
+    // Versions compare as numbers, not text.
+    let key = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
+    let mut common: Vec<&str> = SUPPORTED_VERSIONS
+        .iter()
+        .copied()
+        .filter(|v| {
+            chain
+                .portmap
+                .as_ref()
+                .is_none_or(|p| p.iter().any(|pv| pv == v))
+        })
+        .collect();
+    common.sort_by_key(|v| key(v));
+    let (version, versions) = match &chain.forced {
+        Some(f) if common.contains(&f.as_str()) => (f.clone(), vec![f.clone()]),
+        Some(f) => {
+            return Err(format!(
+                "--cni-version {f}: the chained plugins all speak only {} ({} speaks {})",
+                common.join(", "),
+                CNI_BINARY,
+                SUPPORTED_VERSIONS.join(", ")
+            ));
+        }
+        None => {
+            let compatible = common
+                .iter()
+                .rev()
+                .find(|v| key(v) <= key(COMPATIBLE_VERSION))
+                .ok_or_else(|| {
+                    format!(
+                        "{PORTMAP} speaks none of the versions {CNI_BINARY} speaks ({})",
+                        SUPPORTED_VERSIONS.join(", ")
+                    )
+                })?;
+            (
+                (*compatible).to_owned(),
+                common.iter().map(|v| (*v).to_owned()).collect(),
+            )
+        }
+    };
+    let mut plugins = vec![serde_json::json!({ "type": CNI_BINARY, "nodeConfig": node_config })];
+    if chain.portmap.is_some() {
+        plugins.push(serde_json::json!({
+            "type": PORTMAP,
+            "capabilities": { "portMappings": true },
+            "snat": true,
+        }));
+    }
+    Ok(serde_json::json!({
+        "cniVersion": version,
+        "cniVersions": versions,
         "name": NETWORK_NAME,
-        "plugins": [
-            { "type": CNI_BINARY, "nodeConfig": node_config }
-        ]
-    })
+        "plugins": plugins,
+    }))
+}
+
+/// The versions the CNI plugin at `path` speaks: its answer to the VERSION command.
+pub fn plugin_versions(path: &Path) -> anyhow::Result<Vec<String>> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(path)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("running {} VERSION", path.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // Any version this plugin could name; the answer lists them all.
+        let _ = stdin.write_all(br#"{"cniVersion":"0.4.0"}"#);
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("running {} VERSION", path.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} VERSION failed ({})",
+        path.display(),
+        out.status
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} VERSION did not answer JSON", path.display()))?;
+    let versions: Vec<String> = answer["supportedVersions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    anyhow::ensure!(
+        !versions.is_empty(),
+        "{} VERSION lists no supportedVersions",
+        path.display()
+    );
+    Ok(versions)
+}
+
+/// The chain for this node: `portmap` when it is in the bin dir, answers VERSION, and `chain`
+/// asks for it. Says in the log why hostPort will not work otherwise.
+fn chain_for(args: &InstallCniArgs) -> Chain {
+    let mut chain = Chain {
+        forced: args.cni_version.clone(),
+        portmap: None,
+    };
+    if !args.cni_portmap {
+        return chain;
+    }
+    let path = args.dirs.cni_bin_dir.join(PORTMAP);
+    if !path.is_file() {
+        warn!(bin_dir = %args.dirs.cni_bin_dir.display(), "no {PORTMAP} plugin in the CNI bin dir: pods with hostPort will not get their port (install the reference CNI plugins, e.g. Debian's containernetworking-plugins)");
+        return chain;
+    }
+    match plugin_versions(&path) {
+        Ok(v) => chain.portmap = Some(v),
+        Err(e) => {
+            warn!(
+                error = format!("{e:#}"),
+                "not chaining {PORTMAP}: pods with hostPort will not get their port"
+            )
+        }
+    }
+    chain
 }
 
 /// Why the agent is not ready yet, or `Ok` when it is: the node configuration is written and
@@ -173,14 +317,20 @@ pub struct Installed {
 
 /// Copies the plugin and writes the conflist (each only when it differs from what is there).
 /// The plugin goes first: a conflist must never name a plugin that is not there yet.
-pub fn install(dirs: &CniDirs, binary: &Path, node_config: &Path) -> anyhow::Result<Installed> {
+pub fn install(
+    dirs: &CniDirs,
+    binary: &Path,
+    node_config: &Path,
+    chain: &Chain,
+) -> anyhow::Result<Installed> {
     let bytes = std::fs::read(binary)
         .with_context(|| format!("reading the plugin {}", binary.display()))?;
     for dir in [&dirs.cni_bin_dir, &dirs.cni_conf_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let binary = write_atomic(&dirs.cni_bin_dir, CNI_BINARY, &bytes, 0o755)?;
-    let mut conf = serde_json::to_vec_pretty(&conflist(node_config))?;
+    let list = conflist(node_config, chain).map_err(anyhow::Error::msg)?;
+    let mut conf = serde_json::to_vec_pretty(&list)?;
     conf.push(b'\n');
     let conflist = write_atomic(&dirs.cni_conf_dir, &dirs.cni_conflist_name, &conf, 0o644)?;
     Ok(Installed { binary, conflist })
@@ -235,8 +385,10 @@ pub fn run(args: &InstallCniArgs) -> anyhow::Result<()> {
         }
         delay = (delay * 2).min(Duration::from_secs(2));
     }
-    let done = install(&args.dirs, &binary, &args.node_config)?;
+    let chain = chain_for(args);
+    let done = install(&args.dirs, &binary, &args.node_config, &chain)?;
     info!(
+        portmap = chain.portmap.is_some(),
         bin_dir = %args.dirs.cni_bin_dir.display(),
         conf = %args.dirs.cni_conf_dir.join(&args.dirs.cni_conflist_name).display(),
         binary_changed = done.binary,
@@ -257,7 +409,7 @@ pub fn run(args: &InstallCniArgs) -> anyhow::Result<()> {
         }
         // Put back what someone removed, but only while the agent still serves.
         match agent_readiness(&args.node_config, args.agent_healthz) {
-            Ok(()) => match install(&args.dirs, &binary, &args.node_config) {
+            Ok(()) => match install(&args.dirs, &binary, &args.node_config, &chain_for(args)) {
                 Ok(d) if d != Installed::default() => {
                     info!(binary = d.binary, conflist = d.conflist, "reinstalled")
                 }
@@ -274,9 +426,88 @@ pub fn run(args: &InstallCniArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn chain(forced: Option<&str>, portmap: Option<&[&str]>) -> Chain {
+        Chain {
+            forced: forced.map(str::to_owned),
+            portmap: portmap.map(|p| p.iter().map(|v| (*v).to_owned()).collect()),
+        }
+    }
+
+    #[test]
+    fn conflist_versions_work_with_every_runtime_and_the_chain() {
+        let node = Path::new("/run/ferrox/node.json");
+        let versions = |c: &serde_json::Value| -> (String, Vec<String>, usize) {
+            (
+                c["cniVersion"].as_str().unwrap().to_owned(),
+                serde_json::from_value(c["cniVersions"].clone()).unwrap(),
+                c["plugins"].as_array().unwrap().len(),
+            )
+        };
+        /// (cniVersion, cniVersions, number of plugins), or a part of the error.
+        type Want = Result<(&'static str, &'static [&'static str], usize), &'static str>;
+        // (forced, portmap's versions) -> what the conflist must be.
+        #[expect(
+            clippy::type_complexity,
+            reason = "a test table, its columns named above"
+        )]
+        let cases: [(Option<&str>, Option<&[&str]>, Want); 7] = [
+            // Alone: 1.0.0 for old libcni, all three for CNI 1.1 runtimes.
+            (None, None, Ok(("1.0.0", &["0.4.0", "1.0.0", "1.1.0"], 1))),
+            // portmap 1.1.1 (Debian 12) speaks up to 1.0.0.
+            (
+                None,
+                Some(&["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]),
+                Ok(("1.0.0", &["0.4.0", "1.0.0"], 2)),
+            ),
+            // A newer portmap: 1.1.0 offered, 1.0.0 named.
+            (
+                None,
+                Some(&["0.4.0", "1.0.0", "1.1.0"]),
+                Ok(("1.0.0", &["0.4.0", "1.0.0", "1.1.0"], 2)),
+            ),
+            // An old portmap: the newest common version.
+            (
+                None,
+                Some(&["0.3.1", "0.4.0"]),
+                Ok(("0.4.0", &["0.4.0"], 2)),
+            ),
+            (Some("1.1.0"), None, Ok(("1.1.0", &["1.1.0"], 1))),
+            (
+                Some("1.1.0"),
+                Some(&["0.4.0", "1.0.0"]),
+                Err("only 0.4.0, 1.0.0"),
+            ),
+            (None, Some(&["0.2.0"]), Err("speaks none of the versions")),
+        ];
+        for (forced, portmap, want) in cases {
+            let got = conflist(node, &chain(forced, portmap));
+            match want {
+                Ok((v, vs, n)) => {
+                    let c = got.unwrap();
+                    assert_eq!(
+                        versions(&c),
+                        (
+                            v.to_owned(),
+                            vs.iter().map(|s| (*s).to_owned()).collect(),
+                            n
+                        ),
+                        "{forced:?} {portmap:?}"
+                    );
+                }
+                Err(msg) => {
+                    let e = got.unwrap_err();
+                    assert!(e.contains(msg), "{forced:?} {portmap:?}: {e}");
+                }
+            }
+        }
+        let c = conflist(node, &chain(None, Some(&["1.0.0"]))).unwrap();
+        assert_eq!(c["plugins"][1]["type"], PORTMAP);
+        assert_eq!(c["plugins"][1]["capabilities"]["portMappings"], true);
+    }
+
     #[test]
     fn conflist_names_the_plugin_and_the_node_configuration() {
-        let c = conflist(Path::new("/run/ferrox/node.json"));
+        let c = conflist(Path::new("/run/ferrox/node.json"), &Chain::default()).unwrap();
         assert_eq!(c["name"], NETWORK_NAME);
         assert_eq!(c["plugins"][0]["type"], CNI_BINARY);
         assert_eq!(c["plugins"][0]["nodeConfig"], "/run/ferrox/node.json");

@@ -102,6 +102,13 @@ pub enum Problem {
     },
     /// An allocated address missing from the endpoint map.
     MissingEndpoint { ip: Ipv4Addr },
+    /// A file of the IPAM store that is not a readable record; its address (when its name is
+    /// one) is kept out of use until `ferrox ipam release IP`.
+    UnreadableRecord {
+        path: String,
+        reason: String,
+        ip: Option<Ipv4Addr>,
+    },
 }
 
 /// The problems of a node: allocations against veths (name -> ifindex) and endpoint entries
@@ -184,9 +191,14 @@ fn pod_endpoints(layout: &PinLayout) -> anyhow::Result<BTreeMap<Ipv4Addr, u32>> 
 }
 
 fn read(node_config: &Path) -> anyhow::Result<(NodeConfig, Vec<Allocation>)> {
+    let (config, scan) = read_scan(node_config)?;
+    Ok((config, scan.allocations))
+}
+
+fn read_scan(node_config: &Path) -> anyhow::Result<(NodeConfig, ferrox_cni::ipam::Scan)> {
     let config = NodeConfig::read(node_config)?;
-    let allocations = Store::new(&config.ipam_dir).list()?;
-    Ok((config, allocations))
+    let scan = Store::new(&config.ipam_dir).scan()?;
+    Ok((config, scan))
 }
 
 pub fn show(node_config: &Path, output: Output) -> anyhow::Result<()> {
@@ -262,13 +274,19 @@ pub fn show(node_config: &Path, output: Output) -> anyhow::Result<()> {
 
 /// Prints the problems; true when there are none.
 pub fn run_check(node_config: &Path, layout: &PinLayout, output: Output) -> anyhow::Result<bool> {
-    let (config, allocations) = read(node_config)?;
-    let problems = check(
+    let (config, scan) = read_scan(node_config)?;
+    let allocations = scan.allocations;
+    let mut problems = check(
         &allocations,
         &config.pod_cidrs,
         &host_veths()?,
         &pod_endpoints(layout)?,
     );
+    problems.extend(scan.bad.into_iter().map(|b| Problem::UnreadableRecord {
+        path: b.path.display().to_string(),
+        reason: b.reason,
+        ip: b.ip,
+    }));
     match output {
         Output::Json | Output::Yaml => print_data(output, &problems)?,
         Output::Table => {
@@ -291,6 +309,15 @@ pub fn release(node_config: &Path, what: &str) -> anyhow::Result<()> {
         .iter()
         .filter(|a| Some(a.ip) == ip || a.container_id == what)
         .collect();
+    // An address held only by an unreadable record that was set aside: forgetting the record
+    // frees the address.
+    if let (Some(ip), true) = (ip, matching.is_empty()) {
+        let n = Store::new(&config.ipam_dir).forget_set_aside(ip)?;
+        if n > 0 {
+            println!("released {ip} (held by {n} unreadable record(s) set aside)");
+            return Ok(());
+        }
+    }
     anyhow::ensure!(
         !matching.is_empty(),
         "no allocation holds {what} (see `ferrox ipam show`)"

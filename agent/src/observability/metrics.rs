@@ -402,6 +402,12 @@ impl Metrics {
                 "Address blocks this node allocates pod addresses from.",
                 vec![format!(" {}", i.blocks.len())],
             );
+            section(
+                "ferrox_ipam_unreadable_records",
+                "gauge",
+                "Files of the IPAM store that are not readable allocation records (set aside; their addresses stay out of use).",
+                vec![format!(" {}", i.unreadable_records)],
+            );
         }
         section(
             "ferrox_cni_ready",

@@ -90,6 +90,8 @@ pub struct IpamSummary {
     pub blocks: Vec<String>,
     pub used: usize,
     pub capacity: usize,
+    /// Files of the IPAM store that are not readable records (`ferrox ipam check` lists them).
+    pub unreadable_records: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -274,16 +276,16 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
     let ipam = ferrox_cni::node_config::NodeConfig::read(node_config)
         .ok()
         .map(|c| {
-            let used = ferrox_cni::ipam::Store::new(&c.ipam_dir)
-                .list()
-                .map(|a| a.len())
-                .unwrap_or(0);
+            let scan = ferrox_cni::ipam::Store::new(&c.ipam_dir)
+                .scan()
+                .unwrap_or_default();
             let capacity = c.pod_cidrs.iter().map(|b| b.hosts().count()).sum();
             IpamSummary {
                 mode: c.ipam_mode,
                 blocks: c.pod_cidrs.iter().map(ToString::to_string).collect(),
-                used,
+                used: scan.allocations.len(),
                 capacity,
+                unreadable_records: scan.bad.len(),
             }
         });
     if let Some(r) = agent.as_ref().and_then(|a| a.routing.as_ref()) {
@@ -312,6 +314,14 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
                     .unwrap_or_default()
             ));
         }
+    }
+    if let Some(i) = &ipam
+        && i.unreadable_records > 0
+    {
+        warnings.push(format!(
+            "{} files of the IPAM store are not readable allocation records; their addresses are kept out of use (`ferrox ipam check` lists them, `ferrox ipam release IP` frees one)",
+            i.unreadable_records
+        ));
     }
     if let Some(i) = &ipam
         && i.mode == ferrox_cni::node_config::IpamMode::Kubernetes
