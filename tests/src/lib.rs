@@ -4,6 +4,8 @@
 //!   410 Gone) that the agent's real `kube` client talks to unchanged.
 //! - [`harness`]: a cluster of nodes built from network namespaces on one machine, each with its
 //!   own uplink, cgroup, bpffs and agent process; pods created by the real `ferrox-cni`.
+//! - [`cri`]: a Container Runtime Interface client, to drive containerd as the kubelet does
+//!   ([`harness::containerd`]).
 //! - [`manifests`]: the install manifests as typed objects, and their containers' command lines.
 //!
 //! This is test support: a failure stops the test loudly.
@@ -16,5 +18,6 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod cri;
 pub mod harness;
 pub mod manifests;

@@ -30,6 +30,11 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "conntrack",
     "containernetworking-plugins",
+    // The container runtime tier: containerd 1.6 (with ctr) and runc drive pods through the
+    // CRI; busybox-static is the test images' shell and pause process.
+    "containerd",
+    "runc",
+    "busybox-static",
     // `cargo xtask image`: static binaries, and two independent OCI image readers.
     "musl-tools",
     "skopeo",

@@ -46,6 +46,36 @@ pub fn find(id: &str) -> Vec<String> {
             }
         }
     }
+    for h in v1_hierarchies() {
+        let dir = h.join(CGROUP_DIR);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.path().is_dir() && e.file_name().to_string_lossy().contains(id) {
+                out.push(format!("cgroup {}", e.path().display()));
+            }
+        }
+    }
+    // A container runtime of a node (containerd, its shims) still running.
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours = args.windows(2).any(|w| {
+            (w[0] == "--config" || w[0] == "-address")
+                && w[1].starts_with(RUN_DIR)
+                && w[1].contains(id)
+        });
+        if ours {
+            out.push(format!(
+                "process {} ({})",
+                entry.file_name().to_string_lossy(),
+                args.join(" ")
+            ));
+        }
+    }
     let run = Path::new(RUN_DIR);
     if let Ok(entries) = std::fs::read_dir(run) {
         for e in entries.flatten() {
@@ -55,4 +85,20 @@ pub fn find(id: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The mount points of the cgroup v1 hierarchies (none on a cgroup2-only machine): a container
+/// runtime places its containers there as well.
+pub fn v1_hierarchies() -> Vec<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            // "... mount-point options - fstype source super-options"
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup"))
+                .then(|| pre.split_whitespace().nth(4).map(std::path::PathBuf::from))
+                .flatten()
+        })
+        .collect()
 }

@@ -10,6 +10,7 @@
 mod bins;
 pub mod bird;
 mod cluster;
+pub mod containerd;
 pub mod leaks;
 mod netns;
 mod process;
