@@ -50,6 +50,8 @@ struct State {
     last_sync_seconds: f64,
     failures_map_full: u64,
     failures_other: u64,
+    /// Entries the last sync could not program (retried until none fails).
+    failing_entries: usize,
     frontends: usize,
     backends: usize,
     maglev_tables: usize,
@@ -111,6 +113,7 @@ impl Metrics {
         s.last_sync_seconds = r.seconds;
         s.failures_map_full += r.failures_map_full as u64;
         s.failures_other += r.failures_other as u64;
+        s.failing_entries = r.failures_map_full + r.failures_other;
         s.frontends = r.frontends;
         s.backends = r.backends;
         s.maglev_tables = r.maglev_tables;
@@ -142,6 +145,7 @@ impl Metrics {
             syncs_incremental: s.syncs_incremental,
             failures_map_full: s.failures_map_full,
             failures_other: s.failures_other,
+            failing_entries: s.failing_entries,
             frontends: s.frontends,
             backends: s.backends,
             maglev_tables: s.maglev_tables,
@@ -229,6 +233,12 @@ impl Metrics {
                 format!("{{reason=\"map-full\"}} {}", s.failures_map_full),
                 format!("{{reason=\"other\"}} {}", s.failures_other),
             ],
+        );
+        section(
+            "ferrox_sync_failing_entries",
+            "gauge",
+            "Entries the last sync could not program; the agent retries them (1 s, doubling to 60 s) until none fails.",
+            vec![format!(" {}", s.failing_entries)],
         );
         section(
             "ferrox_map_operations_total",

@@ -44,6 +44,9 @@ pub struct AgentStatus {
     pub syncs_incremental: u64,
     pub failures_map_full: u64,
     pub failures_other: u64,
+    /// Entries the last sync could not program (the agent retries them).
+    #[serde(default)]
+    pub failing_entries: usize,
     pub frontends: usize,
     pub backends: usize,
     pub maglev_tables: usize,
@@ -176,10 +179,10 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
             if a.last_sync_unix.is_none() {
                 warnings.push("the agent has not synced the service maps yet".into());
             }
-            if a.failures_map_full > 0 {
+            if a.failing_entries > 0 {
                 warnings.push(format!(
-                    "{} service entries could not be programmed because a map is full (they keep their previous state)",
-                    a.failures_map_full
+                    "{} service entries could not be programmed (a full map: {} so far); they keep their previous state and the agent retries them",
+                    a.failing_entries, a.failures_map_full
                 ));
             }
         }

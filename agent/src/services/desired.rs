@@ -133,16 +133,20 @@ pub fn desired<'a>(
                 name: name.clone(),
                 port_name: port.name.clone().unwrap_or_default(),
             };
-            let eps = endpoints_for(port, proto, slices, &node.name);
+            let all = endpoints_for(port, proto, slices, &node.name);
+            // Load balancers probing the healthCheckNodePort see only ready local endpoints:
+            // a node whose local endpoints all terminate drains (KEP-1669).
             local_endpoints.extend(
-                eps.iter()
-                    .filter(|e| e.backend.local)
+                all.iter()
+                    .filter(|e| e.backend.local && !e.backend.terminating)
                     .map(|e| e.backend.addr),
             );
+            // Each policy's set falls back to its own serving-terminating endpoints when it has
+            // no ready one (KEP-1669): the cluster-wide set, and the node-local set.
+            let eps = usable(all.iter());
             let cluster = policy.topology(&eps);
-            let local: Vec<BackendAddr> = eps
-                .iter()
-                .filter(|e| e.backend.local)
+            let local: Vec<BackendAddr> = usable(all.iter().filter(|e| e.backend.local))
+                .into_iter()
                 .map(|e| e.backend)
                 .collect();
             let base = FrontendSpec {
@@ -449,21 +453,36 @@ fn is_ready(ep: &Endpoint) -> bool {
     ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
 }
 
-/// Terminating but still serving: usable only when nothing is ready.
+/// Terminating but still serving: usable only when nothing is ready. An absent `serving`
+/// defers to `ready` (the API's documented meaning), and an absent `ready` means ready.
 fn is_serving_terminating(ep: &Endpoint) -> bool {
     let c = ep.conditions.as_ref();
-    c.and_then(|c| c.serving).unwrap_or(false) && c.and_then(|c| c.terminating).unwrap_or(false)
+    let serving = c.and_then(|c| c.serving.or(c.ready)).unwrap_or(true);
+    serving && c.and_then(|c| c.terminating).unwrap_or(false)
 }
 
 /// A usable endpoint address with the endpoint it came from (for its hints).
+#[derive(Clone, Copy)]
 struct Ep<'a> {
     backend: BackendAddr,
     endpoint: &'a Endpoint,
 }
 
-/// The usable endpoints of one Service port: ready ones, or, when none is ready, the
-/// terminating endpoints that are still serving (kube-proxy's rule, so that rolling updates
-/// drain cleanly). Sorted, without duplicates.
+/// The endpoints of a set that take new connections: its ready ones, or, when none is ready,
+/// its terminating endpoints that are still serving (so that rolling updates drain cleanly).
+fn usable<'e, 'a: 'e>(eps: impl Iterator<Item = &'e Ep<'a>>) -> Vec<Ep<'a>> {
+    let eps: Vec<Ep<'a>> = eps.copied().collect();
+    if eps.iter().any(|e| !e.backend.terminating) {
+        eps.into_iter().filter(|e| !e.backend.terminating).collect()
+    } else {
+        eps
+    }
+}
+
+/// The endpoints of one Service port that may serve: ready ones and terminating ones that are
+/// still serving (marked `terminating`); [`usable`] chooses among them per policy set. Sorted,
+/// without duplicates (an endpoint in two slices at once, as during a controller's update,
+/// counts once; ready wins).
 fn endpoints_for<'a>(
     port: &ServicePort,
     proto: Proto,
@@ -515,8 +534,10 @@ fn endpoints_for<'a>(
             }
         }
     }
-    let chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.into_values().collect()
+    for (k, ep) in terminating {
+        ready.entry(k).or_insert(ep);
+    }
+    ready.into_values().collect()
 }
 
 #[cfg(test)]
@@ -794,6 +815,70 @@ mod tests {
             nodeport_addresses: vec!["127.0.0.0/8".parse().unwrap()],
         };
         assert_eq!(nodeport_addresses(&node(), &lo), [Ipv4Addr::LOCALHOST]);
+    }
+
+    #[test]
+    fn each_policy_falls_back_to_its_own_serving_terminating_endpoints() {
+        // KEP-1669: node-1's only endpoint is terminating (still serving); node-2's is ready.
+        let s = svc("lb")
+            .load_balancer("203.0.113.10")
+            .cluster_ip("10.96.0.40")
+            .port_np("", 80, 30090, "TCP")
+            .external_traffic_policy("Local")
+            .internal_traffic_policy("Local")
+            .health_check_node_port(32000)
+            .build();
+        let sl = slice("lb", "a")
+            .port("", 8080, "TCP")
+            .with_conditions("10.244.1.5", "node-1", Some(false), Some(true), Some(true))
+            .ready_on("10.244.2.6", "node-2")
+            .build();
+        let d = run([&s], [&sl]);
+        // Local sets: node-1's terminating endpoint takes what reaches this node.
+        for k in [ext("203.0.113.10", 80), int("10.96.0.40", 80)] {
+            let spec = &d.frontends[&k];
+            assert_eq!(addrs(spec), ["10.244.1.5:8080"], "{k}");
+            assert!(spec.backends[0].terminating, "{k}");
+        }
+        // The cluster-wide set has a ready endpoint: only that one.
+        assert_eq!(
+            addrs(&d.frontends[&int("203.0.113.10", 80)]),
+            ["10.244.2.6:8080"]
+        );
+        // Load balancers drain the node: no ready local endpoint.
+        assert_eq!(d.health_checks[&32000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn absent_serving_defers_to_ready_and_absent_ready_means_ready() {
+        let s = svc("web")
+            .cluster_ip("10.96.0.41")
+            .port("", 80, "TCP")
+            .build();
+        let run_with = |ready, serving, terminating| {
+            let sl = slice("web", "a")
+                .port("", 8080, "TCP")
+                .with_conditions("10.244.1.5", "node-1", ready, serving, terminating)
+                .build();
+            let d = run([&s], [&sl]);
+            d.frontends[&int("10.96.0.41", 80)]
+                .backends
+                .iter()
+                .map(|b| b.terminating)
+                .collect::<Vec<_>>()
+        };
+        // (ready, serving, terminating) -> the backends (their terminating mark).
+        assert_eq!(run_with(None, None, None), [false]);
+        // Absent ready is ready, even with terminating set (the API's default).
+        assert_eq!(run_with(None, None, Some(true)), [false]);
+        assert_eq!(run_with(None, Some(true), Some(true)), [false]);
+        assert_eq!(run_with(Some(false), None, Some(true)), Vec::<bool>::new());
+        assert_eq!(run_with(Some(false), Some(true), Some(true)), [true]);
+        assert_eq!(
+            run_with(Some(false), Some(false), Some(true)),
+            Vec::<bool>::new()
+        );
+        assert_eq!(run_with(Some(false), None, None), Vec::<bool>::new());
     }
 
     #[test]

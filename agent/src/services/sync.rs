@@ -214,9 +214,31 @@ pub async fn run(
 
     let checks = HealthChecks::default();
     let mut announced = false;
-    while let Some(event) = rx.recv().await {
-        health.queued();
-        lists.apply(event, &mut state, &config.node_name);
+    // Entries a sync could not program (a full map, a failed write) keep their previous state;
+    // a full sync retries them, sooner at first, then every minute at most, until none fails.
+    let mut retry = Retry::default();
+    loop {
+        let retrying = match retry.at {
+            Some(at) => tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => {
+                        health.queued();
+                        lists.apply(e, &mut state, &config.node_name);
+                        false
+                    }
+                    None => break,
+                },
+                () = tokio::time::sleep_until(at) => true,
+            },
+            None => match rx.recv().await {
+                Some(e) => {
+                    health.queued();
+                    lists.apply(e, &mut state, &config.node_name);
+                    false
+                }
+                None => break,
+            },
+        };
         while let Ok(event) = rx.try_recv() {
             lists.apply(event, &mut state, &config.node_name);
         }
@@ -232,10 +254,14 @@ pub async fn run(
             announced = true;
         }
         let started = std::time::Instant::now();
-        let Some(change) = state.update() else {
-            // Events that changed nothing: still in sync.
-            health.synced();
-            continue;
+        let change = match (state.update(), retrying) {
+            (Some(c), false) => c,
+            (_, true) => Change::Full,
+            (None, false) => {
+                // Events that changed nothing: still in sync.
+                health.synced();
+                continue;
+            }
         };
         let table = state.table();
         let (report, full) = match &change {
@@ -244,6 +270,7 @@ pub async fn run(
         };
         let took = started.elapsed();
         log_report(&report, table.skipped.len(), full, took);
+        retry.after(&report);
         metrics.sync(&figures(&report, full, table.skipped.len(), took));
         checks.set_checks(&table.health_checks);
         if let Some(tx) = &config.advertise {
@@ -263,6 +290,37 @@ pub async fn run(
         }
     }
     anyhow::bail!("every watch ended")
+}
+
+/// When to retry entries that failed to program: 1 s after the first failing sync, doubling up
+/// to a minute while they keep failing; nothing once a sync programs everything.
+#[derive(Debug, Default)]
+struct Retry {
+    at: Option<tokio::time::Instant>,
+    backoff: std::time::Duration,
+}
+
+impl Retry {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn after(&mut self, report: &SyncReport) {
+        if report.failures.is_empty() {
+            *self = Self::default();
+            return;
+        }
+        self.backoff = if self.backoff.is_zero() {
+            Self::FIRST
+        } else {
+            (self.backoff * 2).min(Self::MAX)
+        };
+        self.at = Some(tokio::time::Instant::now() + self.backoff);
+        warn!(
+            failing = report.failures.len(),
+            retry_in_s = self.backoff.as_secs(),
+            "service entries failed to program; retrying"
+        );
+    }
 }
 
 /// The externalIPs and LoadBalancer IPs this node announces over BGP, as /32s: every one of

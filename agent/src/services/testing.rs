@@ -280,6 +280,27 @@ impl SliceBuilder {
         self.endpoint(&ip.to_string(), false, true, true)
     }
 
+    /// An endpoint on `node` with exactly these conditions (`None`: the field is absent, as
+    /// older controllers and other writers leave it).
+    pub fn with_conditions(
+        mut self,
+        ip: impl ToString,
+        node: &str,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+    ) -> Self {
+        self = self.endpoint(&ip.to_string(), false, false, false);
+        let ep = self.last();
+        ep.node_name = Some(node.into());
+        ep.conditions = Some(EndpointConditions {
+            ready,
+            serving,
+            terminating,
+        });
+        self
+    }
+
     pub fn build(self) -> EndpointSlice {
         self.0
     }
