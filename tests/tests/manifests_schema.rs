@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use ferrox_tests::{
-    api_schema::{HIGHEST, LOWEST, Problem, SUPPORTED, Version, structural},
+    api_schema::{HIGHEST, LOWEST, Problem, SUPPORTED, Version, structural, yaml},
     manifests,
 };
 use serde_json::{Value, json};
@@ -37,6 +37,14 @@ fn every_manifest_document_applies_on_the_lowest_and_highest_supported_kubernete
     let mut failures = Vec::new();
     let mut checked = Vec::new();
     for f in manifests::files() {
+        // What kubectl sends is what is checked: no scalar it reads otherwise than serde_yaml.
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (line, plain, reading) in yaml::yaml11_divergences(&text) {
+            failures.push(format!(
+                "{}:{line}: kubectl reads `{plain}` as {reading} (YAML 1.1): quote it\n",
+                file_name(&f)
+            ));
+        }
         for (i, doc) in manifests::documents(&f).iter().enumerate() {
             for version in SUPPORTED {
                 if let Err(problems) = version.check(doc) {
@@ -401,5 +409,36 @@ fn a_crd_the_api_server_would_reject_fails_with_its_path() {
     for name in ["bgppeers.bgp.ferrox.io", "ipamblocks.ipam.ferrox.io"] {
         let doc = mutated("ferrox.yaml", "CustomResourceDefinition", name, |_| {});
         assert_eq!(structural::check_crd(&doc), vec![], "{name}");
+    }
+}
+
+#[test]
+fn a_scalar_kubectl_reads_otherwise_fails_with_its_line() {
+    // `off` unquoted: a string to serde_yaml, the boolean false to kubectl, which the API server
+    // then rejects in a ConfigMap.
+    let text = std::fs::read_to_string(manifests::dir().join("ferrox.yaml")).unwrap();
+    assert!(text.contains("FERROX_XDP: \"off\""));
+    let line = text
+        .lines()
+        .position(|l| l.contains("FERROX_XDP: \"off\""))
+        .unwrap()
+        + 1;
+    let unquoted = text.replace("FERROX_XDP: \"off\"", "FERROX_XDP: off");
+    let found = yaml::yaml11_divergences(&unquoted);
+    assert_eq!(
+        found,
+        vec![(line, "off".to_owned(), "the boolean false".to_owned())],
+        "{found:?}"
+    );
+    let as_kubectl_sends = mutated("ferrox.yaml", "ConfigMap", "ferrox-config", |d| {
+        d["data"]["FERROX_XDP"] = false.into();
+    });
+    for v in SUPPORTED {
+        rejects(
+            v,
+            &as_kubectl_sends,
+            ".data.FERROX_XDP",
+            "invalid type: boolean `false`",
+        );
     }
 }

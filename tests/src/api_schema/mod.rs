@@ -15,6 +15,7 @@
 
 pub mod strict;
 pub mod structural;
+pub mod yaml;
 
 use std::fmt;
 
