@@ -8,8 +8,10 @@
 //! Each version's types come from a k8s-openapi release built for it: k8s-openapi generates them
 //! from the OpenAPI document Kubernetes publishes for that version, which is itself generated
 //! from the API server's Go types, so field names and JSON types are the ones the API server
-//! decodes. What this does not check is the API server's semantic validation beyond CRDs
-//! (required values, a selector matching the template's labels, name formats).
+//! decodes. (1.33 comes from k8s-openapi 0.28, since the workspace's 0.29 builds 1.37; the 1.33
+//! API both releases generate has the same types with the same fields.) What this does not
+//! check is the API server's semantic validation beyond CRDs (required values, a selector
+//! matching the template's labels, name formats), nor admission.
 //!
 //! Never changes a document; never needs a cluster or the network.
 
@@ -76,7 +78,7 @@ impl Version {
 }
 
 /// The lowest supported version: kube 5.0, the agent's client, is tested from 1.33 on (its
-/// MK8SV), and 1.33 is the oldest release the big managed distributions still run.
+/// minimum supported Kubernetes version); README.md says why.
 pub const LOWEST: Version = Version {
     name: lowest::NAME,
     decode: lowest::decode,
