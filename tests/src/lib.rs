@@ -7,6 +7,8 @@
 //! - [`cri`]: a Container Runtime Interface client, to drive containerd as the kubelet does
 //!   ([`harness::containerd`]).
 //! - [`manifests`]: the install manifests as typed objects, and their containers' command lines.
+//! - [`api_schema`]: the published API of the lowest and highest supported Kubernetes versions,
+//!   and a document checked against it as the API server's strict field validation does.
 //!
 //! This is test support: a failure stops the test loudly.
 #![allow(
@@ -16,6 +18,7 @@
     reason = "test support: failures should panic with context"
 )]
 
+pub mod api_schema;
 pub mod apiserver;
 pub mod bench;
 pub mod cri;
