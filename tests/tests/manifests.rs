@@ -2,7 +2,8 @@
 //! typed API knows field by field; every flag and environment variable a DaemonSet passes is
 //! one `ferrox` accepts (its own parser decides); the probes, the installer and the agent agree
 //! on ports and paths; and the ClusterRole allows exactly the API calls the agent makes,
-//! observed on a running agent and found in its source.
+//! observed on a running agent (which the API server authorizes with that very role) and found
+//! in its source.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -480,8 +481,27 @@ fn the_cluster_role_allows_exactly_the_api_calls_the_agent_makes() {
         },
     );
 
+    // The agent ran as the manifest's ServiceAccount, over TLS with its token, and the
+    // ClusterRole, enforced by the API server, never refused it a call.
+    let (ns, sa) = manifests::agent_service_account();
+    let user = format!("system:serviceaccount:{ns}:{sa}");
+    let requests = c.api().requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        assert_eq!(r.user, user, "{r:?}");
+        assert!(
+            r.code != 401 && r.code != 403,
+            "the agent was refused {} {}?{}: {}",
+            r.method,
+            r.path,
+            r.query,
+            r.code
+        );
+    }
+    assert!(c.denied_requests().is_empty());
+
     let mut observed = BTreeSet::new();
-    for r in c.api().requests() {
+    for r in requests {
         assert!(
             !r.resource.is_empty(),
             "the agent called a non-resource path {} {}: the ClusterRole needs nonResourceURLs",
