@@ -564,3 +564,45 @@ fn the_cluster_role_allows_exactly_the_api_calls_the_agent_makes() {
     );
     eprintln!("API calls of the agent (group, resource, verb): {observed:?}");
 }
+
+#[test]
+fn an_agent_whose_cluster_role_lacks_a_rule_is_refused_as_on_a_real_cluster() {
+    // The manifest's role without its EndpointSlice rule, as a reviewer might drop it: the
+    // API server refuses the agent's list with the real 403, and the agent says so in its log.
+    let c = Cluster::builder().nodes(1).start_agents(false).build();
+    let n = c.node(1);
+    let mut role = all_of::<ClusterRole>("ClusterRole")[0].clone();
+    role.rules
+        .as_mut()
+        .unwrap()
+        .retain(|r| !r.resources.iter().flatten().any(|r| r == "endpointslices"));
+    c.api().apply(&role);
+    n.start_agent();
+    n.wait_agent_ready();
+    let (ns, sa) = manifests::agent_service_account();
+    let message = format!(
+        "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:{ns}:{sa}\" \
+         cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope"
+    );
+    ferrox_tests::harness::wait_for(
+        "the agent to log the 403",
+        std::time::Duration::from_secs(30),
+        || {
+            if n.agent_log().iter().any(|l| l.contains(&message)) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", n.agent_log().last()))
+            }
+        },
+    );
+    let denied = c.denied_requests();
+    assert!(!denied.is_empty());
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.code == 403 && r.resource == "endpointslices" && r.verb == "list"),
+        "{denied:?}"
+    );
+    // Refused on purpose: the cluster's check of refused requests does not apply.
+    c.api().clear_requests();
+}
