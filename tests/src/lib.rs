@@ -1,7 +1,8 @@
 //! ferrox-tests: the machinery of ferrox's end-to-end tests and demo.
 //!
-//! - [`apiserver`]: a Kubernetes API test server (list/watch with resourceVersions, bookmarks,
-//!   410 Gone) that the agent's real `kube` client talks to unchanged.
+//! - [`apiserver`]: a Kubernetes API test server (HTTPS with its own CA, bearer tokens, RBAC,
+//!   list/watch with resourceVersions, bookmarks, 410 Gone) that the agent's real `kube` client
+//!   talks to unchanged.
 //! - [`harness`]: a cluster of nodes built from network namespaces on one machine, each with its
 //!   own uplink, cgroup, bpffs and agent process; pods created by the real `ferrox-cni`.
 //! - [`cri`]: a Container Runtime Interface client, to drive containerd as the kubelet does

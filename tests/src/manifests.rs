@@ -1,7 +1,9 @@
 //! The install manifests (`manifests/*.yaml`) as typed Kubernetes objects, and what the tests
 //! need to run their containers' command lines on a harness node: the argument vector a
 //! container's process gets (arguments, explicit environment and ConfigMap environment turned
-//! into the flags they stand for), the capabilities it is given, and where its mounts come from.
+//! into the flags they stand for), the capabilities it is given, where its mounts come from,
+//! and the identity it runs as (the manifest's ServiceAccount, ClusterRole and binding, stored
+//! in an API test server that then enforces them).
 
 use std::{
     collections::BTreeMap,
@@ -9,7 +11,11 @@ use std::{
 };
 
 use clap::CommandFactory as _;
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap, core::v1::Container};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Container, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -88,6 +94,43 @@ pub fn all_of<K: DeserializeOwned + serde::Serialize>(kind: &str) -> Vec<K> {
         .filter(|d| d["kind"] == kind)
         .map(|d| typed(&d).unwrap_or_else(|e| panic!("{kind} {}: {e}", d["metadata"]["name"])))
         .collect()
+}
+
+/// Namespace and name of the ServiceAccount the agent's DaemonSet (`ferrox`) runs as.
+pub fn agent_service_account() -> (String, String) {
+    let ds = daemonset("ferrox");
+    let account = ds
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|p| p.service_account_name.clone())
+        .expect("the ferrox DaemonSet names its serviceAccountName");
+    let namespace = ds
+        .metadata
+        .namespace
+        .clone()
+        .expect("the ferrox DaemonSet has a namespace");
+    (namespace, account)
+}
+
+/// Stores every ServiceAccount, ClusterRole and ClusterRoleBinding of the manifests in `api`
+/// (as `kubectl apply -f manifests/` would; the server then enforces them), and returns a token
+/// of the agent's ServiceAccount ([`agent_service_account`]), as the kubelet would project it
+/// into the agent's pod.
+pub fn install_rbac(api: &crate::apiserver::ApiServer) -> String {
+    for account in all_of::<ServiceAccount>("ServiceAccount") {
+        api.apply(&account);
+    }
+    for role in all_of::<ClusterRole>("ClusterRole") {
+        api.apply(&role);
+    }
+    for binding in all_of::<ClusterRoleBinding>("ClusterRoleBinding") {
+        api.apply(&binding);
+    }
+    let (namespace, name) = agent_service_account();
+    api.service_account_token(&namespace, &name)
+        .expect("the agent's ServiceAccount is in the manifests")
 }
 
 pub fn daemonset(name: &str) -> DaemonSet {

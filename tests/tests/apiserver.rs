@@ -1,6 +1,8 @@
-//! The API test server against the real `kube` client: list/get with selectors and pagination,
-//! the runtime watcher (list-watch and streaming lists), 410 recovery through a reflector,
-//! bookmarks, optimistic concurrency, patches, deletes and the request log.
+//! The API test server against the real `kube` client: HTTPS verified against the cluster CA,
+//! bearer tokens (401 without), RBAC from the manifest's ClusterRole (403 outside it),
+//! list/get with selectors and pagination, the runtime watcher (list-watch and streaming lists),
+//! 410 recovery through a reflector, broken and expired watches, bookmarks, optimistic
+//! concurrency, patches, deletes (Pods gracefully) and the request log.
 //!
 //! Nothing here sleeps and hopes: every wait polls a stream or a condition against a deadline.
 #![allow(
@@ -21,12 +23,14 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event, watcher as watch};
 use kube::{Client, Config, ResourceExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use ferrox_tests::apiserver::{ApiServer, RequestRecord};
 
@@ -120,9 +124,18 @@ fn slice(name: &str, service: &str, ips: &[&str]) -> EndpointSlice {
     }
 }
 
-fn client(server: &ApiServer) -> Client {
-    let config = Config::new(server.url().parse().expect("the server URL is a URI"));
+/// A kube client as `kubectl` would make from the server's kubeconfig with `token`.
+async fn client_as(server: &ApiServer, token: &str) -> Client {
+    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig(token)).expect("a valid kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("a kube config from the kubeconfig");
     Client::try_from(config).expect("a kube client for the test server")
+}
+
+/// [`client_as`] the admin.
+async fn client(server: &ApiServer) -> Client {
+    client_as(server, &server.admin_token()).await
 }
 
 fn names<K: ResourceExt>(objects: impl IntoIterator<Item = K>) -> Vec<String> {
@@ -191,20 +204,31 @@ fn requests_for(server: &ApiServer, resource: &str) -> Vec<RequestRecord> {
         .collect()
 }
 
-/// A watch read over a plain TCP connection: HTTP/1.1 chunked, newline-delimited JSON events.
+/// A TLS connection to the server, verified against its CA.
+async fn connect_tls(server: &ApiServer) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(server.addr())
+        .await
+        .expect("connect to the API server");
+    let name = rustls::pki_types::ServerName::IpAddress(server.addr().ip().into());
+    tokio_rustls::TlsConnector::from(server.tls_client_config())
+        .connect(name, tcp)
+        .await
+        .expect("a TLS handshake the cluster CA verifies")
+}
+
+/// A watch read over a TLS connection by hand: HTTP/1.1 chunked, newline-delimited JSON events.
 struct RawWatch {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<TlsStream<TcpStream>>,
     buffered: Vec<u8>,
 }
 
 impl RawWatch {
     async fn open(server: &ApiServer, path_and_query: &str) -> RawWatch {
-        let mut stream = TcpStream::connect(server.addr())
-            .await
-            .expect("connect to the API server");
+        let mut stream = connect_tls(server).await;
         let request = format!(
-            "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
-            server.addr()
+            "GET {path_and_query} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+            server.addr(),
+            server.admin_token()
         );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut reader = BufReader::new(stream);
@@ -283,7 +307,7 @@ async fn list_and_get_with_selectors_and_pagination() {
     ] {
         server.create(&s).unwrap();
     }
-    let client = client(&server);
+    let client = client(&server).await;
 
     // Label selectors, namespaced and across namespaces.
     let default: Api<Service> = Api::default_namespaced(client.clone());
@@ -428,7 +452,7 @@ async fn watcher_sees_changes_in_order(config: watcher::Config) -> ApiServer {
     server
         .create(&svc("elsewhere").ns("prod").label("app", "web").build())
         .unwrap();
-    let api: Api<Service> = Api::default_namespaced(client(&server));
+    let api: Api<Service> = Api::default_namespaced(client(&server).await);
     let mut events = watch(api, config.labels("app=web")).boxed();
 
     let mut initial = Vec::new();
@@ -527,7 +551,7 @@ async fn reflector_recovers_from_410_after_compaction() {
     for name in ["a", "b", "c"] {
         server.create(&svc(name).build()).unwrap();
     }
-    let api: Api<Service> = Api::all(client(&server));
+    let api: Api<Service> = Api::all(client(&server).await);
     let (reader, writer) = reflector::store::<Service>();
     let mut stream = reflector(writer, watch(api, watcher::Config::default())).boxed();
     let errors = drive_until(&mut stream, "the initial list and an open watch", || {
@@ -614,7 +638,7 @@ async fn bookmarks_reach_watchers_that_ask_for_them() {
     server.create(&svc("a").build()).unwrap();
 
     // The kube watcher takes the bookmark's version: after a reconnect it resumes from there.
-    let api: Api<Service> = Api::default_namespaced(client(&server));
+    let api: Api<Service> = Api::default_namespaced(client(&server).await);
     let mut events = watch(api, watcher::Config::default()).boxed();
     let errors = drive_until(&mut events, "an open watch", || server.open_watches() == 1).await;
     assert!(errors.is_empty(), "{errors:?}");
@@ -693,7 +717,7 @@ async fn writes_conflicts_patches_and_deletes() {
     let created = server
         .create(&svc("web").label("app", "web").build())
         .unwrap();
-    let api: Api<Service> = Api::default_namespaced(client(&server));
+    let api: Api<Service> = Api::default_namespaced(client(&server).await);
 
     // Optimistic concurrency, typed API: replacing an outdated copy is a 409.
     let mut newer = created.clone();
@@ -815,7 +839,7 @@ async fn writes_conflicts_patches_and_deletes() {
 #[tokio::test]
 async fn discovery_and_version_documents_parse_in_kube() {
     let server = ApiServer::start_local();
-    let client = client(&server);
+    let client = client(&server).await;
     let version = client.apiserver_version().await.unwrap();
     assert_eq!(version.major, "1");
     let discovery = kube::discovery::Discovery::new(client.clone())
@@ -843,40 +867,361 @@ fn serves_a_caller_bound_listener_without_a_runtime_and_stops_on_drop() {
     let addr = listener.local_addr().unwrap();
     let server = ApiServer::start(listener);
     assert_eq!(server.addr(), addr);
-    assert_eq!(server.url(), format!("http://{addr}"));
+    assert_eq!(server.url(), format!("https://{addr}"));
     server.apply(&node("n1", false));
 
-    let get = |path: &str| -> Option<String> {
+    // HTTP/1.1 by hand, over TLS verified against the cluster CA.
+    let tls = server.tls_client_config();
+    let get = |path: &str, token: Option<&str>| -> Option<String> {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        let tcp = std::net::TcpStream::connect(addr).ok()?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let conn = rustls::ClientConnection::new(std::sync::Arc::clone(&tls), name).ok()?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
         )
         .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
+        let mut response = Vec::new();
+        match stream.read_to_end(&mut response) {
+            Ok(_) => {}
+            // The server may close without a close_notify after `Connection: close`.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(_) => return None,
+        }
+        Some(String::from_utf8_lossy(&response).into_owned())
     };
-    let response = get("/api/v1/nodes/n1").expect("the server answers");
+    let admin = server.admin_token();
+    let response = get("/api/v1/nodes/n1", Some(&admin)).expect("the server answers");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("\"name\":\"n1\""), "{response}");
-    let missing = get("/api/v1/nodes/n9").unwrap();
+    let missing = get("/api/v1/nodes/n9", Some(&admin)).unwrap();
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
-    let ready = get("/readyz").unwrap();
+    let ready = get("/readyz", Some(&admin)).unwrap();
     assert!(
         ready.starts_with("HTTP/1.1 200") && ready.ends_with("ok"),
         "{ready}"
     );
-    let nonsense = get("/api/v1/namespaces/default/services?labelSelector=%28%28").unwrap();
+    let nonsense = get(
+        "/api/v1/namespaces/default/services?labelSelector=%28%28",
+        Some(&admin),
+    )
+    .unwrap();
     assert!(
         nonsense.starts_with("HTTP/1.1 400") && nonsense.contains("\"reason\":\"BadRequest\""),
         "{nonsense}"
     );
+    // Without a token: 401 and the real server's Status, for resources and health alike.
+    for path in ["/api/v1/nodes/n1", "/readyz"] {
+        let anonymous = get(path, None).unwrap();
+        assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+        let body = &anonymous[anonymous.find("\r\n\r\n").unwrap() + 4..];
+        assert_eq!(
+            serde_json::from_str::<Value>(body).unwrap(),
+            json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": "Unauthorized", "reason": "Unauthorized", "code": 401 }),
+            "{path}"
+        );
+    }
 
     server.shutdown();
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
         "nothing listens after shutdown"
     );
+}
+
+#[tokio::test]
+async fn the_agents_token_gets_what_its_cluster_role_grants_and_403_for_anything_else() {
+    let server = ApiServer::start_local();
+    let token = ferrox_tests::manifests::install_rbac(&server);
+    server.create(&svc("web").build()).unwrap();
+    server.apply(&node("node-1", false));
+    let client = client_as(&server, &token).await;
+    let user = "system:serviceaccount:kube-system:ferrox";
+
+    // What the manifest's ClusterRole grants, and discovery for every authenticated user.
+    let services: Api<Service> = Api::all(client.clone());
+    assert_eq!(
+        names(services.list(&ListParams::default()).await.unwrap()),
+        ["web"]
+    );
+    let in_default: Api<Service> = Api::default_namespaced(client.clone());
+    assert_eq!(
+        names(in_default.list(&ListParams::default()).await.unwrap()),
+        ["web"],
+        "a ClusterRoleBinding grants every namespace"
+    );
+    let nodes: Api<Node> = Api::all(client.clone());
+    assert_eq!(nodes.get("node-1").await.unwrap().name_any(), "node-1");
+    assert_eq!(client.apiserver_version().await.unwrap().major, "1");
+
+    // Everything else is a 403 with the real server's Status.
+    let forbidden = [
+        (
+            api_error(in_default.get("web").await.unwrap_err()),
+            format!(
+                "services \"web\" is forbidden: User \"{user}\" cannot get resource \"services\" in API group \"\" in the namespace \"default\""
+            ),
+        ),
+        (
+            api_error(
+                in_default
+                    .create(&PostParams::default(), &svc("mine").build())
+                    .await
+                    .unwrap_err(),
+            ),
+            format!(
+                "services is forbidden: User \"{user}\" cannot create resource \"services\" in API group \"\" in the namespace \"default\""
+            ),
+        ),
+        (
+            api_error(
+                Api::<ConfigMap>::all(client.clone())
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap_err(),
+            ),
+            format!(
+                "configmaps is forbidden: User \"{user}\" cannot list resource \"configmaps\" in API group \"\" at the cluster scope"
+            ),
+        ),
+        (
+            api_error(
+                nodes
+                    .patch_status(
+                        "node-1",
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({ "status": {} })),
+                    )
+                    .await
+                    .unwrap_err(),
+            ),
+            format!(
+                "nodes \"node-1\" is forbidden: User \"{user}\" cannot patch resource \"nodes/status\" in API group \"\" at the cluster scope"
+            ),
+        ),
+        (
+            api_error(
+                Api::<EndpointSlice>::default_namespaced(client.clone())
+                    .delete("web-abc", &DeleteParams::default())
+                    .await
+                    .unwrap_err(),
+            ),
+            format!(
+                "endpointslices.discovery.k8s.io \"web-abc\" is forbidden: User \"{user}\" cannot delete resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"default\""
+            ),
+        ),
+    ];
+    for (status, message) in &forbidden {
+        assert_eq!(
+            (status.code, status.reason.as_str(), &status.message),
+            (403, "Forbidden", message)
+        );
+    }
+    assert!(
+        server.get::<Service>(None, "mine").is_none(),
+        "nothing was created"
+    );
+
+    // The request log names the user of every call, and what it was refused.
+    let log: Vec<(String, String, String, u16)> = server
+        .requests()
+        .into_iter()
+        .map(|r| (r.user, r.verb, r.resource, r.code))
+        .collect();
+    let by = |verb: &str, resource: &str, code: u16| {
+        (user.to_owned(), verb.to_owned(), resource.to_owned(), code)
+    };
+    for want in [
+        by("list", "services", 200),
+        by("get", "nodes", 200),
+        by("get", "services", 403),
+        by("create", "services", 403),
+        by("patch", "nodes", 403),
+    ] {
+        assert!(log.contains(&want), "{want:?} not in {log:?}");
+    }
+
+    // A token that is not the server's, or of an account that is gone, is a 401.
+    let mut forged = token.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    for bad in [forged.as_str(), "", "not-a-token"] {
+        let err = api_error(
+            Api::<Service>::all(client_as(&server, bad).await)
+                .list(&ListParams::default())
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(
+            (err.code, err.reason.as_str(), err.message.as_str()),
+            (401, "Unauthorized", "Unauthorized"),
+            "{bad:?}"
+        );
+    }
+    server
+        .delete::<k8s_openapi::api::core::v1::ServiceAccount>(Some("kube-system"), "ferrox")
+        .unwrap();
+    let err = api_error(services.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!(err.code, 401, "the ServiceAccount was deleted");
+}
+
+#[tokio::test]
+async fn the_client_verifies_the_certificate_against_the_kubeconfigs_ca() {
+    let server = ApiServer::start_local();
+    let other = ApiServer::start_local();
+    let admin = server.admin_token();
+
+    // Another cluster's CA (also named `kubernetes`, as every kubeadm CA is) does not verify
+    // this server's certificate.
+    let wrong_ca = other
+        .kubeconfig(&admin)
+        .replace(&other.url(), &server.url());
+    let kubeconfig = Kubeconfig::from_yaml(&wrong_ca).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let err = Api::<Service>::all(Client::try_from(config).unwrap())
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(err, kube::Error::Api(_)) && format!("{err:?}").contains("InvalidCertificate"),
+        "{err:?}"
+    );
+
+    // Nor does the right CA for a name the certificate does not carry.
+    let wrong_name = server.kubeconfig(&admin).replace(
+        "    certificate-authority-data:",
+        "    tls-server-name: control-plane.invalid\n    certificate-authority-data:",
+    );
+    let config = Config::from_custom_kubeconfig(
+        Kubeconfig::from_yaml(&wrong_name).unwrap(),
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let err = Api::<Service>::all(Client::try_from(config).unwrap())
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("NotValidForName"), "{err:?}");
+
+    // What a TLS handshake costs here, next to the TCP connection it runs on.
+    let rounds = 50;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        drop(TcpStream::connect(server.addr()).await.unwrap());
+    }
+    let tcp = start.elapsed() / rounds;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        drop(connect_tls(&server).await);
+    }
+    let tls = start.elapsed() / rounds;
+    eprintln!("TCP connect {tcp:?}, TCP connect + TLS handshake {tls:?} (mean of {rounds})");
+}
+
+#[tokio::test]
+async fn broken_watches_resume_and_expired_ones_relist() {
+    let server = ApiServer::start_local();
+    server.create(&svc("a").build()).unwrap();
+    let api: Api<Service> = Api::all(client(&server).await);
+    let (reader, writer) = reflector::store::<Service>();
+    let mut stream = reflector(writer, watch(api, watcher::Config::default())).boxed();
+    let errors = drive_until(&mut stream, "the list and an open watch", || {
+        reader.len() == 1 && server.open_watches() == 1
+    })
+    .await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let has = |name: &str| reader.state().iter().any(|s| s.name_any() == name);
+
+    // Broken: no watch opens, so a change made meanwhile does not arrive...
+    let broken = server.break_watches();
+    server.create(&svc("b").build()).unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while stream.next().await.is_some() {}
+    })
+    .await;
+    assert!(!has("b"), "nothing arrives while the watches are broken");
+    assert_eq!(server.open_watches(), 0);
+    // ...until the watches come back: the client resumes where it was, without a list.
+    drop(broken);
+    let errors = drive_until(&mut stream, "b through the resumed watch", || has("b")).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let verbs = |from: usize| -> Vec<(String, Option<u16>)> {
+        requests_for(&server, "services")[from..]
+            .iter()
+            .map(|r| (r.verb.clone(), r.watch_error))
+            .collect()
+    };
+    assert_eq!(
+        verbs(0),
+        [
+            ("list".to_owned(), None),
+            ("watch".to_owned(), None),
+            ("watch".to_owned(), None)
+        ]
+    );
+
+    // Broken and expired: the client's version is gone, it gets 410 and re-lists.
+    let before = requests_for(&server, "services").len();
+    let broken = server.break_watches();
+    server.create(&svc("c").build()).unwrap();
+    server.delete::<Service>(None, "a").unwrap();
+    broken.expire();
+    let errors = drive_until(&mut stream, "the re-list after 410", || {
+        has("c") && !has("a") && server.open_watches() == 1
+    })
+    .await;
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("too old resource version")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        verbs(before),
+        [
+            ("watch".to_owned(), Some(410)),
+            ("list".to_owned(), None),
+            ("watch".to_owned(), None)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pods_on_a_node_are_deleted_gracefully() {
+    use k8s_openapi::api::core::v1::Pod;
+    let server = ApiServer::start_local();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "web-0", "namespace": "default" },
+        "spec": { "nodeName": "node-1", "terminationGracePeriodSeconds": 45,
+                  "containers": [ { "name": "web", "image": "web" } ] },
+        "status": { "phase": "Running" }
+    }))
+    .unwrap();
+    server.create(&pod).unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client(&server).await);
+    let terminating = pods
+        .delete("web-0", &DeleteParams::default())
+        .await
+        .unwrap()
+        .left()
+        .expect("the pod stays, terminating");
+    assert_eq!(terminating.metadata.deletion_grace_period_seconds, Some(45));
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert!(server.get::<Pod>(None, "web-0").is_some());
+    // The kubelet's final delete, once the containers stopped.
+    let gone = pods
+        .delete("web-0", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(gone.is_left());
+    assert!(server.get::<Pod>(None, "web-0").is_none());
 }

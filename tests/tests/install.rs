@@ -189,7 +189,7 @@ fn install_cni_waits_for_the_agent_and_uninstall_leaves_the_node_as_it_was() {
     assert!(
         log.iter()
             .any(|l| l.contains("connecting to the Kubernetes API")
-                && l.contains("http://198.18.0.1:6443")),
+                && l.contains("https://198.18.0.1:6443")),
         "the agent used --k8s-api-server, not the kubeconfig's address: {log:?}"
     );
     assert!(log.iter().any(|l| l.contains("CNI ready")));

@@ -30,6 +30,8 @@ fn block_type() -> ResourceType {
 fn nodes_claiming_at_once_never_get_the_same_block() {
     let api = ApiServer::start_local();
     api.register(block_type());
+    // Each node claims as the agent does: its ServiceAccount, under the manifest's ClusterRole.
+    let token = ferrox_tests::manifests::install_rbac(&api);
     let pools = Pools {
         pools: vec!["10.250.0.0/26".parse().unwrap()],
         block_prefix: 29,
@@ -39,15 +41,20 @@ fn nodes_claiming_at_once_never_get_the_same_block() {
         .enable_all()
         .build()
         .unwrap();
-    let url = api.url();
+    let kubeconfig = api.kubeconfig(&token);
     // 12 nodes race for 8 blocks, three times over (releasing everything in between).
     for round in 0..3 {
         let claims: Vec<Option<Ipv4Net>> = rt.block_on(async {
             let tasks: Vec<_> = (0..12)
                 .map(|i| {
-                    let (pools, url) = (pools.clone(), url.clone());
+                    let (pools, kubeconfig) = (pools.clone(), kubeconfig.clone());
                     tokio::spawn(async move {
-                        let config = kube::Config::new(url.parse().unwrap());
+                        let config = kube::Config::from_custom_kubeconfig(
+                            kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap(),
+                            &kube::config::KubeConfigOptions::default(),
+                        )
+                        .await
+                        .unwrap();
                         let client = kube::Client::try_from(config).unwrap();
                         ipam::claim(&client, &pools, &format!("node-{i}"))
                             .await
@@ -83,6 +90,15 @@ fn nodes_claiming_at_once_never_get_the_same_block() {
                 .unwrap();
         }
     }
+    let refused: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.code == 401 || r.code == 403)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "claims outside the agent's role: {refused:?}"
+    );
 }
 
 /// Runs CNI ADD as a runtime does: retried while the plugin says "try again later" (code 11).

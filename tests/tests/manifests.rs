@@ -2,7 +2,8 @@
 //! typed API knows field by field; every flag and environment variable a DaemonSet passes is
 //! one `ferrox` accepts (its own parser decides); the probes, the installer and the agent agree
 //! on ports and paths; and the ClusterRole allows exactly the API calls the agent makes,
-//! observed on a running agent and found in its source.
+//! observed on a running agent (which the API server authorizes with that very role) and found
+//! in its source.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -480,8 +481,27 @@ fn the_cluster_role_allows_exactly_the_api_calls_the_agent_makes() {
         },
     );
 
+    // The agent ran as the manifest's ServiceAccount, over TLS with its token, and the
+    // ClusterRole, enforced by the API server, never refused it a call.
+    let (ns, sa) = manifests::agent_service_account();
+    let user = format!("system:serviceaccount:{ns}:{sa}");
+    let requests = c.api().requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        assert_eq!(r.user, user, "{r:?}");
+        assert!(
+            r.code != 401 && r.code != 403,
+            "the agent was refused {} {}?{}: {}",
+            r.method,
+            r.path,
+            r.query,
+            r.code
+        );
+    }
+    assert!(c.denied_requests().is_empty());
+
     let mut observed = BTreeSet::new();
-    for r in c.api().requests() {
+    for r in requests {
         assert!(
             !r.resource.is_empty(),
             "the agent called a non-resource path {} {}: the ClusterRole needs nonResourceURLs",
@@ -543,4 +563,46 @@ fn the_cluster_role_allows_exactly_the_api_calls_the_agent_makes() {
         "the ClusterRole allows calls the agent never makes: {extra:?}"
     );
     eprintln!("API calls of the agent (group, resource, verb): {observed:?}");
+}
+
+#[test]
+fn an_agent_whose_cluster_role_lacks_a_rule_is_refused_as_on_a_real_cluster() {
+    // The manifest's role without its EndpointSlice rule, as a reviewer might drop it: the
+    // API server refuses the agent's list with the real 403, and the agent says so in its log.
+    let c = Cluster::builder().nodes(1).start_agents(false).build();
+    let n = c.node(1);
+    let mut role = all_of::<ClusterRole>("ClusterRole")[0].clone();
+    role.rules
+        .as_mut()
+        .unwrap()
+        .retain(|r| !r.resources.iter().flatten().any(|r| r == "endpointslices"));
+    c.api().apply(&role);
+    n.start_agent();
+    n.wait_agent_ready();
+    let (ns, sa) = manifests::agent_service_account();
+    let message = format!(
+        "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:{ns}:{sa}\" \
+         cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope"
+    );
+    ferrox_tests::harness::wait_for(
+        "the agent to log the 403",
+        std::time::Duration::from_secs(30),
+        || {
+            if n.agent_log().iter().any(|l| l.contains(&message)) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", n.agent_log().last()))
+            }
+        },
+    );
+    let denied = c.denied_requests();
+    assert!(!denied.is_empty());
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.code == 403 && r.resource == "endpointslices" && r.verb == "list"),
+        "{denied:?}"
+    );
+    // Refused on purpose: the cluster's check of refused requests does not apply.
+    c.api().clear_requests();
 }

@@ -392,3 +392,92 @@ fn a_connected_udp_socket_whose_backend_leaves_is_closed_and_the_next_one_works(
     let status = session.signal_and_wait(libc::SIGTERM);
     assert!(status.success());
 }
+
+#[test]
+fn after_its_watches_expire_the_agent_relists_and_programs_what_changed_meanwhile() {
+    let c = Cluster::builder().nodes(2).build();
+    let web1 = c.add_pod(1, "web-1");
+    let web2 = c.add_pod(2, "web-2");
+    let client = c.add_pod(1, "client");
+    let _s1 = web1.serve(8080);
+    let _s2 = web2.serve(8080);
+    let endpoints = |name: &str, pods: &[&ferrox_tests::harness::Pod]| {
+        let mut s = slice(name, &format!("{name}-s")).port("", 8080, "TCP");
+        for p in pods {
+            s = s.ready_on(p.ip, &format!("node-{}", p.node));
+        }
+        s.build()
+    };
+    c.api().apply(
+        &svc("web")
+            .cluster_ip("10.96.0.80")
+            .port("", 80, "TCP")
+            .build(),
+    );
+    c.api().apply(&endpoints("web", &[&web1]));
+    for n in c.nodes() {
+        n.wait_for_backends("10.96.0.80:80/TCP", 1);
+    }
+
+    // The control plane ends every watch (a restart, a timeout) and compacts while the agents
+    // are away; what changed meanwhile reaches them only through a re-list.
+    let log = c.expire_watches(|| {
+        c.api().apply(&endpoints("web", &[&web1, &web2]));
+        c.api().apply(
+            &svc("late")
+                .cluster_ip("10.96.0.81")
+                .port("", 80, "TCP")
+                .build(),
+        );
+        c.api().apply(&endpoints("late", &[&web2]));
+    });
+    for n in c.nodes() {
+        n.wait_for_backends("10.96.0.80:80/TCP", 2);
+        n.wait_for_backends("10.96.0.81:80/TCP", 1);
+    }
+    let (by_backend, _) = client.call_tcp("10.96.0.80:80", 40);
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "{by_backend:?}"
+    );
+    let (by_backend, _) = client.call_tcp("10.96.0.81:80", 5);
+    assert_eq!(by_backend.get("web-2"), Some(&5), "{by_backend:?}");
+
+    // The request log shows, for each agent and each kind it syncs Services from, the watch
+    // answered 410 Gone, then the re-list, then a new watch.
+    for n in c.nodes() {
+        for resource in ["services", "endpointslices", "nodes"] {
+            let calls: Vec<(&str, Option<u16>)> = log
+                .iter()
+                .filter(|r| {
+                    r.resource == resource
+                        && r.source.map(|s| s.ip()) == Some(std::net::IpAddr::V4(n.addr))
+                })
+                .map(|r| (r.verb.as_str(), r.watch_error))
+                .collect();
+            let gone = calls
+                .iter()
+                .position(|c| *c == ("watch", Some(410)))
+                .unwrap_or_else(|| panic!("{} {resource}: no 410: {calls:?}", n.name));
+            assert!(
+                calls[gone..].contains(&("list", None)),
+                "{} {resource}: no re-list after the 410: {calls:?}",
+                n.name
+            );
+            assert_eq!(
+                calls.last(),
+                Some(&("watch", None)),
+                "{} {resource}: watching again",
+                n.name
+            );
+        }
+        assert!(
+            n.agent_log()
+                .iter()
+                .any(|l| l.contains("too old resource version")),
+            "{}: the agent saw the 410",
+            n.name
+        );
+    }
+}

@@ -78,6 +78,37 @@ pub enum ApiError {
         /// The media types that would have been accepted.
         accepted: String,
     },
+    /// A request without valid credentials: no bearer token, an unknown or expired one, or
+    /// one whose ServiceAccount is gone (401).
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// A request the caller's roles do not allow (403). `message` is what the real server says
+    /// after "... is forbidden: ".
+    #[error("{}", forbidden_text(.group, .resource, .name, .message))]
+    Forbidden {
+        /// API group of the resource, empty for core or a non-resource request.
+        group: String,
+        /// Plural resource (without subresource), empty for a non-resource request.
+        resource: String,
+        /// Object name, empty for a collection.
+        name: String,
+        /// `User "..." cannot VERB resource "..." in API group "..." ...`.
+        message: String,
+    },
+}
+
+/// `NewForbidden`'s message: `{resource.group} "{name}" is forbidden: {message}`.
+fn forbidden_text(group: &str, resource: &str, name: &str, message: &str) -> String {
+    let qualified = if group.is_empty() {
+        resource.to_owned()
+    } else {
+        format!("{resource}.{group}")
+    };
+    match (qualified.is_empty(), name.is_empty()) {
+        (true, _) => format!("forbidden: {message}"),
+        (false, true) => format!("{qualified} is forbidden: {message}"),
+        (false, false) => format!("{qualified} \"{name}\" is forbidden: {message}"),
+    }
 }
 
 impl ApiError {
@@ -91,6 +122,8 @@ impl ApiError {
             ApiError::Expired { .. } | ApiError::ContinueExpired => 410,
             ApiError::MethodNotAllowed => 405,
             ApiError::UnsupportedMediaType { .. } => 415,
+            ApiError::Unauthorized => 401,
+            ApiError::Forbidden { .. } => 403,
         }
     }
 
@@ -105,6 +138,8 @@ impl ApiError {
             ApiError::Expired { .. } | ApiError::ContinueExpired => "Expired",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
+            ApiError::Unauthorized => "Unauthorized",
+            ApiError::Forbidden { .. } => "Forbidden",
         }
     }
 
@@ -124,6 +159,22 @@ impl ApiError {
             | ApiError::AlreadyExists { resource, name }
             | ApiError::Conflict { resource, name, .. }
             | ApiError::Invalid { resource, name, .. } => Some(details(resource, name)),
+            ApiError::Forbidden {
+                group,
+                resource,
+                name,
+                ..
+            } => {
+                // Empty fields are left out, as Go's `omitempty` does (`"details": {}` for a
+                // non-resource path).
+                let details: serde_json::Map<String, Value> =
+                    [("name", name), ("group", group), ("kind", resource)]
+                        .into_iter()
+                        .filter(|(_, v)| !v.is_empty())
+                        .map(|(k, v)| (k.to_owned(), Value::from(v.as_str())))
+                        .collect();
+                Some(Value::Object(details))
+            }
             _ => None,
         };
         if let (Some(details), Some(map)) = (details, status.as_object_mut()) {
@@ -190,6 +241,17 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .contains("the object has been modified")
+        );
+    }
+
+    #[test]
+    fn unauthorized_status_matches_the_real_api_server() {
+        assert_eq!(
+            ApiError::Unauthorized.status(),
+            json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "Unauthorized", "reason": "Unauthorized", "code": 401,
+            })
         );
     }
 

@@ -1,5 +1,7 @@
-//! The HTTP shell of the test API server: axum routing every request to the store, JSON and
-//! `Status` responses, chunked watch streams, and the periodic bookmark task.
+//! The HTTPS shell of the test API server: axum over [`super::tls`], every request
+//! authenticated ([`super::auth`], 401), authorized ([`super::rbac`], 403), then routed to the
+//! store; JSON and `Status` responses, chunked watch streams with the real server's timeouts,
+//! watches held back while a test has them broken, and the periodic bookmark task.
 //!
 //! Thin by design: paths and queries are read by [`super::request`], rules live in
 //! [`super::store`], watch decisions in [`super::watch`]. A malformed request gets a 400 `Status`;
@@ -12,26 +14,33 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use futures::future::ready;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch as signal};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::RequestRecord;
+use super::auth::random_bytes;
 use super::error::ApiError;
+use super::rbac::Attributes;
 use super::registry::{ResourceType, version_info};
 use super::request::{
-    ListQuery, ResourcePath, Route, Shape, check_json_body, json_body, parse_path, patch_kind, verb,
+    ListQuery, ResourcePath, Route, Shape, check_json_body, json_body, parse_path, patch_kind,
 };
 use super::store::{ListOptions, Scope, Store, WatchMsg, WatchOpen};
-use super::watch::{Frame, translate, watch_start};
+use super::tls::{Peer, Pki, TlsListener};
+use super::watch::{EventType, Frame, translate, watch_start};
 
 /// Largest request body read.
 const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// The real API server's `--min-request-timeout`: a watch without `timeoutSeconds` ends after
+/// a random time between this and twice this.
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// State shared by the server thread and the [`super::ApiServer`] handle.
 pub(crate) struct Shared {
@@ -39,6 +48,10 @@ pub(crate) struct Shared {
     /// Wakes the bookmark task when the interval changes.
     pub(crate) bookmark_changed: Notify,
     pub(crate) addr: SocketAddr,
+    pub(crate) pki: Pki,
+    /// True while new watches wait ([`super::ApiServer::break_watches`]). Set and read under the
+    /// store's lock, so no watch opens between a break and its end.
+    pub(crate) watches_held: signal::Sender<bool>,
 }
 
 impl Shared {
@@ -47,6 +60,8 @@ impl Shared {
             store: Mutex::new(Store::new()),
             bookmark_changed: Notify::new(),
             addr,
+            pki: Pki::new(addr.ip()),
+            watches_held: signal::Sender::new(false),
         }
     }
 
@@ -65,7 +80,15 @@ pub(crate) async fn serve(
 ) {
     let app = Router::new()
         .fallback(handle)
-        .with_state(Arc::clone(&shared));
+        .with_state(Arc::clone(&shared))
+        .into_make_service_with_connect_info::<Peer>();
+    let listener = match TlsListener::new(listener, &shared.pki) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(addr = %shared.addr, %err, "API test server cannot listen");
+            return;
+        }
+    };
     let bookmarks = tokio::spawn(bookmark_ticker(Arc::clone(&shared)));
     tokio::select! {
         result = std::future::IntoFuture::into_future(axum::serve(listener, app)) => {
@@ -94,8 +117,13 @@ async fn bookmark_ticker(shared: Arc<Shared>) {
     }
 }
 
-/// The one handler: reads the request, answers it, logs it.
-async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+/// The one handler: reads the request, answers it (a held watch waits, then is answered), logs
+/// it.
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let header_str = |name: header::HeaderName| {
         parts
@@ -109,52 +137,83 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().unwrap_or_default().to_owned(),
+        source: Some(peer.0),
         ..RequestRecord::default()
     };
     let response = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(body) => {
             let incoming = Incoming {
+                authorization: header_str(header::AUTHORIZATION),
                 content_type: header_str(header::CONTENT_TYPE),
                 accept: header_str(header::ACCEPT),
                 body,
             };
-            answer(&shared, &incoming, &mut record).unwrap_or_else(|err| error_response(&err))
+            loop {
+                match answer(&shared, &incoming, &mut record) {
+                    Ok(Reply::Now(response)) => break response,
+                    Ok(Reply::Held(mut held)) => {
+                        // Only fails when the server is going away; then answer at once.
+                        let _ = held.wait_for(|held| !*held).await;
+                    }
+                    Err(err) => break error_response(&err),
+                }
+            }
         }
         Err(err) => error_response(&ApiError::BadRequest(format!(
             "cannot read the request body: {err}"
         ))),
     };
     record.code = response.status().as_u16();
-    tracing::debug!(method = %record.method, path = %record.path, query = %record.query, code = record.code, "API request");
+    tracing::debug!(method = %record.method, path = %record.path, query = %record.query, user = %record.user, code = record.code, "API request");
     shared.lock().log_request(record);
     response
 }
 
 /// What of a request the answer needs besides its method, path and query (kept in the record).
 struct Incoming {
+    authorization: String,
     content_type: String,
     accept: String,
     body: Bytes,
 }
 
+/// An answer, or a watch to open once the test lets watches in again.
+enum Reply {
+    Now(Response),
+    Held(signal::Receiver<bool>),
+}
+
+/// Authenticates, authorizes and answers a request, under one hold of the store's lock.
 fn answer(
     shared: &Shared,
     incoming: &Incoming,
     record: &mut RequestRecord,
-) -> Result<Response, ApiError> {
+) -> Result<Reply, ApiError> {
+    let mut store = shared.lock();
+    let user = store.authenticate(&incoming.authorization)?;
+    record.user.clone_from(&user.name);
+    let attributes = Attributes::of_request(&record.method, &record.path, &record.query);
+    record.verb.clone_from(&attributes.verb);
+    if let Some(Route::Resource(path)) = parse_path(&record.path) {
+        record.group.clone_from(&path.group);
+        record.version.clone_from(&path.version);
+        record.resource.clone_from(&path.plural);
+        record.subresource = path.subresource.clone().unwrap_or_default();
+        record.namespace.clone_from(&path.namespace);
+        record.name.clone_from(&path.name);
+    }
+    store.policy().authorize(&user, &attributes)?;
     let route = parse_path(&record.path).ok_or_else(|| ApiError::NoRoute {
         path: record.path.clone(),
     })?;
     let Route::Resource(path) = route else {
-        record.verb = record.method.to_ascii_lowercase();
         if record.method != "GET" {
             return Err(ApiError::MethodNotAllowed);
         }
-        let store = shared.lock();
         let registry = store.registry();
         let document = match route {
             Route::Version => Some(version_info()),
-            Route::Health => return Ok((StatusCode::OK, "ok").into_response()),
+            Route::Health => return Ok(Reply::Now((StatusCode::OK, "ok").into_response())),
             Route::CoreVersions => Some(registry.api_versions(&shared.addr.to_string())),
             Route::Groups => Some(registry.api_group_list()),
             Route::Group(group) => registry.api_group(&group),
@@ -162,33 +221,30 @@ fn answer(
             Route::Resource(_) => None,
         };
         return document
-            .map(|doc| json_response(StatusCode::OK, &doc))
+            .map(|doc| Reply::Now(json_response(StatusCode::OK, &doc)))
             .ok_or_else(|| ApiError::NoRoute {
                 path: record.path.clone(),
             });
     };
     let query = ListQuery::parse(&record.query)?;
-    record.verb = verb(&record.method, &path, query.watch).to_owned();
-    record.group.clone_from(&path.group);
-    record.version.clone_from(&path.version);
-    record.resource.clone_from(&path.plural);
-    record.subresource = path.subresource.clone().unwrap_or_default();
-    record.namespace.clone_from(&path.namespace);
-    record.name.clone_from(&path.name);
-    serve_resource(shared, incoming, &record.method, &path, &query)
+    if record.method == "GET" && query.watch && path.name.is_none() && *shared.watches_held.borrow()
+    {
+        return Ok(Reply::Held(shared.watches_held.subscribe()));
+    }
+    serve_resource(&mut store, incoming, record, &path, &query).map(Reply::Now)
 }
 
 fn serve_resource(
-    shared: &Shared,
+    store: &mut Store,
     incoming: &Incoming,
-    method: &str,
+    record: &mut RequestRecord,
     path: &ResourcePath,
     query: &ListQuery,
 ) -> Result<Response, ApiError> {
     let no_route = || ApiError::NoRoute {
         path: format!("{}/{}", path.group, path.plural),
     };
-    let mut store = shared.lock();
+    let method = record.method.as_str();
     let id = store
         .registry()
         .find(&path.group, &path.version, &path.plural)
@@ -214,7 +270,13 @@ fn serve_resource(
                 let start =
                     watch_start(query.resource_version.as_deref(), query.send_initial_events)?;
                 let open = store.watch(id, &filter, start, query.allow_bookmarks);
-                drop(store);
+                record.watch_error = open
+                    .initial
+                    .first()
+                    .filter(|f| f.event == EventType::Error)
+                    .and_then(|f| f.object.get("code"))
+                    .and_then(Value::as_u64)
+                    .and_then(|code| u16::try_from(code).ok());
                 Ok(watch_response(
                     open,
                     rt,
@@ -287,9 +349,10 @@ fn serve_resource(
             } else {
                 json_body(&incoming.body)?
             };
+            let grace = options.get("gracePeriodSeconds").and_then(Value::as_u64);
             (
                 StatusCode::OK,
-                store.delete(id, &key, options.get("preconditions"))?,
+                store.delete(id, &key, options.get("preconditions"), grace)?,
             )
         }
         _ => return Err(ApiError::MethodNotAllowed),
@@ -314,7 +377,9 @@ fn list(
 }
 
 /// A chunked stream of newline-delimited watch events: the initial frames, then live changes
-/// through the watch's filter, until the store closes the watch or `timeoutSeconds` pass.
+/// through the watch's filter, until the store closes the watch or the timeout passes:
+/// `timeoutSeconds`, or without it a random time between [`MIN_REQUEST_TIMEOUT`] and twice it,
+/// as the real server picks.
 fn watch_response(
     open: WatchOpen,
     rt: ResourceType,
@@ -336,13 +401,17 @@ fn watch_response(
     let frames = futures::stream::iter(open.initial)
         .chain(live)
         .map(move |frame| Ok::<Bytes, Infallible>(Bytes::from(frame.line(shape))));
-    let body = match timeout_seconds {
-        Some(seconds) => {
-            Body::from_stream(frames.take_until(tokio::time::sleep(Duration::from_secs(seconds))))
-        }
-        None => Body::from_stream(frames),
-    };
+    let timeout = timeout_seconds.map_or_else(default_watch_timeout, Duration::from_secs);
+    let body = Body::from_stream(frames.take_until(tokio::time::sleep(timeout)));
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `minRequestTimeout * (1 + rand)`.
+fn default_watch_timeout() -> Duration {
+    let random = random_bytes(8)
+        .iter()
+        .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+    MIN_REQUEST_TIMEOUT + Duration::from_secs(random % MIN_REQUEST_TIMEOUT.as_secs())
 }
 
 fn json_response(code: StatusCode, body: &Value) -> Response {

@@ -108,6 +108,19 @@ impl Registry {
             ResourceType::namespaced("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
             ResourceType::namespaced("coordination.k8s.io", "v1", "leases", "Lease"),
             ResourceType::namespaced("events.k8s.io", "v1", "events", "Event"),
+            // What authorization reads (see `rbac`).
+            ResourceType::cluster(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "ClusterRole",
+            ),
+            ResourceType::cluster(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+            ),
         ] {
             registry.register(rt);
         }

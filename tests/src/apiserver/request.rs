@@ -85,21 +85,6 @@ pub(crate) fn parse_path(path: &str) -> Option<Route> {
     }
 }
 
-/// The verb a request performs, as Kubernetes audit logs and RBAC name it.
-pub(crate) fn verb(method: &str, path: &ResourcePath, watch: bool) -> &'static str {
-    match (method, path.name.is_some()) {
-        ("GET", false) if watch => "watch",
-        ("GET", false) => "list",
-        ("GET", true) => "get",
-        ("POST", _) => "create",
-        ("PUT", _) => "update",
-        ("PATCH", _) => "patch",
-        ("DELETE", true) => "delete",
-        ("DELETE", false) => "deletecollection",
-        _ => "unknown",
-    }
-}
-
 /// How objects are written back: whole, or as `PartialObjectMetadata` (metadata-only clients).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Shape {
@@ -271,8 +256,10 @@ pub struct RequestRecord {
     pub path: String,
     /// Raw (percent-encoded) query string, empty if none.
     pub query: String,
-    /// `list`, `watch`, `get`, `create`, `update`, `patch`, `delete`, `deletecollection`; for paths
-    /// outside the resource API (`/version`, discovery, health) the lowercased method.
+    /// The verb RBAC authorized (see [`super::rbac::Attributes`]): `list`, `watch`, `get`,
+    /// `create`, `update`, `patch`, `delete`, `deletecollection`; for paths outside the resource
+    /// API (`/version`, discovery, health) the lowercased method. Empty when authentication
+    /// failed.
     pub verb: String,
     /// API group, empty for core and for non-resource paths.
     pub group: String,
@@ -286,8 +273,17 @@ pub struct RequestRecord {
     pub namespace: Option<String>,
     /// Object name named by the path.
     pub name: Option<String>,
-    /// HTTP status code of the answer (200 for a watch, even one that carries a 410 event).
+    /// HTTP status code of the answer (200 for a watch, even one that carries a 410 event; 401
+    /// without valid credentials, 403 when RBAC refused).
     pub code: u16,
+    /// The authenticated user (`system:serviceaccount:kube-system:ferrox`, `kubernetes-admin`),
+    /// empty when authentication failed.
+    pub user: String,
+    /// The client's address and port (each harness node has its own address).
+    pub source: Option<std::net::SocketAddr>,
+    /// The code of the ERROR event a watch began with instead of events (410 when its
+    /// resourceVersion was compacted away), as the real server's audit log does not show it.
+    pub watch_error: Option<u16>,
 }
 
 impl RequestRecord {
@@ -389,23 +385,6 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(parse_path(path), want, "{path}");
         }
-    }
-
-    #[test]
-    fn verbs() {
-        let collection = ResourcePath::default();
-        let item = ResourcePath {
-            name: Some("x".into()),
-            ..Default::default()
-        };
-        assert_eq!(verb("GET", &collection, false), "list");
-        assert_eq!(verb("GET", &collection, true), "watch");
-        assert_eq!(verb("GET", &item, false), "get");
-        assert_eq!(verb("POST", &collection, false), "create");
-        assert_eq!(verb("PUT", &item, false), "update");
-        assert_eq!(verb("PATCH", &item, false), "patch");
-        assert_eq!(verb("DELETE", &item, false), "delete");
-        assert_eq!(verb("DELETE", &collection, false), "deletecollection");
     }
 
     #[test]

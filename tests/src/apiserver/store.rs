@@ -1,5 +1,5 @@
 //! The state of the test API server: objects, the global resourceVersion, each resource's change
-//! history, the open watches, and the request log.
+//! history, the open watches, the tokens it issued, and the request log.
 //!
 //! Owns every write rule (create/update/patch/delete, optimistic concurrency, immutable metadata,
 //! generation, finalizers, no-op updates) and the guarantee that each write is appended to the
@@ -16,9 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
+use super::auth::{Bearer, Tokens, User};
 use super::error::ApiError;
 use super::paging::{ContinueToken, page};
 use super::patch::{json_patch, merge_patch};
+use super::rbac::Policy;
 use super::registry::{Registry, ResId, ResourceType};
 use super::request::{PatchKind, RequestRecord};
 use super::selector::ObjectFilter;
@@ -32,6 +34,12 @@ const MAX_HISTORY: usize = 10_000;
 
 /// Requests kept in the log before the oldest are dropped.
 const MAX_REQUESTS: usize = 100_000;
+
+/// How often a real API server's watch cache sends a BOOKMARK to a watch that allows them.
+pub(crate) const BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A Pod's grace period when neither the DELETE nor its spec names one.
+const DEFAULT_POD_GRACE_SECONDS: u64 = 30;
 
 /// Uids are unique across every server of the process.
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
@@ -105,17 +113,22 @@ pub(crate) struct Store {
     subscribers: Vec<Subscriber>,
     requests: VecDeque<RequestRecord>,
     pub(crate) bookmark_interval: Option<Duration>,
+    tokens: Tokens,
+    admin_token: String,
 }
 
 impl Store {
     pub(crate) fn new() -> Self {
+        let (tokens, admin_token) = Tokens::with_admin();
         let mut store = Store {
             registry: Registry::default(),
             collections: Vec::new(),
             rv: START_RESOURCE_VERSION,
             subscribers: Vec::new(),
             requests: VecDeque::new(),
-            bookmark_interval: Some(Duration::from_secs(1)),
+            bookmark_interval: Some(BOOKMARK_INTERVAL),
+            tokens,
+            admin_token,
         };
         let builtin = Registry::builtin();
         for id in 0..builtin.len() {
@@ -469,12 +482,18 @@ impl Store {
     }
 
     /// DELETE. An object with finalizers only gets its `deletionTimestamp`; it goes once an update
-    /// removes the last finalizer. `preconditions` is the DeleteOptions field of that name.
+    /// removes the last finalizer. A Pod bound to a node and still running is deleted gracefully,
+    /// as on a real API server: it stays, with `deletionTimestamp` (now + grace period) and
+    /// `deletionGracePeriodSeconds`, until a DELETE with grace period 0 (the kubelet's, once its
+    /// containers stopped); a shorter grace period shortens a deletion in progress. `grace` is
+    /// DeleteOptions' `gracePeriodSeconds` (unset: the pod's `terminationGracePeriodSeconds`, or
+    /// 30 s), `preconditions` its field of that name.
     pub(crate) fn delete(
         &mut self,
         id: ResId,
         key: &ObjectKey,
         preconditions: Option<&Value>,
+        grace: Option<u64>,
     ) -> Result<Arc<Value>, ApiError> {
         let old = self.get(id, key)?;
         for field in ["uid", "resourceVersion"] {
@@ -497,16 +516,21 @@ impl Store {
                 });
             }
         }
-        if finalizers(&old).is_empty() {
+        let grace = self.grace_period(id, &old, grace);
+        if grace == 0 && finalizers(&old).is_empty() {
             return Ok(self.remove(id, key, (*old).clone(), old));
         }
-        if old.pointer("/metadata/deletionTimestamp").is_some() {
+        let deleting = old.pointer("/metadata/deletionTimestamp").is_some();
+        let current = old
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_u64);
+        if deleting && current.is_none_or(|current| current <= grace) {
             return Ok(old);
         }
         let mut marked = (*old).clone();
         let meta = metadata_mut(&mut marked)?;
-        meta.insert("deletionTimestamp".to_owned(), Value::from(now()));
-        meta.insert("deletionGracePeriodSeconds".to_owned(), Value::from(0));
+        meta.insert("deletionTimestamp".to_owned(), Value::from(now_plus(grace)));
+        meta.insert("deletionGracePeriodSeconds".to_owned(), Value::from(grace));
         let rv = self.bump();
         set_rv(&mut marked, rv);
         let object = Arc::new(marked);
@@ -521,6 +545,31 @@ impl Store {
             },
         );
         Ok(object)
+    }
+
+    /// The grace period of a deletion: 0 but for a Pod bound to a node and not finished.
+    fn grace_period(&self, id: ResId, object: &Value, asked: Option<u64>) -> u64 {
+        let rt = self.resource(id);
+        let running_pod = rt.group.is_empty()
+            && rt.plural == "pods"
+            && object
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty())
+            && !matches!(
+                object.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            );
+        if !running_pod {
+            return 0;
+        }
+        asked
+            .or_else(|| {
+                object
+                    .pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_u64)
+            })
+            .unwrap_or(DEFAULT_POD_GRACE_SECONDS)
     }
 
     /// Removes an object; `last` is its final state, stamped with the delete's resourceVersion.
@@ -560,7 +609,9 @@ impl Store {
             .filter(|(_, object)| filter.matches(object))
             .map(|(key, _)| key.clone())
             .collect();
-        keys.iter().map(|key| self.delete(id, key, None)).collect()
+        keys.iter()
+            .map(|key| self.delete(id, key, None, None))
+            .collect()
     }
 
     /// A page of a list. Every page of one paginated list comes from the snapshot of its first page.
@@ -711,6 +762,14 @@ impl Store {
             .count()
     }
 
+    /// One write elsewhere in the cluster (a Lease renewal, an Event: the resourceVersion moves
+    /// with them), then [`Store::compact`]: every resourceVersion a client has seen, bookmarks
+    /// included, is now too old to watch from.
+    pub(crate) fn expire_history(&mut self) {
+        self.bump();
+        self.compact();
+    }
+
     /// Forgets every history up to now: watches and continues from older versions get 410.
     pub(crate) fn compact(&mut self) {
         let rv = self.rv;
@@ -718,6 +777,97 @@ impl Store {
             collection.history.clear();
             collection.since = rv;
         }
+    }
+
+    // ---- Authentication and authorization ----
+
+    pub(crate) fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// A token for ServiceAccount `namespace/name`, which must exist (404 otherwise).
+    pub(crate) fn service_account_token(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<String, ApiError> {
+        let id = self.ensure(&ResourceType::namespaced(
+            "",
+            "v1",
+            "serviceaccounts",
+            "ServiceAccount",
+        ));
+        let key = self.key(id, Some(namespace), name);
+        let account = self.get(id, &key)?;
+        let uid = account
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        Ok(self.tokens.mint_service_account(namespace, name, &uid))
+    }
+
+    /// The user behind an `Authorization` header, or 401. A service-account token is valid while
+    /// its ServiceAccount exists with the uid the token names, as with the real server's lookup.
+    pub(crate) fn authenticate(&self, authorization: &str) -> Result<User, ApiError> {
+        match self.tokens.bearer(authorization)? {
+            Bearer::Admin => Ok(User::admin()),
+            Bearer::ServiceAccount {
+                namespace,
+                name,
+                uid,
+                ..
+            } => {
+                let id = self
+                    .registry
+                    .find("", "v1", "serviceaccounts")
+                    .ok_or(ApiError::Unauthorized)?;
+                let key = ObjectKey {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                let account = self
+                    .collection(id)
+                    .objects
+                    .get(&key)
+                    .ok_or(ApiError::Unauthorized)?;
+                let current = account.pointer("/metadata/uid").and_then(Value::as_str);
+                let deleting = account.pointer("/metadata/deletionTimestamp").is_some();
+                if current == Some(uid.as_str()) && !deleting {
+                    Ok(User::service_account(namespace, name))
+                } else {
+                    Err(ApiError::Unauthorized)
+                }
+            }
+        }
+    }
+
+    /// The RBAC policy in force: the default discovery roles, and every ClusterRole and
+    /// ClusterRoleBinding stored.
+    pub(crate) fn policy(&self) -> Policy {
+        let mut policy = Policy::bootstrap();
+        let group = "rbac.authorization.k8s.io";
+        let objects = |plural: &str| {
+            self.registry
+                .find(group, "v1", plural)
+                .map(|id| self.all(id))
+                .unwrap_or_default()
+        };
+        for role in objects("clusterroles") {
+            match serde_json::from_value((*role).clone()) {
+                Ok(role) => policy.roles.push(role),
+                Err(err) => tracing::warn!(%err, "a stored ClusterRole does not parse; ignored"),
+            }
+        }
+        for binding in objects("clusterrolebindings") {
+            match serde_json::from_value((*binding).clone()) {
+                Ok(binding) => policy.bindings.push(binding),
+                Err(err) => {
+                    tracing::warn!(%err, "a stored ClusterRoleBinding does not parse; ignored");
+                }
+            }
+        }
+        policy
     }
 
     pub(crate) fn log_request(&mut self, record: RequestRecord) {
@@ -846,10 +996,16 @@ fn name_suffix(n: u64) -> String {
 
 /// The current time in RFC 3339, whole seconds, as Kubernetes writes timestamps.
 fn now() -> String {
+    now_plus(0)
+}
+
+/// [`now`] plus `seconds`.
+fn now_plus(seconds: u64) -> String {
     let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + seconds;
     i64::try_from(seconds)
         .ok()
         .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok())
@@ -1136,7 +1292,7 @@ mod tests {
         let mut body = svc("web", "web");
         body["metadata"]["finalizers"] = json!(["ferrox.io/cleanup"]);
         store.create(id, None, body).unwrap();
-        let marked = store.delete(id, &key("web"), None).unwrap();
+        let marked = store.delete(id, &key("web"), None, None).unwrap();
         assert!(marked["metadata"]["deletionTimestamp"].is_string());
         assert!(
             store.get(id, &key("web")).is_ok(),
@@ -1156,21 +1312,87 @@ mod tests {
     }
 
     #[test]
+    fn a_running_pod_is_deleted_gracefully() {
+        let mut store = Store::new();
+        let pods = store.registry().find("", "v1", "pods").unwrap();
+        let pod = |name: &str, node: Option<&str>, phase: &str| {
+            json!({ "metadata": { "name": name, "namespace": "default" },
+                    "spec": { "nodeName": node, "terminationGracePeriodSeconds": 20 },
+                    "status": { "phase": phase } })
+        };
+        store
+            .create(pods, None, pod("web", Some("node-1"), "Running"))
+            .unwrap();
+        let marked = store.delete(pods, &key("web"), None, None).unwrap();
+        assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 20);
+        let when = marked["metadata"]["deletionTimestamp"].as_str().unwrap();
+        assert!(when > now().as_str(), "{when} is in the future");
+        assert!(
+            store.get(pods, &key("web")).is_ok(),
+            "terminating, not gone"
+        );
+        // A longer grace period changes nothing; a shorter one shortens; 0 removes.
+        let rv = store.resource_version();
+        store.delete(pods, &key("web"), None, Some(25)).unwrap();
+        assert_eq!(store.resource_version(), rv);
+        let shorter = store.delete(pods, &key("web"), None, Some(5)).unwrap();
+        assert_eq!(shorter["metadata"]["deletionGracePeriodSeconds"], 5);
+        store.delete(pods, &key("web"), None, Some(0)).unwrap();
+        assert_eq!(store.get(pods, &key("web")).unwrap_err().code(), 404);
+        // Unscheduled or finished pods, and other kinds, go at once.
+        for (name, node, phase) in [
+            ("pending", None, "Pending"),
+            ("done", Some("n"), "Succeeded"),
+        ] {
+            store.create(pods, None, pod(name, node, phase)).unwrap();
+            store.delete(pods, &key(name), None, None).unwrap();
+            assert!(store.get(pods, &key(name)).is_err(), "{name}");
+        }
+    }
+
+    #[test]
+    fn expiring_the_history_makes_every_seen_version_too_old() {
+        let mut store = Store::new();
+        let id = services(&store);
+        store.create(id, None, svc("web", "web")).unwrap();
+        let seen = store.resource_version();
+        store.expire_history();
+        let open = store.watch(id, &ObjectFilter::default(), WatchStart::After(seen), true);
+        assert!(open.live.is_none());
+        assert_eq!(open.initial[0].event, EventType::Error);
+        assert_eq!(open.initial[0].object["code"], 410);
+        let now = store.resource_version();
+        assert!(
+            store
+                .watch(id, &ObjectFilter::default(), WatchStart::After(now), true)
+                .live
+                .is_some(),
+            "the version after the expiry is servable"
+        );
+    }
+
+    #[test]
     fn delete_preconditions() {
         let mut store = Store::new();
         let id = services(&store);
         store.create(id, None, svc("web", "web")).unwrap();
         let err = store
-            .delete(id, &key("web"), Some(&json!({ "uid": "nope" })))
+            .delete(id, &key("web"), Some(&json!({ "uid": "nope" })), None)
             .unwrap_err();
         assert_eq!(err.code(), 409);
-        let deleted = store.delete(id, &key("web"), None).unwrap();
+        let deleted = store.delete(id, &key("web"), None, None).unwrap();
         assert_eq!(
             rv_of(&deleted),
             store.resource_version(),
             "the deleted object carries the delete's version"
         );
-        assert_eq!(store.delete(id, &key("web"), None).unwrap_err().code(), 404);
+        assert_eq!(
+            store
+                .delete(id, &key("web"), None, None)
+                .unwrap_err()
+                .code(),
+            404
+        );
     }
 
     #[test]
@@ -1200,7 +1422,7 @@ mod tests {
         assert_eq!(names(&first), ["a", "b"]);
         // Writes between pages do not show in the rest of the list.
         store.create(id, None, svc("bb", "web")).unwrap();
-        store.delete(id, &key("c"), None).unwrap();
+        store.delete(id, &key("c"), None, None).unwrap();
         let token = first.continue_token.clone().unwrap();
         let second = store
             .list(
@@ -1248,7 +1470,7 @@ mod tests {
                 Scope::Main,
             )
             .unwrap();
-        store.delete(id, &key("a"), None).unwrap();
+        store.delete(id, &key("a"), None, None).unwrap();
         let exact = ListOptions {
             resource_version: Some("101"),
             resource_version_match: Some("Exact"),
@@ -1292,7 +1514,7 @@ mod tests {
                 Scope::Main,
             )
             .unwrap();
-        store.delete(id, &key("c"), None).unwrap();
+        store.delete(id, &key("c"), None, None).unwrap();
         assert_eq!(
             drain(&mut open, &filter),
             vec![

@@ -32,7 +32,7 @@ use super::{
     process::{Proc, spawn_in},
     wait_for,
 };
-use crate::apiserver::ApiServer;
+use crate::apiserver::{ApiServer, RequestRecord};
 
 /// The Service CIDR the tests allocate cluster IPs from.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
@@ -267,6 +267,36 @@ fn listen_in(netns: &Path, addr: SocketAddr) -> TcpListener {
     .expect("listener thread")
 }
 
+/// The agents' credentials as a DaemonSet's pod has them, in `dir/serviceaccount/` (`token`,
+/// `ca.crt`, `namespace`, as the projected service-account volume), and the kubeconfig the
+/// agents get, naming them (`tokenFile`, `certificate-authority`) and `server`. Returns the
+/// kubeconfig's path.
+fn write_credentials(dir: &Path, api: &ApiServer, token: &str, server: &str) -> PathBuf {
+    let account = dir.join("serviceaccount");
+    std::fs::create_dir_all(&account).expect("creating the service account directory");
+    let (namespace, _) = crate::manifests::agent_service_account();
+    for (file, content) in [
+        ("token", token.to_owned()),
+        ("ca.crt", api.ca_pem()),
+        ("namespace", namespace),
+    ] {
+        std::fs::write(account.join(file), content).expect("writing the service account files");
+    }
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+             users:\n- name: ferrox\n  user:\n    tokenFile: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: ferrox\n\
+             current-context: test\n",
+            ca = account.join("ca.crt").display(),
+            token = account.join("token").display(),
+        ),
+    )
+    .expect("writing the kubeconfig");
+    kubeconfig
+}
+
 impl Cluster {
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder {
@@ -335,25 +365,23 @@ impl Cluster {
                 ferrox::bgp::peers::PEER_KIND,
             ));
 
-        let kubeconfig = cluster.dir.join("kubeconfig");
+        // The agents run as the manifest's ServiceAccount, under its ClusterRole.
+        let token = crate::manifests::install_rbac(cluster.api());
         let kubeconfig_port = if b.api_server_by_flag {
             b.agent_env.push((
                 "FERROX_K8S_API_SERVER".into(),
-                format!("http://{API_ADDR}:{API_PORT}"),
+                format!("https://{API_ADDR}:{API_PORT}"),
             ));
             1
         } else {
             API_PORT
         };
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{API_ADDR}:{kubeconfig_port}\n\
-                 users:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
-                 current-context: test\n"
-            ),
-        )
-        .unwrap();
+        let kubeconfig = write_credentials(
+            &cluster.dir,
+            cluster.api(),
+            &token,
+            &format!("https://{API_ADDR}:{kubeconfig_port}"),
+        );
 
         if b.static_pod_routes {
             b.agent_env.push(("FERROX_ROUTES".into(), "false".into()));
@@ -474,6 +502,52 @@ impl Cluster {
     /// The Kubernetes API test server: create and change objects through it.
     pub fn api(&self) -> &ApiServer {
         self.api.as_ref().expect("api server")
+    }
+
+    /// Every request the API server refused (401 or 403). The agents run under the manifest's
+    /// ClusterRole: a normal run has none, and dropping the cluster fails the test otherwise.
+    pub fn denied_requests(&self) -> Vec<RequestRecord> {
+        self.api
+            .as_ref()
+            .map(|api| {
+                api.requests()
+                    .into_iter()
+                    .filter(|r| r.code == 401 || r.code == 403)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Does to every agent's watches what a real control plane does now and then: ends them
+    /// (an API server restart, a watch timeout), runs `meanwhile` while the agents cannot watch
+    /// (changes they can only learn by re-listing), compacts the history so that every
+    /// resourceVersion they had is gone (etcd compaction), then lets them back: each broken
+    /// watch is answered 410 Gone and its agent re-lists. Returns once the agents watch again
+    /// as many things as before, with the requests made from the break on (the 410s, the
+    /// re-lists, the new watches).
+    pub fn expire_watches(&self, meanwhile: impl FnOnce()) -> Vec<RequestRecord> {
+        let api = self.api();
+        let watching = api.open_watches();
+        let from = api.requests().len();
+        let broken = api.break_watches();
+        meanwhile();
+        broken.expire();
+        wait_for(
+            "every agent to re-list and watch again after 410 Gone",
+            Duration::from_secs(60),
+            || {
+                let since: Vec<RequestRecord> = api.requests().split_off(from);
+                let gone = since.iter().filter(|r| r.watch_error == Some(410)).count();
+                let open = api.open_watches();
+                if gone >= watching && open >= watching {
+                    Ok(since)
+                } else {
+                    Err(format!(
+                        "{gone} of {watching} watches answered 410, {open} watching again"
+                    ))
+                }
+            },
+        )
     }
 
     /// Node `i`, counting from 1 like the node names.
@@ -1185,6 +1259,19 @@ fn tally(lines: &[serde_json::Value], addr_field: &str) -> (BTreeMap<String, usi
 impl Drop for Cluster {
     fn drop(&mut self) {
         let failed = std::thread::panicking();
+        let denied: Vec<String> = if failed {
+            Vec::new()
+        } else {
+            self.denied_requests()
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {}?{} by {:?} from {:?}: {}",
+                        r.verb, r.method, r.path, r.query, r.user, r.source, r.code
+                    )
+                })
+                .collect()
+        };
         if failed {
             for n in &self.nodes {
                 let log = n.agent_log();
@@ -1307,5 +1394,10 @@ impl Drop for Cluster {
             eprintln!("harness: removing {}: {e}", self.dir.display());
         }
         let _ = std::fs::remove_dir(leaks::RUN_DIR);
+        assert!(
+            denied.is_empty(),
+            "the API server refused requests of the agents (their credentials, or the manifest's \
+             ClusterRole): {denied:#?}"
+        );
     }
 }

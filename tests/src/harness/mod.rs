@@ -3,7 +3,10 @@
 //! cgroup, its own bpffs and its own `ferrox agent` process, all driven by a Kubernetes API test
 //! server. Pods are network namespaces set up by the real `ferrox-cni` binary, invoked as a
 //! container runtime would. Everything is torn down when the cluster is dropped, also when the
-//! test panics; [`leaks`] finds anything that was not.
+//! test panics; [`leaks`] finds anything that was not. The agents run as the manifest's
+//! ServiceAccount over HTTPS, under its ClusterRole; [`endpoint_slices`] writes a Service's
+//! endpoints as the real controller does, [`PodDeletion`] deletes a pod as Kubernetes does, and
+//! [`Cluster::expire_watches`] makes every agent re-list after 410 Gone.
 //!
 //! Nothing here touches the machine's own interfaces, routes or root cgroup.
 
@@ -11,8 +14,10 @@ mod bins;
 pub mod bird;
 mod cluster;
 pub mod containerd;
+pub mod endpoint_slices;
 pub mod leaks;
 mod netns;
+mod pod_deletion;
 mod process;
 
 pub use bins::bin_path;
@@ -21,6 +26,7 @@ pub use cluster::{
     SUBNET2_ROUTER,
 };
 pub use netns::NetNs;
+pub use pod_deletion::PodDeletion;
 pub use process::{Proc, spawn_in};
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what` and the last
