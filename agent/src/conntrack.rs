@@ -3,8 +3,10 @@
 //! overflows, but without collection a finished flow would linger until pressure evicts it, and
 //! a later flow on the same 5-tuple would inherit its backend. The agent removes a flow's
 //! entries together once the flow is idle past its protocol's timeout: TCP after a long idle
-//! time, or a short one once a FIN or RST went through (the programs mark it closing); UDP
-//! after a shorter idle time, as nf_conntrack and Cilium do.
+//! time, or a short one once it closed (an RST, or a FIN in each direction: the programs mark
+//! it closing; a half-closed flow waits for the idle timeout); UDP after a shorter idle time,
+//! as nf_conntrack and Cilium do. An entry a packet used after the collector read the map is
+//! kept.
 //!
 //! [`expired`] is the pure decision; [`run`] applies it periodically to the pinned map.
 
@@ -123,13 +125,30 @@ pub async fn run(
             }
         };
         let gone = expired(&entries, monotonic_ns(), &timeouts);
+        let seen: HashMap<CtKey, u64> = entries.iter().map(|(k, e)| (*k, e.last_seen_ns)).collect();
         let mut removed = 0usize;
+        let mut refreshed = 0usize;
         for k in &gone {
+            // A packet that used the entry since it was read keeps it (and its flow).
+            match map.get(k) {
+                Ok(Some(now)) if Some(&now.last_seen_ns) != seen.get(k) => {
+                    refreshed += 1;
+                    continue;
+                }
+                Ok(None) => continue,
+                _ => {}
+            }
             match map.remove(k) {
                 Ok(true) => removed += 1,
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "conntrack GC: removing an entry failed"),
             }
+        }
+        if refreshed > 0 {
+            debug!(
+                refreshed,
+                "conntrack GC: entries used since they were read were kept"
+            );
         }
         metrics.conntrack_gc(removed, entries.len() - removed);
         if removed > 0 {

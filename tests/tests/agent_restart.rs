@@ -237,3 +237,92 @@ fn continuous_requests_through_a_node_port_and_a_cluster_ip_see_no_failure_acros
         assert!(load_ok(load) > 0);
     }
 }
+
+/// `kill -9` and restart of the agents of both nodes, over and over, while clients open
+/// connections back to back through a NodePort from outside, a ClusterIP from a pod (the socket
+/// hooks) and a ClusterIP from a process the hooks do not see (the per-packet fallback): not
+/// one request may fail.
+#[test]
+fn repeated_kill_9_of_every_agent_under_load_fails_no_request() {
+    let c = Cluster::builder().nodes(2).build();
+    let web1 = c.add_pod(1, "web-1");
+    let web2 = c.add_pod(2, "web-2");
+    let client = c.add_pod(1, "client");
+    let _s1 = web1.serve(8080);
+    let _s2 = web2.serve(8080);
+    let outside = c.external_client();
+    c.api().apply(
+        &svc("web")
+            .node_port_type()
+            .cluster_ip("10.96.3.11")
+            .port_np("", 80, 30111, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("web", "w")
+            .port("", 8080, "TCP")
+            .ready_on(web1.ip, "node-1")
+            .ready_on(web2.ip, "node-2")
+            .build(),
+    );
+    for n in c.nodes() {
+        n.wait_for_backends("10.96.3.11:80/TCP", 2);
+        n.wait_for_entry(
+            &format!("{}:30111/TCP", n.addr),
+            ferrox::services::model::Scope::External,
+            2,
+        );
+    }
+    let mut loads = [
+        (
+            "NodePort on node-1 from outside",
+            outside.spawn(&["load", "198.18.0.11:30111"]),
+        ),
+        (
+            "NodePort on node-2 from outside",
+            outside.spawn(&["load", "198.18.0.12:30111"]),
+        ),
+        (
+            "ClusterIP from a pod",
+            client.spawn(&["load", "10.96.3.11:80"]),
+        ),
+        (
+            "ClusterIP through the per-packet fallback",
+            c.unhooked(&client).spawn(&["load", "10.96.3.11:80"]),
+        ),
+    ];
+    let mut done: Vec<u64> = loads.iter().map(|(_, l)| wait_load(l, 0, 10)).collect();
+    let cycles = 10;
+    for _ in 0..cycles {
+        for n in c.nodes() {
+            n.kill_agent();
+        }
+        // Requests go on while both agents are dead...
+        for (i, (_, l)) in loads.iter().enumerate() {
+            done[i] = wait_load(l, done[i], 30);
+        }
+        for n in c.nodes() {
+            n.start_agent();
+        }
+        for n in c.nodes() {
+            n.wait_agent_ready();
+        }
+        // ...and after they are back, with their start-up work (full sync, routes, conntrack
+        // collection) done.
+        for (i, (_, l)) in loads.iter().enumerate() {
+            done[i] = wait_load(l, done[i], 100);
+        }
+    }
+    let mut report = Vec::new();
+    for (name, load) in &mut loads {
+        let status = load.signal_and_wait(libc::SIGTERM);
+        let summary: serde_json::Value =
+            serde_json::from_str(load.lines().last().unwrap()).unwrap();
+        report.push(format!("{name}: {summary}"));
+        assert!(status.success(), "{name}: {summary}");
+    }
+    eprintln!("{}", report.join("\n"));
+    for line in &report {
+        assert!(line.contains("\"failed\":0"), "{}", report.join("\n"));
+    }
+}

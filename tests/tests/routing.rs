@@ -176,8 +176,8 @@ fn always_wraps_every_packet_between_nodes_in_ip_in_ip() {
         routes
             .iter()
             .any(|r| r.starts_with("10.244.3.0/24 via 198.18.0.1 dev eth0")
-                && r.contains("mtu 1480")),
-        "node-3's block via the router, 20 bytes below the uplink: {routes:?}"
+                && r.contains("mtu lock 1480")),
+        "node-3's block via the router, 20 bytes below the uplink, locked (so forwarded, translated packets are held to it too): {routes:?}"
     );
     assert!(counter(c.node(1), Hook::TcUplinkEgress, Reason::TunnelEncap) > 0);
     assert!(counter(c.node(1), Hook::TcUplinkIngress, Reason::TunnelDecap) > 0);

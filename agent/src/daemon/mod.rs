@@ -333,6 +333,7 @@ fn write_datapath_config(
         monitor: dp.maps().config.get().map(|c| c.monitor).unwrap_or(0),
     };
     dp.maps_mut().config.set(&cfg)?;
+    dp.maps_mut().host_netns.set(node::netns_cookie()?)?;
     info!(node_addr = ?node_addr, uplink, "datapath configuration written");
     Ok(node_addr)
 }

@@ -58,6 +58,32 @@ pub fn interface_mtu(ifname: &str) -> anyhow::Result<u32> {
         .ok_or_else(|| anyhow::anyhow!("interface {ifname} reports no MTU"))
 }
 
+/// The cookie of the network namespace this process runs in (`SO_NETNS_COOKIE`, Linux 5.14):
+/// what the socket hooks compare against to know a socket is the host's.
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "reading the network namespace cookie: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(cookie)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

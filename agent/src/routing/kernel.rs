@@ -51,9 +51,9 @@ fn desired_route(prefix: Ipv4Net, r: &PlannedRoute, uplink: u32) -> Route {
     }
 }
 
-/// Next hops (gateway, interface), sorted, and the path MTU: what matters when comparing a
-/// route with a desired one.
-type Shape = (Vec<(Option<Ipv4Addr>, Option<u32>)>, Option<u32>);
+/// Next hops (gateway, interface), sorted, and the path MTU and whether it is locked: what
+/// matters when comparing a route with a desired one.
+type Shape = (Vec<(Option<Ipv4Addr>, Option<u32>)>, Option<u32>, bool);
 
 fn shape(r: &Route) -> Shape {
     let mut hops: Vec<_> = if r.next_hops.is_empty() {
@@ -62,7 +62,7 @@ fn shape(r: &Route) -> Shape {
         r.next_hops.iter().map(|h| (h.gateway, h.oif)).collect()
     };
     hops.sort();
-    (hops, r.mtu)
+    (hops, r.mtu, r.mtu.is_some() && r.mtu_locked)
 }
 
 /// The routes of ours in the main table, by destination.

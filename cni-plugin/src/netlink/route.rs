@@ -223,7 +223,13 @@ pub struct Route {
     /// Path MTU of the route (`mtu`), below the interface's when the path
     /// adds a header (a tunnel).
     pub mtu: Option<u32>,
+    /// The MTU is locked (`mtu lock`): the kernel holds forwarded packets to it too, not only
+    /// the ones this host sends (which an unlocked route MTU is limited to).
+    pub mtu_locked: bool,
 }
+
+/// The index of the MTU among route metrics (`RTAX_MTU`), and so its bit in `RTAX_LOCK`.
+const RTAX_MTU: u32 = 2;
 
 impl Route {
     /// `proto kernel`: installed by the kernel (connected routes).
@@ -248,6 +254,7 @@ impl Route {
             onlink: false,
             next_hops: Vec::new(),
             mtu: None,
+            mtu_locked: false,
         }
     }
 
@@ -263,10 +270,12 @@ impl Route {
         self
     }
 
-    /// Sets the path MTU (`mtu`).
+    /// Sets the path MTU, locked (`mtu lock M`): forwarded packets are held to it as well as
+    /// this host's own, which a tunnel's overhead needs (translated flows are forwarded).
     #[must_use]
     pub fn mtu(mut self, mtu: u32) -> Self {
         self.mtu = Some(mtu);
+        self.mtu_locked = true;
         self
     }
 
@@ -484,7 +493,11 @@ pub(super) fn route_message(route: &Route, purpose: Purpose) -> RouteMessage {
         attributes.push(RouteAttribute::Priority(metric));
     }
     if let (Some(mtu), Purpose::Change) = (route.mtu, purpose) {
-        attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        let mut metrics = vec![RouteMetric::Mtu(mtu)];
+        if route.mtu_locked {
+            metrics.push(RouteMetric::Lock(1 << RTAX_MTU));
+        }
+        attributes.push(RouteAttribute::Metrics(metrics));
     }
     if !route.next_hops.is_empty() {
         attributes.push(RouteAttribute::MultiPath(
@@ -538,6 +551,9 @@ pub(super) fn parse_route(message: &RouteMessage) -> std::result::Result<Option<
                     RouteMetric::Mtu(mtu) => Some(*mtu),
                     _ => None,
                 });
+                route.mtu_locked = metrics
+                    .iter()
+                    .any(|m| matches!(m, RouteMetric::Lock(bits) if bits & (1 << RTAX_MTU) != 0));
             }
             _ => {}
         }

@@ -49,12 +49,18 @@ pub mod map_names {
     /// `u32` node address (network byte order) -> [`crate::NodeInfo`]: the cluster's nodes, the
     /// only sources IP-in-IP is accepted from.
     pub const NODES: &str = "NODES_V1";
+    /// LRU hash of [`crate::FragKey`] -> [`crate::FragValue`]: the ports of fragmented TCP/UDP
+    /// datagrams, from their first fragment, so that later fragments follow its translation.
+    pub const FRAGMENTS: &str = "FRAG_V1";
+    /// Array of one `u64`: the network namespace cookie of the node's host namespace (set by the
+    /// agent); loopback frontends (`127.0.0.1:<nodePort>`) apply only there.
+    pub const HOST_NETNS: &str = "HOST_NETNS_V1";
 
     /// Maps earlier versions pinned and this one no longer uses; the loader unpins them.
     pub const OBSOLETE: [&str; 1] = ["COUNTERS_V1"];
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
@@ -68,6 +74,8 @@ pub mod map_names {
         EVENTS,
         TUNNELS,
         NODES,
+        FRAGMENTS,
+        HOST_NETNS,
     ];
 }
 
@@ -104,6 +112,8 @@ pub mod capacity {
     pub const TUNNELS: u32 = 65_536;
     /// Nodes of the cluster.
     pub const NODES: u32 = 16_384;
+    /// Fragmented datagrams in flight (LRU: the oldest go first).
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 /// Size of every Maglev lookup table: a prime, identical on every node, so that every node
@@ -321,9 +331,35 @@ pub mod ct_flags {
     pub const SNAT: u8 = 1 << 1;
     /// The backend runs on this node.
     pub const LOCAL_BACKEND: u8 = 1 << 2;
-    /// A TCP FIN or RST went through this direction (cleared by a new SYN): the agent's
-    /// conntrack GC removes the flow after the short closing timeout instead of the idle one.
+    /// The flow is closing: a TCP RST went through, or a FIN went through in both directions
+    /// (cleared by a new SYN). The agent's conntrack GC removes the flow after the short closing
+    /// timeout instead of the idle one. A half-closed flow (one FIN) stays until it is idle.
     pub const CLOSING: u8 = 1 << 3;
+    /// A TCP FIN went through this direction (cleared by a new SYN).
+    pub const FIN: u8 = 1 << 4;
+}
+
+/// Key of the fragments map: a datagram, as IPv4 identifies its fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+    /// The IP identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragments map: the L4 ports of the datagram (network byte order), from its first
+/// fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// Data of the source-ranges LPM trie key (the trie prepends the prefix length): frontend id,
@@ -600,10 +636,20 @@ pub enum Reason {
     DropTunnelMalformed = 28,
     /// Encapsulation failed: no node address known, or the packet could not grow.
     DropTunnelEncap = 29,
+    /// Per-packet path: a later fragment of a translated datagram, translated as its first.
+    NatFragment = 30,
+    /// A later fragment of a TCP/UDP datagram whose first fragment was not seen (out of order,
+    /// or lost): its ports, and so its translation, are unknown.
+    DropFragmentUnknown = 31,
+    /// A packet of an established TCP flow whose backend left (a new SYN picks another).
+    DropBackendGone = 32,
+    /// Too big for the path to its backend with don't-fragment set: answered with an ICMP
+    /// fragmentation-needed in the client's own addresses.
+    DropTooBig = 33,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 34;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -635,6 +681,10 @@ impl Reason {
         Self::DropTunnelSource,
         Self::DropTunnelMalformed,
         Self::DropTunnelEncap,
+        Self::NatFragment,
+        Self::DropFragmentUnknown,
+        Self::DropBackendGone,
+        Self::DropTooBig,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -656,7 +706,8 @@ impl Reason {
             | Self::NatNewFlow
             | Self::NatEstablished
             | Self::NatReply
-            | Self::NatIcmpError => Verdict::Translate,
+            | Self::NatIcmpError
+            | Self::NatFragment => Verdict::Translate,
             Self::DropMalformedIpv4
             | Self::DropNoBackend
             | Self::DropBackendMissing
@@ -668,7 +719,10 @@ impl Reason {
             | Self::DropRewrite
             | Self::DropTunnelSource
             | Self::DropTunnelMalformed
-            | Self::DropTunnelEncap => Verdict::Drop,
+            | Self::DropTunnelEncap
+            | Self::DropFragmentUnknown
+            | Self::DropBackendGone
+            | Self::DropTooBig => Verdict::Drop,
         }
     }
 
@@ -704,6 +758,10 @@ impl Reason {
             Self::DropTunnelSource => "tunnel-unknown-source",
             Self::DropTunnelMalformed => "tunnel-malformed",
             Self::DropTunnelEncap => "tunnel-encap-failed",
+            Self::NatFragment => "nat-fragment",
+            Self::DropFragmentUnknown => "fragment-unknown",
+            Self::DropBackendGone => "backend-gone",
+            Self::DropTooBig => "too-big",
         }
     }
 
@@ -770,6 +828,8 @@ const _: () = {
     assert!(offset_of!(CtKey, sport) == 8);
     assert!(offset_of!(CtKey, proto) == 12);
     assert!(size_of::<CtEntry>() == 32);
+    assert!(size_of::<FragKey>() == 12);
+    assert!(size_of::<FragValue>() == 4);
     assert!(offset_of!(CtEntry, backend_id) == 12);
     assert!(offset_of!(CtEntry, flags) == 18);
     assert!(offset_of!(CtEntry, last_seen_ns) == 24);
@@ -811,6 +871,8 @@ mod pod {
     unsafe impl aya::Pod for TunnelKey {}
     unsafe impl aya::Pod for TunnelInfo {}
     unsafe impl aya::Pod for NodeInfo {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
 }
 
 #[cfg(test)]

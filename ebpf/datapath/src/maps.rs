@@ -245,6 +245,35 @@ pub struct Maps {
     pub tunnels: Tunnels,
     /// Node address (network byte order) -> what the programs know about that node.
     pub nodes: TypedHash<u32, NodeInfo>,
+    /// The host network namespace's cookie.
+    pub host_netns: HostNetns,
+}
+
+/// The host network namespace's cookie (`HOST_NETNS_V1`, one element): the socket hooks apply
+/// loopback frontends only there.
+pub struct HostNetns {
+    map: Array<MapData, u64>,
+}
+
+impl HostNetns {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let name = map_names::HOST_NETNS;
+        let (map, _) = open_map(layout, name)?;
+        let map = Array::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self { map })
+    }
+
+    pub fn get(&self) -> Result<u64> {
+        self.map
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map("reading", map_names::HOST_NETNS, e))
+    }
+
+    pub fn set(&mut self, cookie: u64) -> Result<()> {
+        self.map
+            .set(0, &cookie, 0)
+            .map_err(|e| DatapathError::map("writing", map_names::HOST_NETNS, e))
+    }
 }
 
 /// The tunnel trie: remote pod blocks reached in IP-in-IP, and their nodes.
@@ -453,6 +482,7 @@ impl Maps {
             counters: Counters::open(layout)?,
             tunnels: Tunnels::open(layout)?,
             nodes: TypedHash::open(layout, map_names::NODES)?,
+            host_netns: HostNetns::open(layout)?,
         })
     }
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use ferrox_abi::{
     Backend, COUNTER_SLOTS, CtKey, DatapathConfig, Hook, Reason, ServiceKey, ServiceValue,
-    backend_flags, counter_cell, counter_index, proto, scope, svc_flags,
+    backend_flags, counter_cell, counter_index, ct_flags, proto, scope, svc_flags,
 };
 use ferrox_datapath::{Datapath, SourceRange, TcProgram, bpffs::ScratchBpffs};
 
@@ -47,8 +47,8 @@ fn be(a: [u8; 4]) -> u32 {
 
 /// The node: an uplink `up0` (198.18.0.11/24) with the client, a stranger and node-2 as static
 /// neighbours, a pod veth `pod0` with a local pod behind it, and node-2's pod CIDR via node-2.
-fn node() -> NetNs {
-    let ns = NetNs::new(format!("fxt-nat{}", std::process::id()));
+fn node(tag: &str) -> NetNs {
+    let ns = NetNs::new(format!("fxt-nat{tag}{}", std::process::id()));
     ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up0p"]);
     ns.ip(&[
         "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
@@ -182,7 +182,7 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Packet {
 
 #[test]
 fn external_flows_are_translated_tracked_and_answered() {
-    let ns = node();
+    let ns = node("a");
     let up0_mac = ns.mac("up0");
     let pod0_mac = ns.mac("pod0");
     let rows = vec![
@@ -474,7 +474,7 @@ fn external_flows_are_translated_tracked_and_answered() {
             out: Out::Same,
         },
         Row {
-            what: "a pod's packet to a cluster IP no socket hook translated: DNAT, no SNAT, to node-2",
+            what: "a pod's packet to a cluster IP no socket hook translated: DNAT, its address kept with a source port of the SNAT range (never an ephemeral port a direct connection could hold), to node-2",
             program: TcProgram::FromPod,
             on: "pod0",
             input: Input::Bytes(
@@ -484,21 +484,21 @@ fn external_flows_are_translated_tracked_and_answered() {
             ),
             action: TC_ACT_REDIRECT,
             reason: Reason::NatNewFlow,
-            out: Out::Bytes(
-                tcp(LOCAL_POD, 41000, REMOTE_POD, 8080)
+            out: Out::Snat(Box::new(move |port| {
+                tcp(LOCAL_POD, port, REMOTE_POD, 8080)
                     .macs(NODE2_MAC, up0_mac)
-                    .build(),
-            ),
+                    .build()
+            })),
         },
         Row {
-            what: "the remote backend's reply: from the cluster IP again, to the pod",
+            what: "the remote backend's reply: from the cluster IP again, to the pod's own port",
             program: TcProgram::UplinkIngress,
             on: "up0",
-            input: Input::Bytes(
-                tcp(REMOTE_POD, 8080, LOCAL_POD, 41000)
+            input: Input::WithSnatPort(Box::new(move |port| {
+                tcp(REMOTE_POD, 8080, LOCAL_POD, port)
                     .macs(up0_mac, NODE2_MAC)
-                    .build(),
-            ),
+                    .build()
+            })),
             action: TC_ACT_REDIRECT,
             reason: Reason::NatReply,
             out: Out::Bytes(
@@ -608,81 +608,8 @@ fn external_flows_are_translated_tracked_and_answered() {
         };
         dp.maps_mut().config.set(&cfg).unwrap();
 
-        let mut failures = Vec::new();
         let mut snat_port = 0u16;
-        for row in &rows {
-            let input = match &row.input {
-                Input::Bytes(b) => b.clone(),
-                Input::WithSnatPort(f) => f(snat_port),
-            };
-            let ifindex = ferrox_datapath::ifindex(row.on).unwrap();
-            let before = counters(&dp);
-            let out = dp
-                .test_run_tc_on(row.program, &input, Some(ifindex), 1)
-                .unwrap();
-            let after = counters(&dp);
-            let mut fail = |m: String| failures.push(format!("{}: {m}", row.what));
-            if out.action != row.action {
-                fail(format!("action {} want {}", out.action, row.action));
-            }
-            let hook = match row.program {
-                TcProgram::FromPod => Hook::TcFromPod,
-                _ => Hook::TcUplinkIngress,
-            };
-            let want_cell = counter_index(hook, row.reason) as usize;
-            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
-                let want = u64::from(i == want_cell);
-                if a - b != want {
-                    fail(format!(
-                        "counter {:?} moved by {} want {want}",
-                        counter_cell(i as u32),
-                        a - b
-                    ));
-                }
-            }
-            match &row.out {
-                Out::Same => {
-                    if out.packet != input {
-                        fail("the packet was modified".into());
-                    }
-                }
-                Out::Bytes(want) => {
-                    if &out.packet != want {
-                        fail(format!(
-                            "output\n  got  {:02x?}\n  want {:02x?}",
-                            out.packet, want
-                        ));
-                    }
-                }
-                Out::Snat(want) => {
-                    // The chosen port is the TCP source port, bytes 34..36.
-                    let port = u16::from_be_bytes([out.packet[34], out.packet[35]]);
-                    if !(61000..=65535).contains(&port) {
-                        fail(format!("SNAT port {port} outside 61000..=65535"));
-                    }
-                    snat_port = port;
-                    let want = want(port);
-                    if out.packet != want {
-                        fail(format!(
-                            "output\n  got  {:02x?}\n  want {:02x?}",
-                            out.packet, want
-                        ));
-                    }
-                }
-                Out::WithSnatPort(want) => {
-                    let want = want(snat_port);
-                    if out.packet != want {
-                        fail(format!(
-                            "output\n  got  {:02x?}\n  want {:02x?}",
-                            out.packet, want
-                        ));
-                    }
-                }
-            }
-            if row.action == TC_ACT_REDIRECT && !checksums_ok(&out.packet) {
-                fail("checksums do not verify".into());
-            }
-        }
+        let mut failures = play(&mut dp, &rows, &mut snat_port);
         // Every translated flow is tracked in both directions: 7 flows, 14 entries.
         let ct: Vec<CtKey> = dp
             .maps()
@@ -698,6 +625,607 @@ fn external_flows_are_translated_tracked_and_answered() {
                 ct.len()
             ));
         }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Plays `rows` in order against the loaded datapath; returns what did not go as stated.
+fn play(dp: &mut Datapath, rows: &[Row], snat_port: &mut u16) -> Vec<String> {
+    let mut failures = Vec::new();
+    for row in rows {
+        let input = match &row.input {
+            Input::Bytes(b) => b.clone(),
+            Input::WithSnatPort(f) => f(*snat_port),
+        };
+        let ifindex = ferrox_datapath::ifindex(row.on).unwrap();
+        let before = counters(dp);
+        let out = dp
+            .test_run_tc_on(row.program, &input, Some(ifindex), 1)
+            .unwrap();
+        let after = counters(dp);
+        let mut fail = |m: String| failures.push(format!("{}: {m}", row.what));
+        if out.action != row.action {
+            fail(format!("action {} want {}", out.action, row.action));
+        }
+        let hook = match row.program {
+            TcProgram::FromPod => Hook::TcFromPod,
+            TcProgram::UplinkIngress => Hook::TcUplinkIngress,
+            TcProgram::UplinkEgress => Hook::TcUplinkEgress,
+        };
+        let want_cell = counter_index(hook, row.reason) as usize;
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            let want = u64::from(i == want_cell);
+            if a - b != want {
+                fail(format!(
+                    "counter {:?} moved by {} want {want}",
+                    counter_cell(i as u32),
+                    a - b
+                ));
+            }
+        }
+        match &row.out {
+            Out::Same => {
+                if out.packet != input {
+                    fail("the packet was modified".into());
+                }
+            }
+            Out::Bytes(want) => {
+                if &out.packet != want {
+                    fail(format!(
+                        "output\n  got  {:02x?}\n  want {:02x?}",
+                        out.packet, want
+                    ));
+                }
+            }
+            Out::Snat(want) => {
+                // The chosen port is the TCP source port, bytes 34..36.
+                let port = u16::from_be_bytes([out.packet[34], out.packet[35]]);
+                if !(61000..=65535).contains(&port) {
+                    fail(format!("SNAT port {port} outside 61000..=65535"));
+                }
+                *snat_port = port;
+                let want = want(port);
+                if out.packet != want {
+                    fail(format!(
+                        "output\n  got  {:02x?}\n  want {:02x?}",
+                        out.packet, want
+                    ));
+                }
+            }
+            Out::WithSnatPort(want) => {
+                let want = want(*snat_port);
+                if out.packet != want {
+                    fail(format!(
+                        "output\n  got  {:02x?}\n  want {:02x?}",
+                        out.packet, want
+                    ));
+                }
+            }
+        }
+        if row.action == TC_ACT_REDIRECT && !checksums_ok(&out.packet) {
+            fail("checksums do not verify".into());
+        }
+    }
+    failures
+}
+
+const FAR_POD: [u8; 4] = [10, 244, 3, 7];
+const TCP_FIN_ACK: u8 = 0x11;
+const TCP_ACK: u8 = 0x10;
+const TCP_RST: u8 = 0x04;
+const TC_ACT_OK: i32 = 0;
+
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Packet {
+    pkt().ipv4(src, dst).udp(sport, dport)
+}
+
+/// The conntrack flags of the entry of `(src:sport -> dst:dport, proto)`.
+fn ct_flags_of(dp: &Datapath, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, l4: u8) -> u8 {
+    let key = CtKey {
+        saddr: be(src),
+        daddr: be(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: l4,
+        _pad: [0; 3],
+    };
+    dp.maps()
+        .conntrack
+        .get(&key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no entry {src:?}:{sport} -> {dst:?}:{dport}"))
+        .flags
+}
+
+#[test]
+fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
+    let ns = node("b");
+    // A third node's pod block whose path MTU is 1000, locked as the agent writes tunnel routes
+    // (an unlocked route MTU holds only the host's own packets, not forwarded ones).
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.3.0/24",
+        "via",
+        "198.18.0.12",
+        "mtu",
+        "lock",
+        "1000",
+    ]);
+    let up0_mac = ns.mac("up0");
+    let pod0_mac = ns.mac("pod0");
+    let first = |id: u16| {
+        udp(CLIENT, 40100, NODE, 30053)
+            .id(id)
+            .more_fragments()
+            .payload(64)
+    };
+    let later = |id: u16, dst: [u8; 4], off: u16, last: bool| {
+        let p = pkt().ipv4(CLIENT, dst).id(id).frag_offset(off);
+        let p = if last { p } else { p.more_fragments() };
+        p.fragment_data(proto::UDP, 72)
+    };
+    let phase1 = vec![
+        Row {
+            what: "UDP first fragment to a NodePort: translated, its ports remembered",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(first(77).macs(up0_mac, CLIENT_MAC).build()),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                udp(CLIENT, 40100, LOCAL_POD, 5353)
+                    .id(77)
+                    .more_fragments()
+                    .payload(64)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "a middle fragment: its addresses follow the first's translation",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(later(77, NODE, 9, false).macs(up0_mac, CLIENT_MAC).build()),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatFragment,
+            out: Out::Bytes(
+                later(77, LOCAL_POD, 9, false)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the last fragment: the same",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(later(77, NODE, 18, true).macs(up0_mac, CLIENT_MAC).build()),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatFragment,
+            out: Out::Bytes(
+                later(77, LOCAL_POD, 18, true)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "a later fragment whose first never came: dropped, counted",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(later(78, NODE, 9, true).macs(up0_mac, CLIENT_MAC).build()),
+            action: TC_ACT_SHOT,
+            reason: Reason::DropFragmentUnknown,
+            out: Out::Same,
+        },
+        Row {
+            what: "the pod's fragmented reply: first fragment from the NodePort",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                udp(LOCAL_POD, 5353, CLIENT, 40100)
+                    .id(900)
+                    .more_fragments()
+                    .payload(64)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                udp(NODE, 30053, CLIENT, 40100)
+                    .id(900)
+                    .more_fragments()
+                    .payload(64)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the reply's last fragment: from the NodePort too",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                pkt()
+                    .ipv4(LOCAL_POD, CLIENT)
+                    .id(900)
+                    .frag_offset(9)
+                    .fragment_data(proto::UDP, 40)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatFragment,
+            out: Out::Bytes(
+                pkt()
+                    .ipv4(NODE, CLIENT)
+                    .id(900)
+                    .frag_offset(9)
+                    .fragment_data(proto::UDP, 40)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "IP options and TTL 1: translated, options kept, TTL as it came (the node is the frontend's destination)",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40200, NODE, 30080)
+                    .ihl(6)
+                    .ttl(1)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(CLIENT, 40200, LOCAL_POD, 8080)
+                    .ihl(6)
+                    .ttl(1)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        // TCP state: a FIN from the client half-closes the flow, the backend's FIN closes it.
+        Row {
+            what: "SYN of a flow whose close follows",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40300, NODE, 30080)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(CLIENT, 40300, LOCAL_POD, 8080)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the client's FIN: half-closed, not closing",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40300, NODE, 30080)
+                    .tcp_flags(TCP_FIN_ACK)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatEstablished,
+            out: Out::Bytes(
+                tcp(CLIENT, 40300, LOCAL_POD, 8080)
+                    .tcp_flags(TCP_FIN_ACK)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+    ];
+    let phase2 = [
+        Row {
+            what: "the backend keeps sending on the half-closed flow",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                tcp(LOCAL_POD, 8080, CLIENT, 40300)
+                    .tcp_flags(TCP_ACK)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(NODE, 30080, CLIENT, 40300)
+                    .tcp_flags(TCP_ACK)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the backend's FIN: now the flow is closing",
+            program: TcProgram::FromPod,
+            on: "pod0",
+            input: Input::Bytes(
+                tcp(LOCAL_POD, 8080, CLIENT, 40300)
+                    .tcp_flags(TCP_FIN_ACK)
+                    .macs(pod0_mac, POD_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(NODE, 30080, CLIENT, 40300)
+                    .tcp_flags(TCP_FIN_ACK)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "a flow reset by the client: closing at once",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40200, NODE, 30080)
+                    .ihl(6)
+                    .tcp_flags(TCP_RST)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatEstablished,
+            out: Out::Bytes(
+                tcp(CLIENT, 40200, LOCAL_POD, 8080)
+                    .ihl(6)
+                    .tcp_flags(TCP_RST)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "a SYN reusing the closed tuple: a new connection, no longer closing",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40300, NODE, 30080)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatEstablished,
+            out: Out::Bytes(
+                tcp(CLIENT, 40300, LOCAL_POD, 8080)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "a flow to a backend that is about to leave",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40400, NODE, 30086)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(CLIENT, 40400, LOCAL_POD, 8086)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+    ];
+    let phase3 = vec![
+        Row {
+            what: "its backend left: an established packet is dropped, counted",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40400, NODE, 30086)
+                    .tcp_flags(TCP_ACK)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_SHOT,
+            reason: Reason::DropBackendGone,
+            out: Out::Same,
+        },
+        Row {
+            what: "a SYN on that tuple: a new flow to the frontend's remaining backend",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40400, NODE, 30086)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(CLIENT, 40400, LOCAL_POD, 8087)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "too big for the path, don't-fragment set: an ICMP fragmentation-needed to the client, from the address it used, quoting what it sent",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40500, NODE, 30084)
+                    .dont_fragment()
+                    .payload(1100)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::DropTooBig,
+            out: Out::Bytes({
+                let quote = tcp(CLIENT, 40500, NODE, 30084)
+                    .dont_fragment()
+                    .payload(1100)
+                    .quote(28);
+                pkt()
+                    .ipv4(NODE, CLIENT)
+                    .tos(0xc0)
+                    .icmp_error_mtu(3, 4, 1000, &quote)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build()
+            }),
+        },
+        Row {
+            what: "too big, may fragment: translated and left to the stack, which fragments it",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                udp(CLIENT, 40501, NODE, 30087)
+                    .payload(1100)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_OK,
+            reason: Reason::NatNewFlow,
+            out: Out::Snat(Box::new(move |port| {
+                udp(NODE, port, FAR_POD, 5353)
+                    .payload(1100)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build()
+            })),
+        },
+        Row {
+            what: "a NodePort whose backend is the node's own host network: delivered to the stack",
+            program: TcProgram::UplinkIngress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 40600, NODE, 30085)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: TC_ACT_OK,
+            reason: Reason::NatNewFlow,
+            out: Out::Bytes(
+                tcp(CLIENT, 40600, NODE, 8085)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "the host's reply leaving through the uplink: from the NodePort again",
+            program: TcProgram::UplinkEgress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(NODE, 8085, CLIENT, 40600)
+                    .tcp_flags(0x12)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+            action: TC_ACT_UNSPEC,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(NODE, 30085, CLIENT, 40600)
+                    .tcp_flags(0x12)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "host traffic that is no reply leaves as it is",
+            program: TcProgram::UplinkEgress,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(NODE, 50000, CLIENT, 22)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+            action: TC_ACT_UNSPEC,
+            reason: Reason::PassTcp,
+            out: Out::Same,
+        },
+    ];
+
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test").unwrap();
+    let layout = bpffs.layout();
+    let failures = ns.run(|| {
+        let mut dp = Datapath::open(&layout).unwrap();
+        backend(&mut dp, 1, LOCAL_POD, 8080, proto::TCP, true);
+        backend(&mut dp, 3, LOCAL_POD, 5353, proto::UDP, true);
+        backend(&mut dp, 4, FAR_POD, 8080, proto::TCP, false);
+        backend(&mut dp, 5, NODE, 8085, proto::TCP, true);
+        backend(&mut dp, 6, LOCAL_POD, 8086, proto::TCP, true);
+        backend(&mut dp, 7, LOCAL_POD, 8087, proto::TCP, true);
+        backend(&mut dp, 8, FAR_POD, 5353, proto::UDP, false);
+        frontend(&mut dp, 30080, proto::TCP, 1, 0, &[1]);
+        frontend(&mut dp, 30053, proto::UDP, 5, 0, &[3]);
+        frontend(&mut dp, 30084, proto::TCP, 8, 0, &[4]);
+        frontend(&mut dp, 30085, proto::TCP, 9, 0, &[5]);
+        frontend(&mut dp, 30086, proto::TCP, 10, 0, &[6]);
+        frontend(&mut dp, 30087, proto::UDP, 11, 0, &[8]);
+        let cfg = DatapathConfig {
+            node_addr: be(NODE),
+            uplink_ifindex: ferrox_datapath::ifindex("up0").unwrap(),
+            snat_port_min: 61000,
+            snat_port_max: 65535,
+            monitor: 0,
+        };
+        dp.maps_mut().config.set(&cfg).unwrap();
+        let mut snat_port = 0;
+        let mut failures = play(&mut dp, &phase1, &mut snat_port);
+        let flags = |dp: &Datapath, a, ap, b, bp| ct_flags_of(dp, a, ap, b, bp, proto::TCP);
+        let half = flags(&dp, CLIENT, 40300, NODE, 30080);
+        if half & ct_flags::FIN == 0 || half & ct_flags::CLOSING != 0 {
+            failures.push(format!(
+                "after one FIN: flags {half:#x}, want FIN and not CLOSING"
+            ));
+        }
+        failures.extend(play(&mut dp, &phase2[..2], &mut snat_port));
+        for (a, ap, b, bp) in [
+            (CLIENT, 40300, NODE, 30080),
+            (LOCAL_POD, 8080, CLIENT, 40300),
+        ] {
+            let f = flags(&dp, a, ap, b, bp);
+            if f & ct_flags::CLOSING == 0 {
+                failures.push(format!(
+                    "after both FINs: {a:?}:{ap} flags {f:#x}, want CLOSING"
+                ));
+            }
+        }
+        failures.extend(play(&mut dp, &phase2[2..3], &mut snat_port));
+        let reset = flags(&dp, CLIENT, 40200, NODE, 30080);
+        if reset & ct_flags::CLOSING == 0 {
+            failures.push(format!("after a RST: flags {reset:#x}, want CLOSING"));
+        }
+        failures.extend(play(&mut dp, &phase2[3..], &mut snat_port));
+        let reopened = flags(&dp, CLIENT, 40300, NODE, 30080);
+        if reopened & (ct_flags::CLOSING | ct_flags::FIN) != 0 {
+            failures.push(format!(
+                "after a new SYN: flags {reopened:#x}, want neither FIN nor CLOSING"
+            ));
+        }
+        // Backend 6 leaves its frontend, which keeps backend 7.
+        let key =
+            ServiceKey::master(be(NODE), 30086u16.to_be(), proto::TCP).with_scope(scope::EXTERNAL);
+        dp.maps_mut()
+            .services
+            .insert(
+                &key.with_slot(1),
+                &ServiceValue {
+                    backend_id: 7,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        dp.maps_mut().backends.remove(&6).unwrap();
+        failures.extend(play(&mut dp, &phase3, &mut snat_port));
         failures
     });
     assert!(

@@ -67,15 +67,6 @@ fn cases() -> Vec<Case> {
             Reason::PassTcp,
         ),
         c(
-            "non-first fragment",
-            pkt()
-                .ipv4([1, 1, 1, 1], [2, 2, 2, 2])
-                .frag_offset(185)
-                .udp(1, 2),
-            TC_ACT_UNSPEC,
-            Reason::PassIpv4Fragment,
-        ),
-        c(
             "first fragment still has its L4 header",
             pkt()
                 .ipv4([1, 1, 1, 1], [2, 2, 2, 2])
@@ -83,6 +74,15 @@ fn cases() -> Vec<Case> {
                 .udp(1, 2),
             TC_ACT_UNSPEC,
             Reason::PassUdp,
+        ),
+        c(
+            "a later fragment of that datagram (no service): passes",
+            pkt()
+                .ipv4([1, 1, 1, 1], [2, 2, 2, 2])
+                .frag_offset(185)
+                .udp(1, 2),
+            TC_ACT_UNSPEC,
+            Reason::PassIpv4Fragment,
         ),
         c("ARP", pkt().arp(), TC_ACT_UNSPEC, Reason::PassNotIpv4),
         c("IPv6", pkt().ipv6(), TC_ACT_UNSPEC, Reason::PassNotIpv4),

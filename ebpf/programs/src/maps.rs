@@ -13,8 +13,9 @@ use aya_ebpf::{
 };
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
-    DatapathConfig, EndpointInfo, EndpointKey, MAGLEV_TABLE_SIZE, NodeInfo, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, capacity,
+    DatapathConfig, EndpointInfo, EndpointKey, FragKey, FragValue, MAGLEV_TABLE_SIZE, NodeInfo,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey,
+    capacity,
 };
 
 #[map]
@@ -70,3 +71,11 @@ pub static TUNNEL_V1: LpmTrie<TunnelKey, TunnelInfo> =
 /// The cluster's node addresses: the only sources IP-in-IP is decapsulated from.
 #[map]
 pub static NODES_V1: HashMap<u32, NodeInfo> = HashMap::pinned(capacity::NODES, 0);
+
+/// The ports of fragmented datagrams, from their first fragment (see [`crate::nat`]).
+#[map]
+pub static FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+/// Element 0: the host network namespace's cookie (see `ferrox_abi::map_names::HOST_NETNS`).
+#[map]
+pub static HOST_NETNS_V1: Array<u64> = Array::pinned(1, 0);

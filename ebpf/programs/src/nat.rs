@@ -22,8 +22,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup,
     },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect,
@@ -33,16 +33,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ferrox_abi::{
-    AffinityKey, AffinityValue, CtEntry, CtKey, EndpointKey, Hook, MAGLEV_TABLE_SIZE, POD_GATEWAY,
-    Reason, ServiceKey, ServiceValue, SrcRangeKey, Verdict, affinity_client, backend_flags,
-    ct_flags, proto, scope, src_range_prefixlen, svc_flags,
+    AffinityKey, AffinityValue, CtEntry, CtKey, EndpointKey, FragKey, FragValue, Hook,
+    MAGLEV_TABLE_SIZE, POD_GATEWAY, Reason, ServiceKey, ServiceValue, SrcRangeKey, Verdict,
+    affinity_client, backend_flags, ct_flags, proto, scope, src_range_prefixlen, svc_flags,
 };
 
 use crate::{
     classify::classify,
     counters::count,
     maps::{
-        AFFINITY_V1, BACKENDS_V1, CONFIG_V1, CT_V1, ENDPOINTS_V1, MAGLEV_V1, SRC_RANGES_V1, SVC_V1,
+        AFFINITY_V1, BACKENDS_V1, CONFIG_V1, CT_V1, ENDPOINTS_V1, FRAG_V1, MAGLEV_V1,
+        SRC_RANGES_V1, SVC_V1,
     },
     packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
 };
@@ -53,6 +54,13 @@ const AF_INET: u8 = 2;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SADDR_OFF: usize = ETH_HLEN + 12;
 const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+/// `frag_off` bits, host byte order.
+const IP_DF: u16 = 0x4000;
+const IP_MF: u16 = 0x2000;
+/// `-EEXIST`: a map insert with `BPF_NOEXIST` found the key taken.
+const EEXIST: i32 = -17;
+/// Map update flag: only create, never overwrite.
+const BPF_NOEXIST: u64 = 1;
 
 /// The addresses and ports of a TCP or UDP packet, network byte order.
 #[derive(Clone, Copy)]
@@ -66,6 +74,12 @@ struct Flow {
     dport: u16,
     /// IP total length, host byte order.
     tot_len: u16,
+    /// The packet carries the L4 header: a whole datagram or its first fragment. A later
+    /// fragment carries only data: its addresses are rewritten, its ports (known from the first
+    /// fragment) are not there to rewrite.
+    has_l4: bool,
+    /// Don't-fragment is set.
+    df: bool,
 }
 
 impl Flow {
@@ -85,19 +99,27 @@ impl Flow {
 /// flows are translated too), or anything else with its final reason.
 enum Parsed {
     Flow(Flow),
-    Icmp {
-        l4_off: usize,
-        saddr: u32,
-        daddr: u32,
-        tot_len: u16,
-    },
+    Icmp(IcmpPacket),
     Other(Reason),
+}
+
+/// An ICMP message: where its header is, its addresses, its total length.
+struct IcmpPacket {
+    l4_off: usize,
+    saddr: u32,
+    daddr: u32,
+    tot_len: u16,
 }
 
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Parsed {
     let reason = classify(ctx);
-    if reason != Reason::PassTcp && reason != Reason::PassUdp && reason != Reason::PassIcmp {
+    let later_fragment = reason == Reason::PassIpv4Fragment;
+    if !later_fragment
+        && reason != Reason::PassTcp
+        && reason != Reason::PassUdp
+        && reason != Reason::PassIcmp
+    {
         return Parsed::Other(reason);
     }
     // `classify` validated the header; read what translation needs.
@@ -107,13 +129,42 @@ fn parse(ctx: &TcContext) -> Parsed {
     // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
     let ip = unsafe { ip.read_unaligned() };
     let l4_off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
+    let frag_off = u16::from_be(ip.frag_off);
+    let frag_key = FragKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    if later_fragment {
+        if ip.proto != proto::TCP && ip.proto != proto::UDP {
+            return Parsed::Other(reason);
+        }
+        // The ports are in the first fragment only: it must have come first.
+        // SAFETY: hash map values are read once, by copy.
+        let Some(ports) = (unsafe { FRAG_V1.get(&frag_key) }).copied() else {
+            return Parsed::Other(Reason::DropFragmentUnknown);
+        };
+        return Parsed::Flow(Flow {
+            l4_off,
+            proto: ip.proto,
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: ports.sport,
+            dport: ports.dport,
+            tot_len: u16::from_be(ip.tot_len),
+            has_l4: false,
+            df: false,
+        });
+    }
     if reason == Reason::PassIcmp {
-        return Parsed::Icmp {
+        return Parsed::Icmp(IcmpPacket {
             l4_off,
             saddr: ip.saddr,
             daddr: ip.daddr,
             tot_len: u16::from_be(ip.tot_len),
-        };
+        });
     }
     // Source and destination ports are the first four bytes of both TCP and UDP headers.
     let Some(ports) = ctx.header::<[u16; 2]>(l4_off) else {
@@ -121,6 +172,10 @@ fn parse(ctx: &TcContext) -> Parsed {
     };
     // SAFETY: as above, for the four port bytes.
     let [sport, dport] = unsafe { ports.read_unaligned() };
+    if frag_off & IP_MF != 0 {
+        // The first fragment of a datagram: its later fragments will need these ports.
+        let _ = FRAG_V1.insert(&frag_key, &FragValue { sport, dport }, 0);
+    }
     Parsed::Flow(Flow {
         l4_off,
         proto: ip.proto,
@@ -129,6 +184,8 @@ fn parse(ctx: &TcContext) -> Parsed {
         sport,
         dport,
         tot_len: u16::from_be(ip.tot_len),
+        has_l4: true,
+        df: frag_off & IP_DF != 0,
     })
 }
 
@@ -160,18 +217,43 @@ pub fn uplink_ingress(ctx: &TcContext) -> i32 {
     let (reason, mut action) = match parse(ctx) {
         Parsed::Other(r) => (r, action_of(r)),
         Parsed::Flow(flow) => uplink_flow(ctx, &flow),
-        Parsed::Icmp {
-            l4_off,
-            saddr,
-            daddr,
-            tot_len,
-        } => icmp(ctx, l4_off, saddr, daddr, tot_len),
+        Parsed::Icmp(m) => icmp(ctx, &m),
     };
     if decapsulated && action == TC_ACT_UNSPEC {
         action = to_local_pod(ctx);
     }
     count(Hook::TcUplinkIngress, reason, ctx.len());
     action
+}
+
+/// Uplink egress: a reply from a host-network backend of this node (its source is the node's
+/// own address) to a client that reached it through a frontend is translated back, before it
+/// leaves (the per-packet path delivered the client's packets to the host's stack, whose
+/// replies leave here). `None`: not such a reply, the packet is left as it is.
+#[inline(always)]
+pub fn host_reply(ctx: &TcContext) -> Option<Reason> {
+    let Parsed::Flow(flow) = parse(ctx) else {
+        return None;
+    };
+    let node = CONFIG_V1.get(0).map_or(0, |c| c.node_addr);
+    if node == 0 || flow.saddr != node {
+        return None;
+    }
+    let entry = CT_V1.get_ptr_mut(&flow.key())?;
+    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy and only its
+    // timestamp is written.
+    let e = unsafe {
+        (*entry).last_seen_ns = bpf_ktime_get_ns();
+        *entry
+    };
+    if e.flags & ct_flags::REPLY == 0 {
+        return None;
+    }
+    Some(match rewrite(ctx, &flow, &e) {
+        Ok(()) if flow.has_l4 => Reason::NatReply,
+        Ok(()) => Reason::NatFragment,
+        Err(_) => Reason::DropRewrite,
+    })
 }
 
 /// A decapsulated packet nothing translated: straight to its pod's veth when it is for a pod of
@@ -194,12 +276,7 @@ fn to_local_pod(ctx: &TcContext) -> i32 {
 pub fn from_pod(ctx: &TcContext) -> i32 {
     let (reason, action) = match parse(ctx) {
         Parsed::Other(r) => (r, action_of(r)),
-        Parsed::Icmp {
-            l4_off,
-            saddr,
-            daddr,
-            tot_len,
-        } => icmp(ctx, l4_off, saddr, daddr, tot_len),
+        Parsed::Icmp(m) => icmp(ctx, &m),
         Parsed::Flow(flow) => match tracked(ctx, &flow) {
             Some(done) => done,
             None => pod_flow(ctx, &flow),
@@ -220,7 +297,9 @@ enum Origin {
 /// The pass reason of a TCP or UDP packet nothing translates.
 #[inline(always)]
 fn untranslated(flow: &Flow) -> (Reason, i32) {
-    let r = if flow.proto == proto::TCP {
+    let r = if !flow.has_l4 {
+        Reason::PassIpv4Fragment
+    } else if flow.proto == proto::TCP {
         Reason::PassTcp
     } else {
         Reason::PassUdp
@@ -235,13 +314,17 @@ fn untranslated(flow: &Flow) -> (Reason, i32) {
 /// socket hooks would. A packet the hooks did translate is addressed to a backend and passes.
 #[inline(always)]
 fn pod_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
+    if !flow.has_l4 {
+        // A later fragment of a datagram its first fragment did not translate.
+        return untranslated(flow);
+    }
     let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::INTERNAL);
     // SAFETY: hash map values are read once, by copy.
     let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
         return untranslated(flow);
     };
     match new_flow(ctx, flow, &key, &frontend, Origin::Pod) {
-        Ok(action) => (Reason::NatNewFlow, action),
+        Ok(outcome) => outcome.counted(Reason::NatNewFlow),
         Err(r) => {
             flow_dropped(Hook::TcFromPod, r, flow);
             (r, TC_ACT_SHOT)
@@ -254,13 +337,16 @@ fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
     if let Some(done) = tracked(ctx, flow) {
         return done;
     }
+    if !flow.has_l4 {
+        return untranslated(flow);
+    }
     let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::EXTERNAL);
     // SAFETY: hash map values are read once, by copy.
     let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
         return untranslated(flow);
     };
     match new_flow(ctx, flow, &key, &frontend, Origin::Uplink) {
-        Ok(action) => (Reason::NatNewFlow, action),
+        Ok(outcome) => outcome.counted(Reason::NatNewFlow),
         Err(r) => {
             flow_dropped(Hook::TcUplinkIngress, r, flow);
             (r, TC_ACT_SHOT)
@@ -276,55 +362,114 @@ fn flow_dropped(hook: Hook, reason: Reason, flow: &Flow) {
     );
 }
 
-/// A packet of a tracked flow: translated as its conntrack entry says.
+/// TCP header flags.
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// The key of the other direction of the flow an entry belongs to: for an original-direction
+/// entry its reply key, for a reply entry its original key (the same formula serves both).
+#[inline(always)]
+fn other_direction(key: &CtKey, e: &CtEntry) -> CtKey {
+    CtKey {
+        saddr: e.nat_daddr,
+        daddr: e.nat_saddr,
+        sport: e.nat_dport,
+        dport: e.nat_sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Whether the backend an original-direction entry sends to still exists (ids are not reused
+/// soon, and the address must match too).
+#[inline(always)]
+fn backend_alive(e: &CtEntry) -> bool {
+    // SAFETY: hash map values are read once, by copy.
+    (unsafe { BACKENDS_V1.get(&e.backend_id) })
+        .is_some_and(|b| b.addr == e.nat_daddr && b.port == e.nat_dport)
+}
+
+/// A packet of a tracked flow: translated as its conntrack entry says. `None` when the flow
+/// must be treated as new: its backend left and this packet may start over (any UDP datagram,
+/// a TCP SYN); its entries are removed first.
 #[inline(always)]
 fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
-    let entry = CT_V1.get_ptr_mut(&flow.key())?;
-    let closing = tcp_closing(ctx, flow);
-    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy and only its
-    // timestamp and flags are written (a torn timestamp is harmless, the flags are one byte).
-    let e = unsafe {
-        (*entry).last_seen_ns = bpf_ktime_get_ns();
-        match closing {
-            Some(true) => (*entry).flags |= ct_flags::CLOSING,
-            Some(false) => (*entry).flags &= !ct_flags::CLOSING,
-            None => {}
-        }
-        *entry
+    let key = flow.key();
+    let entry = CT_V1.get_ptr_mut(&key)?;
+    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy.
+    let e = unsafe { *entry };
+    let tcp = if flow.proto == proto::TCP && flow.has_l4 {
+        ctx.load::<u8>(flow.l4_off + 13).unwrap_or(0)
+    } else {
+        0
     };
-    let reason = if e.flags & ct_flags::REPLY != 0 {
+    let syn = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if e.flags & ct_flags::REPLY == 0 && !backend_alive(&e) {
+        if flow.proto == proto::UDP || syn {
+            let _ = CT_V1.remove(&other_direction(&key, &e));
+            let _ = CT_V1.remove(&key);
+            return None;
+        }
+        return Some((Reason::DropBackendGone, TC_ACT_SHOT));
+    }
+    // SAFETY: as above; only the timestamp and the one-byte flags are written (a torn
+    // timestamp is harmless).
+    unsafe {
+        (*entry).last_seen_ns = bpf_ktime_get_ns();
+    }
+    if tcp & (TCP_FIN | TCP_RST) != 0 || (syn && e.flags & (ct_flags::FIN | ct_flags::CLOSING) != 0)
+    {
+        tcp_state(&key, &e, entry, tcp, syn);
+    }
+    let reason = if !flow.has_l4 {
+        Reason::NatFragment
+    } else if e.flags & ct_flags::REPLY != 0 {
         Reason::NatReply
     } else {
         Reason::NatEstablished
     };
     Some(match translate(ctx, flow, &e) {
-        Ok(action) => (reason, action),
+        Ok(outcome) => outcome.counted(reason),
         Err(r) => (r, TC_ACT_SHOT),
     })
 }
 
-/// TCP flags that change a tracked flow's state: `Some(true)` for FIN or RST (the flow is
-/// closing), `Some(false)` for a SYN without ACK (the 5-tuple starts a new connection).
-#[inline(always)]
-fn tcp_closing(ctx: &TcContext, flow: &Flow) -> Option<bool> {
-    const FIN: u8 = 0x01;
-    const SYN: u8 = 0x02;
-    const RST: u8 = 0x04;
-    const ACK: u8 = 0x10;
-    if flow.proto != proto::TCP {
-        return None;
-    }
-    let flags = ctx.load::<u8>(flow.l4_off + 13).ok()?;
-    if flags & (FIN | RST) != 0 {
-        Some(true)
-    } else if flags & (SYN | ACK) == SYN {
-        Some(false)
-    } else {
-        None
+/// Connection state from TCP flags: a RST closes the flow; a FIN marks its direction, and the
+/// flow closes once both directions sent one (a half-closed flow stays while the other side
+/// still sends); a SYN without ACK on a closed tuple starts a new connection. A function of its
+/// own (a BPF-to-BPF call): it runs for a few packets of a connection only.
+#[inline(never)]
+fn tcp_state(key: &CtKey, e: &CtEntry, entry: *mut CtEntry, tcp: u8, syn: bool) {
+    let other = CT_V1.get_ptr_mut(&other_direction(key, e));
+    let set = |p: *mut CtEntry, clear: u8, add: u8| {
+        // SAFETY: `p` comes from a successful lookup; the one-byte flags are written.
+        unsafe { (*p).flags = ((*p).flags & !clear) | add };
+    };
+    if tcp & TCP_RST != 0 {
+        set(entry, 0, ct_flags::CLOSING);
+        if let Some(o) = other {
+            set(o, 0, ct_flags::CLOSING);
+        }
+    } else if tcp & TCP_FIN != 0 {
+        set(entry, 0, ct_flags::FIN);
+        // SAFETY: as above, read by copy.
+        if let Some(o) = other
+            && unsafe { (*o).flags } & ct_flags::FIN != 0
+        {
+            set(entry, 0, ct_flags::CLOSING);
+            set(o, 0, ct_flags::CLOSING);
+        }
+    } else if syn {
+        set(entry, ct_flags::FIN | ct_flags::CLOSING, 0);
+        if let Some(o) = other {
+            set(o, ct_flags::FIN | ct_flags::CLOSING, 0);
+        }
     }
 }
 
-/// The first packet of a flow to a frontend.
+/// The first packet of a flow to a frontend: tracked, then translated.
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,
@@ -332,7 +477,22 @@ fn new_flow(
     key: &ServiceKey,
     frontend: &ServiceValue,
     origin: Origin,
-) -> Result<i32, Reason> {
+) -> Result<Outcome, Reason> {
+    let e = track_new(flow, key, frontend, origin)?;
+    translate(ctx, flow, &e)
+}
+
+/// Chooses the new flow's backend and source, and creates its two conntrack entries; returns
+/// the original-direction entry to translate with (another CPU's, when it tracked the flow a
+/// moment earlier). A function of its own (a BPF-to-BPF call): the entries it builds stay off
+/// the stack of the packet path.
+#[inline(never)]
+fn track_new(
+    flow: &Flow,
+    key: &ServiceKey,
+    frontend: &ServiceValue,
+    origin: Origin,
+) -> Result<CtEntry, Reason> {
     if frontend.count == 0 {
         return Err(Reason::DropNoBackend);
     }
@@ -355,50 +515,38 @@ fn new_flow(
         return Err(Reason::DropBackendMissing);
     };
     let local = backend.flags & backend_flags::LOCAL != 0;
-    // From outside: the node's address, so the reply comes back through this node (unless
-    // externalTrafficPolicy Local keeps the client's address for a local backend). From a pod
-    // to itself (hairpin): the pod gateway's address, since a pod drops packets that come from
-    // its own address.
-    let snat = match origin {
+    // The source the backend sees. From outside: the node's address, so the reply comes back
+    // through this node (unless externalTrafficPolicy Local keeps the client's address for a
+    // local backend). From a pod: the pod's own address with a port of the SNAT range, which
+    // the kernel never hands out as an ephemeral port, so the translated flow never shares its
+    // tuple with a connection the pod makes to the backend directly (the socket hooks'); to
+    // itself (hairpin), the pod gateway's address, since a pod drops packets from its own
+    // address. Otherwise the client's own address and port, unless another flow already
+    // holds that reply tuple.
+    let snat_addr = match origin {
         Origin::Uplink if !local && frontend.flags & svc_flags::EXTERNAL_LOCAL == 0 => {
-            Some(snat_source(flow, backend.addr, backend.port, None)?)
+            // SAFETY: array element 0 always exists; read by copy.
+            Some(CONFIG_V1.get(0).map_or(0, |c| c.node_addr))
         }
-        Origin::Pod if backend.addr == flow.saddr => Some(snat_source(
-            flow,
-            backend.addr,
-            backend.port,
-            Some(u32::from_ne_bytes(POD_GATEWAY)),
-        )?),
-        _ => None,
+        Origin::Pod if backend.addr == flow.saddr => Some(u32::from_ne_bytes(POD_GATEWAY)),
+        Origin::Pod => Some(flow.saddr),
+        Origin::Uplink => None,
     };
-    let (nat_saddr, nat_sport) = snat.unwrap_or((flow.saddr, flow.sport));
-
     let now = unsafe { bpf_ktime_get_ns() };
     let mut flags = 0;
-    if snat.is_some() {
-        flags |= ct_flags::SNAT;
-    }
     if local {
         flags |= ct_flags::LOCAL_BACKEND;
     }
-    let forward = CtEntry {
-        nat_saddr,
+    let mut forward = CtEntry {
+        nat_saddr: flow.saddr,
         nat_daddr: backend.addr,
-        nat_sport,
+        nat_sport: flow.sport,
         nat_dport: backend.port,
         backend_id,
         rev_nat_id: frontend.rev_nat_id,
         flags,
         _pad: [0; 5],
         last_seen_ns: now,
-    };
-    let reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: nat_saddr,
-        sport: backend.port,
-        dport: nat_sport,
-        proto: flow.proto,
-        _pad: [0; 3],
     };
     let reply = CtEntry {
         nat_saddr: flow.daddr,
@@ -408,13 +556,46 @@ fn new_flow(
         flags: flags | ct_flags::REPLY,
         ..forward
     };
-    // Reply entry first: a reply can only come after the forward packet left.
-    if CT_V1.insert(&reply_key, &reply, 0).is_err() {
-        return Err(Reason::DropConntrackFull);
-    }
-    if CT_V1.insert(&flow.key(), &forward, 0).is_err() {
-        let _ = CT_V1.remove(&reply_key);
-        return Err(Reason::DropConntrackFull);
+    // The reply entry first (created only where no other flow holds its key, so two flows
+    // never share one); a reply can only come after the original-direction packet left.
+    let reply_key = match snat_addr {
+        None => match claim_reply(flow, &forward, &reply, forward.nat_saddr, forward.nat_sport) {
+            Ok(k) => k,
+            Err(EEXIST) => {
+                // Another flow from this client address and port reaches the same backend
+                // (through another frontend): keep the address, change the port.
+                forward.flags |= ct_flags::SNAT;
+                let reply = CtEntry {
+                    flags: reply.flags | ct_flags::SNAT,
+                    ..reply
+                };
+                snat_claim(flow, &mut forward, &reply, flow.saddr)?
+            }
+            Err(_) => return Err(Reason::DropConntrackFull),
+        },
+        Some(addr) => {
+            forward.flags |= ct_flags::SNAT;
+            let reply = CtEntry {
+                flags: reply.flags | ct_flags::SNAT,
+                ..reply
+            };
+            snat_claim(flow, &mut forward, &reply, addr)?
+        }
+    };
+    match CT_V1.insert(&flow.key(), &forward, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            // Another CPU tracked this flow a moment ago: its choice of backend wins.
+            let _ = CT_V1.remove(&reply_key);
+            // SAFETY: the entry is read by copy.
+            return (unsafe { CT_V1.get(&flow.key()) })
+                .copied()
+                .ok_or(Reason::DropConntrackFull);
+        }
+        Err(_) => {
+            let _ = CT_V1.remove(&reply_key);
+            return Err(Reason::DropConntrackFull);
+        }
     }
     crate::events::translate(
         match origin {
@@ -429,7 +610,65 @@ fn new_flow(
         backend.addr,
         backend.port,
     );
-    translate(ctx, flow, &forward)
+    Ok(forward)
+}
+
+/// Creates the reply entry of `forward` with the source `nat_saddr:nat_sport`, only if no other
+/// flow holds that reply key; returns the key, or the insert's error (`EEXIST`: taken).
+#[inline(always)]
+fn claim_reply(
+    flow: &Flow,
+    forward: &CtEntry,
+    reply: &CtEntry,
+    nat_saddr: u32,
+    nat_sport: u16,
+) -> Result<CtKey, i32> {
+    let key = CtKey {
+        saddr: forward.nat_daddr,
+        daddr: nat_saddr,
+        sport: forward.nat_dport,
+        dport: nat_sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    CT_V1.insert(&key, reply, BPF_NOEXIST).map(|()| key)
+}
+
+/// Picks a free source port of the SNAT range for `forward` with source address `addr`: the
+/// first candidate whose reply entry can be created (created here, so two flows racing for a
+/// port never both get it). Writes the chosen source into `forward`.
+#[inline(always)]
+fn snat_claim(
+    flow: &Flow,
+    forward: &mut CtEntry,
+    reply: &CtEntry,
+    addr: u32,
+) -> Result<CtKey, Reason> {
+    // SAFETY: array element 0 always exists; read by copy.
+    let Some(cfg) = CONFIG_V1.get(0).copied() else {
+        return Err(Reason::DropSnatExhausted);
+    };
+    if addr == 0 || cfg.snat_port_max <= cfg.snat_port_min {
+        return Err(Reason::DropSnatExhausted);
+    }
+    let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
+    let start = flow_hash(flow);
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port = (u32::from(cfg.snat_port_min)
+            + (start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
+        match claim_reply(flow, forward, reply, addr, port.to_be()) {
+            Ok(key) => {
+                forward.nat_saddr = addr;
+                forward.nat_sport = port.to_be();
+                return Ok(key);
+            }
+            Err(EEXIST) => {}
+            Err(_) => return Err(Reason::DropConntrackFull),
+        }
+        i += 1;
+    }
+    Err(Reason::DropSnatExhausted)
 }
 
 /// The backend of a new flow: the client address's affinity entry, else the frontend's Maglev
@@ -509,59 +748,66 @@ fn flow_hash(flow: &Flow) -> u32 {
     ferrox_abi::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }
 
-/// A source address (the node's, unless `addr` names another) and a free source port for a
-/// SNATed flow to `backend`.
-#[inline(always)]
-fn snat_source(
-    flow: &Flow,
-    backend_addr: u32,
-    backend_port: u16,
-    addr: Option<u32>,
-) -> Result<(u32, u16), Reason> {
-    // SAFETY: array element 0 always exists; read by copy.
-    let Some(cfg) = CONFIG_V1.get(0).copied() else {
-        return Err(Reason::DropSnatExhausted);
-    };
-    let snat_addr = addr.unwrap_or(cfg.node_addr);
-    if snat_addr == 0 || cfg.snat_port_max <= cfg.snat_port_min {
-        return Err(Reason::DropSnatExhausted);
-    }
-    let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
-    let start = flow_hash(flow);
-    let mut i = 0;
-    while i < SNAT_TRIES {
-        let port =
-            (cfg.snat_port_min as u32 + (start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
-        let candidate = CtKey {
-            saddr: backend_addr,
-            daddr: snat_addr,
-            sport: backend_port,
-            dport: port.to_be(),
-            proto: flow.proto,
-            _pad: [0; 3],
-        };
-        // SAFETY: only checks presence.
-        if (unsafe { CT_V1.get(&candidate) }).is_none() {
-            return Ok((snat_addr, port.to_be()));
-        }
-        i += 1;
-    }
-    Err(Reason::DropSnatExhausted)
+/// What became of a packet given to [`translate`]: sent on translated (with this action), or
+/// answered with an ICMP fragmentation-needed instead (with this action).
+enum Outcome {
+    Sent(i32),
+    TooBig(i32),
 }
 
-/// Rewrites the packet as `e` says and forwards it.
-#[inline(always)]
-fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<i32, Reason> {
-    rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+impl Outcome {
+    /// The reason to count: `translated` when it was, else the too-big drop; and the action.
+    #[inline(always)]
+    fn counted(self, translated: Reason) -> (Reason, i32) {
+        match self {
+            Self::Sent(a) => (translated, a),
+            Self::TooBig(a) => (Reason::DropTooBig, a),
+        }
+    }
+}
+
+/// Routes the translated packet, then rewrites it as `e` says and sends it on. The route is
+/// looked up first: a packet that does not fit its path is answered before anything was
+/// rewritten, so the client gets an error it can match. A function of its own (a BPF-to-BPF
+/// call), which keeps the callers' stacks within the kernel's limit.
+#[inline(never)]
+fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<Outcome, Reason> {
     let to = Fib {
         proto: flow.proto,
         saddr: e.nat_saddr,
         daddr: e.nat_daddr,
         sport: e.nat_sport,
         dport: e.nat_dport,
-        tot_len: flow.tot_len,
+        tot_len: path_len(ctx, flow.tot_len),
     };
-    forward(ctx, &to)
+    match route(ctx, &to) {
+        Route::Direct { ifindex, macs } => {
+            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+            ctx.store(0, &macs, 0).map_err(|_| Reason::DropRewrite)?;
+            // SAFETY: redirecting to the interface the lookup chose.
+            Ok(Outcome::Sent(unsafe { bpf_redirect(ifindex, 0) } as i32))
+        }
+        Route::Neighbour { ifindex } => {
+            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+            // SAFETY: the kernel resolves the next hop's MAC itself.
+            Ok(Outcome::Sent(
+                unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+            ))
+        }
+        // A destination on this node (a host-network backend): the stack delivers it.
+        Route::Local => {
+            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+            Ok(Outcome::Sent(TC_ACT_OK))
+        }
+        // Too big, don't-fragment set: the client learns the path's MTU in its own addresses.
+        Route::TooBig { mtu } if flow.df => icmp_too_big(ctx, flow, mtu).map(Outcome::TooBig),
+        // Too big, may be fragmented: the stack fragments it on the way.
+        Route::TooBig { .. } => {
+            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+            Ok(Outcome::Sent(TC_ACT_OK))
+        }
+        Route::None => Err(Reason::DropNoRoute),
+    }
 }
 
 /// What a FIB lookup needs to know about a translated packet.
@@ -571,10 +817,147 @@ struct Fib {
     daddr: u32,
     sport: u16,
     dport: u16,
+    /// The length the path must carry (0: do not check).
     tot_len: u16,
 }
 
-/// Rewrites addresses and ports, keeping the IP and L4 checksums right (incrementally).
+/// Where a translated packet goes.
+enum Route {
+    /// Out of `ifindex` with these Ethernet addresses (destination, then source).
+    Direct {
+        ifindex: u32,
+        macs: [u8; 12],
+    },
+    /// Out of `ifindex`; the kernel resolves the next hop's address.
+    Neighbour {
+        ifindex: u32,
+    },
+    /// To this node itself.
+    Local,
+    /// The path's MTU is below the packet's length.
+    TooBig {
+        mtu: u16,
+    },
+    None,
+}
+
+/// The length a path must carry for this packet: its total length, or 0 for a GSO packet, which
+/// the kernel cuts into segments of its own size on the way out (its total length is the
+/// aggregate's, not what goes on the wire).
+#[inline(always)]
+fn path_len(ctx: &TcContext, tot_len: u16) -> u16 {
+    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
+    if unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size } != 0 {
+        0
+    } else {
+        tot_len
+    }
+}
+
+/// Looks the translated packet's route up (and checks its MTU). A function of its own (a
+/// BPF-to-BPF call): the lookup's 64-byte request stays off the stack of its callers.
+#[inline(never)]
+fn route(ctx: &TcContext, to: &Fib) -> Route {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut p: bpf_fib_lookup = unsafe { zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = to.proto;
+    p.sport = to.sport;
+    p.dport = to.dport;
+    p.__bindgen_anon_1.tot_len = to.tot_len;
+    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
+    p.ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    p.__bindgen_anon_3.ipv4_src = to.saddr;
+    p.__bindgen_anon_4.ipv4_dst = to.daddr;
+    // SAFETY: `p` is a valid request of the size passed; `ctx` is the program's context.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // SAFETY: reading the MAC addresses the lookup filled in.
+            let m = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&m.dmac);
+            macs[6..].copy_from_slice(&m.smac);
+            Route::Direct {
+                ifindex: p.ifindex,
+                macs,
+            }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::Neighbour { ifindex: p.ifindex },
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig {
+            // SAFETY: the lookup wrote the MTU into the union on this result.
+            mtu: unsafe { p.__bindgen_anon_1.mtu_result },
+        },
+        _ => Route::None,
+    }
+}
+
+/// ICMP destination unreachable, code fragmentation needed and don't-fragment set.
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// What an ICMP error quotes here: an IPv4 header without options and 8 bytes of its payload.
+const QUOTE_LEN: usize = 28;
+const ICMP_ERROR_LEN: usize = 20 + 8;
+
+/// Replaces the packet by an ICMP fragmentation-needed carrying `mtu`, from the address the
+/// client sent it to, quoting the packet as the client sent it, and sends it back out the
+/// interface it came in on. A packet with IP options is dropped without an answer. A function of
+/// its own (a BPF-to-BPF call): its buffers stay off the stack of the common path.
+#[inline(never)]
+fn icmp_too_big(ctx: &TcContext, flow: &Flow, mtu: u16) -> Result<i32, Reason> {
+    if flow.l4_off != ETH_HLEN + 20 {
+        return Err(Reason::DropTooBig);
+    }
+    let err = |_| Reason::DropTooBig;
+    let dmac: [u8; 6] = ctx.load(0).map_err(err)?;
+    let smac: [u8; 6] = ctx.load(6).map_err(err)?;
+    // The ICMP checksum covers the ICMP header and the quote: sum the quote's words now.
+    let mut sum = 0u32;
+    let mut off = ETH_HLEN;
+    while off < ETH_HLEN + QUOTE_LEN {
+        let w: u32 = ctx.load(off).map_err(err)?;
+        sum += (w & 0xffff) + (w >> 16);
+        off += 4;
+    }
+    // Down to the Ethernet header and the quote (a GSO packet stops being one), then room for
+    // the new IP and ICMP headers in front of the quote.
+    ctx.change_tail((ETH_HLEN + QUOTE_LEN) as u32, 0)
+        .map_err(err)?;
+    ctx.adjust_room(ICMP_ERROR_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(err)?;
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0xc0,
+        tot_len: ((ICMP_ERROR_LEN + QUOTE_LEN) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: proto::ICMP,
+        check: 0,
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+    };
+    ip.check = crate::tunnel::ipv4_checksum(&ip);
+    ctx.store(ETH_HLEN, &ip, 0).map_err(err)?;
+    // Type, code, checksum, unused, next-hop MTU.
+    let head = u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED]);
+    let mtu_be = mtu.to_be();
+    sum += u32::from(head) + u32::from(mtu_be);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let icmp: [u16; 4] = [head, !(sum as u16), 0, mtu_be];
+    ctx.store(ETH_HLEN + 20, &icmp, 0).map_err(err)?;
+    ctx.store(0, &smac, 0).map_err(err)?;
+    ctx.store(6, &dmac, 0).map_err(err)?;
+    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
+    let ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    // SAFETY: back out of the interface the packet came in on.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// Rewrites addresses and ports, keeping the IP and L4 checksums right (incrementally). A later
+/// fragment has no L4 header: only its addresses and IP checksum change (the datagram's L4
+/// checksum, in its first fragment, already took the new addresses in).
 #[inline(always)]
 fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
     let (csum_off, mangled) = if flow.proto == proto::TCP {
@@ -583,13 +966,16 @@ fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
         (flow.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
     };
     let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+    let l4 = flow.has_l4;
     if e.nat_saddr != flow.saddr {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(flow.saddr),
-            u64::from(e.nat_saddr),
-            pseudo | mangled | 4,
-        )?;
+        if l4 {
+            ctx.l4_csum_replace(
+                csum_off,
+                u64::from(flow.saddr),
+                u64::from(e.nat_saddr),
+                pseudo | mangled | 4,
+            )?;
+        }
         ctx.l3_csum_replace(
             IP_CSUM_OFF,
             u64::from(flow.saddr),
@@ -599,12 +985,14 @@ fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
         ctx.store(IP_SADDR_OFF, &e.nat_saddr, 0)?;
     }
     if e.nat_daddr != flow.daddr {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(flow.daddr),
-            u64::from(e.nat_daddr),
-            pseudo | mangled | 4,
-        )?;
+        if l4 {
+            ctx.l4_csum_replace(
+                csum_off,
+                u64::from(flow.daddr),
+                u64::from(e.nat_daddr),
+                pseudo | mangled | 4,
+            )?;
+        }
         ctx.l3_csum_replace(
             IP_CSUM_OFF,
             u64::from(flow.daddr),
@@ -612,6 +1000,9 @@ fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
             4,
         )?;
         ctx.store(IP_DADDR_OFF, &e.nat_daddr, 0)?;
+    }
+    if !l4 {
+        return Ok(());
     }
     if e.nat_sport != flow.sport {
         ctx.l4_csum_replace(
@@ -634,40 +1025,21 @@ fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
     Ok(())
 }
 
-/// Sends the translated packet towards its new destination: FIB lookup, MAC rewrite, redirect.
+/// Sends an ICMP error towards its new destination: FIB lookup, MAC rewrite, redirect.
 #[inline(always)]
 fn forward(ctx: &TcContext, to: &Fib) -> Result<i32, Reason> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut p: bpf_fib_lookup = unsafe { zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = to.proto;
-    p.sport = to.sport;
-    p.dport = to.dport;
-    p.__bindgen_anon_1.tot_len = to.tot_len;
-    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
-    p.ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
-    p.__bindgen_anon_3.ipv4_src = to.saddr;
-    p.__bindgen_anon_4.ipv4_dst = to.daddr;
-    // SAFETY: `p` is a valid request of the size passed; `ctx` is the program's context.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            // SAFETY: reading the MAC addresses the lookup filled in.
-            let macs = unsafe { p.__bindgen_anon_6.__bindgen_anon_2 };
-            ctx.store(0, &macs.dmac, 0)
-                .map_err(|_| Reason::DropRewrite)?;
-            ctx.store(6, &macs.smac, 0)
-                .map_err(|_| Reason::DropRewrite)?;
+    match route(ctx, to) {
+        Route::Direct { ifindex, macs } => {
+            ctx.store(0, &macs, 0).map_err(|_| Reason::DropRewrite)?;
             // SAFETY: redirecting to the interface the lookup chose.
-            Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
+            Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
         }
         // SAFETY: the kernel resolves the next hop's MAC itself.
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            Ok(unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        Route::Neighbour { ifindex } => {
+            Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
         }
-        // Too big for the next hop: the stack sends the ICMP error.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(TC_ACT_OK),
-        _ => Err(Reason::DropNoRoute),
+        Route::Local | Route::TooBig { .. } => Ok(TC_ACT_OK),
+        Route::None => Err(Reason::DropNoRoute),
     }
 }
 
@@ -682,10 +1054,11 @@ const ICMP_QUOTE: usize = 8;
 /// An ICMP message. Errors about a translated flow (fragmentation needed, unreachable, time
 /// exceeded) are translated like the flow, so the sender they concern gets them in its own
 /// addresses: the quoted packet, the error's destination, and its source when the error comes
-/// from the quoted packet's destination itself. Anything else passes.
-#[inline(always)]
-fn icmp(ctx: &TcContext, l4_off: usize, saddr: u32, daddr: u32, tot_len: u16) -> (Reason, i32) {
-    match icmp_error(ctx, l4_off, saddr, daddr, tot_len) {
+/// from the quoted packet's destination itself. Anything else passes. A function of its own (a
+/// BPF-to-BPF call), off the stack of the TCP/UDP path.
+#[inline(never)]
+fn icmp(ctx: &TcContext, m: &IcmpPacket) -> (Reason, i32) {
+    match icmp_error(ctx, m.l4_off, m.saddr, m.daddr, m.tot_len) {
         Some(Ok(action)) => (Reason::NatIcmpError, action),
         Some(Err(r)) => (r, TC_ACT_SHOT),
         None => (Reason::PassIcmp, TC_ACT_UNSPEC),

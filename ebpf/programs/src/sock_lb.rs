@@ -15,7 +15,7 @@ use ferrox_abi::{
 
 use crate::{
     counters::count,
-    maps::{AFFINITY_V1, BACKENDS_V1, SOCK_RNAT_V1, SVC_V1},
+    maps::{AFFINITY_V1, BACKENDS_V1, HOST_NETNS_V1, SOCK_RNAT_V1, SVC_V1},
 };
 
 /// Return value of a sock_addr program that lets the operation go on.
@@ -65,6 +65,11 @@ fn try_forward(ctx: &SockAddrContext) -> Reason {
     let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
         return Reason::PassNoService;
     };
+    // Loopback frontends (`127.0.0.1:<nodePort>`) are the host's: in a pod's own network
+    // namespace 127.0.0.1 is the pod itself, and its own listeners must stay reachable.
+    if sa.user_ip4.to_ne_bytes()[0] == 127 && !in_host_netns(ctx) {
+        return Reason::PassNoService;
+    }
     if frontend.count == 0 {
         return Reason::DropNoBackend;
     }
@@ -105,6 +110,15 @@ fn try_forward(ctx: &SockAddrContext) -> Reason {
     sa.user_ip4 = backend.addr;
     sa.user_port = u32::from(backend.port);
     translated
+}
+
+/// Whether the socket lives in the node's host network namespace (whose cookie the agent
+/// wrote; unknown means no).
+#[inline(always)]
+fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    let host = HOST_NETNS_V1.get(0).copied().unwrap_or(0);
+    // SAFETY: `ctx` is a sock_addr context, for which the kernel provides the cookie.
+    host != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == host
 }
 
 /// A backend id from a uniformly random slot of the frontend.

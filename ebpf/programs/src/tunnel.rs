@@ -1,5 +1,8 @@
 //! IP-in-IP between nodes, done here because the node needs no `ipip` device for it.
 //!
+//! (The same egress hook first translates back the replies of host-network backends, see
+//! [`crate::nat::host_reply`].)
+//!
 //! Encapsulation happens at the uplink's TC egress, for every packet leaving the node: one whose
 //! destination falls in a remote pod block of `TUNNEL_V1` gets an outer IPv4 header (protocol 4)
 //! from this node's address to the block's node. The kernel route of the block (installed by
@@ -45,7 +48,12 @@ pub fn uplink_egress(ctx: &TcContext) -> i32 {
     let (reason, action) = match reason.verdict() {
         Verdict::Drop => (reason, TC_ACT_SHOT),
         _ if reason == Reason::PassNotIpv4 => (reason, TC_ACT_UNSPEC),
-        _ => encap(ctx, reason),
+        // A host-network backend's reply, translated back first.
+        _ => match crate::nat::host_reply(ctx) {
+            Some(r) if r.verdict() == Verdict::Drop => (r, TC_ACT_SHOT),
+            Some(r) => (r, encap(ctx, r).1),
+            None => encap(ctx, reason),
+        },
     };
     count(Hook::TcUplinkEgress, reason, ctx.len());
     action
@@ -120,7 +128,7 @@ fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
 
 /// The header checksum of an IPv4 header without options.
 #[inline(always)]
-fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
     // SAFETY: `Ipv4Hdr` is 20 bytes of plain integers, `repr(C)` without padding.
     let words: [u16; 10] = unsafe { core::mem::transmute(*h) };
     let mut sum = 0u32;

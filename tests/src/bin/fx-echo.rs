@@ -61,6 +61,10 @@ enum Cmd {
         /// (TCP connections end with a reset, leaving no TIME_WAIT behind to block the port).
         #[arg(long)]
         source_port: Option<u16>,
+        /// UDP only: datagrams of this many bytes (the reply echoes them, as large): above the
+        /// path's MTU they travel as IP fragments both ways.
+        #[arg(long, default_value_t = 4)]
+        size: usize,
     },
     /// New TCP connections to `target`, one after the other, until SIGTERM; prints
     /// `progress <ok> <failed>` lines, then a JSON summary with every failure.
@@ -129,6 +133,7 @@ fn main() {
             timeout_ms,
             connected,
             source_port,
+            size,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let mut failed = false;
@@ -140,7 +145,7 @@ fn main() {
                 let line = match (proto, source) {
                     (Proto::Tcp, None) => call_tcp(target, timeout),
                     (Proto::Tcp, Some(source)) => call_tcp_from(source, target, timeout),
-                    (Proto::Udp, _) => call_udp(target, timeout, connected, source),
+                    (Proto::Udp, _) => call_udp(target, timeout, connected, source, size),
                 };
                 failed |= line.get("error").is_some();
                 println!("{line}");
@@ -193,7 +198,7 @@ fn serve(name: &str, tcp: &[u16], udp: &[u16]) {
         let sock = UdpSocket::bind(("0.0.0.0", port)).expect("binding the UDP port");
         let name = name.to_owned();
         threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = sock.recv_from(&mut buf) {
                 let mut reply = format!("{name} {from} ").into_bytes();
                 reply.extend_from_slice(&buf[..n]);
@@ -306,32 +311,45 @@ fn call_udp(
     timeout: Duration,
     connected: bool,
     source: Option<SocketAddr>,
+    size: usize,
 ) -> serde_json::Value {
     let sock = match UdpSocket::bind(source.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))) {
         Ok(s) => s,
         Err(e) => return error(target, format!("binding {source:?}: {e}")),
     };
     sock.set_read_timeout(Some(timeout)).unwrap();
-    let payload = b"ping";
+    // "ping", padded to `size` bytes without spaces (the reply's third word is the datagram).
+    let mut payload = b"ping".to_vec();
+    payload.resize(size.max(4), b'.');
     let sent = if connected {
-        sock.connect(target).and_then(|()| sock.send(payload))
+        sock.connect(target).and_then(|()| sock.send(&payload))
     } else {
-        sock.send_to(payload, target)
+        sock.send_to(&payload, target)
     };
     if let Err(e) = sent {
         return error(target, e);
     }
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     let (n, from) = match sock.recv_from(&mut buf) {
         Ok(r) => r,
         Err(e) => return error(target, e),
     };
     let reply = String::from_utf8_lossy(&buf[..n]).to_string();
     let mut words = reply.splitn(3, ' ');
-    let (Some(backend), Some(seen), Some("ping")) = (words.next(), words.next(), words.next())
+    let (Some(backend), Some(seen), Some(echoed)) = (words.next(), words.next(), words.next())
     else {
         return error(target, format!("bad reply {reply:?}"));
     };
+    if echoed.as_bytes() != payload.as_slice() {
+        return error(
+            target,
+            format!(
+                "the echo of {} bytes came back as {}",
+                payload.len(),
+                echoed.len()
+            ),
+        );
+    }
     serde_json::json!({ "target": target.to_string(), "backend": backend, "seen_by_backend": seen, "from": from.to_string(),
         "local": sock.local_addr().map(|a| a.to_string()).unwrap_or_default() })
 }
@@ -392,9 +410,21 @@ fn load(target: SocketAddr, pause: Duration) {
     }
     let (mut ok, mut failed) = (0u64, 0u64);
     let mut errors = Vec::new();
+    // Calls that took long (a lost SYN costs a second): when, how long, and their outcome.
+    let mut slow = Vec::new();
+    let start = Instant::now();
     let mut last_report = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
+        let t0 = Instant::now();
         let r = call_tcp(target, Duration::from_secs(2));
+        let took = t0.elapsed();
+        if took >= Duration::from_millis(500) && slow.len() < 20 {
+            slow.push(serde_json::json!({
+                "atMs": (t0 - start).as_millis() as u64,
+                "ms": took.as_millis() as u64,
+                "result": r,
+            }));
+        }
         match r.get("error") {
             None => ok += 1,
             Some(e) => {
@@ -413,7 +443,7 @@ fn load(target: SocketAddr, pause: Duration) {
     }
     println!(
         "{}",
-        serde_json::json!({ "done": true, "ok": ok, "failed": failed, "errors": errors })
+        serde_json::json!({ "done": true, "ok": ok, "failed": failed, "errors": errors, "slow": slow })
     );
 }
 

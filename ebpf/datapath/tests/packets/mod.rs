@@ -26,6 +26,9 @@ struct Ipv4 {
     frag_offset: u16,
     more_fragments: bool,
     dont_fragment: bool,
+    id: u16,
+    tos: u8,
+    ttl: u8,
     proto: u8,
     l4: Vec<u8>,
 }
@@ -83,6 +86,9 @@ impl Packet {
             frag_offset: 0,
             more_fragments: false,
             dont_fragment: false,
+            id: 0,
+            tos: 0,
+            ttl: 64,
             proto: 0,
             l4: Vec::new(),
         });
@@ -128,6 +134,38 @@ impl Packet {
         self
     }
 
+    /// The IP identification (fragments of one datagram share it).
+    pub fn id(mut self, id: u16) -> Self {
+        self.ip().id = id;
+        self
+    }
+
+    pub fn tos(mut self, tos: u8) -> Self {
+        self.ip().tos = tos;
+        self
+    }
+
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ip().ttl = ttl;
+        self
+    }
+
+    /// Sets the TCP flags byte (after `.tcp()`; SYN by default).
+    pub fn tcp_flags(mut self, flags: u8) -> Self {
+        self.ip().l4[13] = flags;
+        self
+    }
+
+    /// A later fragment's bytes: `len` bytes of datagram data, no L4 header (and so no L4
+    /// checksum to compute).
+    pub fn fragment_data(mut self, proto: u8, len: usize) -> Self {
+        let ip = self.ip();
+        ip.proto = proto;
+        ip.l4 = vec![0xcd; len];
+        self.l4_checksum = false;
+        self
+    }
+
     pub fn tcp(mut self, sport: u16, dport: u16) -> Self {
         let mut h = vec![0u8; 20];
         h[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -164,8 +202,14 @@ impl Packet {
 
     /// An ICMP error (`kind`, `code`, e.g. 3/4: fragmentation needed) quoting `quote` (the
     /// quoted packet's bytes from its IP header on).
-    pub fn icmp_error(mut self, kind: u8, code: u8, quote: &[u8]) -> Self {
-        let mut h = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500
+    pub fn icmp_error(self, kind: u8, code: u8, quote: &[u8]) -> Self {
+        self.icmp_error_mtu(kind, code, 1500, quote)
+    }
+
+    /// [`Packet::icmp_error`] with this next-hop MTU.
+    pub fn icmp_error_mtu(mut self, kind: u8, code: u8, mtu: u16, quote: &[u8]) -> Self {
+        let mut h = vec![kind, code, 0, 0, 0, 0];
+        h.extend_from_slice(&mtu.to_be_bytes());
         h.extend_from_slice(quote);
         let ip = self.ip();
         ip.proto = 1;
@@ -235,8 +279,10 @@ impl Packet {
                 let frag = (ip.frag_offset & 0x1fff)
                     | if ip.more_fragments { 0x2000 } else { 0 }
                     | if ip.dont_fragment { 0x4000 } else { 0 };
+                h[1] = ip.tos;
+                h[4..6].copy_from_slice(&ip.id.to_be_bytes());
                 h[6..8].copy_from_slice(&frag.to_be_bytes());
-                h[8] = 64;
+                h[8] = ip.ttl;
                 h[9] = ip.proto;
                 h[12..16].copy_from_slice(&ip.src);
                 h[16..20].copy_from_slice(&ip.dst);
@@ -292,6 +338,11 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
         return false;
     }
     let tot = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let frag = u16::from_be_bytes([frame[20], frame[21]]);
+    if frag & 0x3fff != 0 {
+        // A fragment: its L4 checksum covers the whole datagram, not this piece.
+        return true;
+    }
     let l4 = &frame[14 + ihl..14 + tot];
     let (src, dst, proto) = (
         [ip[12], ip[13], ip[14], ip[15]],
