@@ -11,9 +11,12 @@ mod bins;
 pub mod bird;
 mod cluster;
 pub mod containerd;
+pub mod frr;
+pub mod gobgp;
 pub mod leaks;
 mod netns;
 mod process;
+pub mod router;
 
 pub use bins::bin_path;
 pub use cluster::{
