@@ -75,6 +75,8 @@ pub struct Mesh {
     /// The mesh's MD5 key (`<password dir>/mesh`), if any.
     pub password: Option<String>,
     pub password_dir: std::path::PathBuf,
+    /// The most prefixes a peer may announce, for peers without a limit of their own.
+    pub max_prefixes: Option<u32>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -207,7 +209,10 @@ fn program(
                 mesh.port,
                 &mesh.password_dir,
             ) {
-                Ok(Some(p)) if !wanted.iter().any(|w| w.addr == p.addr) => wanted.push(p),
+                Ok(Some(mut p)) if !wanted.iter().any(|w| w.addr == p.addr) => {
+                    p.max_prefixes = p.max_prefixes.or(mesh.max_prefixes);
+                    wanted.push(p);
+                }
                 Ok(_) => {}
                 Err(e) => warn!(peer = ?o.metadata.name, error = %e, "BGPPeer not used"),
             }
@@ -248,6 +253,7 @@ fn program(
                     passive: false,
                     password: mesh.password.clone(),
                     hold_time: None,
+                    max_prefixes: mesh.max_prefixes,
                     rr_client: own_cluster.is_some() && their_cluster.is_none(),
                     export: crate::bgp::speaker::Export::default(),
                 });
