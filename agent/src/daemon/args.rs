@@ -190,7 +190,8 @@ pub struct AgentArgs {
     pub bgp_hold_time: u16,
 
     /// Graceful restart time announced: how long peers keep this node's routes while the agent
-    /// restarts (seconds).
+    /// restarts (seconds). Also how long, after a restart, the node keeps the routes it had
+    /// learned when peers do not all come back and send End-of-RIB.
     #[arg(long, env = "FERROX_BGP_RESTART_TIME", default_value_t = 120)]
     pub bgp_restart_time: u16,
 

@@ -209,10 +209,11 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                             password_dir: args.bgp_password_dir.clone(),
                             max_prefixes,
                         }),
-                        // Long enough for the sessions to come back and resend their routes.
+                        // The routes found at start are kept until every peer has sent
+                        // End-of-RIB, this long at most (RFC 4724's selection deferral).
                         keep_until: Some(
                             std::time::Instant::now()
-                                + Duration::from_secs(3 * u64::from(args.bgp_hold_time).max(10)),
+                                + Duration::from_secs(u64::from(args.bgp_restart_time)),
                         ),
                         ..settings
                     }
