@@ -206,12 +206,22 @@ fn wait_router_has(r: &dyn Router, prefix: &str, via: Ipv4Addr) {
     );
 }
 
-/// A directory with the MD5 key `KEY` in the file `router`.
-fn key_dir(what: &str) -> PathBuf {
+/// The agent's password directory (a Secret mounted there), removed when dropped, also when
+/// the test fails.
+struct KeyDir(PathBuf);
+
+impl Drop for KeyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A password directory with the MD5 key `KEY` in the file `router`.
+fn key_dir(what: &str) -> KeyDir {
     let d = std::env::temp_dir().join(format!("ferrox-interop-{what}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("router"), format!("{KEY}\n")).unwrap();
-    d
+    KeyDir(d)
 }
 
 // The router's prefixes in the eBGP case.
@@ -230,7 +240,7 @@ fn ebgp<R: Router>(what: &str) {
     let c = Cluster::builder()
         .nodes(1)
         .agent_env("FERROX_BGP", "true")
-        .agent_env("FERROX_BGP_PASSWORD_DIR", &keys.display().to_string())
+        .agent_env("FERROX_BGP_PASSWORD_DIR", &keys.0.display().to_string())
         .agent_env("FERROX_BGP_CONNECT_RETRY", "1")
         .agent_env("FERROX_BGP_HOLD_TIME", "9")
         .build();
@@ -487,7 +497,7 @@ fn ebgp<R: Router>(what: &str) {
     }
 
     // The wrong MD5 key: the router's kernel drops the agent's segments, no session.
-    std::fs::write(keys.join("wrong"), "not-the-key\n").unwrap();
+    std::fs::write(keys.0.join("wrong"), "not-the-key\n").unwrap();
     apply_peer(
         &c,
         "router",
@@ -509,9 +519,10 @@ fn ebgp<R: Router>(what: &str) {
     let s = ferrox_session(n1, rip).unwrap();
     assert_ne!(s["state"], "established", "with the wrong MD5 key: {s}");
     assert!(!r.session(n1.addr).established);
+    // The routers and the cluster go first, then the keys.
     drop(r);
     drop(c);
-    let _ = std::fs::remove_dir_all(&keys);
+    drop(keys);
 }
 
 /// iBGP with the router as route reflector of two nodes (mesh off): each node learns the

@@ -657,3 +657,64 @@ fn apply_update(
     shared.publish();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 4271 with RFC 4724: what happens to a peer's routes when a session ends.
+    #[test]
+    fn a_session_end_keeps_marks_or_removes_the_peers_routes() {
+        let lost = || End::Lost("the peer closed the connection".into());
+        let sent = || End::Sent(Notification::new(err::HOLD_TIMER_EXPIRED, 0, []));
+        let received = || End::Received(Notification::new(err::CEASE, err::CEASE_ADMIN_RESET, []));
+        let up = |gr: Option<u16>| Reached {
+            established: true,
+            graceful_restart: gr,
+        };
+        let cases = [
+            (
+                "lost before Established",
+                lost(),
+                Reached::default(),
+                Routes::Unchanged,
+            ),
+            (
+                "a NOTIFICATION before Established",
+                received(),
+                Reached {
+                    established: false,
+                    graceful_restart: Some(120),
+                },
+                Routes::Unchanged,
+            ),
+            (
+                "lost, graceful restart",
+                lost(),
+                up(Some(120)),
+                Routes::Stale(120),
+            ),
+            (
+                "lost, no graceful restart",
+                lost(),
+                up(None),
+                Routes::Removed,
+            ),
+            (
+                "we sent a NOTIFICATION",
+                sent(),
+                up(Some(120)),
+                Routes::Removed,
+            ),
+            (
+                "the peer sent one",
+                received(),
+                up(Some(120)),
+                Routes::Removed,
+            ),
+        ];
+        for (what, end, reached, want) in cases {
+            assert_eq!(routes_after(&end, reached), want, "{what}");
+        }
+    }
+}
