@@ -24,6 +24,10 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "iperf3",
     "bird2",
+    // The other routers of the BGP interop tests: FRR (zebra + bgpd, vtysh) and GoBGP (gobgpd
+    // and its gobgp client, one package).
+    "frr",
+    "gobgpd",
     "iptables",
     "nftables",
     "tcpdump",
@@ -97,6 +101,22 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
+        // The routers the tests run live in the tests' namespaces; the packages' own services
+        // would run in the machine's. Stopped and disabled when this run installed them (a
+        // router the machine already ran is left alone); nothing to do without systemd.
+        let services: Vec<String> = [("frr", "frr.service"), ("gobgpd", "gobgpd.service")]
+            .iter()
+            .filter(|(pkg, _)| missing.contains(pkg))
+            .map(|(_, unit)| (*unit).to_owned())
+            .collect();
+        if !services.is_empty() && std::path::Path::new("/run/systemd/system").exists() {
+            step(
+                &format!("disabling the packaged {}", services.join(", ")),
+                Command::new("systemctl")
+                    .args(["disable", "--now"])
+                    .args(&services),
+            )?;
+        }
     }
 
     if bpf_linker_ok() {

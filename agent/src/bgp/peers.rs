@@ -58,8 +58,10 @@ pub fn peer_resource() -> kube::api::ApiResource {
 }
 
 /// The peer a `BGPPeer` object describes for node `node`: `Ok(None)` when its `spec.nodes` list
-/// leaves this node out. `spec`: `address`, `asn`, optional `holdTime`, `password` (the key's
-/// file name in the password directory), `nodes`, `export` (only `podBlocks` for now).
+/// leaves this node out. `spec`: `address`, `asn`, optional `holdTime`, `maxPrefixes`,
+/// `password` (the key's file name in the password directory), `nodes`, `export`. Without
+/// `maxPrefixes` the peer has no limit of its own ([`speaker::Peer::max_prefixes`] `None`; the
+/// caller applies the global one).
 pub fn peer_from_object(
     o: &kube::api::DynamicObject,
     node: &str,
@@ -89,6 +91,17 @@ pub fn peer_from_object(
         Some(h) if h == 0 || (3..=65535).contains(&h) => Some(h as u16),
         Some(h) => return Err(format!("spec.holdTime {h}: 0, or 3 to 65535")),
     };
+    let max_prefixes = match spec.get("maxPrefixes") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_u64().map(u32::try_from) {
+            Some(Ok(m)) if m > 0 => Some(m),
+            _ => {
+                return Err(format!(
+                    "spec.maxPrefixes {v}: 1 to 4294967295 (leave it out for the global limit)"
+                ));
+            }
+        },
+    };
     let export = match spec.get("export") {
         None => speaker::Export::default(),
         Some(e) => {
@@ -113,6 +126,7 @@ pub fn peer_from_object(
         passive: false,
         password,
         hold_time,
+        max_prefixes,
         rr_client: false,
         export,
     }))
@@ -147,6 +161,7 @@ pub fn parse_peer(s: &str, port: u16, export: speaker::Export) -> anyhow::Result
         passive: false,
         password: None,
         hold_time: None,
+        max_prefixes: None,
         rr_client: false,
         export,
     })
@@ -169,7 +184,7 @@ mod tests {
         let ok = super::peer_from_object(
             &obj(
                 serde_json::json!({"address": "10.0.0.1", "asn": 4200000000u32,
-                "holdTime": 30, "password": "tor", "nodes": ["node-1"], "export": ["podBlocks", "serviceLoadBalancerIPs"]}),
+                "holdTime": 30, "maxPrefixes": 500, "password": "tor", "nodes": ["node-1"], "export": ["podBlocks", "serviceLoadBalancerIPs"]}),
             ),
             "node-1",
             179,
@@ -182,9 +197,10 @@ mod tests {
                 ok.name.as_str(),
                 ok.asn,
                 ok.hold_time,
+                ok.max_prefixes,
                 ok.password.as_deref()
             ),
-            ("tor", 4_200_000_000, Some(30), Some("k3y"))
+            ("tor", 4_200_000_000, Some(30), Some(500), Some("k3y"))
         );
         assert_eq!(
             ok.export,
@@ -212,6 +228,14 @@ mod tests {
             (
                 serde_json::json!({"address": "10.0.0.1", "asn": 1, "holdTime": 2}),
                 "spec.holdTime 2",
+            ),
+            (
+                serde_json::json!({"address": "10.0.0.1", "asn": 1, "maxPrefixes": 0}),
+                "spec.maxPrefixes 0: 1 to 4294967295",
+            ),
+            (
+                serde_json::json!({"address": "10.0.0.1", "asn": 1, "maxPrefixes": -3}),
+                "spec.maxPrefixes -3",
             ),
             (
                 serde_json::json!({"address": "10.0.0.1", "asn": 1, "export": ["serviceIPs"]}),

@@ -11,8 +11,8 @@ use crate::observability::status;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BgpCommand {
-    /// Each neighbour: state, since when, hold time, prefixes received and advertised, last
-    /// error.
+    /// Each neighbour: state, since when, hold time in force and configured, prefixes received
+    /// (and the most it may send) and advertised, last error.
     Peers(NodeArgs),
     /// The best route to each prefix learned over BGP, with its next hops and peers.
     Routes(NodeArgs),
@@ -43,7 +43,7 @@ pub fn run(cmd: BgpCommand) -> anyhow::Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            let rows: Vec<[String; 8]> = peers
+            let rows: Vec<[String; 11]> = peers
                 .iter()
                 .map(|p| {
                     [
@@ -52,7 +52,15 @@ pub fn run(cmd: BgpCommand) -> anyhow::Result<()> {
                         p.asn.to_string(),
                         p.state.clone(),
                         format!("{}s", now.saturating_sub(p.since_unix)),
+                        // In force (as of the last OPEN; none before one), and configured.
+                        if p.router_id.is_some() {
+                            format!("{}s", p.hold_time)
+                        } else {
+                            "-".into()
+                        },
+                        format!("{}s", p.configured_hold_time),
                         p.received.to_string(),
+                        p.max_prefixes.map_or("-".into(), |m| m.to_string()),
                         p.advertised.to_string(),
                         p.last_error.clone().unwrap_or_default(),
                     ]
@@ -65,7 +73,10 @@ pub fn run(cmd: BgpCommand) -> anyhow::Result<()> {
                     "AS",
                     "STATE",
                     "SINCE",
+                    "HOLD",
+                    "CONFIGURED",
                     "RECEIVED",
+                    "MAX",
                     "ADVERTISED",
                     "LAST ERROR",
                 ],

@@ -183,18 +183,33 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_BGP_PORT", default_value_t = 179)]
     pub bgp_port: u16,
 
-    /// Hold time offered to peers (seconds; keepalives every third of it).
+    /// Hold time offered to peers without one of their own (a BGPPeer's spec.holdTime), in
+    /// seconds; each session uses the smaller of the offered and the peer's, keepalives every
+    /// third of it; 0: no keepalives and no hold timer.
     #[arg(long, env = "FERROX_BGP_HOLD_TIME", default_value_t = 90)]
     pub bgp_hold_time: u16,
 
     /// Graceful restart time announced: how long peers keep this node's routes while the agent
-    /// restarts (seconds).
+    /// restarts (seconds). Also how long, after a restart, the node keeps the routes it had
+    /// learned when peers do not all come back and send End-of-RIB.
     #[arg(long, env = "FERROX_BGP_RESTART_TIME", default_value_t = 120)]
     pub bgp_restart_time: u16,
 
     /// Seconds between connection attempts to a peer that is down.
     #[arg(long, env = "FERROX_BGP_CONNECT_RETRY", default_value_t = 5)]
     pub bgp_connect_retry: u64,
+
+    /// The most prefixes each BGP peer may announce (a BGPPeer's spec.maxPrefixes overrides
+    /// it): one more ends its session with a Cease (maximum number of prefixes reached) and
+    /// removes its routes, so a misbehaving router cannot fill the node's routing table. 0: no
+    /// limit.
+    #[arg(long, env = "FERROX_BGP_MAX_PREFIXES", default_value_t = 0)]
+    pub bgp_max_prefixes: u32,
+
+    /// Seconds a peer that went over its maximum number of prefixes is refused before its
+    /// session may come back (at once when its BGPPeer changes).
+    #[arg(long, env = "FERROX_BGP_MAX_PREFIXES_RESTART", default_value_t = 60)]
+    pub bgp_max_prefixes_restart: u64,
 
     /// Program routes to the other nodes' pod blocks (off: something else routes them).
     #[arg(long, env = "FERROX_ROUTES", default_value_t = true, action = clap::ArgAction::Set)]

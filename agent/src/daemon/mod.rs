@@ -156,8 +156,10 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                         .iter()
                         .map(|p| crate::bgp::peers::parse_peer(p, args.bgp_port, export))
                         .collect::<anyhow::Result<Vec<_>>>()?;
+                    let max_prefixes = (args.bgp_max_prefixes > 0).then_some(args.bgp_max_prefixes);
                     for p in &mut peers {
                         p.password = crate::bgp::peers::password(&args.bgp_password_dir, &p.name)?;
+                        p.max_prefixes = max_prefixes;
                     }
                     // This node's blocks (pools mode: the blocks at start; later claims are
                     // announced from the next start on), the ClusterIP range, and the
@@ -176,6 +178,9 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                             hold_time: args.bgp_hold_time,
                             restart_time: args.bgp_restart_time,
                             connect_retry: Duration::from_secs(args.bgp_connect_retry.max(1)),
+                            max_prefixes_restart: Duration::from_secs(
+                                args.bgp_max_prefixes_restart,
+                            ),
                             next_hop: addr,
                         },
                         peers.clone(),
@@ -202,11 +207,13 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
                             port: args.bgp_port,
                             password: mesh_password,
                             password_dir: args.bgp_password_dir.clone(),
+                            max_prefixes,
                         }),
-                        // Long enough for the sessions to come back and resend their routes.
+                        // The routes found at start are kept until every peer has sent
+                        // End-of-RIB, this long at most (RFC 4724's selection deferral).
                         keep_until: Some(
                             std::time::Instant::now()
-                                + Duration::from_secs(3 * u64::from(args.bgp_hold_time).max(10)),
+                                + Duration::from_secs(u64::from(args.bgp_restart_time)),
                         ),
                         ..settings
                     }

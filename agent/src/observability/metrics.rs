@@ -308,6 +308,34 @@ impl Metrics {
                     .map(|p| format!("{{peer=\"{}\"}} {}", p.addr, p.received))
                     .collect(),
             );
+            section(
+                "ferrox_bgp_max_prefixes",
+                "gauge",
+                "The most prefixes the peer may announce (peers with a limit only).",
+                peers
+                    .iter()
+                    .filter_map(|p| Some(format!("{{peer=\"{}\"}} {}", p.addr, p.max_prefixes?)))
+                    .collect(),
+            );
+            section(
+                "ferrox_bgp_max_prefixes_exceeded_total",
+                "counter",
+                "Sessions ended with a Cease because the peer announced more prefixes than its limit.",
+                peers
+                    .iter()
+                    .map(|p| format!("{{peer=\"{}\"}} {}", p.addr, p.max_prefixes_exceeded))
+                    .collect(),
+            );
+            section(
+                "ferrox_bgp_hold_time_seconds",
+                "gauge",
+                "The session's hold time in force (the smaller of the configured and the peer's offer; 0: none).",
+                peers
+                    .iter()
+                    .filter(|p| p.router_id.is_some())
+                    .map(|p| format!("{{peer=\"{}\"}} {}", p.addr, p.hold_time))
+                    .collect(),
+            );
         }
         if let Some(r) = &s.routing {
             section(

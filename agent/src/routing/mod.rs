@@ -55,9 +55,11 @@ pub struct Settings {
     /// The BGP speaker's peers follow the Nodes: every other node is an iBGP peer (full mesh),
     /// besides the configured ones.
     pub mesh: Option<Mesh>,
-    /// Until then, the routes of ours found at start are kept even when the plan does not name
-    /// them (the BGP sessions re-learn them after an agent restart, as graceful restart
-    /// intends). Routes learned and withdrawn in this run go at once.
+    /// After an agent restart, the routes of ours found at start are kept even when the plan
+    /// does not name them (the BGP sessions re-learn them, as graceful restart intends), until
+    /// every BGP peer has sent End-of-RIB, this time at most. Then what no peer announced again
+    /// goes. A route the plan named once in this run (learned again, or from the API) is no
+    /// longer kept: its withdrawal takes effect at once.
     pub keep_until: Option<Instant>,
 }
 
@@ -75,6 +77,8 @@ pub struct Mesh {
     /// The mesh's MD5 key (`<password dir>/mesh`), if any.
     pub password: Option<String>,
     pub password_dir: std::path::PathBuf,
+    /// The most prefixes a peer may announce, for peers without a limit of their own.
+    pub max_prefixes: Option<u32>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -188,10 +192,13 @@ fn blocks_from(
     (blocks, addr_of.into_values().collect())
 }
 
-/// Computes the plan for what the API holds and programs it.
+/// Computes the plan for what the API holds and programs it. `kept`: the routes found at start
+/// still kept (see [`Settings::keep_until`]), shrinking; `api_listed`: the watches had listed
+/// everything when routing started (so the BGP peers known are all there are).
 fn program(
     settings: &Settings,
-    found_at_start: &std::collections::BTreeSet<Ipv4Net>,
+    kept: &mut std::collections::BTreeSet<Ipv4Net>,
+    api_listed: bool,
     nl: &Netlink,
     maps: &mut Maps,
     (nodes, ipam, bgp_peers): &Snapshot,
@@ -207,7 +214,10 @@ fn program(
                 mesh.port,
                 &mesh.password_dir,
             ) {
-                Ok(Some(p)) if !wanted.iter().any(|w| w.addr == p.addr) => wanted.push(p),
+                Ok(Some(mut p)) if !wanted.iter().any(|w| w.addr == p.addr) => {
+                    p.max_prefixes = p.max_prefixes.or(mesh.max_prefixes);
+                    wanted.push(p);
+                }
                 Ok(_) => {}
                 Err(e) => warn!(peer = ?o.metadata.name, error = %e, "BGPPeer not used"),
             }
@@ -248,6 +258,7 @@ fn program(
                     passive: false,
                     password: mesh.password.clone(),
                     hold_time: None,
+                    max_prefixes: mesh.max_prefixes,
                     rr_client: own_cluster.is_some() && their_cluster.is_none(),
                     export: crate::bgp::speaker::Export::default(),
                 });
@@ -302,10 +313,25 @@ fn program(
     for u in &plan.unroutable {
         warn!(block = %u.prefix, node = %u.node, reason = %u.reason, "pod block not routed");
     }
-    let keep = match settings.keep_until {
-        Some(t) if Instant::now() < t => found_at_start.clone(),
-        _ => std::collections::BTreeSet::new(),
+    // Routes found at start: kept until the plan names them (from then on they follow the
+    // plan: a withdrawal removes them at once), until every BGP peer has sent End-of-RIB (what
+    // none announced again is gone for good), or until the time runs out.
+    let until = if settings.keep_until.is_none_or(|t| Instant::now() >= t) {
+        plan::KeptUntil::Expired
+    } else if api_listed && settings.mesh.as_ref().is_none_or(|m| m.speaker.synced()) {
+        plan::KeptUntil::Synced
+    } else {
+        plan::KeptUntil::Waiting
     };
+    let given_up = plan::still_kept(kept, &plan, until);
+    if given_up > 0 {
+        info!(
+            routes = given_up,
+            reason = ?until,
+            "routing: routes kept over the restart and announced by no peer since are removed"
+        );
+    }
+    let keep = kept.clone();
     let planned = started.elapsed();
     let existing = ours.into_iter().map(|r| (r.dst, r)).collect();
     let result = kernel::apply(nl, maps, &plan, settings.uplink_index, &keep, &existing);
@@ -463,21 +489,34 @@ pub async fn start(
         }
         Ok::<_, reflector::store::WriterDropped>(())
     };
-    match tokio::time::timeout(timeout, ready).await {
-        Ok(Ok(())) => {}
+    let api_listed = match tokio::time::timeout(timeout, ready).await {
+        Ok(Ok(())) => true,
         Ok(Err(e)) => anyhow::bail!("routing watches ended: {e}"),
-        Err(_) => warn!(
-            ?timeout,
-            "routing: the API did not list Nodes in time; routes follow when it does"
-        ),
+        Err(_) => {
+            warn!(
+                ?timeout,
+                "routing: the API did not list Nodes in time; routes follow when it does"
+            );
+            false
+        }
+    };
+    if let Some(mut rx) = settings.mesh.as_ref().map(|m| m.speaker.sync_changes()) {
+        let n = notify.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                n.notify_one();
+            }
+        });
     }
     let nl = Netlink::open().context("opening rtnetlink")?;
     let mut maps = Maps::open(&settings.layout).context("opening the datapath maps")?;
-    let found_at_start: std::collections::BTreeSet<Ipv4Net> =
+    let mut kept: std::collections::BTreeSet<Ipv4Net> =
         kernel::owned_routes(&nl)?.into_keys().collect();
     let api = stores.snapshot();
     let started = Instant::now();
-    match program(&settings, &found_at_start, &nl, &mut maps, &api, &metrics) {
+    match program(
+        &settings, &mut kept, api_listed, &nl, &mut maps, &api, &metrics,
+    ) {
         Ok(plan) => info!(
             mode = modes_name(&settings.mode),
             routes = plan.routes.len(),
@@ -493,7 +532,9 @@ pub async fn start(
             // A change, a periodic check that repairs what someone else changed, or the end of
             // the time stale routes are kept.
             let check = match settings.keep_until {
-                Some(t) if Instant::now() < t => t.saturating_duration_since(Instant::now()),
+                Some(t) if !kept.is_empty() && Instant::now() < t => {
+                    t.saturating_duration_since(Instant::now())
+                }
                 _ => Duration::from_secs(30),
             };
             let _ = tokio::time::timeout(check, notify.notified()).await;
@@ -501,7 +542,9 @@ pub async fn start(
             // Programming 100,000 routes takes a while: the runtime's other tasks (BGP
             // sessions, /metrics) move to another thread meanwhile.
             let result = tokio::task::block_in_place(|| {
-                program(&settings, &found_at_start, &nl, &mut maps, &api, &metrics)
+                program(
+                    &settings, &mut kept, api_listed, &nl, &mut maps, &api, &metrics,
+                )
             });
             if let Err(e) = result {
                 warn!(error = %format!("{e:#}"), "routing: programming failed; retrying");

@@ -212,6 +212,31 @@ pub fn plan(
     out
 }
 
+/// Why routes kept over a restart stop being kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeptUntil {
+    /// Not yet: some BGP peer has not sent End-of-RIB, and there is time left.
+    Waiting,
+    /// Every BGP peer has sent End-of-RIB: what none announced again is gone for good.
+    Synced,
+    /// The time to wait for them ran out.
+    Expired,
+}
+
+/// The routes of ours found at start that are still kept over the restart (graceful restart):
+/// `kept` loses every prefix `plan` names (from then on the prefix follows the plan, so its
+/// withdrawal takes effect at once), and all of them once `until` is no longer
+/// [`KeptUntil::Waiting`]. Returns how many were given up because of `until`.
+pub fn still_kept(kept: &mut BTreeSet<Ipv4Net>, plan: &Plan, until: KeptUntil) -> usize {
+    kept.retain(|p| !plan.routes.contains_key(p));
+    if until == KeptUntil::Waiting {
+        return 0;
+    }
+    let n = kept.len();
+    kept.clear();
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +423,49 @@ mod tests {
             Modes::parse_pool("10.244.0.0/16=cross-subnet"),
             Ok(("10.244.0.0/16".parse().unwrap(), TunnelMode::CrossSubnet))
         );
+    }
+
+    /// Routes found at start stay until named by the plan or until the peers are all back;
+    /// once named, a withdrawal (no longer in the plan) is not protected any more.
+    #[test]
+    fn routes_kept_over_a_restart_follow_the_plan_once_it_names_them() {
+        let net = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+        let plan_of = |prefixes: &[&str]| Plan {
+            routes: prefixes
+                .iter()
+                .map(|p| {
+                    (
+                        net(p),
+                        PlannedRoute {
+                            next_hops: vec!["198.18.0.200".parse().unwrap()],
+                            mtu: None,
+                            nodes: vec!["bgp:198.18.0.200".into()],
+                            encap: None,
+                        },
+                    )
+                })
+                .collect(),
+            ..Plan::default()
+        };
+        let mut kept: BTreeSet<Ipv4Net> = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"]
+            .into_iter()
+            .map(net)
+            .collect();
+        // A peer announced two of them again: only the third is still kept.
+        let n = still_kept(
+            &mut kept,
+            &plan_of(&["192.0.2.0/24", "203.0.113.0/24"]),
+            KeptUntil::Waiting,
+        );
+        assert_eq!((n, kept.clone()), (0, [net("198.51.100.0/24")].into()));
+        // It withdraws one of them while others are still away: not kept again.
+        still_kept(&mut kept, &plan_of(&["192.0.2.0/24"]), KeptUntil::Waiting);
+        assert_eq!(kept, [net("198.51.100.0/24")].into());
+        // Everyone is back: the rest goes.
+        assert_eq!(
+            still_kept(&mut kept, &plan_of(&["192.0.2.0/24"]), KeptUntil::Synced),
+            1
+        );
+        assert!(kept.is_empty());
     }
 }

@@ -1,14 +1,20 @@
 //! BIRD 2, a real router, in an external client's namespace on the underlay: the peer the BGP
-//! tests (and the BGP benchmark) talk to.
+//! tests (and the BGP benchmark) talk to, with a configuration of the test's own, or as one of
+//! the interop routers ([`Router`]) configured from a [`RouterSpec`].
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
-use super::{Cluster, ExternalClient, Proc};
+use super::{
+    Cluster, ExternalClient, Proc,
+    router::{Router, RouterSession, RouterSpec},
+};
 
 pub struct Bird {
-    _proc: Proc,
+    proc: Option<Proc>,
     dir: PathBuf,
     pub ext: ExternalClient,
+    /// What it was configured with, when started as a [`Router`].
+    spec: Option<RouterSpec>,
 }
 
 impl Bird {
@@ -23,9 +29,10 @@ impl Bird {
         let sock = dir.join("bird.ctl").display().to_string();
         let proc = ext.command("bird", &["-f", "-c", &conf, "-s", &sock]);
         Self {
-            _proc: proc,
+            proc: Some(proc),
             dir,
             ext,
+            spec: None,
         }
     }
 
@@ -69,7 +76,197 @@ impl Bird {
 
 impl Drop for Bird {
     fn drop(&mut self) {
+        self.proc.take();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// BIRD's configuration for `spec` on `ip`: one protocol `n<i>` per neighbour (from 1), the
+/// originated prefixes as blackhole statics. eBGP neighbours are sent those only; a reflector
+/// passes on everything.
+fn spec_config(ip: Ipv4Addr, spec: &RouterSpec) -> String {
+    let mut c = format!(
+        "log stderr all;\nrouter id {ip};\nprotocol device {{ scan time 1; }}\nprotocol static {{ ipv4;\n"
+    );
+    for p in &spec.prefixes {
+        let _ = writeln!(c, "  route {p} blackhole;");
+    }
+    c += "}\n";
+    for (i, n) in spec.neighbors.iter().enumerate() {
+        let ibgp = n.asn == spec.asn;
+        let _ = writeln!(
+            c,
+            "protocol bgp n{} {{\n  local {ip} as {};\n  neighbor {} as {};\n  hold time {};\n  \
+             connect delay time 1; connect retry time 1;\n  \
+             graceful restart on; graceful restart time {};",
+            i + 1,
+            spec.asn,
+            n.addr,
+            n.asn,
+            n.hold_time,
+            spec.restart_time,
+        );
+        if let Some(p) = &n.password {
+            let _ = writeln!(c, "  password \"{p}\";");
+        }
+        if ibgp {
+            c += "  direct;\n";
+        }
+        if let (Some(id), true) = (spec.cluster_id, n.rr_client) {
+            let _ = writeln!(c, "  rr client;\n  rr cluster id {id};");
+        }
+        let export = if spec.cluster_id.is_some() {
+            "all"
+        } else {
+            "where source = RTS_STATIC"
+        };
+        let _ = writeln!(c, "  ipv4 {{ import all; export {export}; }};\n}}");
+    }
+    c
+}
+
+impl Bird {
+    fn spec(&self) -> &RouterSpec {
+        self.spec.as_ref().expect("BIRD started as a Router")
+    }
+
+    fn run(&mut self, restarting: bool) {
+        let conf = self.dir.join("bird.conf");
+        std::fs::write(&conf, spec_config(self.ext.ip, self.spec())).expect("bird.conf");
+        let conf = conf.display().to_string();
+        let sock = self.dir.join("bird.ctl").display().to_string();
+        let mut args = vec!["-f", "-c", conf.as_str(), "-s", sock.as_str()];
+        if restarting {
+            // Graceful restart recovery: the restart flag, routes kept until peers are back.
+            args.push("-R");
+        }
+        self.proc = Some(self.ext.command("bird", &args));
+        super::wait_for(
+            "BIRD's control socket",
+            std::time::Duration::from_secs(20),
+            || {
+                let out = self.birdc(&["show", "status"]);
+                if out.contains("Daemon is up") {
+                    Ok(())
+                } else {
+                    Err(out)
+                }
+            },
+        );
+    }
+}
+
+/// A NOTIFICATION as BIRD names it in "Last error: Received: ...".
+fn bird_notification(text: &str) -> Option<(u8, u8)> {
+    let known: [(&str, (u8, u8)); 7] = [
+        ("Maximum number of prefixes reached", (6, 1)),
+        ("Administrative shutdown", (6, 2)),
+        ("Peer de-configured", (6, 3)),
+        ("Administrative reset", (6, 4)),
+        ("Connection collision resolution", (6, 7)),
+        ("Hold timer expired", (4, 0)),
+        ("Finite state machine error", (5, 0)),
+    ];
+    known
+        .iter()
+        .find(|(name, _)| text.contains(name))
+        .map(|(_, cs)| *cs)
+}
+
+impl Router for Bird {
+    fn start(c: &Cluster, spec: RouterSpec) -> Self {
+        let ext = c.external_client();
+        let dir = std::env::temp_dir().join(format!("ferrox-bird-{}-{}", c.id(), ext.ip));
+        std::fs::create_dir_all(&dir).expect("BIRD's directory");
+        let mut b = Self {
+            proc: None,
+            dir,
+            ext,
+            spec: Some(spec),
+        };
+        b.run(false);
+        b
+    }
+
+    fn name(&self) -> &'static str {
+        "BIRD"
+    }
+
+    fn ip(&self) -> Ipv4Addr {
+        self.ext.ip
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let lines = self.proc.as_ref().map(Proc::lines).unwrap_or_default();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    fn session(&self, neighbor: Ipv4Addr) -> RouterSession {
+        let i = self
+            .spec()
+            .neighbors
+            .iter()
+            .position(|n| n.addr == neighbor)
+            .unwrap_or_else(|| panic!("{neighbor} is not a neighbour of BIRD {}", self.ext.ip));
+        let out = self.birdc(&["show", "protocols", "all", &format!("n{}", i + 1)]);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.trim().strip_prefix(name))
+                .map(str::trim)
+        };
+        let established = field("BGP state:") == Some("Established");
+        // "Hold timer: 6.215/9"; no such line when the hold time is 0.
+        let hold = field("Hold timer:")
+            .and_then(|v| v.rsplit('/').next()?.parse().ok())
+            .unwrap_or(0);
+        let notification_received = field("Last error:")
+            .filter(|e| e.starts_with("Received:"))
+            .and_then(bird_notification);
+        RouterSession {
+            established,
+            hold_time: established.then_some(hold),
+            drops: None,
+            notification_received,
+        }
+    }
+
+    fn received(&self) -> BTreeMap<String, String> {
+        let out = self.birdc(&["show", "route"]);
+        let mut got = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for l in out.lines() {
+            if !l.starts_with(char::is_whitespace) {
+                current = l
+                    .split_whitespace()
+                    .next()
+                    .filter(|p| p.contains('/') && l.contains(" unicast "))
+                    .map(str::to_owned);
+            } else if let (Some(prefix), Some(via)) = (&current, l.trim().strip_prefix("via ")) {
+                let hop = via.split_whitespace().next().unwrap_or_default().to_owned();
+                // The best path comes first; the others follow, each with its own "via".
+                got.entry(prefix.clone()).or_insert(hop);
+            }
+        }
+        got
+    }
+
+    fn announce(&mut self, prefixes: &[&str]) {
+        let spec = self.spec.as_mut().expect("BIRD started as a Router");
+        spec.prefixes = prefixes.iter().map(|p| (*p).to_owned()).collect();
+        let conf = spec_config(self.ext.ip, self.spec());
+        self.reconfigure(&conf);
+    }
+
+    fn kill(&mut self) {
+        let mut p = self.proc.take().expect("BIRD running");
+        p.signal_and_wait(libc::SIGKILL);
+    }
+
+    fn restart(&mut self, prefixes: &[&str]) {
+        if let Some(spec) = self.spec.as_mut() {
+            spec.prefixes = prefixes.iter().map(|p| (*p).to_owned()).collect();
+        }
+        self.run(true);
     }
 }
 

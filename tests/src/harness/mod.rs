@@ -15,10 +15,13 @@ pub mod bird;
 mod cluster;
 pub mod containerd;
 pub mod endpoint_slices;
+pub mod frr;
+pub mod gobgp;
 pub mod leaks;
 mod netns;
 mod pod_deletion;
 mod process;
+pub mod router;
 
 pub use bins::bin_path;
 pub use cluster::{

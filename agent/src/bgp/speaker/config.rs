@@ -14,12 +14,16 @@ pub struct Config {
     pub asn: u32,
     pub router_id: Ipv4Addr,
     pub listen: SocketAddr,
-    /// Hold time offered in OPEN (seconds; 0 disables keepalives, 3 or more).
+    /// Hold time offered in OPEN to peers without one of their own (seconds; 0 disables
+    /// keepalives and the hold timer, else 3 or more).
     pub hold_time: u16,
     /// Graceful restart time announced: how long peers keep this node's routes while it
     /// restarts.
     pub restart_time: u16,
     pub connect_retry: Duration,
+    /// How long a session stays down after its peer sent more prefixes than its limit
+    /// ([`Peer::max_prefixes`]); it is refused meanwhile.
+    pub max_prefixes_restart: Duration,
     /// The next hop of the routes this node announces (its address).
     pub next_hop: Ipv4Addr,
 }
@@ -35,8 +39,12 @@ pub struct Peer {
     pub passive: bool,
     /// TCP MD5 signature key (RFC 2385), on both the listener and outgoing connections.
     pub password: Option<String>,
-    /// Hold time offered to this peer, instead of the speaker's.
+    /// Hold time offered to this peer, instead of the speaker's. The session's hold time is
+    /// the smaller of this (or the speaker's) and the peer's offer (RFC 4271 4.2).
     pub hold_time: Option<u16>,
+    /// The most prefixes the peer may announce; one more ends the session with a Cease,
+    /// "Maximum Number of Prefixes Reached" (RFC 4486), its routes removed. `None`: no limit.
+    pub max_prefixes: Option<u32>,
     /// A route-reflector client of this node (meaningful when the node has a cluster ID).
     pub rr_client: bool,
     /// Which of this node's prefixes the peer is sent.

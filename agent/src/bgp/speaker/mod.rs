@@ -7,7 +7,14 @@
 //! Errors never crash the speaker: a malformed message is answered with its NOTIFICATION and the
 //! session is reset; the peer's task then reconnects after the connect-retry time. A peer that
 //! announced graceful restart keeps its routes (marked stale) for its restart time when its
-//! session drops without a NOTIFICATION, until it announces them again and sends End-of-RIB.
+//! session drops without a NOTIFICATION, until it announces them again and sends End-of-RIB;
+//! one timer per peer, rescheduled at each loss and cancelled by End-of-RIB, removes what is
+//! still stale when that time runs out. A peer that announces more prefixes than its limit is
+//! sent a Cease (RFC 4486), loses its routes and is refused for a while.
+//!
+//! Hold time (RFC 4271 4.2): each session uses the smaller of the hold time configured for its
+//! peer (the peer's own, else the speaker's) and the peer's offer, keepalives a third of it; 0
+//! means no keepalives and no hold timer.
 //!
 //! Route reflection (RFC 4456), when the node has a cluster ID: the best path learned from an
 //! iBGP peer is passed on to the other iBGP peers, from a client to everyone, from a non-client
@@ -35,7 +42,7 @@ use status::now_unix;
 pub use status::{LearnedRoute, PeerStatus};
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::{Arc, Mutex, PoisonError},
 };
@@ -65,6 +72,9 @@ struct Shared {
     /// Bumped when what is reflected may have changed: the sessions recompute what they
     /// announce.
     reflect: watch::Sender<u64>,
+    /// The peers that have sent End-of-RIB since the speaker started: what they announce is
+    /// complete (routing reconciles the routes it kept over a restart once all have).
+    synced: watch::Sender<BTreeSet<Ipv4Addr>>,
 }
 
 struct PeerHandle {
@@ -243,6 +253,8 @@ impl Speaker {
                         state: "idle".into(),
                         since_unix: now_unix(),
                         rr_client: w.rr_client,
+                        configured_hold_time: session::configured_hold_time(&shared.cfg, w),
+                        max_prefixes: w.max_prefixes,
                         ..PeerStatus::default()
                     },
                 );
@@ -274,6 +286,23 @@ impl Speaker {
         }
     }
 
+    /// True once every configured peer has sent End-of-RIB (since the speaker started): the
+    /// routes it holds are all its peers have to say.
+    pub fn synced(&self) -> bool {
+        let synced = self.shared.synced.borrow();
+        self.shared
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .all(|a| synced.contains(a))
+    }
+
+    /// Changes whenever a peer sends its first End-of-RIB.
+    pub fn sync_changes(&self) -> watch::Receiver<BTreeSet<Ipv4Addr>> {
+        self.shared.synced.subscribe()
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.shared
             .status
@@ -301,6 +330,10 @@ impl Speaker {
     }
 }
 
+/// The listener's wait after a failed accept(), doubling up to the maximum.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Starts the listener and one session task per peer. `exports`: the prefixes this node
 /// announces. Returns the speaker and the best routes as they change.
 pub async fn start(
@@ -322,15 +355,30 @@ pub async fn start(
         listener_fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
         cluster_id: Mutex::new(None),
         reflect: watch::channel(0).0,
+        synced: watch::channel(BTreeSet::new()).0,
     });
     let speaker = Speaker {
         shared: shared.clone(),
     };
     speaker.set_peers(&peers, None);
     tokio::spawn(async move {
+        // accept() fails while the process is out of file descriptors (or memory); the
+        // connection stays queued, so retrying at once would spin. Wait, longer each time.
+        let mut backoff = ACCEPT_BACKOFF_MIN;
         loop {
-            let Ok((stream, from)) = listener.accept().await else {
-                continue;
+            let (stream, from) = match listener.accept().await {
+                Ok(c) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    c
+                }
+                Err(e) => {
+                    if backoff == ACCEPT_BACKOFF_MIN {
+                        warn!(error = %e, "BGP: accepting a connection failed; retrying with back-off");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
             };
             let std::net::IpAddr::V4(ip) = from.ip() else {
                 continue;

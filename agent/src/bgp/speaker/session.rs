@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     sync::{Arc, PoisonError},
     time::Duration,
 };
@@ -40,6 +40,98 @@ enum End {
     Replaced(TcpStream),
 }
 
+/// What one connection got to before it ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Reached {
+    /// The session was established (the peer's routes may be in the RIB).
+    established: bool,
+    /// The peer's OPEN announced graceful restart for IPv4 unicast, with this restart time.
+    graceful_restart: Option<u16>,
+}
+
+/// What the end of a session does to the peer's routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Routes {
+    /// Nothing changes: the connection never got to Established (nothing was learned on it;
+    /// routes kept stale from an earlier session stay, under their timer).
+    Unchanged,
+    /// Kept, marked stale, for the peer's restart time (RFC 4724): it lost the session without
+    /// a NOTIFICATION and restarts gracefully.
+    Stale(u16),
+    /// Removed: a NOTIFICATION ended the session, or the peer does not restart gracefully.
+    Removed,
+}
+
+/// RFC 4271 and RFC 4724 (without RFC 8538's N bit): the fate of the peer's routes when a
+/// session ends.
+fn routes_after(end: &End, reached: Reached) -> Routes {
+    if !reached.established {
+        return Routes::Unchanged;
+    }
+    match (end, reached.graceful_restart) {
+        (End::Lost(_) | End::Replaced(_), Some(restart)) => Routes::Stale(restart),
+        _ => Routes::Removed,
+    }
+}
+
+/// The peer's stale-route timer (RFC 4724): one per peer, rescheduled when a session is lost,
+/// cancelled by the peer's End-of-RIB; when it runs out, the peer's routes still stale go.
+pub(super) struct StaleTimer {
+    deadline: watch::Sender<Option<Instant>>,
+}
+
+impl StaleTimer {
+    /// The timer of `peer`, and its task (which ends with the timer).
+    fn start(shared: Arc<Shared>, peer: Ipv4Addr) -> Self {
+        let (deadline, mut rx) = watch::channel(None::<Instant>);
+        tokio::spawn(async move {
+            loop {
+                let at = *rx.borrow_and_update();
+                if let Some(at) = at {
+                    tokio::select! {
+                        () = sleep_until(at) => {
+                            let swept = shared
+                                .rib
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .sweep_stale(peer);
+                            if swept > 0 {
+                                info!(peer = %peer, swept, "BGP: the peer's restart time ran out; its stale routes are gone");
+                                shared.publish();
+                            }
+                        }
+                        r = rx.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { deadline }
+    }
+
+    /// Stale routes go in `after` (a new window), or not by this timer (`None`).
+    fn set(&self, after: Option<Duration>) {
+        self.deadline
+            .send_replace(after.map(|d| Instant::now() + d));
+    }
+
+    /// The window restarts from now, if one is open.
+    fn restart_if_running(&self, after: Duration) {
+        self.deadline.send_if_modified(|d| {
+            d.is_some()
+                .then(|| *d = Some(Instant::now() + after))
+                .is_some()
+        });
+    }
+}
+
 pub(super) async fn peer_task(
     shared: Arc<Shared>,
     peer: Peer,
@@ -47,6 +139,7 @@ pub(super) async fn peer_task(
     exports: watch::Receiver<Exports>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let stale = StaleTimer::start(shared.clone(), peer.addr);
     let mut next: Option<TcpStream> = None;
     loop {
         if *stop.borrow() {
@@ -82,67 +175,89 @@ pub(super) async fn peer_task(
             }
         };
         let _ = stream.set_nodelay(true);
-        let had_gr = std::sync::atomic::AtomicBool::new(false);
+        let mut reached = Reached::default();
         let end = session(
             &shared,
             &peer,
             stream,
-            &mut inbox,
+            Outside {
+                inbox: &mut inbox,
+                stop: &mut stop,
+            },
             exports.clone(),
-            &had_gr,
-            &mut stop,
+            &mut reached,
+            &stale,
         )
         .await;
-        let (error, graceful) = match end {
+        let routes = routes_after(&end, reached);
+        let over_limit = matches!(&end, End::Sent(n) if (n.code, n.subcode) == (err::CEASE, err::CEASE_MAX_PREFIXES));
+        let error = match end {
             End::Replaced(s) => {
                 next = Some(s);
-                (
-                    Some("connection collision: the peer's connection kept".to_owned()),
-                    true,
-                )
+                Some("connection collision: the peer's connection kept".to_owned())
             }
-            End::Sent(n) => (Some(format!("sent {n}")), false),
-            End::Received(n) => (Some(format!("received {n}")), false),
-            End::Lost(e) => (Some(e), true),
+            End::Sent(n) if over_limit => Some(format!(
+                "sent {n}: more than {} prefixes; refused for {} s",
+                peer.max_prefixes.unwrap_or(0),
+                shared.cfg.max_prefixes_restart.as_secs()
+            )),
+            End::Sent(n) => Some(format!("sent {n}")),
+            End::Received(n) => Some(format!("received {n}")),
+            End::Lost(e) => Some(e),
         };
         info!(peer = %peer.addr, error = ?error, "BGP session down");
         shared.set_state(&peer, "idle", error);
-        let keep = graceful && had_gr.load(std::sync::atomic::Ordering::Relaxed);
-        {
-            let mut rib = shared.rib.lock().unwrap_or_else(PoisonError::into_inner);
-            if keep {
-                rib.mark_stale(peer.addr);
-            } else {
-                rib.drop_peer(peer.addr);
-            }
-        }
-        shared.publish();
-        if keep {
-            let restart = shared
-                .status
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(&peer.addr)
-                .map(|s| s.restart_time)
-                .unwrap_or(0);
-            let shared = shared.clone();
-            let addr = peer.addr;
-            let wait = Duration::from_secs(u64::from(restart.max(1)));
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                let swept = shared
+        match routes {
+            Routes::Unchanged => {}
+            Routes::Stale(restart) => {
+                shared
                     .rib
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .sweep_stale(addr);
-                if swept > 0 {
-                    info!(peer = %addr, swept, "BGP: the peer did not come back in time; its stale routes are gone");
-                    shared.publish();
-                }
-            });
+                    .mark_stale(peer.addr);
+                stale.set(Some(Duration::from_secs(u64::from(restart.max(1)))));
+            }
+            Routes::Removed => {
+                shared
+                    .rib
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .drop_peer(peer.addr);
+                stale.set(None);
+            }
+        }
+        shared.publish();
+        if over_limit {
+            let until = Instant::now() + shared.cfg.max_prefixes_restart;
+            if !refuse_until(&peer, until, &mut inbox, &mut stop).await {
+                return;
+            }
+            continue;
         }
         if next.is_none() {
             next = wait_or_accept(&shared, &mut inbox, &mut stop).await;
+        }
+    }
+}
+
+/// Refuses the peer's connections (Cease, connection rejected) until `until`; false when the
+/// peer is removed meanwhile.
+async fn refuse_until(
+    peer: &Peer,
+    until: Instant,
+    inbox: &mut mpsc::Receiver<TcpStream>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        tokio::select! {
+            () = sleep_until(until) => return true,
+            Some(mut s) = inbox.recv() => {
+                let n = Notification::new(err::CEASE, err::CEASE_CONNECTION_REJECTED, []);
+                let _ = s.write_all(&wire::encode(&Message::Notification(n), true)).await;
+                let _ = s.shutdown().await;
+                info!(peer = %peer.addr, "BGP: connection refused (the peer exceeded its maximum number of prefixes)");
+            }
+            _ = stop.changed() => return false,
         }
     }
 }
@@ -185,8 +300,14 @@ pub fn check_open(cfg: &Config, peer: &Peer, open: &Open) -> Result<u16, Notific
     if open.router_id == cfg.router_id && peer.asn == cfg.asn {
         return Err(Notification::new(err::OPEN, err::OPEN_BAD_IDENTIFIER, []));
     }
-    // The hold time is the smaller of the two; 0 means no keepalives at all.
-    Ok(cfg.hold_time.min(open.hold_time))
+    // RFC 4271 4.2: the smaller of the hold time configured for this peer and its offer; 0
+    // means no keepalives and no hold timer at all.
+    Ok(configured_hold_time(cfg, peer).min(open.hold_time))
+}
+
+/// The hold time configured for `peer`: its own, else the speaker's.
+pub(super) fn configured_hold_time(cfg: &Config, peer: &Peer) -> u16 {
+    peer.hold_time.unwrap_or(cfg.hold_time)
 }
 
 /// Sends `peer` what changed in what it should have (this node's exports it takes, and what
@@ -226,19 +347,27 @@ async fn fail(w: &mut tokio::net::tcp::OwnedWriteHalf, n: Notification) -> End {
     End::Sent(n)
 }
 
+/// What reaches a session from outside: the peer's other connections (collisions), and the
+/// order to stop (the peer was removed).
+struct Outside<'a> {
+    inbox: &'a mut mpsc::Receiver<TcpStream>,
+    stop: &'a mut watch::Receiver<bool>,
+}
+
 /// One TCP connection's session, until it ends.
 async fn session(
     shared: &Shared,
     peer: &Peer,
     stream: TcpStream,
-    inbox: &mut mpsc::Receiver<TcpStream>,
+    outside: Outside<'_>,
     mut exports: watch::Receiver<Exports>,
-    had_gr: &std::sync::atomic::AtomicBool,
-    stop: &mut watch::Receiver<bool>,
+    reached: &mut Reached,
+    stale: &StaleTimer,
 ) -> End {
+    let Outside { inbox, stop } = outside;
     let cfg = &shared.cfg;
     let (mut rd, mut wr) = stream.into_split();
-    let offered = peer.hold_time.unwrap_or(cfg.hold_time);
+    let offered = configured_hold_time(cfg, peer);
     let open = Open {
         version: 4,
         asn: cfg.asn,
@@ -262,6 +391,7 @@ async fn session(
     shared.set_state(peer, "open-sent", None);
     let mut state = "open-sent";
     let mut four = true;
+    // Until the OPENs are exchanged: a large hold time (RFC 4271 8.2.2 suggests 4 minutes).
     let mut hold = Duration::from_secs(240);
     let mut hold_deadline = Instant::now() + hold;
     let mut keepalive_at: Option<Instant> = None;
@@ -285,7 +415,7 @@ async fn session(
                 (_, Message::Notification(n)) => return End::Received(n),
                 ("open-sent", Message::Open(o)) => {
                     let negotiated = match check_open(cfg, peer, &o) {
-                        Ok(h) => h.min(offered),
+                        Ok(h) => h,
                         Err(n) => return fail(&mut wr, n).await,
                     };
                     four = o.caps.four_octet_as.is_some();
@@ -294,10 +424,35 @@ async fn session(
                     keepalive_at = (negotiated > 0)
                         .then(|| Instant::now() + Duration::from_secs(u64::from(negotiated / 3)));
                     let gr = o.caps.graceful_restart.clone();
-                    had_gr.store(gr.is_some(), std::sync::atomic::Ordering::Relaxed);
+                    // Graceful restart for what this speaker exchanges: IPv4 unicast listed.
+                    reached.graceful_restart = gr
+                        .as_ref()
+                        .filter(|g| g.ipv4_unicast.is_some())
+                        .map(|g| g.restart_time);
+                    match reached.graceful_restart {
+                        // Back within its restart time: what it had stays stale until its
+                        // End-of-RIB, or until its restart time runs out again.
+                        Some(restart) => {
+                            stale.restart_if_running(Duration::from_secs(u64::from(restart.max(1))))
+                        }
+                        // Back without graceful restart: its stale routes go now (RFC 4724 4.2).
+                        None => {
+                            stale.set(None);
+                            let swept = shared
+                                .rib
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .sweep_stale(peer.addr);
+                            if swept > 0 {
+                                info!(peer = %peer.addr, swept, "BGP: the peer came back without graceful restart; its stale routes are gone");
+                                shared.publish();
+                            }
+                        }
+                    }
                     shared.update_status(peer.addr, |s| {
                         s.router_id = Some(o.router_id);
                         s.hold_time = negotiated;
+                        s.keepalive_time = negotiated / 3;
                         s.graceful_restart = gr.is_some();
                         s.restart_time = gr.as_ref().map_or(0, |g| g.restart_time);
                     });
@@ -309,6 +464,7 @@ async fn session(
                 }
                 ("open-confirm", Message::Keepalive) => {
                     state = "established";
+                    reached.established = true;
                     shared.set_state(peer, state, None);
                     info!(peer = %peer.addr, asn = peer.asn, "BGP session established");
                     reflect.mark_unchanged();
@@ -324,7 +480,9 @@ async fn session(
                 }
                 ("established", Message::Keepalive) => {}
                 ("established", Message::Update(u)) => {
-                    apply_update(shared, peer, &u);
+                    if let Err(n) = apply_update(shared, peer, &u, stale) {
+                        return fail(&mut wr, n).await;
+                    }
                 }
                 ("established", Message::RouteRefresh { afi, safi }) => {
                     if afi == AFI_IPV4 && safi == SAFI_UNICAST {
@@ -352,8 +510,9 @@ async fn session(
                 _ => std::future::pending().await,
             }
         };
+        // A negotiated hold time of 0: no hold timer at all, from OpenConfirm on.
         let hold_timer = async {
-            if hold.is_zero() && state == "established" {
+            if hold.is_zero() && state != "open-sent" {
                 std::future::pending::<()>().await;
             } else {
                 sleep_until(hold_deadline).await;
@@ -417,8 +576,15 @@ async fn session(
     }
 }
 
-/// Applies an UPDATE from `peer` to the RIB and publishes the result.
-fn apply_update(shared: &Shared, peer: &Peer, u: &Update) {
+/// Applies an UPDATE from `peer` to the RIB and publishes the result. An error: the
+/// NOTIFICATION that ends the session (the peer went over its maximum number of prefixes; its
+/// routes are gone, none of them published).
+fn apply_update(
+    shared: &Shared,
+    peer: &Peer,
+    u: &Update,
+    stale: &StaleTimer,
+) -> Result<(), Notification> {
     let cfg = &shared.cfg;
     let ebgp = peer.asn != cfg.asn;
     let router_id = shared
@@ -433,10 +599,12 @@ fn apply_update(shared: &Shared, peer: &Peer, u: &Update) {
         rib.withdraw(*p, peer.addr);
     }
     if u.is_end_of_rib() {
+        stale.set(None);
         let swept = rib.sweep_stale(peer.addr);
         if swept > 0 {
             info!(peer = %peer.addr, swept, "BGP: End-of-RIB; stale routes removed");
         }
+        shared.synced.send_if_modified(|s| s.insert(peer.addr));
     }
     if let Some(a) = &u.attrs {
         // Loops: our own AS in an eBGP path, our own routes reflected back, our own next hop.
@@ -462,6 +630,91 @@ fn apply_update(shared: &Shared, peer: &Peer, u: &Update) {
             );
         }
     }
+    let over = peer
+        .max_prefixes
+        .filter(|max| rib.count_from(peer.addr) > *max as usize);
+    if let Some(max) = over {
+        let received = rib.count_from(peer.addr);
+        // Nothing of it reaches routing: removed before the next publication.
+        rib.drop_peer(peer.addr);
+        drop(rib);
+        shared.publish();
+        shared.update_status(peer.addr, |s| s.max_prefixes_exceeded += 1);
+        warn!(
+            peer = %peer.addr,
+            received,
+            limit = max,
+            down_for_s = shared.cfg.max_prefixes_restart.as_secs(),
+            "BGP: the peer announced more prefixes than its limit; session closed (Cease, maximum number of prefixes reached), its routes removed"
+        );
+        // RFC 4486: AFI, SAFI and the limit.
+        let mut data = AFI_IPV4.to_be_bytes().to_vec();
+        data.push(SAFI_UNICAST);
+        data.extend_from_slice(&max.to_be_bytes());
+        return Err(Notification::new(err::CEASE, err::CEASE_MAX_PREFIXES, data));
+    }
     drop(rib);
     shared.publish();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 4271 with RFC 4724: what happens to a peer's routes when a session ends.
+    #[test]
+    fn a_session_end_keeps_marks_or_removes_the_peers_routes() {
+        let lost = || End::Lost("the peer closed the connection".into());
+        let sent = || End::Sent(Notification::new(err::HOLD_TIMER_EXPIRED, 0, []));
+        let received = || End::Received(Notification::new(err::CEASE, err::CEASE_ADMIN_RESET, []));
+        let up = |gr: Option<u16>| Reached {
+            established: true,
+            graceful_restart: gr,
+        };
+        let cases = [
+            (
+                "lost before Established",
+                lost(),
+                Reached::default(),
+                Routes::Unchanged,
+            ),
+            (
+                "a NOTIFICATION before Established",
+                received(),
+                Reached {
+                    established: false,
+                    graceful_restart: Some(120),
+                },
+                Routes::Unchanged,
+            ),
+            (
+                "lost, graceful restart",
+                lost(),
+                up(Some(120)),
+                Routes::Stale(120),
+            ),
+            (
+                "lost, no graceful restart",
+                lost(),
+                up(None),
+                Routes::Removed,
+            ),
+            (
+                "we sent a NOTIFICATION",
+                sent(),
+                up(Some(120)),
+                Routes::Removed,
+            ),
+            (
+                "the peer sent one",
+                received(),
+                up(Some(120)),
+                Routes::Removed,
+            ),
+        ];
+        for (what, end, reached, want) in cases {
+            assert_eq!(routes_after(&end, reached), want, "{what}");
+        }
+    }
 }

@@ -17,9 +17,23 @@ pub struct PeerStatus {
     /// Unix seconds of the last change of state.
     pub since_unix: u64,
     pub router_id: Option<Ipv4Addr>,
+    /// The hold time in force (seconds): the smaller of [`PeerStatus::configured_hold_time`]
+    /// and the peer's offer, as of the last OPEN; 0: no keepalives, no hold timer.
     pub hold_time: u16,
+    /// The hold time configured for this peer (its own, or the speaker's), offered in OPEN.
+    #[serde(default)]
+    pub configured_hold_time: u16,
+    /// Seconds between the KEEPALIVEs this node sends: a third of the hold time.
+    #[serde(default)]
+    pub keepalive_time: u16,
     /// Prefixes received from the peer (in the RIB, stale ones included).
     pub received: usize,
+    /// The most prefixes the peer may announce, when limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_prefixes: Option<u32>,
+    /// Sessions ended because the peer announced more than [`PeerStatus::max_prefixes`].
+    #[serde(default)]
+    pub max_prefixes_exceeded: u64,
     /// Prefixes announced to the peer.
     pub advertised: usize,
     /// The peer announced graceful restart (its routes survive its restarts).
@@ -60,7 +74,11 @@ impl Default for PeerStatus {
             since_unix: 0,
             router_id: None,
             hold_time: 0,
+            configured_hold_time: 0,
+            keepalive_time: 0,
             received: 0,
+            max_prefixes: None,
+            max_prefixes_exceeded: 0,
             advertised: 0,
             graceful_restart: false,
             restart_time: 0,

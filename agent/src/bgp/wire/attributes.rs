@@ -165,11 +165,9 @@ pub(super) fn decode(
                     .ok_or_else(|| error(err::UPDATE_MALFORMED_AS_PATH))?;
                 has_path = true;
             }
-            attr::AS4_PATH if !four_octet => {
-                as4_path = Some(
-                    decode_as_path(v, true).ok_or_else(|| error(err::UPDATE_OPTIONAL_ATTRIBUTE))?,
-                );
-            }
+            // From a 2-octet speaker only (a 4-octet one's is ignored, RFC 6793 4.1). A malformed
+            // one is discarded, the UPDATE kept (RFC 6793 6, RFC 7606 "attribute discard").
+            attr::AS4_PATH if !four_octet => as4_path = decode_as_path(v, true),
             attr::NEXT_HOP => {
                 if len != 4 {
                     return Err(error(err::UPDATE_ATTRIBUTE_LENGTH));
@@ -290,13 +288,57 @@ pub(super) fn decode(
         }
     }
     if let Some(p) = as4_path {
-        // A 2-octet peer relays 4-octet ASes in AS4_PATH (RFC 6793 4.2.3), when it is not longer.
-        if p.len() <= a.as_path.len() {
-            a.as_path = p;
-        }
+        a.as_path = merge_as4_path(&a.as_path, p);
     }
     update.attrs = Some(a);
     Ok(())
+}
+
+/// AS numbers in a path as best-path selection counts them: a set counts as one.
+fn path_len(path: &[Segment]) -> usize {
+    path.iter()
+        .map(|s| match s {
+            Segment::Set(_) => 1,
+            Segment::Sequence(a) => a.len(),
+        })
+        .sum()
+}
+
+/// The AS path of a route from a 2-octet speaker (RFC 6793 4.2.3): AS4_PATH carries the
+/// 4-octet numbers of the trailing part of AS_PATH (where AS_PATH has AS_TRANS), and the
+/// leading ASes AS_PATH has beyond it were added by 2-octet speakers since. So the path is as
+/// many leading ASes of AS_PATH as it has more than AS4_PATH, then AS4_PATH; an AS4_PATH longer
+/// than AS_PATH is ignored.
+fn merge_as4_path(as_path: &[Segment], as4_path: Vec<Segment>) -> Vec<Segment> {
+    let (two, four) = (path_len(as_path), path_len(&as4_path));
+    if two < four {
+        return as_path.to_vec();
+    }
+    let mut lead = two - four;
+    let mut out: Vec<Segment> = Vec::new();
+    for s in as_path {
+        if lead == 0 {
+            break;
+        }
+        match s {
+            Segment::Set(a) => {
+                out.push(Segment::Set(a.clone()));
+                lead -= 1;
+            }
+            Segment::Sequence(a) => {
+                let n = lead.min(a.len());
+                out.push(Segment::Sequence(a[..n].to_vec()));
+                lead -= n;
+            }
+        }
+    }
+    for s in as4_path {
+        match (out.last_mut(), s) {
+            (Some(Segment::Sequence(tail)), Segment::Sequence(more)) => tail.extend(more),
+            (_, s) => out.push(s),
+        }
+    }
+    out
 }
 
 fn decode_as_path(v: &[u8], four_octet: bool) -> Option<Vec<Segment>> {
@@ -344,11 +386,12 @@ fn push_attr(out: &mut Vec<u8>, flags: u8, code: u8, v: &[u8]) {
 pub(super) fn encode(attrs: &mut Vec<u8>, a: &Attributes, four_octet: bool) {
     push_attr(attrs, attr::TRANSITIVE, attr::ORIGIN, &[a.origin as u8]);
     let mut path = Vec::new();
-    for s in &a.as_path {
-        let (ty, asns) = match s {
-            Segment::Set(x) => (1u8, x),
-            Segment::Sequence(x) => (2u8, x),
-        };
+    // A segment holds 255 ASes at most: a longer sequence is several in a row.
+    let segments = a.as_path.iter().flat_map(|s| match s {
+        Segment::Set(x) => x.chunks(255).map(|c| (1u8, c)).collect::<Vec<_>>(),
+        Segment::Sequence(x) => x.chunks(255).map(|c| (2u8, c)).collect(),
+    });
+    for (ty, asns) in segments {
         path.extend_from_slice(&[ty, asns.len() as u8]);
         for asn in asns {
             if four_octet {

@@ -55,9 +55,11 @@ pub mod err {
     pub const HOLD_TIMER_EXPIRED: u8 = 4;
     pub const FSM: u8 = 5;
     pub const CEASE: u8 = 6;
+    pub const CEASE_MAX_PREFIXES: u8 = 1;
     pub const CEASE_ADMIN_SHUTDOWN: u8 = 2;
     pub const CEASE_PEER_DECONFIGURED: u8 = 3;
     pub const CEASE_ADMIN_RESET: u8 = 4;
+    pub const CEASE_CONNECTION_REJECTED: u8 = 5;
     pub const CEASE_COLLISION: u8 = 7;
 }
 
@@ -117,9 +119,12 @@ impl std::fmt::Display for Notification {
             (3, _) => "UPDATE message error",
             (4, _) => "hold timer expired",
             (5, _) => "finite state machine error",
+            (6, 1) => "cease: maximum number of prefixes reached",
             (6, 2) => "cease: administrative shutdown",
             (6, 3) => "cease: peer de-configured",
             (6, 4) => "cease: administrative reset",
+            (6, 5) => "cease: connection rejected",
+            (6, 6) => "cease: other configuration change",
             (6, 7) => "cease: connection collision resolution",
             (6, _) => "cease",
             _ => "unknown error",

@@ -311,3 +311,81 @@ fn arbitrary_bytes_never_panic() {
         }
     }
 }
+
+/// A 2-octet AS_PATH of `segments` (type, ASes) as an attribute.
+fn as_path2(segments: &[(u8, &[u16])]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (ty, asns) in segments {
+        v.extend_from_slice(&[*ty, asns.len() as u8]);
+        for a in *asns {
+            v.extend_from_slice(&a.to_be_bytes());
+        }
+    }
+    cat(&[&[0x40, 2, v.len() as u8], &v])
+}
+
+/// AS4_PATH (optional transitive, 4-octet ASes) of `segments`.
+fn as4_path(segments: &[(u8, &[u32])]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (ty, asns) in segments {
+        v.extend_from_slice(&[*ty, asns.len() as u8]);
+        for a in *asns {
+            v.extend_from_slice(&a.to_be_bytes());
+        }
+    }
+    cat(&[&[0xc0, 17, v.len() as u8], &v])
+}
+
+/// RFC 6793 4.2.3: from a 2-octet speaker, AS4_PATH replaces only as many trailing ASes of
+/// AS_PATH as it holds; the leading ones (added by 2-octet speakers) stay. A shorter AS_PATH
+/// means AS4_PATH is ignored, and a malformed AS4_PATH is discarded, not a session reset.
+#[test]
+fn as4_path_is_merged_with_the_leading_part_of_as_path() {
+    const T: u16 = AS_TRANS;
+    let (big1, big2) = (4_200_000_001u32, 4_200_000_002u32);
+    // (what, AS_PATH attribute, AS4_PATH attribute, the path decoded)
+    type Case = (&'static str, Vec<u8>, Vec<u8>, Vec<Segment>);
+    let cases: Vec<Case> = vec![
+        (
+            "two 2-octet ASes in front of two 4-octet ones",
+            as_path2(&[(2, &[65001, 65002, T, T])]),
+            as4_path(&[(2, &[big1, big2])]),
+            vec![Segment::Sequence(vec![65001, 65002, big1, big2])],
+        ),
+        (
+            "as long as AS_PATH: all of AS4_PATH",
+            as_path2(&[(2, &[T, T])]),
+            as4_path(&[(2, &[big1, big2])]),
+            vec![Segment::Sequence(vec![big1, big2])],
+        ),
+        (
+            "AS4_PATH longer than AS_PATH: ignored",
+            as_path2(&[(2, &[65001])]),
+            as4_path(&[(2, &[big1, big2])]),
+            vec![Segment::Sequence(vec![65001])],
+        ),
+        (
+            "a set counts as one AS",
+            as_path2(&[(2, &[65001]), (1, &[T, 65003])]),
+            as4_path(&[(1, &[big1, 65003])]),
+            vec![
+                Segment::Sequence(vec![65001]),
+                Segment::Set(vec![big1, 65003]),
+            ],
+        ),
+        (
+            "a malformed AS4_PATH is discarded",
+            as_path2(&[(2, &[65001, T])]),
+            vec![0xc0, 17, 3, 2, 5, 0],
+            vec![Segment::Sequence(vec![65001, u32::from(T)])],
+        ),
+    ];
+    for (what, path, as4, want) in cases {
+        let bytes = update_with(&cat(&[&ORIGIN, &path, &NH, &as4]));
+        let decoded = decode(&bytes, false);
+        let Ok(Some((Message::Update(u), _))) = decoded else {
+            panic!("{what}: {decoded:?}")
+        };
+        assert_eq!(u.attrs.unwrap().as_path, want, "{what}");
+    }
+}
