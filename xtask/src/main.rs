@@ -191,6 +191,7 @@ const LAYERED: &[(&str, &[&str])] = &[
     ("agent/src", &["cli"]),
     ("cni-plugin/src", &[]),
     ("ebpf/datapath/src", &[]),
+    ("ebpf/programs/src", &[]),
     ("tests/src", &[]),
 ];
 

@@ -9,13 +9,20 @@
 )]
 
 mod classify;
+mod conntrack;
 mod counters;
 mod events;
+mod fib;
+mod flow;
+mod from_pod;
+mod icmp;
+mod lb;
 mod maps;
 mod nat;
 mod packet;
 mod sock_lb;
 mod tunnel;
+mod uplink;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
@@ -50,20 +57,20 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 /// Packets leaving a pod (TC ingress of its host-side veth).
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
-    nat::from_pod(&ctx)
+    from_pod::from_pod(&ctx)
 }
 
 /// Packets entering the node from its uplink.
 #[classifier]
 pub fn tc_uplink_in(ctx: TcContext) -> i32 {
-    nat::uplink_ingress(&ctx)
+    uplink::uplink_ingress(&ctx)
 }
 
 /// Packets leaving the node through its uplink: those to a remote pod block reached in
 /// IP-in-IP are encapsulated here.
 #[classifier]
 pub fn tc_uplink_out(ctx: TcContext) -> i32 {
-    tunnel::uplink_egress(&ctx)
+    uplink::uplink_egress(&ctx)
 }
 
 /// Frames arriving on the uplink, before the stack allocates an skb (when XDP is enabled).

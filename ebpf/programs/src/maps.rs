@@ -72,7 +72,7 @@ pub static TUNNEL_V1: LpmTrie<TunnelKey, TunnelInfo> =
 #[map]
 pub static NODES_V1: HashMap<u32, NodeInfo> = HashMap::pinned(capacity::NODES, 0);
 
-/// The ports of fragmented datagrams, from their first fragment (see [`crate::nat`]).
+/// The ports of fragmented datagrams, from their first fragment (see [`crate::flow`]).
 #[map]
 pub static FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGMENTS, 0);
 

@@ -102,3 +102,24 @@ impl Frame for XdpContext {
         }
     }
 }
+
+/// Offsets in an Ethernet frame of the IPv4 header's checksum and addresses (no VLAN tag).
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: usize = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: usize = ETH_HLEN + 16;
+
+/// The header checksum of an IPv4 header without options.
+#[inline(always)]
+pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+    // SAFETY: `Ipv4Hdr` is 20 bytes of plain integers, `repr(C)` without padding.
+    let words: [u16; 10] = unsafe { core::mem::transmute(*h) };
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 10 {
+        sum += u32::from(words[i]);
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,8 +1,5 @@
 //! IP-in-IP between nodes, done here because the node needs no `ipip` device for it.
 //!
-//! (The same egress hook first translates back the replies of host-network backends, see
-//! [`crate::nat::host_reply`].)
-//!
 //! Encapsulation happens at the uplink's TC egress, for every packet leaving the node: one whose
 //! destination falls in a remote pod block of `TUNNEL_V1` gets an outer IPv4 header (protocol 4)
 //! from this node's address to the block's node. The kernel route of the block (installed by
@@ -25,39 +22,17 @@ use aya_ebpf::{
     maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
 };
-use ferrox_abi::{
-    Hook, IPIP_OVERHEAD, IPPROTO_IPIP, Reason, TunnelKey, Verdict, node_flags, tunnel_flags,
-};
+use ferrox_abi::{Hook, IPIP_OVERHEAD, IPPROTO_IPIP, Reason, TunnelKey, node_flags, tunnel_flags};
 
 use crate::{
-    classify::classify,
-    counters::count,
     maps::{CONFIG_V1, NODES_V1, TUNNEL_V1},
-    packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
+    packet::{ETH_HLEN, Frame as _, Ipv4Hdr, ipv4_checksum},
 };
 
 /// `frag_off` bits, network byte order as read from the packet.
 const IP_DF_BE: u16 = 0x4000u16.to_be();
 const IP_MF_OFFSET_BE: u16 = 0x3fffu16.to_be();
 const OUTER_TTL: u8 = 64;
-
-/// Uplink egress: encapsulate packets to remote pod blocks; everything else passes.
-#[inline(always)]
-pub fn uplink_egress(ctx: &TcContext) -> i32 {
-    let reason = classify(ctx);
-    let (reason, action) = match reason.verdict() {
-        Verdict::Drop => (reason, TC_ACT_SHOT),
-        _ if reason == Reason::PassNotIpv4 => (reason, TC_ACT_UNSPEC),
-        // A host-network backend's reply, translated back first.
-        _ => match crate::nat::host_reply(ctx) {
-            Some(r) if r.verdict() == Verdict::Drop => (r, TC_ACT_SHOT),
-            Some(r) => (r, encap(ctx, r).1),
-            None => encap(ctx, reason),
-        },
-    };
-    count(Hook::TcUplinkEgress, reason, ctx.len());
-    action
-}
 
 /// The node's own address, network byte order (0 when the agent has not said yet).
 #[inline(always)]
@@ -66,7 +41,7 @@ fn node_addr() -> u32 {
 }
 
 #[inline(always)]
-fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
+pub fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
     let Some(ip) = ctx.header::<Ipv4Hdr>(ETH_HLEN) else {
         return (reason, TC_ACT_UNSPEC);
     };
@@ -124,22 +99,6 @@ fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
         return (Reason::DropTunnelEncap, TC_ACT_SHOT);
     }
     (Reason::TunnelEncap, TC_ACT_UNSPEC)
-}
-
-/// The header checksum of an IPv4 header without options.
-#[inline(always)]
-pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
-    // SAFETY: `Ipv4Hdr` is 20 bytes of plain integers, `repr(C)` without padding.
-    let words: [u16; 10] = unsafe { core::mem::transmute(*h) };
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 10 {
-        sum += u32::from(words[i]);
-        i += 1;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
 
 /// What [`decap`] did.

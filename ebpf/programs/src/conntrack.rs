@@ -1,0 +1,332 @@
+//! Connection tracking of translated flows: two entries per flow (the original direction,
+//! client -> frontend rewritten to -> backend, and the reply direction, backend -> client
+//! rewritten to frontend -> client), created only where the key is free; the source a flow gets
+//! (the client's own, or SNAT to the node or the pod gateway with a port of the SNAT range);
+//! the TCP state the GC reads; backends that left.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
+use ferrox_abi::{
+    CtEntry, CtKey, Hook, POD_GATEWAY, Reason, ServiceKey, ServiceValue, backend_flags, ct_flags,
+    proto, svc_flags,
+};
+
+use crate::{
+    flow::Flow,
+    lb::{admit, flow_hash, pick_backend},
+    maps::{BACKENDS_V1, CONFIG_V1, CT_V1},
+    nat::{Outcome, translate},
+};
+
+/// How many source ports SNAT tries for a new flow before giving up.
+pub(crate) const SNAT_TRIES: u32 = 8;
+
+/// `-EEXIST`: a map insert with `BPF_NOEXIST` found the key taken.
+pub(crate) const EEXIST: i32 = -17;
+
+/// Map update flag: only create, never overwrite.
+pub(crate) const BPF_NOEXIST: u64 = 1;
+
+/// TCP header flags.
+pub(crate) const TCP_FIN: u8 = 0x01;
+
+pub(crate) const TCP_SYN: u8 = 0x02;
+
+pub(crate) const TCP_RST: u8 = 0x04;
+
+pub(crate) const TCP_ACK: u8 = 0x10;
+
+/// Where a new flow came in: the node's uplink (a client outside the node) or a pod's veth (a
+/// client on this node that the socket hooks did not translate).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Uplink,
+    Pod,
+}
+
+/// The key of the other direction of the flow an entry belongs to: for an original-direction
+/// entry its reply key, for a reply entry its original key (the same formula serves both).
+#[inline(always)]
+pub(crate) fn other_direction(key: &CtKey, e: &CtEntry) -> CtKey {
+    CtKey {
+        saddr: e.nat_daddr,
+        daddr: e.nat_saddr,
+        sport: e.nat_dport,
+        dport: e.nat_sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Whether the backend an original-direction entry sends to still exists (ids are not reused
+/// soon, and the address must match too).
+#[inline(always)]
+pub(crate) fn backend_alive(e: &CtEntry) -> bool {
+    // SAFETY: hash map values are read once, by copy.
+    (unsafe { BACKENDS_V1.get(&e.backend_id) })
+        .is_some_and(|b| b.addr == e.nat_daddr && b.port == e.nat_dport)
+}
+
+/// A packet of a tracked flow: translated as its conntrack entry says. `None` when the flow
+/// must be treated as new: its backend left and this packet may start over (any UDP datagram,
+/// a TCP SYN); its entries are removed first.
+#[inline(always)]
+pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
+    let key = flow.key();
+    let entry = CT_V1.get_ptr_mut(&key)?;
+    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy.
+    let e = unsafe { *entry };
+    let tcp = if flow.proto == proto::TCP && flow.has_l4 {
+        ctx.load::<u8>(flow.l4_off + 13).unwrap_or(0)
+    } else {
+        0
+    };
+    let syn = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if e.flags & ct_flags::REPLY == 0 && !backend_alive(&e) {
+        if flow.proto == proto::UDP || syn {
+            let _ = CT_V1.remove(&other_direction(&key, &e));
+            let _ = CT_V1.remove(&key);
+            return None;
+        }
+        return Some((Reason::DropBackendGone, TC_ACT_SHOT));
+    }
+    // SAFETY: as above; only the timestamp and the one-byte flags are written (a torn
+    // timestamp is harmless).
+    unsafe {
+        (*entry).last_seen_ns = bpf_ktime_get_ns();
+    }
+    if tcp & (TCP_FIN | TCP_RST) != 0 || (syn && e.flags & (ct_flags::FIN | ct_flags::CLOSING) != 0)
+    {
+        tcp_state(&key, &e, entry, tcp, syn);
+    }
+    let reason = if !flow.has_l4 {
+        Reason::NatFragment
+    } else if e.flags & ct_flags::REPLY != 0 {
+        Reason::NatReply
+    } else {
+        Reason::NatEstablished
+    };
+    Some(match translate(ctx, flow, &e) {
+        Ok(outcome) => outcome.counted(reason),
+        Err(r) => (r, TC_ACT_SHOT),
+    })
+}
+
+/// Connection state from TCP flags: a RST closes the flow; a FIN marks its direction, and the
+/// flow closes once both directions sent one (a half-closed flow stays while the other side
+/// still sends); a SYN without ACK on a closed tuple starts a new connection. A function of its
+/// own (a BPF-to-BPF call): it runs for a few packets of a connection only.
+#[inline(never)]
+pub(crate) fn tcp_state(key: &CtKey, e: &CtEntry, entry: *mut CtEntry, tcp: u8, syn: bool) {
+    let other = CT_V1.get_ptr_mut(&other_direction(key, e));
+    let set = |p: *mut CtEntry, clear: u8, add: u8| {
+        // SAFETY: `p` comes from a successful lookup; the one-byte flags are written.
+        unsafe { (*p).flags = ((*p).flags & !clear) | add };
+    };
+    if tcp & TCP_RST != 0 {
+        set(entry, 0, ct_flags::CLOSING);
+        if let Some(o) = other {
+            set(o, 0, ct_flags::CLOSING);
+        }
+    } else if tcp & TCP_FIN != 0 {
+        set(entry, 0, ct_flags::FIN);
+        // SAFETY: as above, read by copy.
+        if let Some(o) = other
+            && unsafe { (*o).flags } & ct_flags::FIN != 0
+        {
+            set(entry, 0, ct_flags::CLOSING);
+            set(o, 0, ct_flags::CLOSING);
+        }
+    } else if syn {
+        set(entry, ct_flags::FIN | ct_flags::CLOSING, 0);
+        if let Some(o) = other {
+            set(o, ct_flags::FIN | ct_flags::CLOSING, 0);
+        }
+    }
+}
+
+/// The first packet of a flow to a frontend: tracked, then translated.
+#[inline(always)]
+pub(crate) fn new_flow(
+    ctx: &TcContext,
+    flow: &Flow,
+    key: &ServiceKey,
+    frontend: &ServiceValue,
+    origin: Origin,
+) -> Result<Outcome, Reason> {
+    let e = track_new(flow, key, frontend, origin)?;
+    translate(ctx, flow, &e)
+}
+
+/// Chooses the new flow's backend and source, and creates its two conntrack entries; returns
+/// the original-direction entry to translate with (another CPU's, when it tracked the flow a
+/// moment earlier). A function of its own (a BPF-to-BPF call): the entries it builds stay off
+/// the stack of the packet path.
+#[inline(never)]
+pub(crate) fn track_new(
+    flow: &Flow,
+    key: &ServiceKey,
+    frontend: &ServiceValue,
+    origin: Origin,
+) -> Result<CtEntry, Reason> {
+    admit(flow, frontend)?;
+    let backend_id = pick_backend(flow, key, frontend, origin == Origin::Uplink)?;
+    // SAFETY: hash map values are read once, by copy.
+    let Some(backend) = (unsafe { BACKENDS_V1.get(&backend_id) }).copied() else {
+        return Err(Reason::DropBackendMissing);
+    };
+    let local = backend.flags & backend_flags::LOCAL != 0;
+    // The source the backend sees. From outside: the node's address, so the reply comes back
+    // through this node (unless externalTrafficPolicy Local keeps the client's address for a
+    // local backend). From a pod: the pod's own address with a port of the SNAT range, which
+    // the kernel never hands out as an ephemeral port, so the translated flow never shares its
+    // tuple with a connection the pod makes to the backend directly (the socket hooks'); to
+    // itself (hairpin), the pod gateway's address, since a pod drops packets from its own
+    // address. Otherwise the client's own address and port, unless another flow already
+    // holds that reply tuple.
+    let snat_addr = match origin {
+        Origin::Uplink if !local && frontend.flags & svc_flags::EXTERNAL_LOCAL == 0 => {
+            // SAFETY: array element 0 always exists; read by copy.
+            Some(CONFIG_V1.get(0).map_or(0, |c| c.node_addr))
+        }
+        Origin::Pod if backend.addr == flow.saddr => Some(u32::from_ne_bytes(POD_GATEWAY)),
+        Origin::Pod => Some(flow.saddr),
+        Origin::Uplink => None,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut flags = 0;
+    if local {
+        flags |= ct_flags::LOCAL_BACKEND;
+    }
+    let mut forward = CtEntry {
+        nat_saddr: flow.saddr,
+        nat_daddr: backend.addr,
+        nat_sport: flow.sport,
+        nat_dport: backend.port,
+        backend_id,
+        rev_nat_id: frontend.rev_nat_id,
+        flags,
+        _pad: [0; 5],
+        last_seen_ns: now,
+    };
+    let reply = CtEntry {
+        nat_saddr: flow.daddr,
+        nat_daddr: flow.saddr,
+        nat_sport: flow.dport,
+        nat_dport: flow.sport,
+        flags: flags | ct_flags::REPLY,
+        ..forward
+    };
+    // The reply entry first (created only where no other flow holds its key, so two flows
+    // never share one); a reply can only come after the original-direction packet left.
+    let reply_key = match snat_addr {
+        None => match claim_reply(flow, &forward, &reply, forward.nat_saddr, forward.nat_sport) {
+            Ok(k) => k,
+            Err(EEXIST) => {
+                // Another flow from this client address and port reaches the same backend
+                // (through another frontend): keep the address, change the port.
+                forward.flags |= ct_flags::SNAT;
+                let reply = CtEntry {
+                    flags: reply.flags | ct_flags::SNAT,
+                    ..reply
+                };
+                snat_claim(flow, &mut forward, &reply, flow.saddr)?
+            }
+            Err(_) => return Err(Reason::DropConntrackFull),
+        },
+        Some(addr) => {
+            forward.flags |= ct_flags::SNAT;
+            let reply = CtEntry {
+                flags: reply.flags | ct_flags::SNAT,
+                ..reply
+            };
+            snat_claim(flow, &mut forward, &reply, addr)?
+        }
+    };
+    match CT_V1.insert(&flow.key(), &forward, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            // Another CPU tracked this flow a moment ago: its choice of backend wins.
+            let _ = CT_V1.remove(&reply_key);
+            // SAFETY: the entry is read by copy.
+            return (unsafe { CT_V1.get(&flow.key()) })
+                .copied()
+                .ok_or(Reason::DropConntrackFull);
+        }
+        Err(_) => {
+            let _ = CT_V1.remove(&reply_key);
+            return Err(Reason::DropConntrackFull);
+        }
+    }
+    crate::events::translate(
+        match origin {
+            Origin::Uplink => Hook::TcUplinkIngress,
+            Origin::Pod => Hook::TcFromPod,
+        },
+        flow.proto,
+        flow.saddr,
+        flow.sport,
+        flow.daddr,
+        flow.dport,
+        backend.addr,
+        backend.port,
+    );
+    Ok(forward)
+}
+
+/// Creates the reply entry of `forward` with the source `nat_saddr:nat_sport`, only if no other
+/// flow holds that reply key; returns the key, or the insert's error (`EEXIST`: taken).
+#[inline(always)]
+pub(crate) fn claim_reply(
+    flow: &Flow,
+    forward: &CtEntry,
+    reply: &CtEntry,
+    nat_saddr: u32,
+    nat_sport: u16,
+) -> Result<CtKey, i32> {
+    let key = CtKey {
+        saddr: forward.nat_daddr,
+        daddr: nat_saddr,
+        sport: forward.nat_dport,
+        dport: nat_sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    CT_V1.insert(&key, reply, BPF_NOEXIST).map(|()| key)
+}
+
+/// Picks a free source port of the SNAT range for `forward` with source address `addr`: the
+/// first candidate whose reply entry can be created (created here, so two flows racing for a
+/// port never both get it). Writes the chosen source into `forward`.
+#[inline(always)]
+pub(crate) fn snat_claim(
+    flow: &Flow,
+    forward: &mut CtEntry,
+    reply: &CtEntry,
+    addr: u32,
+) -> Result<CtKey, Reason> {
+    // SAFETY: array element 0 always exists; read by copy.
+    let Some(cfg) = CONFIG_V1.get(0).copied() else {
+        return Err(Reason::DropSnatExhausted);
+    };
+    if addr == 0 || cfg.snat_port_max <= cfg.snat_port_min {
+        return Err(Reason::DropSnatExhausted);
+    }
+    let range = u32::from(cfg.snat_port_max - cfg.snat_port_min) + 1;
+    let start = flow_hash(flow);
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port = (u32::from(cfg.snat_port_min)
+            + (start.wrapping_add(i.wrapping_mul(7919))) % range) as u16;
+        match claim_reply(flow, forward, reply, addr, port.to_be()) {
+            Ok(key) => {
+                forward.nat_saddr = addr;
+                forward.nat_sport = port.to_be();
+                return Ok(key);
+            }
+            Err(EEXIST) => {}
+            Err(_) => return Err(Reason::DropConntrackFull),
+        }
+        i += 1;
+    }
+    Err(Reason::DropSnatExhausted)
+}

@@ -1,0 +1,136 @@
+//! The uplink's hooks: ingress (decapsulate IP-in-IP from the cluster's nodes, translate
+//! NodePort, LoadBalancer and externalIP flows from outside and the replies of SNATed ones,
+//! hand tunnelled packets to their pod) and egress (translate back the replies of host-network
+//! backends, then encapsulate what goes to another node's pods).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_ktime_get_ns, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use ferrox_abi::{EndpointKey, Hook, Reason, ServiceKey, Verdict, ct_flags, scope};
+
+use crate::{
+    classify::classify,
+    conntrack::{Origin, new_flow, tracked},
+    counters::count,
+    flow::{Flow, Parsed, action_of, flow_dropped, parse, untranslated},
+    icmp::icmp,
+    maps::{CONFIG_V1, CT_V1, ENDPOINTS_V1, SVC_V1},
+    nat::rewrite,
+    packet::IP_DADDR_OFF,
+    tunnel,
+};
+
+/// Uplink ingress: decapsulate IP-in-IP from the cluster's nodes, then translate external flows
+/// and the replies of SNATed ones. A decapsulated packet is counted twice: as `tunnel-decap`,
+/// then by what happened to the inner packet.
+#[inline(always)]
+pub(crate) fn uplink_ingress(ctx: &TcContext) -> i32 {
+    let decapsulated = match tunnel::decap(ctx) {
+        tunnel::Decap::NotTunnel => false,
+        tunnel::Decap::Done => {
+            count(Hook::TcUplinkIngress, Reason::TunnelDecap, ctx.len());
+            true
+        }
+        tunnel::Decap::Drop(r) => {
+            count(Hook::TcUplinkIngress, r, ctx.len());
+            return TC_ACT_SHOT;
+        }
+    };
+    let (reason, mut action) = match parse(ctx) {
+        Parsed::Other(r) => (r, action_of(r)),
+        Parsed::Flow(flow) => uplink_flow(ctx, &flow),
+        Parsed::Icmp(m) => icmp(ctx, &m),
+    };
+    if decapsulated && action == TC_ACT_UNSPEC {
+        action = to_local_pod(ctx);
+    }
+    count(Hook::TcUplinkIngress, reason, ctx.len());
+    action
+}
+
+#[inline(always)]
+pub(crate) fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
+    if let Some(done) = tracked(ctx, flow) {
+        return done;
+    }
+    if !flow.has_l4 {
+        return untranslated(flow);
+    }
+    let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::EXTERNAL);
+    // SAFETY: hash map values are read once, by copy.
+    let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
+        return untranslated(flow);
+    };
+    match new_flow(ctx, flow, &key, &frontend, Origin::Uplink) {
+        Ok(outcome) => outcome.counted(Reason::NatNewFlow),
+        Err(r) => {
+            flow_dropped(Hook::TcUplinkIngress, r, flow);
+            (r, TC_ACT_SHOT)
+        }
+    }
+}
+
+/// A decapsulated packet nothing translated: straight to its pod's veth when it is for a pod of
+/// this node (the kernel resolves the pod's MAC), else to the stack.
+#[inline(always)]
+pub(crate) fn to_local_pod(ctx: &TcContext) -> i32 {
+    let Ok(daddr) = ctx.load::<u32>(IP_DADDR_OFF) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: hash map values are read once, by copy.
+    match unsafe { ENDPOINTS_V1.get(&EndpointKey { addr: daddr }) } {
+        // SAFETY: the kernel resolves the pod's MAC itself.
+        Some(ep) => unsafe { bpf_redirect_neigh(ep.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
+        None => TC_ACT_UNSPEC,
+    }
+}
+
+/// Uplink egress: a reply from a host-network backend of this node (its source is the node's
+/// own address) to a client that reached it through a frontend is translated back, before it
+/// leaves (the per-packet path delivered the client's packets to the host's stack, whose
+/// replies leave here). `None`: not such a reply, the packet is left as it is.
+#[inline(always)]
+pub(crate) fn host_reply(ctx: &TcContext) -> Option<Reason> {
+    let Parsed::Flow(flow) = parse(ctx) else {
+        return None;
+    };
+    let node = CONFIG_V1.get(0).map_or(0, |c| c.node_addr);
+    if node == 0 || flow.saddr != node {
+        return None;
+    }
+    let entry = CT_V1.get_ptr_mut(&flow.key())?;
+    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy and only its
+    // timestamp is written.
+    let e = unsafe {
+        (*entry).last_seen_ns = bpf_ktime_get_ns();
+        *entry
+    };
+    if e.flags & ct_flags::REPLY == 0 {
+        return None;
+    }
+    Some(match rewrite(ctx, &flow, &e) {
+        Ok(()) if flow.has_l4 => Reason::NatReply,
+        Ok(()) => Reason::NatFragment,
+        Err(_) => Reason::DropRewrite,
+    })
+}
+
+/// Uplink egress: encapsulate packets to remote pod blocks; everything else passes.
+#[inline(always)]
+pub fn uplink_egress(ctx: &TcContext) -> i32 {
+    let reason = classify(ctx);
+    let (reason, action) = match reason.verdict() {
+        Verdict::Drop => (reason, TC_ACT_SHOT),
+        _ if reason == Reason::PassNotIpv4 => (reason, TC_ACT_UNSPEC),
+        // A host-network backend's reply, translated back first.
+        _ => match host_reply(ctx) {
+            Some(r) if r.verdict() == Verdict::Drop => (r, TC_ACT_SHOT),
+            Some(r) => (r, tunnel::encap(ctx, r).1),
+            None => tunnel::encap(ctx, reason),
+        },
+    };
+    count(Hook::TcUplinkEgress, reason, ctx.len());
+    action
+}
