@@ -4,7 +4,7 @@
 //! (the client's own, or SNAT to the node or the pod gateway with a port of the SNAT range);
 //! the TCP state the GC reads; backends that left.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use ferrox_abi::{
     CtEntry, CtKey, Hook, POD_GATEWAY, Reason, ServiceKey, ServiceValue, backend_flags, ct_flags,
     proto, svc_flags,
@@ -15,7 +15,32 @@ use crate::{
     lb::{admit, flow_hash, pick_backend},
     maps::{BACKENDS_V1, CONFIG_V1, CT_V1},
     nat::{Outcome, translate},
+    packet::Frame as _,
 };
+
+/// How stale an entry's last-seen time may be before a packet refreshes it. The agent's
+/// conntrack GC counts idle time in seconds; a flow is idle for at least its timeout less this.
+pub(crate) const LAST_SEEN_RESOLUTION_NS: u64 = 250_000_000;
+
+/// The clock of last-seen times: the kernel's monotonic clock at tick resolution (no clock
+/// source read), which the agent compares with its own `CLOCK_MONOTONIC`.
+#[inline(always)]
+pub(crate) fn now_ns() -> u64 {
+    // SAFETY: no arguments, no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Marks the entry used now. The time is written only when the stored one is older than its
+/// resolution: most packets of a busy flow leave the entry's cache line alone.
+#[inline(always)]
+pub(crate) fn touch(entry: *mut CtEntry, e: &CtEntry) {
+    let now = now_ns();
+    if now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_RESOLUTION_NS {
+        // SAFETY: `entry` comes from a successful lookup; only the timestamp is written (a torn
+        // timestamp is harmless).
+        unsafe { (*entry).last_seen_ns = now };
+    }
+}
 
 /// How many source ports SNAT tries for a new flow before giving up.
 pub(crate) const SNAT_TRIES: u32 = 8;
@@ -75,10 +100,12 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
     let entry = CT_V1.get_ptr_mut(&key)?;
     // SAFETY: the pointer comes from a successful lookup; the entry is read by copy.
     let e = unsafe { *entry };
-    let tcp = if flow.proto == proto::TCP && flow.has_l4 {
-        ctx.load::<u8>(flow.l4_off + 13).unwrap_or(0)
-    } else {
-        0
+    // The data offset and flags bytes (a one-byte bounds check against a variable offset is
+    // one the verifier cannot follow).
+    let tcp = match ctx.header::<[u8; 2]>(flow.l4_off + 12) {
+        // SAFETY: `header` checked that both bytes lie inside the frame.
+        Some(p) if flow.proto == proto::TCP && flow.has_l4 => unsafe { (*p)[1] },
+        _ => 0,
     };
     let syn = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if e.flags & ct_flags::REPLY == 0 && !backend_alive(&e) {
@@ -89,11 +116,7 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
         }
         return Some((Reason::DropBackendGone, TC_ACT_SHOT));
     }
-    // SAFETY: as above; only the timestamp and the one-byte flags are written (a torn
-    // timestamp is harmless).
-    unsafe {
-        (*entry).last_seen_ns = bpf_ktime_get_ns();
-    }
+    touch(entry, &e);
     if tcp & (TCP_FIN | TCP_RST) != 0 || (syn && e.flags & (ct_flags::FIN | ct_flags::CLOSING) != 0)
     {
         tcp_state(&key, &e, entry, tcp, syn);
@@ -192,7 +215,7 @@ pub(crate) fn track_new(
         Origin::Pod => Some(flow.saddr),
         Origin::Uplink => None,
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let mut flags = 0;
     if local {
         flags |= ct_flags::LOCAL_BACKEND;

@@ -3,6 +3,8 @@
 //! with a FIB lookup and a redirect, not handed to the stack: a packet whose source became this
 //! node's own address would be dropped by the stack as a martian.
 
+use core::ptr::addr_of_mut;
+
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
     helpers::{bpf_redirect, bpf_redirect_neigh},
@@ -14,7 +16,7 @@ use crate::{
     fib::{Fib, Route, path_len, route},
     flow::Flow,
     icmp::icmp_too_big,
-    packet::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    packet::{ETH_HLEN, Frame as _, Ipv4Hdr, csum_apply, csum_diff16, csum_diff32},
 };
 
 /// What became of a packet given to [`translate`]: sent on translated (with this action), or
@@ -51,13 +53,12 @@ pub(crate) fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<Out
     };
     match route(ctx, &to) {
         Route::Direct { ifindex, macs } => {
-            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
-            ctx.store(0, &macs, 0).map_err(|_| Reason::DropRewrite)?;
+            rewrite(ctx, flow, e, Some(&macs)).map_err(|_| Reason::DropRewrite)?;
             // SAFETY: redirecting to the interface the lookup chose.
             Ok(Outcome::Sent(unsafe { bpf_redirect(ifindex, 0) } as i32))
         }
         Route::Neighbour { ifindex } => {
-            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+            rewrite(ctx, flow, e, None).map_err(|_| Reason::DropRewrite)?;
             // SAFETY: the kernel resolves the next hop's MAC itself.
             Ok(Outcome::Sent(
                 unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32,
@@ -65,86 +66,91 @@ pub(crate) fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<Out
         }
         // A destination on this node (a host-network backend): the stack delivers it.
         Route::Local => {
-            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+            rewrite(ctx, flow, e, None).map_err(|_| Reason::DropRewrite)?;
             Ok(Outcome::Sent(TC_ACT_OK))
         }
         // Too big, don't-fragment set: the client learns the path's MTU in its own addresses.
         Route::TooBig { mtu } if flow.df => icmp_too_big(ctx, flow, mtu).map(Outcome::TooBig),
         // Too big, may be fragmented: the stack fragments it on the way.
         Route::TooBig { .. } => {
-            rewrite(ctx, flow, e).map_err(|_| Reason::DropRewrite)?;
+            rewrite(ctx, flow, e, None).map_err(|_| Reason::DropRewrite)?;
             Ok(Outcome::Sent(TC_ACT_OK))
         }
         Route::None => Err(Reason::DropNoRoute),
     }
 }
 
-/// Rewrites addresses and ports, keeping the IP and L4 checksums right (incrementally). A later
-/// fragment has no L4 header: only its addresses and IP checksum change (the datagram's L4
-/// checksum, in its first fragment, already took the new addresses in).
+/// Rewrites addresses and ports (and the Ethernet addresses when `macs` is given), keeping the
+/// IP and L4 checksums right. The packet is written directly and the IP checksum updated in
+/// place; the L4 checksum takes one diff for the addresses (through the pseudo-header, which
+/// also keeps a receive checksum and an offloaded checksum right) and one for the ports, with
+/// the kernel's helper, which knows the packet's checksum state. A later fragment has no L4
+/// header: only its addresses and IP checksum change (the datagram's L4 checksum, in its first
+/// fragment, already took the new addresses in).
 #[inline(always)]
-pub(crate) fn rewrite(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<(), i64> {
+pub(crate) fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    e: &CtEntry,
+    macs: Option<&[u8; 12]>,
+) -> Result<(), i64> {
+    let ip = ctx.header_mut::<Ipv4Hdr>(ETH_HLEN).ok_or(-1i64)?;
+    let mut addrs = 0u32;
+    // SAFETY: `header_mut` checked that a whole IPv4 header lies in the writable frame; fields
+    // are accessed unaligned.
+    unsafe {
+        if e.nat_saddr != flow.saddr {
+            addrs += csum_diff32(flow.saddr, e.nat_saddr);
+            addr_of_mut!((*ip).saddr).write_unaligned(e.nat_saddr);
+        }
+        if e.nat_daddr != flow.daddr {
+            addrs += csum_diff32(flow.daddr, e.nat_daddr);
+            addr_of_mut!((*ip).daddr).write_unaligned(e.nat_daddr);
+        }
+        if addrs != 0 {
+            let check = addr_of_mut!((*ip).check);
+            check.write_unaligned(csum_apply(check.read_unaligned(), addrs));
+        }
+    }
+    let mut ports = 0u32;
+    if flow.has_l4 {
+        let p = ctx.header_mut::<[u16; 2]>(flow.l4_off).ok_or(-1i64)?;
+        // SAFETY: as above, for the four port bytes.
+        unsafe {
+            if e.nat_sport != flow.sport {
+                ports += csum_diff16(flow.sport, e.nat_sport);
+                addr_of_mut!((*p)[0]).write_unaligned(e.nat_sport);
+            }
+            if e.nat_dport != flow.dport {
+                ports += csum_diff16(flow.dport, e.nat_dport);
+                addr_of_mut!((*p)[1]).write_unaligned(e.nat_dport);
+            }
+        }
+    }
+    if let Some(macs) = macs {
+        let eth = ctx.header_mut::<[u8; 12]>(0).ok_or(-1i64)?;
+        // SAFETY: as above, for the two Ethernet addresses.
+        unsafe { eth.write_unaligned(*macs) };
+    }
+    if !flow.has_l4 {
+        return Ok(());
+    }
+    // The helpers change the packet: no pointer into it is used after this point.
     let (csum_off, mangled) = if flow.proto == proto::TCP {
         (flow.l4_off + 16, 0)
     } else {
         (flow.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
     };
-    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
-    let l4 = flow.has_l4;
-    if e.nat_saddr != flow.saddr {
-        if l4 {
-            ctx.l4_csum_replace(
-                csum_off,
-                u64::from(flow.saddr),
-                u64::from(e.nat_saddr),
-                pseudo | mangled | 4,
-            )?;
-        }
-        ctx.l3_csum_replace(
-            IP_CSUM_OFF,
-            u64::from(flow.saddr),
-            u64::from(e.nat_saddr),
-            4,
-        )?;
-        ctx.store(IP_SADDR_OFF, &e.nat_saddr, 0)?;
-    }
-    if e.nat_daddr != flow.daddr {
-        if l4 {
-            ctx.l4_csum_replace(
-                csum_off,
-                u64::from(flow.daddr),
-                u64::from(e.nat_daddr),
-                pseudo | mangled | 4,
-            )?;
-        }
-        ctx.l3_csum_replace(
-            IP_CSUM_OFF,
-            u64::from(flow.daddr),
-            u64::from(e.nat_daddr),
-            4,
-        )?;
-        ctx.store(IP_DADDR_OFF, &e.nat_daddr, 0)?;
-    }
-    if !l4 {
-        return Ok(());
-    }
-    if e.nat_sport != flow.sport {
+    if addrs != 0 {
         ctx.l4_csum_replace(
             csum_off,
-            u64::from(flow.sport),
-            u64::from(e.nat_sport),
-            mangled | 2,
+            0,
+            u64::from(addrs),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled,
         )?;
-        ctx.store(flow.l4_off, &e.nat_sport, 0)?;
     }
-    if e.nat_dport != flow.dport {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(flow.dport),
-            u64::from(e.nat_dport),
-            mangled | 2,
-        )?;
-        ctx.store(flow.l4_off + 2, &e.nat_dport, 0)?;
+    if ports != 0 {
+        ctx.l4_csum_replace(csum_off, 0, u64::from(ports), mangled)?;
     }
     Ok(())
 }

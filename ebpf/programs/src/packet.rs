@@ -54,6 +54,12 @@ pub trait Frame {
     fn header<T>(&self, offset: usize) -> Option<*const T>;
     /// Whether the frame carries IPv4.
     fn is_ipv4(&self) -> bool;
+    /// A pointer to a `T` at `offset` the program may write through (TC: the verifier makes a
+    /// cloned packet private before the program runs), when the frame holds one there.
+    #[inline(always)]
+    fn header_mut<T>(&self, offset: usize) -> Option<*mut T> {
+        self.header::<T>(offset).map(<*const T>::cast_mut)
+    }
 }
 
 impl Frame for TcContext {
@@ -122,4 +128,33 @@ pub fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// Folds a one's-complement sum to 16 bits.
+#[inline(always)]
+pub fn csum_fold(sum: u32) -> u16 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
+/// What a checksum must take in when a 32-bit field goes from `old` to `new` (RFC 1624: the
+/// sum of `~old` and `new`), on the field's 16-bit words as they lie in memory; sums of these
+/// are the diff form `bpf_l4_csum_replace` accepts.
+#[inline(always)]
+pub fn csum_diff32(old: u32, new: u32) -> u32 {
+    let old = !old;
+    (old & 0xffff) + (old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// The same for a 16-bit field.
+#[inline(always)]
+pub fn csum_diff16(old: u16, new: u16) -> u32 {
+    u32::from(!old) + u32::from(new)
+}
+
+/// A stored checksum updated by a diff of [`csum_diff32`]/[`csum_diff16`] terms:
+/// `~(~check + diff)`.
+#[inline(always)]
+pub fn csum_apply(check: u16, diff: u32) -> u16 {
+    !csum_fold(u32::from(!check) + (diff & 0xffff) + (diff >> 16))
 }

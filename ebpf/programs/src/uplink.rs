@@ -5,14 +5,14 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::bpf_redirect_neigh,
     programs::TcContext,
 };
 use ferrox_abi::{EndpointKey, Hook, Reason, ServiceKey, Verdict, ct_flags, scope};
 
 use crate::{
     classify::classify,
-    conntrack::{Origin, new_flow, tracked},
+    conntrack::{Origin, new_flow, touch, tracked},
     counters::count,
     flow::{Flow, Parsed, action_of, flow_dropped, parse, untranslated},
     icmp::icmp,
@@ -101,16 +101,13 @@ pub(crate) fn host_reply(ctx: &TcContext) -> Option<Reason> {
         return None;
     }
     let entry = CT_V1.get_ptr_mut(&flow.key())?;
-    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy and only its
-    // timestamp is written.
-    let e = unsafe {
-        (*entry).last_seen_ns = bpf_ktime_get_ns();
-        *entry
-    };
+    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy.
+    let e = unsafe { *entry };
     if e.flags & ct_flags::REPLY == 0 {
         return None;
     }
-    Some(match rewrite(ctx, &flow, &e) {
+    touch(entry, &e);
+    Some(match rewrite(ctx, &flow, &e, None) {
         Ok(()) if flow.has_l4 => Reason::NatReply,
         Ok(()) => Reason::NatFragment,
         Err(_) => Reason::DropRewrite,
