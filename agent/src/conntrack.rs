@@ -197,8 +197,8 @@ mod tests {
             backend_id: 1,
             rev_nat_id: 1,
             flags: if closing { ct_flags::CLOSING } else { 0 },
-            _pad: [0; 5],
             last_seen_ns: fwd_seen,
+            ..CtEntry::default()
         };
         let rk = reply_key(&key, &fwd);
         let reply = CtEntry {

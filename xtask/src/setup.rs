@@ -32,6 +32,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "tcpdump",
     "bpftool",
+    // `cargo xtask bench` profiles the per-packet paths with perf.
+    "linux-perf",
     "conntrack",
     "containernetworking-plugins",
     // The container runtime tier: containerd 1.6 (with ctr) and runc drive pods through the

@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use ferrox_abi::{CtEntry, CtKey, ct_flags, proto};
+use ferrox_abi::{CtEntry, CtKey, ct_flags, fwd_flags, proto};
 use ferrox_datapath::{Maps, PinLayout};
 use serde::Serialize;
 
@@ -64,6 +64,49 @@ pub struct Flow {
     pub idle_s: u64,
     /// Whether its reply entry exists.
     pub reply: bool,
+    /// The route cached for packets towards the backend (`None`: none cached yet).
+    pub route: Option<CachedRoute>,
+    /// The route cached for the replies.
+    pub reply_route: Option<CachedRoute>,
+}
+
+/// Where the programs send a flow's packets without a FIB lookup (refreshed at least every
+/// quarter second while the flow is active).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum CachedRoute {
+    /// Redirected out of an interface with these Ethernet addresses.
+    Redirect {
+        ifindex: u32,
+        dst_mac: String,
+        src_mac: String,
+        /// The longest packet (IP total length) the route was checked to carry.
+        max_len: u16,
+    },
+    /// Handed to this node's stack.
+    Local,
+}
+
+fn mac(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn cached_route(e: &CtEntry) -> Option<CachedRoute> {
+    if e.fwd_flags & fwd_flags::DIRECT != 0 {
+        Some(CachedRoute::Redirect {
+            ifindex: e.fwd_ifindex,
+            dst_mac: mac(&e.fwd_macs[..6]),
+            src_mac: mac(&e.fwd_macs[6..]),
+            max_len: e.fwd_max_len,
+        })
+    } else if e.fwd_flags & fwd_flags::LOCAL != 0 {
+        Some(CachedRoute::Local)
+    } else {
+        None
+    }
 }
 
 /// An address and port in network byte order, as the maps hold them.
@@ -138,6 +181,8 @@ pub fn flows(
                 flags,
                 idle_s: now_ns.saturating_sub(last) / 1_000_000_000,
                 reply: reply.is_some(),
+                route: cached_route(e),
+                reply_route: reply.and_then(|r| cached_route(r)),
             },
             keys,
         ));
@@ -236,8 +281,8 @@ mod tests {
             backend_id: 3,
             rev_nat_id: 2,
             flags: if snat { ct_flags::SNAT } else { 0 },
-            _pad: [0; 5],
             last_seen_ns: 5_000_000_000,
+            ..CtEntry::default()
         };
         let rk = reply_key(&k, &e);
         let r = CtEntry {

@@ -65,6 +65,29 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             }
         }
     }
+    let pods = dp
+        .update_pod_links()
+        .context("moving pod links to the current program")?;
+    info!(
+        updated = pods.updated.len(),
+        current = pods.current.len(),
+        "pod hooks run the current program"
+    );
+    if !pods.defunct.is_empty() {
+        warn!(links = ?pods.defunct, "pod link pins whose interface is gone (removed without CNI DEL)");
+    }
+    // Every hook runs the current programs now: the previous conntrack map can go.
+    if let Some(c) = dp
+        .finish_upgrade()
+        .context("finishing the datapath upgrade")?
+    {
+        info!(
+            copied = c.copied,
+            present = c.present,
+            failed = c.failed,
+            "upgrade finished: flows carried into the current conntrack map, the previous one unpinned"
+        );
+    }
     info!(origin = ?dp.origin(), "datapath attached");
 
     let client = kube_client(args.kubeconfig.as_deref(), args.k8s_api_server.as_deref()).await?;

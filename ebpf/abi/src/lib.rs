@@ -33,7 +33,12 @@ pub mod map_names {
     /// [`crate::AffinityKey`] -> [`crate::AffinityValue`]: session affinity (LRU).
     pub const AFFINITY: &str = "AFFINITY_V1";
     /// [`crate::CtKey`] -> [`crate::CtEntry`]: connection tracking of translated flows (LRU).
-    pub const CONNTRACK: &str = "CT_V1";
+    /// V2: each entry also caches where its packets go ([`crate::CtEntry::fwd_ifindex`] and
+    /// after), so an established flow needs no FIB lookup per packet.
+    pub const CONNTRACK: &str = "CT_V2";
+    /// The conntrack map of version 1 ([`crate::CtEntryV1`] values): the loader copies its flows
+    /// into [`CONNTRACK`], so an upgrade keeps every connection, then unpins it.
+    pub const CONNTRACK_V1: &str = "CT_V1";
     /// LPM trie of [`crate::SrcRangeKey`] -> `u8`: loadBalancerSourceRanges per frontend.
     pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
     /// Array of one [`crate::DatapathConfig`]: what the agent tells the programs about the node.
@@ -302,7 +307,8 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of the connection-tracking map: how to rewrite packets that match the key.
+/// Value of the connection-tracking map: how to rewrite packets that match the key, and where
+/// the rewritten packets go.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntry {
@@ -318,9 +324,62 @@ pub struct CtEntry {
     pub rev_nat_id: u16,
     /// [`ct_flags`] bits.
     pub flags: u8,
-    pub _pad: [u8; 5],
-    /// `bpf_ktime_get_ns()` when a packet last used the entry.
+    /// [`fwd_flags`] bits: whether the forwarding cache below holds a route.
+    pub fwd_flags: u8,
+    /// Interface the rewritten packets leave through (cached route).
+    pub fwd_ifindex: u32,
+    /// `bpf_ktime_get_coarse_ns()` when a packet last used the entry (refreshed when older than
+    /// a quarter second).
     pub last_seen_ns: u64,
+    /// Ethernet destination then source address of the rewritten packets (cached route).
+    pub fwd_macs: [u8; 12],
+    /// The largest IP total length the cached route was checked to carry; a longer packet
+    /// looks its route up again (and learns the path's MTU).
+    pub fwd_max_len: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Bits of [`CtEntry::fwd_flags`]. The programs fill the cache from a FIB lookup and look the
+/// route up again when the entry's last-seen time is refreshed, so a cached route is at most a
+/// quarter second older than the routing table and the neighbours.
+pub mod fwd_flags {
+    /// Redirect out of `fwd_ifindex` with `fwd_macs`.
+    pub const DIRECT: u8 = 1 << 0;
+    /// Hand to this node's stack (the destination is a local address).
+    pub const LOCAL: u8 = 1 << 1;
+}
+
+/// Value of the conntrack map of version 1 (`CT_V1`), read once by the loader to carry its
+/// flows into version 2.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtEntryV1 {
+    pub nat_saddr: u32,
+    pub nat_daddr: u32,
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub flags: u8,
+    pub _pad: [u8; 5],
+    pub last_seen_ns: u64,
+}
+
+impl From<CtEntryV1> for CtEntry {
+    /// The same flow with an empty forwarding cache.
+    fn from(v: CtEntryV1) -> Self {
+        Self {
+            nat_saddr: v.nat_saddr,
+            nat_daddr: v.nat_daddr,
+            nat_sport: v.nat_sport,
+            nat_dport: v.nat_dport,
+            backend_id: v.backend_id,
+            rev_nat_id: v.rev_nat_id,
+            flags: v.flags,
+            last_seen_ns: v.last_seen_ns,
+            ..Self::default()
+        }
+    }
 }
 
 /// Bits of [`CtEntry::flags`].
@@ -827,7 +886,14 @@ const _: () = {
     assert!(size_of::<CtKey>() == 16);
     assert!(offset_of!(CtKey, sport) == 8);
     assert!(offset_of!(CtKey, proto) == 12);
-    assert!(size_of::<CtEntry>() == 32);
+    assert!(size_of::<CtEntry>() == 48);
+    assert!(offset_of!(CtEntry, fwd_flags) == 19);
+    assert!(offset_of!(CtEntry, fwd_ifindex) == 20);
+    assert!(offset_of!(CtEntry, fwd_macs) == 32);
+    assert!(offset_of!(CtEntry, fwd_max_len) == 44);
+    assert!(size_of::<CtEntryV1>() == 32);
+    assert!(offset_of!(CtEntryV1, flags) == 18);
+    assert!(offset_of!(CtEntryV1, last_seen_ns) == 24);
     assert!(size_of::<FragKey>() == 12);
     assert!(size_of::<FragValue>() == 4);
     assert!(offset_of!(CtEntry, backend_id) == 12);
@@ -866,6 +932,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for CtEntryV1 {}
     unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for TunnelKey {}

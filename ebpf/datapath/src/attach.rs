@@ -326,6 +326,65 @@ impl Datapath {
     }
 }
 
+/// What [`Datapath::update_pod_links`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PodLinks {
+    /// Links that ran an earlier program and now run the current one.
+    pub updated: Vec<String>,
+    /// Links that already ran the current program.
+    pub current: Vec<String>,
+    /// Link pins whose interface is gone (a pod removed without its CNI DEL): left for DEL or
+    /// `ferrox datapath cleanup`.
+    pub defunct: Vec<String>,
+}
+
+impl Datapath {
+    /// Moves every pod's link to the current pod-facing program (`bpf_link_update`, atomic per
+    /// pod), so that after an upgrade no pod keeps running the previous program. A pod attached
+    /// by the CNI plugin meanwhile already runs the current one.
+    pub fn update_pod_links(&mut self) -> Result<PodLinks> {
+        let name = names::TC_FROM_POD;
+        let dir = self.layout.pod_links_dir();
+        let mut out = PodLinks::default();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(DatapathError::io("listing", &dir, e)),
+        };
+        let prog = self.programs.tc(name)?;
+        let id = prog
+            .info()
+            .map_err(|e| DatapathError::program("inspecting", name, e))?
+            .id();
+        for entry in entries {
+            let entry = entry.map_err(|e| DatapathError::io("listing", &dir, e))?;
+            let pin = entry.path();
+            let host_ifname = entry.file_name().to_string_lossy().into_owned();
+            let info = pinned_link_info(&pin)?;
+            if !info.target.is_live() {
+                out.defunct.push(host_ifname);
+                continue;
+            }
+            if info.prog_id == id {
+                out.current.push(host_ifname);
+                continue;
+            }
+            let link = PinnedLink::from_pin(&pin).map_err(|e| DatapathError::link(&pin, e))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(link))
+                .map_err(|e| DatapathError::link(&pin, e))?;
+            let link_id = prog
+                .attach_to_link(link)
+                .map_err(|e| DatapathError::program("updating link of", name, e))?;
+            drop(
+                prog.take_link(link_id)
+                    .map_err(|e| DatapathError::program("releasing link of", name, e))?,
+            );
+            out.updated.push(host_ifname);
+        }
+        Ok(out)
+    }
+}
+
 /// Attaches the pod-facing program at TCX ingress of a pod's host-side veth (packets leaving
 /// the pod). Used by the CNI plugin: it needs only the pins, not a loaded datapath.
 pub fn attach_pod(layout: &PinLayout, host_ifname: &str) -> Result<Attachment> {

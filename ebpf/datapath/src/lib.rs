@@ -13,10 +13,13 @@ mod layout;
 mod link_info;
 mod maglev;
 mod maps;
+mod migrate;
 mod programs;
 mod testrun;
 
-pub use attach::{AttachOutcome, Attachment, XdpAttachMode, attach_pod, detach_pod, ifindex};
+pub use attach::{
+    AttachOutcome, Attachment, PodLinks, XdpAttachMode, attach_pod, detach_pod, ifindex,
+};
 pub use error::{DatapathError, Result};
 pub use inventory::{CleanupReport, ObjectKind, PinnedObject, cleanup, inventory};
 pub use layout::{DEFAULT_BPFFS_ROOT, PinLayout};
@@ -26,6 +29,7 @@ pub use maps::{
     Config, CounterRow, Counters, Events, MapFull, Maps, SourceRange, SourceRanges, Tunnel,
     Tunnels, TypedHash, WriteError,
 };
+pub use migrate::ConntrackCopy;
 pub use programs::{OBJECT, Origin};
 pub use testrun::{TcProgram, TestRunOutput};
 
@@ -43,6 +47,14 @@ impl Datapath {
     pub fn open(layout: &PinLayout) -> Result<Self> {
         bpffs::ensure(layout)?;
         let (programs, origin) = programs::load_or_adopt(layout)?;
+        if let Some(c) = migrate::conntrack_v1(layout)? {
+            tracing::info!(
+                copied = c.copied,
+                present = c.present,
+                failed = c.failed,
+                "flows of the version 1 conntrack map carried into the current one"
+            );
+        }
         let maps = Maps::open(layout)?;
         tracing::info!(root = %layout.root().display(), ?origin, "datapath ready");
         Ok(Self {
@@ -68,6 +80,14 @@ impl Datapath {
 
     pub fn maps_mut(&mut self) -> &mut Maps {
         &mut self.maps
+    }
+
+    /// Ends an upgrade once every hook runs the current programs (the socket hooks, the uplink
+    /// and every pod, see [`Datapath::update_pod_links`]): copies the flows the previous
+    /// programs tracked since [`Datapath::open`] into the current conntrack map and unpins the
+    /// previous map. `None` when there was nothing to carry over.
+    pub fn finish_upgrade(&mut self) -> Result<Option<ConntrackCopy>> {
+        migrate::finish_conntrack_v1(&self.layout)
     }
 
     /// Keeps only the map handles; programs stay loaded and attached through their pins.

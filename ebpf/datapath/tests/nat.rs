@@ -1235,3 +1235,183 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         failures.join("\n")
     );
 }
+
+/// The route of an established flow is cached in its conntrack entry by its first packet: the
+/// next packets are sent with it without a FIB lookup, even when the neighbour changed, until
+/// the entry's last-seen time is refreshed (a quarter second; here: aged by hand), when the
+/// route is looked up again; a packet longer than the cached route was checked for looks it up
+/// too (and a path too small for it answers with fragmentation-needed).
+#[test]
+fn established_flows_follow_the_route_cached_in_their_entry_until_it_is_refreshed() {
+    let ns = node("c");
+    let up0_mac = ns.mac("up0");
+    let pod0_mac = ns.mac("pod0");
+    const NEW_POD_MAC: [u8; 6] = [2, 0, 0, 1, 5, 6];
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test").unwrap();
+    let layout = bpffs.layout();
+    let failures = ns.run(|| {
+        let mut dp = Datapath::open(&layout).unwrap();
+        backend(&mut dp, 1, LOCAL_POD, 8080, proto::TCP, true);
+        frontend(&mut dp, 30080, proto::TCP, 1, 0, &[1]);
+        let up0 = ferrox_datapath::ifindex("up0").unwrap();
+        let pod0 = ferrox_datapath::ifindex("pod0").unwrap();
+        dp.maps_mut()
+            .config
+            .set(&DatapathConfig {
+                node_addr: be(NODE),
+                uplink_ifindex: up0,
+                snat_port_min: 61000,
+                snat_port_max: 65535,
+                monitor: 0,
+            })
+            .unwrap();
+        let key = CtKey {
+            saddr: be(CLIENT),
+            daddr: be(NODE),
+            sport: 40000u16.to_be(),
+            dport: 30080u16.to_be(),
+            proto: proto::TCP,
+            _pad: [0; 3],
+        };
+        // Packets of `len` bytes (IP total length), don't-fragment set.
+        let packet = |len: u16| {
+            tcp(CLIENT, 40000, NODE, 30080)
+                .dont_fragment()
+                .payload(usize::from(len - 40))
+                .macs(up0_mac, CLIENT_MAC)
+                .build()
+        };
+        let to_pod = |mac: [u8; 6], len: u16| {
+            tcp(CLIENT, 40000, LOCAL_POD, 8080)
+                .dont_fragment()
+                .payload(usize::from(len - 40))
+                .macs(mac, pod0_mac)
+                .build()
+        };
+        let mut failures = Vec::new();
+        let send = |dp: &mut Datapath, what: &str, len: u16, want: Vec<u8>| {
+            let out = dp.test_run_tc_on(TcProgram::UplinkIngress, &packet(len), Some(up0), 1);
+            let out = out.unwrap();
+            (out.action != TC_ACT_REDIRECT || out.packet != want).then(|| {
+                format!(
+                    "{what}: action {} output\n  got  {:02x?}\n  want {:02x?}",
+                    out.action, out.packet, want
+                )
+            })
+        };
+        failures.extend(send(&mut dp, "new flow", 40, to_pod(POD_MAC, 40)));
+        let e = dp.maps().conntrack.get(&key).unwrap().unwrap();
+        let mut want_macs = [0u8; 12];
+        want_macs[..6].copy_from_slice(&POD_MAC);
+        want_macs[6..].copy_from_slice(&pod0_mac);
+        if e.fwd_flags != ferrox_abi::fwd_flags::DIRECT
+            || e.fwd_ifindex != pod0
+            || e.fwd_macs != want_macs
+            || e.fwd_max_len != 40
+        {
+            failures.push(format!(
+                "the new flow's entry did not cache its route: {e:?}"
+            ));
+        }
+        // The pod's MAC changes: the cached route still holds the old one.
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.244.1.5",
+            "lladdr",
+            "02:00:00:01:05:06",
+            "dev",
+            "pod0",
+            "nud",
+            "permanent",
+        ]);
+        failures.extend(send(
+            &mut dp,
+            "established, cached route",
+            40,
+            to_pod(POD_MAC, 40),
+        ));
+        // A longer packet than the route was checked for: looked up again (new MAC), and the
+        // cache now holds the new route for packets up to that length.
+        failures.extend(send(
+            &mut dp,
+            "longer packet",
+            600,
+            to_pod(NEW_POD_MAC, 600),
+        ));
+        let e = dp.maps().conntrack.get(&key).unwrap().unwrap();
+        if e.fwd_max_len != 600 || e.fwd_macs[..6] != NEW_POD_MAC {
+            failures.push(format!(
+                "the longer packet did not re-cache the route: {e:?}"
+            ));
+        }
+        // Back to the old MAC; the cached route holds until the entry is refreshed.
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.244.1.5",
+            "lladdr",
+            "02:00:00:01:05:05",
+            "dev",
+            "pod0",
+            "nud",
+            "permanent",
+        ]);
+        failures.extend(send(&mut dp, "cached again", 40, to_pod(NEW_POD_MAC, 40)));
+        let aged = ferrox_abi::CtEntry {
+            last_seen_ns: 0,
+            ..e
+        };
+        dp.maps_mut().conntrack.insert(&key, &aged).unwrap();
+        failures.extend(send(&mut dp, "refreshed entry", 40, to_pod(POD_MAC, 40)));
+        let e = dp.maps().conntrack.get(&key).unwrap().unwrap();
+        if e.last_seen_ns == 0 || e.fwd_max_len != 40 || e.fwd_macs[..6] != POD_MAC {
+            failures.push(format!("the refresh did not re-cache the route: {e:?}"));
+        }
+        // The route to the pod now has a small locked MTU: a packet longer than it, still within
+        // what the cache was checked for, is sent on the cached route until the refresh; then
+        // it is answered with fragmentation-needed.
+        let widened = ferrox_abi::CtEntry {
+            fwd_max_len: 600,
+            ..dp.maps().conntrack.get(&key).unwrap().unwrap()
+        };
+        dp.maps_mut().conntrack.insert(&key, &widened).unwrap();
+        ns.ip(&[
+            "route",
+            "replace",
+            "10.244.1.5/32",
+            "dev",
+            "pod0",
+            "mtu",
+            "lock",
+            "500",
+        ]);
+        failures.extend(send(
+            &mut dp,
+            "cached route, not yet refreshed",
+            600,
+            to_pod(POD_MAC, 600),
+        ));
+        let aged = ferrox_abi::CtEntry {
+            last_seen_ns: 0,
+            ..dp.maps().conntrack.get(&key).unwrap().unwrap()
+        };
+        dp.maps_mut().conntrack.insert(&key, &aged).unwrap();
+        let out = dp
+            .test_run_tc_on(TcProgram::UplinkIngress, &packet(600), Some(up0), 1)
+            .unwrap();
+        if out.action != TC_ACT_REDIRECT || out.packet.get(23) != Some(&proto::ICMP) {
+            failures.push(format!(
+                "a DF packet over the new path MTU: action {}, packet {:02x?}",
+                out.action, out.packet
+            ));
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

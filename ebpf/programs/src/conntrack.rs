@@ -13,8 +13,8 @@ use ferrox_abi::{
 use crate::{
     flow::Flow,
     lb::{admit, flow_hash, pick_backend},
-    maps::{BACKENDS_V1, CONFIG_V1, CT_V1},
-    nat::{Outcome, translate},
+    maps::{BACKENDS_V1, CONFIG_V1, CT_V2},
+    nat::{Cache, Outcome, translate},
     packet::Frame as _,
 };
 
@@ -31,14 +31,18 @@ pub(crate) fn now_ns() -> u64 {
 }
 
 /// Marks the entry used now. The time is written only when the stored one is older than its
-/// resolution: most packets of a busy flow leave the entry's cache line alone.
+/// resolution (then true: the entry's cached route is due for a refresh too): most packets of a
+/// busy flow leave the entry's cache line alone.
 #[inline(always)]
-pub(crate) fn touch(entry: *mut CtEntry, e: &CtEntry) {
+pub(crate) fn touch(entry: *mut CtEntry, last_seen_ns: u64) -> bool {
     let now = now_ns();
-    if now.wrapping_sub(e.last_seen_ns) > LAST_SEEN_RESOLUTION_NS {
+    if now.wrapping_sub(last_seen_ns) > LAST_SEEN_RESOLUTION_NS {
         // SAFETY: `entry` comes from a successful lookup; only the timestamp is written (a torn
         // timestamp is harmless).
         unsafe { (*entry).last_seen_ns = now };
+        true
+    } else {
+        false
     }
 }
 
@@ -85,10 +89,14 @@ pub(crate) fn other_direction(key: &CtKey, e: &CtEntry) -> CtKey {
 /// Whether the backend an original-direction entry sends to still exists (ids are not reused
 /// soon, and the address must match too).
 #[inline(always)]
-pub(crate) fn backend_alive(e: &CtEntry) -> bool {
-    // SAFETY: hash map values are read once, by copy.
-    (unsafe { BACKENDS_V1.get(&e.backend_id) })
-        .is_some_and(|b| b.addr == e.nat_daddr && b.port == e.nat_dport)
+pub(crate) fn backend_alive(entry: *const CtEntry) -> bool {
+    // SAFETY: `entry` comes from a successful lookup; the fields read never change after the
+    // entry is created. Hash map values are read once, by copy.
+    unsafe {
+        BACKENDS_V1
+            .get(&(*entry).backend_id)
+            .is_some_and(|b| b.addr == (*entry).nat_daddr && b.port == (*entry).nat_dport)
+    }
 }
 
 /// A packet of a tracked flow: translated as its conntrack entry says. `None` when the flow
@@ -97,9 +105,10 @@ pub(crate) fn backend_alive(e: &CtEntry) -> bool {
 #[inline(always)]
 pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
     let key = flow.key();
-    let entry = CT_V1.get_ptr_mut(&key)?;
-    // SAFETY: the pointer comes from a successful lookup; the entry is read by copy.
-    let e = unsafe { *entry };
+    let entry = CT_V2.get_ptr_mut(&key)?;
+    // SAFETY: the pointer comes from a successful lookup. The entry is read field by field,
+    // where needed, not copied whole (the stack of the hooks that inline this is tight).
+    let (flags, last_seen_ns) = unsafe { ((*entry).flags, (*entry).last_seen_ns) };
     // The data offset and flags bytes (a one-byte bounds check against a variable offset is
     // one the verifier cannot follow).
     let tcp = match ctx.header::<[u8; 2]>(flow.l4_off + 12) {
@@ -108,30 +117,38 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
         _ => 0,
     };
     let syn = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if e.flags & ct_flags::REPLY == 0 && !backend_alive(&e) {
+    if flags & ct_flags::REPLY == 0 && !backend_alive(entry) {
         if flow.proto == proto::UDP || syn {
-            let _ = CT_V1.remove(&other_direction(&key, &e));
-            let _ = CT_V1.remove(&key);
+            // SAFETY: as above, read by copy.
+            let other = other_direction(&key, &unsafe { *entry });
+            let _ = CT_V2.remove(&other);
+            let _ = CT_V2.remove(&key);
             return None;
         }
         return Some((Reason::DropBackendGone, TC_ACT_SHOT));
     }
-    touch(entry, &e);
-    if tcp & (TCP_FIN | TCP_RST) != 0 || (syn && e.flags & (ct_flags::FIN | ct_flags::CLOSING) != 0)
-    {
-        tcp_state(&key, &e, entry, tcp, syn);
+    let refresh = touch(entry, last_seen_ns);
+    if tcp & (TCP_FIN | TCP_RST) != 0 || (syn && flags & (ct_flags::FIN | ct_flags::CLOSING) != 0) {
+        tcp_state(&key, entry, tcp, syn);
     }
     let reason = if !flow.has_l4 {
         Reason::NatFragment
-    } else if e.flags & ct_flags::REPLY != 0 {
+    } else if flags & ct_flags::REPLY != 0 {
         Reason::NatReply
     } else {
         Reason::NatEstablished
     };
-    Some(match translate(ctx, flow, &e) {
-        Ok(outcome) => outcome.counted(reason),
-        Err(r) => (r, TC_ACT_SHOT),
-    })
+    Some(
+        match translate(
+            ctx,
+            flow,
+            entry,
+            if refresh { Cache::Refresh } else { Cache::Use },
+        ) {
+            Ok(outcome) => outcome.counted(reason),
+            Err(r) => (r, TC_ACT_SHOT),
+        },
+    )
 }
 
 /// Connection state from TCP flags: a RST closes the flow; a FIN marks its direction, and the
@@ -139,8 +156,9 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
 /// still sends); a SYN without ACK on a closed tuple starts a new connection. A function of its
 /// own (a BPF-to-BPF call): it runs for a few packets of a connection only.
 #[inline(never)]
-pub(crate) fn tcp_state(key: &CtKey, e: &CtEntry, entry: *mut CtEntry, tcp: u8, syn: bool) {
-    let other = CT_V1.get_ptr_mut(&other_direction(key, e));
+pub(crate) fn tcp_state(key: &CtKey, entry: *mut CtEntry, tcp: u8, syn: bool) {
+    // SAFETY: `entry` comes from a successful lookup; read by copy.
+    let other = CT_V2.get_ptr_mut(&other_direction(key, &unsafe { *entry }));
     let set = |p: *mut CtEntry, clear: u8, add: u8| {
         // SAFETY: `p` comes from a successful lookup; the one-byte flags are written.
         unsafe { (*p).flags = ((*p).flags & !clear) | add };
@@ -167,7 +185,8 @@ pub(crate) fn tcp_state(key: &CtKey, e: &CtEntry, entry: *mut CtEntry, tcp: u8, 
     }
 }
 
-/// The first packet of a flow to a frontend: tracked, then translated.
+/// The first packet of a flow to a frontend: tracked, then translated by its entry in the map
+/// (whose route cache it fills).
 #[inline(always)]
 pub(crate) fn new_flow(
     ctx: &TcContext,
@@ -176,21 +195,24 @@ pub(crate) fn new_flow(
     frontend: &ServiceValue,
     origin: Origin,
 ) -> Result<Outcome, Reason> {
-    let e = track_new(flow, key, frontend, origin)?;
-    translate(ctx, flow, &e)
+    track_new(flow, key, frontend, origin)?;
+    // Evicted already (a full LRU under pressure): as good as not tracked.
+    let entry = CT_V2
+        .get_ptr_mut(&flow.key())
+        .ok_or(Reason::DropConntrackFull)?;
+    translate(ctx, flow, entry, Cache::Refresh)
 }
 
-/// Chooses the new flow's backend and source, and creates its two conntrack entries; returns
-/// the original-direction entry to translate with (another CPU's, when it tracked the flow a
-/// moment earlier). A function of its own (a BPF-to-BPF call): the entries it builds stay off
-/// the stack of the packet path.
+/// Chooses the new flow's backend and source, and creates its two conntrack entries (or finds
+/// that another CPU tracked the flow a moment earlier: its choice stands). A function of its
+/// own (a BPF-to-BPF call): the entries it builds stay off the stack of the packet path.
 #[inline(never)]
 pub(crate) fn track_new(
     flow: &Flow,
     key: &ServiceKey,
     frontend: &ServiceValue,
     origin: Origin,
-) -> Result<CtEntry, Reason> {
+) -> Result<(), Reason> {
     admit(flow, frontend)?;
     let backend_id = pick_backend(flow, key, frontend, origin == Origin::Uplink)?;
     // SAFETY: hash map values are read once, by copy.
@@ -228,8 +250,8 @@ pub(crate) fn track_new(
         backend_id,
         rev_nat_id: frontend.rev_nat_id,
         flags,
-        _pad: [0; 5],
         last_seen_ns: now,
+        ..CtEntry::default()
     };
     let reply = CtEntry {
         nat_saddr: flow.daddr,
@@ -265,18 +287,16 @@ pub(crate) fn track_new(
             snat_claim(flow, &mut forward, &reply, addr)?
         }
     };
-    match CT_V1.insert(&flow.key(), &forward, BPF_NOEXIST) {
+    match CT_V2.insert(&flow.key(), &forward, BPF_NOEXIST) {
         Ok(()) => {}
         Err(EEXIST) => {
             // Another CPU tracked this flow a moment ago: its choice of backend wins.
-            let _ = CT_V1.remove(&reply_key);
+            let _ = CT_V2.remove(&reply_key);
             // SAFETY: the entry is read by copy.
-            return (unsafe { CT_V1.get(&flow.key()) })
-                .copied()
-                .ok_or(Reason::DropConntrackFull);
+            return Ok(());
         }
         Err(_) => {
-            let _ = CT_V1.remove(&reply_key);
+            let _ = CT_V2.remove(&reply_key);
             return Err(Reason::DropConntrackFull);
         }
     }
@@ -293,7 +313,7 @@ pub(crate) fn track_new(
         backend.addr,
         backend.port,
     );
-    Ok(forward)
+    Ok(())
 }
 
 /// Creates the reply entry of `forward` with the source `nat_saddr:nat_sport`, only if no other
@@ -314,7 +334,7 @@ pub(crate) fn claim_reply(
         proto: flow.proto,
         _pad: [0; 3],
     };
-    CT_V1.insert(&key, reply, BPF_NOEXIST).map(|()| key)
+    CT_V2.insert(&key, reply, BPF_NOEXIST).map(|()| key)
 }
 
 /// Picks a free source port of the SNAT range for `forward` with source address `addr`: the

@@ -13,7 +13,7 @@ use ferrox_abi::{CtKey, Reason, proto};
 use crate::{
     fib::{Fib, forward},
     flow::{Flow, IcmpPacket},
-    maps::CT_V1,
+    maps::CT_V2,
     packet::{
         ETH_HLEN, Frame as _, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Hdr, ipv4_checksum,
     },
@@ -143,14 +143,24 @@ pub(crate) fn icmp_error(
         proto: inner.proto,
         _pad: [0; 3],
     };
-    // SAFETY: the entry is read by copy.
-    let e = (unsafe { CT_V1.get(&key) }).copied()?;
+    let e = CT_V2.get_ptr(&key)?;
+    // SAFETY: the pointer comes from a successful lookup; only the four translation fields
+    // are read (they never change after the entry is created), not the whole entry, whose copy
+    // this function's stack has no room for.
+    let (nat_saddr, nat_daddr, nat_sport, nat_dport) = unsafe {
+        (
+            (*e).nat_saddr,
+            (*e).nat_daddr,
+            (*e).nat_sport,
+            (*e).nat_dport,
+        )
+    };
     // Translated quote: the reverse of the translated d -> s.
     let (new_isaddr, new_isport, new_idaddr, new_idport) =
-        (e.nat_daddr, e.nat_dport, e.nat_saddr, e.nat_sport);
-    let new_daddr = e.nat_daddr;
+        (nat_daddr, nat_dport, nat_saddr, nat_sport);
+    let new_daddr = nat_daddr;
     let new_saddr = if saddr == inner.daddr {
-        e.nat_saddr
+        nat_saddr
     } else {
         saddr
     };

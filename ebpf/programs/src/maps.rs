@@ -40,7 +40,7 @@ pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
 
 #[map]
-pub static CT_V1: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static CT_V2: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 /// Allowed source prefixes per frontend (loadBalancerSourceRanges); value 1 = allowed.
 #[map]

@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use ferrox_abi::{CtEntry, Reason, proto};
+use ferrox_abi::{CtEntry, Reason, fwd_flags, proto};
 
 use crate::{
     fib::{Fib, Route, path_len, route},
@@ -37,21 +37,61 @@ impl Outcome {
     }
 }
 
-/// Routes the translated packet, then rewrites it as `e` says and sends it on. The route is
-/// looked up first: a packet that does not fit its path is answered before anything was
-/// rewritten, so the client gets an error it can match. A function of its own (a BPF-to-BPF
-/// call), which keeps the callers' stacks within the kernel's limit.
+/// What [`translate`] does with the route cached in the flow's entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cache {
+    /// Use it while it holds one.
+    Use,
+    /// Look the route up and cache it anew: a new flow, or an entry whose last-seen time was
+    /// just refreshed.
+    Refresh,
+}
+
+/// Rewrites the packet as `e` says and sends it on: through the route cached in the flow's
+/// entry while it is fresh and the packet no longer than what it was checked to carry; else
+/// through a FIB lookup (whose result is cached), done before anything is rewritten, so a packet
+/// that does not fit its path is answered with an error the client can match. A function of its
+/// own (a BPF-to-BPF call), which keeps the callers' stacks within the kernel's limit.
 #[inline(never)]
-pub(crate) fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<Outcome, Reason> {
+pub(crate) fn translate(
+    ctx: &TcContext,
+    flow: &Flow,
+    entry: *mut CtEntry,
+    cache: Cache,
+) -> Result<Outcome, Reason> {
+    let len = path_len(ctx, flow.tot_len);
+    // SAFETY: `entry` comes from a successful lookup; read by copy.
+    let e = unsafe { *entry };
+    let refresh = cache == Cache::Refresh;
+    if !refresh && e.fwd_flags & fwd_flags::DIRECT != 0 && len <= e.fwd_max_len {
+        rewrite(ctx, flow, &e, Some(&e.fwd_macs)).map_err(|_| Reason::DropRewrite)?;
+        // SAFETY: redirecting to the interface the cached lookup chose.
+        return Ok(Outcome::Sent(
+            unsafe { bpf_redirect(e.fwd_ifindex, 0) } as i32
+        ));
+    }
+    if !refresh && e.fwd_flags & fwd_flags::LOCAL != 0 {
+        rewrite(ctx, flow, &e, None).map_err(|_| Reason::DropRewrite)?;
+        return Ok(Outcome::Sent(TC_ACT_OK));
+    }
+    // A longer packet than the cached route was checked for: it keeps what it knew.
+    let known_len = if refresh || e.fwd_flags & fwd_flags::DIRECT == 0 {
+        0
+    } else {
+        e.fwd_max_len
+    };
+    let e = &e;
     let to = Fib {
         proto: flow.proto,
         saddr: e.nat_saddr,
         daddr: e.nat_daddr,
         sport: e.nat_sport,
         dport: e.nat_dport,
-        tot_len: path_len(ctx, flow.tot_len),
+        tot_len: len,
     };
-    match route(ctx, &to) {
+    let route = route(ctx, &to);
+    remember(entry, &route, len.max(known_len));
+    match route {
         Route::Direct { ifindex, macs } => {
             rewrite(ctx, flow, e, Some(&macs)).map_err(|_| Reason::DropRewrite)?;
             // SAFETY: redirecting to the interface the lookup chose.
@@ -77,6 +117,28 @@ pub(crate) fn translate(ctx: &TcContext, flow: &Flow, e: &CtEntry) -> Result<Out
             Ok(Outcome::Sent(TC_ACT_OK))
         }
         Route::None => Err(Reason::DropNoRoute),
+    }
+}
+
+/// Caches a route in the flow's entry: a redirect with its Ethernet addresses (good for packets
+/// up to `max_len` long) or the local stack; anything else empties the cache, so the next packet
+/// looks its route up again.
+#[inline(always)]
+fn remember(entry: *mut CtEntry, route: &Route, max_len: u16) {
+    // SAFETY: `entry` comes from a successful lookup; only the cache fields are written, the
+    // flags last (a reader that sees them set finds the rest written on this CPU or another's
+    // identical lookup).
+    unsafe {
+        match *route {
+            Route::Direct { ifindex, macs } => {
+                (*entry).fwd_ifindex = ifindex;
+                (*entry).fwd_macs = macs;
+                (*entry).fwd_max_len = max_len;
+                (*entry).fwd_flags = fwd_flags::DIRECT;
+            }
+            Route::Local => (*entry).fwd_flags = fwd_flags::LOCAL,
+            _ => (*entry).fwd_flags = 0,
+        }
     }
 }
 

@@ -14,15 +14,19 @@
 //! translated back), and, addressed to a pod of this node, is handed straight to the pod's veth.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        __sk_buff, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
     },
-    helpers::bpf_get_prandom_u32,
+    helpers::bpf_check_mtu,
     maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
 };
-use ferrox_abi::{Hook, IPIP_OVERHEAD, IPPROTO_IPIP, Reason, TunnelKey, node_flags, tunnel_flags};
+use ferrox_abi::{
+    Hook, IPIP_OVERHEAD, IPPROTO_IPIP, Reason, TunnelKey, node_flags, proto, tunnel_flags,
+};
 
 use crate::{
     maps::{CONFIG_V1, NODES_V1, TUNNEL_V1},
@@ -63,17 +67,24 @@ pub fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
         return (Reason::DropTunnelEncap, TC_ACT_SHOT);
     }
     let inner_len = ctx.len().saturating_sub(ETH_HLEN as u32);
-    // Room for the outer header between the Ethernet and the inner IP header. The kernel marks
-    // GSO packets as IP-in-IP and lowers their segment size by the header, so every segment
-    // still fits the uplink; UDP GSO cannot change its segment size and keeps it.
+    // Room for the outer header between the Ethernet and the inner IP header; the kernel marks
+    // GSO packets as IP-in-IP. A GSO packet whose segments still fit the uplink with the outer
+    // header (a pod's or the host's own traffic: their MTU and routes leave the room) keeps its
+    // segment size; one whose segments would not (forwarded traffic sized for the uplink) gets
+    // it lowered by the header, and if that cannot be (UDP GSO, frag lists) keeps it. The
+    // checksum state is kept: IP-in-IP has no outer checksum to invalidate it.
     let grow = IPIP_OVERHEAD as i32;
-    let flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4);
+    let mut flags =
+        u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) | u64::from(BPF_F_ADJ_ROOM_NO_CSUM_RESET);
+    if segments_fit(ctx, &ip) {
+        flags |= u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
+    }
     if ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, flags).is_err()
         && ctx
             .adjust_room(
                 grow,
                 BPF_ADJ_ROOM_MAC,
-                flags | u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+                flags ^ u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
             )
             .is_err()
     {
@@ -84,8 +95,10 @@ pub fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
         version_ihl: 0x45,
         tos: ip.tos,
         tot_len: tot_len.to_be(),
-        // SAFETY: a helper without arguments.
-        id: unsafe { bpf_get_prandom_u32() } as u16,
+        // The inner packet's identification: it increases per packet of a flow (and per
+        // segment of a GSO packet, which the kernel applies to the outer header too), which is
+        // what GRO on the receiving side needs to merge the tunnelled segments.
+        id: ip.id,
         // Don't-fragment follows the inner packet, so path-MTU discovery keeps working.
         frag_off: ip.frag_off & IP_DF_BE,
         ttl: OUTER_TTL,
@@ -99,6 +112,32 @@ pub fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
         return (Reason::DropTunnelEncap, TC_ACT_SHOT);
     }
     (Reason::TunnelEncap, TC_ACT_UNSPEC)
+}
+
+/// Whether each segment of this GSO packet still fits the interface with the outer header (true
+/// for a packet that is not GSO): its segment size plus the inner headers and the outer header,
+/// checked against the device's MTU.
+#[inline(always)]
+fn segments_fit(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
+    let gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
+    if gso_size == 0 {
+        return true;
+    }
+    let ihl = u32::from(ip.version_ihl & 0x0f) * 4;
+    let l4_hdr = match ip.proto {
+        proto::TCP => match ctx.header::<[u8; 2]>(ETH_HLEN + ihl as usize + 12) {
+            // SAFETY: `header` checked that both bytes lie inside the frame.
+            Some(p) => u32::from(unsafe { (*p)[0] } >> 4) * 4,
+            None => return false,
+        },
+        proto::UDP => 8,
+        _ => return false,
+    };
+    let mut len = gso_size + ihl + l4_hdr + IPIP_OVERHEAD;
+    // SAFETY: `len` is a valid in/out argument; ifindex 0 is the packet's own device.
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), 0, &raw mut len, 0, 0) };
+    rc == i64::from(BPF_MTU_CHK_RET_SUCCESS)
 }
 
 /// What [`decap`] did.
@@ -159,13 +198,19 @@ pub fn decap(ctx: &TcContext) -> Decap {
     if inner_version != 4 {
         return Decap::Drop(Reason::DropTunnelMalformed);
     }
+    // The inner packet keeps its segment size and checksum state (the outer header had no
+    // checksum of its own); its GSO type loses the tunnel bit where the kernel knows how (6.3+,
+    // else without).
+    let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO) | u64::from(BPF_F_ADJ_ROOM_NO_CSUM_RESET);
+    let shrink = -(ihl as i32);
     if ctx
         .adjust_room(
-            -(ihl as i32),
+            shrink,
             BPF_ADJ_ROOM_MAC,
-            u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+            flags | u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
         )
         .is_err()
+        && ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, flags).is_err()
     {
         return Decap::Drop(Reason::DropTunnelMalformed);
     }

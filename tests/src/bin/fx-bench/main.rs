@@ -15,8 +15,9 @@
 //! baseline and the miss leave the packet alone, and an established flow and a reply go through
 //! a pair of conntrack entries that translate into each other ([`ping_pong`]); for the other
 //! paths it is the single-run median less the overhead the baseline shows. The classify-and-
-//! count program of the uplink's egress is the baseline every path is compared with. With
-//! `--profile`, `perf` records where the time of each repeatable path goes.
+//! count program of the uplink's egress is the baseline every path is compared with. A full run
+//! (or `--profile`) has `perf` record where the time of each repeatable path goes;
+//! `FX_BENCH_KEEP_PERF=<dir>` keeps the recordings (`perf report -i <dir>/<program>.perf`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -256,6 +257,9 @@ fn profile(
         ])
         .arg(&data)
         .output();
+    if let Ok(keep) = std::env::var("FX_BENCH_KEEP_PERF") {
+        let _ = std::fs::copy(&data, Path::new(&keep).join(format!("{program:?}.perf")));
+    }
     let _ = std::fs::remove_file(&data);
     let Ok(report) = report else {
         return Vec::new();
@@ -468,7 +472,7 @@ fn vxlan(c: &Cluster) {
 /// Section 4: iperf3 from a pod on node-1 to a pod on node-2, in each way of crossing nodes.
 fn throughput(quick: bool) -> Vec<Value> {
     let secs = if quick { 3 } else { 10 };
-    let repeats = if quick { 1 } else { 3 };
+    let repeats = if quick { 1 } else { 5 };
     let mut rows = Vec::new();
     for (path, mode) in [
         ("direct routing (never)", Some("never")),
@@ -497,6 +501,7 @@ fn throughput(quick: bool) -> Vec<Value> {
         );
         let mut gbps = Vec::new();
         let mut cores_per_gbps = Vec::new();
+        let mut retransmits = 0u64;
         for _ in 0..repeats {
             let cpu0 = cpu_busy_seconds();
             let t0 = std::time::Instant::now();
@@ -511,6 +516,7 @@ fn throughput(quick: bool) -> Vec<Value> {
             let bps = j["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .unwrap();
+            retransmits += j["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
             let g = bps / 1e9;
             gbps.push(g);
             cores_per_gbps.push(cpu / wall / g);
@@ -520,13 +526,14 @@ fn throughput(quick: bool) -> Vec<Value> {
             (v[v.len() / 2], v[0], v[v.len() - 1])
         };
         let (g, gmin, gmax) = stats(&mut gbps);
-        let (c50, _, _) = stats(&mut cores_per_gbps);
+        let (c50, cmin, cmax) = stats(&mut cores_per_gbps);
         eprintln!(
-            "{path:<28} {g:>6.2} Gbit/s (min {gmin:.2}, max {gmax:.2})  {c50:.3} CPU cores per Gbit/s"
+            "{path:<28} {g:>6.2} Gbit/s (min {gmin:.2}, max {gmax:.2})  {c50:.3} CPU cores per Gbit/s (min {cmin:.3}, max {cmax:.3})  {retransmits} retransmits"
         );
         rows.push(json!({
             "path": path, "gbps_median": g, "gbps_min": gmin, "gbps_max": gmax,
-            "cores_per_gbps": c50, "seconds": secs, "repeats": repeats,
+            "cores_per_gbps": c50, "cores_per_gbps_min": cmin, "cores_per_gbps_max": cmax,
+            "retransmits": retransmits, "seconds": secs, "repeats": repeats,
         }));
     }
     rows
@@ -708,8 +715,9 @@ fn main() {
         .nth(1)
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
     let on = |section: u32| only.as_ref().is_none_or(|o| o.contains(&section));
-    // `--profile`: also where the time of each repeatable path goes (perf), at 1 Service.
-    let profiling = std::env::args().any(|a| a == "--profile");
+    // Where the time of each repeatable path goes (perf, at 1 Service): in a full run, or with
+    // `--profile`.
+    let profiling = !quick || std::env::args().any(|a| a == "--profile");
     let (results, profiles) = if on(1) {
         per_packet(runs, profiling)
     } else {

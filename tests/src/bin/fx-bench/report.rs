@@ -305,23 +305,27 @@ fn section_3(md: &mut String, programming: &[Value], plots: &Path) {
 
 fn section_4(md: &mut String, tp: &[Value], plots: &Path) {
     md.push_str("## 4. Pod to pod throughput across nodes\n\n");
-    md.push_str("Method: a 2-node harness cluster (nodes are network namespaces on one machine, joined by veths and a bridge, so the \"wire\" is memory and both ends share the same CPUs); `iperf3 -c` (one TCP stream) from a pod on node-1 to a pod on node-2, run by the real agent and CNI plugin (release build). CPU is the whole machine's busy time (`/proc/stat`, all but idle and iowait) during the run, per second and per Gbit/s: sender, receiver and the path together. VXLAN: the kernel's device (VNI 42, static flood entries), pods at MTU 1450, ferrox's routing off; IP-in-IP pods at 1480; direct at 1500. Ratio = median / direct routing's median.\n\n");
-    md.push_str("| Path | Gbit/s median | min | max | CPU cores per Gbit/s | throughput ratio to direct |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
-    let direct = tp
-        .iter()
-        .find(|r| s(&r["path"]).starts_with("direct"))
-        .map_or(f64::NAN, |r| f(&r["gbps_median"]));
+    md.push_str("Method: a 2-node harness cluster (nodes are network namespaces on one machine, joined by veths and a bridge, so the \"wire\" is memory and both ends share the same CPUs); `iperf3 -c` (one TCP stream) from a pod on node-1 to a pod on node-2, run by the real agent and CNI plugin (release build). CPU is the whole machine's busy time (`/proc/stat`, all but idle and iowait) during the run, per second and per Gbit/s: sender, receiver and the path together. VXLAN: the kernel's device (VNI 42, static flood entries), pods at MTU 1450, ferrox's routing off; IP-in-IP pods at 1480; direct at 1500. Each figure is the median (min, max) of the runs; ratios are between medians. Retransmits: TCP retransmissions the senders counted over all runs.\n\n");
+    md.push_str("| Path | runs | Gbit/s median | min | max | CPU cores per Gbit/s median | min | max | CPU ratio to direct | throughput ratio to direct | retransmits |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let direct = tp.iter().find(|r| s(&r["path"]).starts_with("direct"));
+    let direct_g = direct.map_or(f64::NAN, |r| f(&r["gbps_median"]));
+    let direct_c = direct.map_or(f64::NAN, |r| f(&r["cores_per_gbps"]));
     let mut bars = Vec::new();
     for r in tp {
         let g = f(&r["gbps_median"]);
+        let c = f(&r["cores_per_gbps"]);
         let _ = writeln!(
             md,
-            "| {} | {g:.2} | {:.2} | {:.2} | {:.3} | {} |",
+            "| {} | {} | {g:.2} | {:.2} | {:.2} | {c:.3} | {:.3} | {:.3} | {} | {} | {} |",
             s(&r["path"]),
+            r["repeats"],
             f(&r["gbps_min"]),
             f(&r["gbps_max"]),
-            f(&r["cores_per_gbps"]),
-            ratio(g, direct)
+            f(&r["cores_per_gbps_min"]),
+            f(&r["cores_per_gbps_max"]),
+            ratio(c, direct_c),
+            ratio(g, direct_g),
+            r["retransmits"],
         );
         bars.push(Bar {
             group: "one TCP stream".into(),
