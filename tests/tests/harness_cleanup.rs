@@ -32,6 +32,95 @@ fn a_panicking_test_leaves_nothing_behind() {
     assert_eq!(leaks::find(&id), Vec::<String>::new());
 }
 
+/// Run by `a_killed_runs_cluster_is_swept_before_the_next_run` in a child process: builds a
+/// cluster with a pod serving, says its id and the server's pid, and waits to be killed.
+#[test]
+#[ignore = "a helper of another test, which runs it in a process of its own"]
+fn hold_a_cluster_until_killed() {
+    if std::env::var_os("FX_HOLD_CLUSTER").is_none() {
+        return;
+    }
+    let c = Cluster::builder().nodes(1).build();
+    let p = c.add_pod(1, "orphan");
+    let server = p.serve(8080);
+    println!("HOLDING {} {}", c.id(), server.pid());
+    loop {
+        std::thread::park();
+    }
+}
+
+#[test]
+fn a_killed_runs_cluster_is_swept_before_the_next_run() {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "hold_a_cluster_until_killed",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("FX_HOLD_CLUSTER", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let holding = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("HOLDING ").map(str::to_owned));
+    let Some(holding) = holding else {
+        let _ = child.kill();
+        panic!("the child never built its cluster: {:?}", child.wait());
+    };
+    let (id, server) = holding.split_once(' ').unwrap();
+    let server: i32 = server.parse().unwrap();
+    let ours = |list: &[String]| -> Vec<String> {
+        list.iter()
+            .filter(|e| e.contains(&format!("-{id}-")) || e.contains(&format!("/{id}")))
+            .cloned()
+            .collect()
+    };
+
+    // While its owner runs, the cluster is in use, not left behind, and a sweep keeps it.
+    let (leaks, in_use) = leaks::left_behind();
+    assert_eq!(ours(&leaks), Vec::<String>::new());
+    assert!(!ours(&in_use).is_empty(), "{in_use:?}");
+    leaks::sweep_stale();
+    assert!(
+        !leaks::find(id).is_empty(),
+        "a running cluster survives a sweep"
+    );
+
+    // Killed, its Drop never runs: everything stays, and is now left behind.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (leaks, _) = leaks::left_behind();
+    assert!(
+        ours(&leaks)
+            .iter()
+            .any(|e| e.starts_with("network namespace")),
+        "{leaks:?}"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{server}")).exists(),
+        "the pod's server outlives the killed owner"
+    );
+
+    let swept = leaks::sweep_stale();
+    assert!(!ours(&swept).is_empty(), "{swept:?}");
+    assert_eq!(leaks::find(id), Vec::<String>::new());
+    // The orphaned server was killed (gone, or a zombie until init reaps it).
+    let gone = || match std::fs::read_to_string(format!("/proc/{server}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.contains(") Z "),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gone() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(gone(), "the orphaned pod server was killed");
+}
+
 #[test]
 fn cni_del_is_idempotent_and_works_without_the_namespace() {
     let c = Cluster::builder().nodes(1).build();

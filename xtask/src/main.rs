@@ -157,10 +157,31 @@ fn build() -> anyhow::Result<()> {
     status("build", cargo().args(["build", "--bins"]))
 }
 
+/// `fx-leakcheck` with `args`.
+fn leakcheck(args: &[&str]) -> Command {
+    let mut c = cargo();
+    c.args([
+        "run",
+        "--quiet",
+        "-p",
+        "ferrox-tests",
+        "--bin",
+        "fx-leakcheck",
+        "--",
+    ])
+    .args(args);
+    c
+}
+
 fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("the datapath and cluster tests load eBPF programs and build network namespaces")?;
     let started = Instant::now();
     build()?;
+    // What a killed run (a demo, a benchmark, a test binary) left is not this run's leak:
+    // tear it down first, saying what it was.
+    if let Err(e) = status("sweep of interrupted runs", &mut leakcheck(&["--sweep"])) {
+        eprintln!("xtask: {e:#}; the leak check after the tests will name what is left");
+    }
     let mut c = cargo();
     c.args(["test", "--no-fail-fast"]);
     if !args.is_empty() {
@@ -168,17 +189,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     let tests = status("tests", &mut c);
     // Whatever the result, nothing may be left behind.
-    let leaks = status(
-        "leak check",
-        cargo().args([
-            "run",
-            "--quiet",
-            "-p",
-            "ferrox-tests",
-            "--bin",
-            "fx-leakcheck",
-        ]),
-    );
+    let leaks = status("leak check", &mut leakcheck(&[]));
     tests?;
     leaks?;
     eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());

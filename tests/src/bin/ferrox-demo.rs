@@ -23,6 +23,13 @@ fn main() {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    let swept = ferrox_tests::harness::leaks::sweep_stale();
+    if !swept.is_empty() {
+        println!(
+            "Removed {} things a killed earlier demo, benchmark or test left behind.",
+            swept.len()
+        );
+    }
     println!("Building a 2-node cluster (network namespaces, one ferrox agent per node)...");
     let cluster = Cluster::builder().nodes(2).build();
     let web1 = cluster.add_pod(1, "web-1");

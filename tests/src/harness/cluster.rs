@@ -319,6 +319,7 @@ impl Cluster {
         let dir = PathBuf::from(leaks::RUN_DIR).join(&id);
         let cgroup_dir = cgroup_root().join(leaks::CGROUP_DIR).join(&id);
         std::fs::create_dir_all(&dir).unwrap();
+        leaks::write_owner(&dir).unwrap();
         std::fs::create_dir_all(&cgroup_dir).unwrap();
         // From here on, Drop cleans up whatever has been built, also if a step below panics.
         let mut cluster = Self {

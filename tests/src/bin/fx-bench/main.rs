@@ -214,14 +214,16 @@ fn ping_pong(dp: &mut Datapath, port: u16) {
     }
 }
 
-/// Where the time of a repeatable path goes: `perf record` on this thread while it runs the
-/// path over and over, then the symbols with the most samples (percent, name). Empty when
-/// `perf` is not there or records nothing.
+/// Where the time of a path goes: `perf record` on this thread while it runs the path over and
+/// over (runs of `repeat` passes over `input(i)`; 1 for a path that needs a fresh input every
+/// time, whose profile then includes the test-run overhead), then the symbols with the most
+/// samples (percent, name). Empty when `perf` is not there or records nothing.
 fn profile(
     dp: &mut Datapath,
     program: TcProgram,
     ifindex: u32,
-    input: &[u8],
+    input: &dyn Fn(u32) -> Vec<u8>,
+    repeat: u32,
     want_action: i32,
 ) -> Vec<(f64, String)> {
     let data = std::env::temp_dir().join(format!("fx-bench-{}.perf", std::process::id()));
@@ -238,11 +240,17 @@ fn profile(
         return Vec::new();
     };
     let t0 = std::time::Instant::now();
-    while perf.try_wait().unwrap().is_none() && t0.elapsed() < std::time::Duration::from_secs(10) {
+    // Fresh inputs are bounded (a new flow each: well below the conntrack map's size).
+    let mut i = 0;
+    while perf.try_wait().unwrap().is_none()
+        && t0.elapsed() < std::time::Duration::from_secs(10)
+        && (repeat > 1 || i < 100_000)
+    {
         let out = dp
-            .test_run_tc_on(program, input, Some(ifindex), 100_000)
+            .test_run_tc_on(program, &input(i), Some(ifindex), repeat)
             .unwrap();
         assert_eq!(out.action, want_action, "{program:?}: unexpected verdict");
+        i += 1;
     }
     let _ = perf.wait();
     let report = Command::new("perf")
@@ -659,18 +667,22 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                 amortised.push((ESTABLISHED, measure_repeat(&mut dp, TcProgram::UplinkIngress, up0, amortised_runs, REPEAT, |_| tcp_flags(CLIENT, PING_PONG_PORT, FRONTEND2, port, ACK), REDIRECT)));
                 amortised.push((REPLY, measure_repeat(&mut dp, TcProgram::FromPod, pod0, amortised_runs, REPEAT, |_| tcp_flags(LOCAL_POD, 8080, CLIENT, PING_PONG_PORT, ACK), REDIRECT)));
                 if profiling && n == 1 {
-                    for (path, program, ifindex, input, action) in [
-                        (BASELINE, TcProgram::UplinkEgress, up0, tcp(NODE, 22, CLIENT, 40000), PASS),
-                        (MISS, TcProgram::UplinkIngress, up0, tcp(CLIENT, 40000, NODE, 22), PASS),
-                        (ESTABLISHED, TcProgram::UplinkIngress, up0, tcp_flags(CLIENT, PING_PONG_PORT, FRONTEND2, port, ACK), REDIRECT),
-                        (REPLY, TcProgram::FromPod, pod0, tcp_flags(LOCAL_POD, 8080, CLIENT, PING_PONG_PORT, ACK), REDIRECT),
-                    ] {
-                        let top = profile(&mut dp, program, ifindex, &input, action);
-                        eprintln!("profile of {path}:");
+                    // New flows from other clients than the measured ones (198.19.x.y), one each.
+                    let new_client = |i: u32| [198, 19, (i >> 8) as u8, i as u8];
+                    let paths: [(&str, TcProgram, u32, Input, u32, i32); 5] = [
+                        (BASELINE, TcProgram::UplinkEgress, up0, Box::new(|_| tcp(NODE, 22, CLIENT, 40000)), REPEAT * 100, PASS),
+                        (MISS, TcProgram::UplinkIngress, up0, Box::new(|_| tcp(CLIENT, 40000, NODE, 22)), REPEAT * 100, PASS),
+                        (NEW, TcProgram::UplinkIngress, up0, Box::new(move |i| tcp(new_client(i), (20_000 + (i >> 16)) as u16, NODE, port)), 1, REDIRECT),
+                        (ESTABLISHED, TcProgram::UplinkIngress, up0, Box::new(move |_| tcp_flags(CLIENT, PING_PONG_PORT, FRONTEND2, port, ACK)), REPEAT * 100, REDIRECT),
+                        (REPLY, TcProgram::FromPod, pod0, Box::new(|_| tcp_flags(LOCAL_POD, 8080, CLIENT, PING_PONG_PORT, ACK)), REPEAT * 100, REDIRECT),
+                    ];
+                    for (path, program, ifindex, input, repeat, action) in paths {
+                        let top = profile(&mut dp, program, ifindex, &*input, repeat, action);
+                        eprintln!("profile of {path}{}:", if repeat == 1 { " (single runs, test-run overhead included)" } else { "" });
                         for (pct, sym) in &top {
                             eprintln!("  {pct:>6.2}%  {sym}");
                         }
-                        profiles.push(json!({"path": path, "top": top.iter().map(|(p, s)| json!({"percent": p, "symbol": s})).collect::<Vec<_>>()}));
+                        profiles.push(json!({"path": path, "single_runs": repeat == 1, "top": top.iter().map(|(p, s)| json!({"percent": p, "symbol": s})).collect::<Vec<_>>()}));
                     }
                 }
                 dp.maps_mut()
@@ -696,6 +708,20 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                 single.push((ENCAP, m));
                 let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| ipip(&tcp(REMOTE_POD, 8080, LOCAL_POD, 40000), NODE2, NODE), REDIRECT);
                 single.push((DECAP, m));
+                if profiling && n == 1 {
+                    let paths: [(&str, TcProgram, Input, i32); 2] = [
+                        (ENCAP, TcProgram::UplinkEgress, Box::new(|_| tcp(LOCAL_POD, 40000, REMOTE_POD, 8080)), PASS),
+                        (DECAP, TcProgram::UplinkIngress, Box::new(|_| ipip(&tcp(REMOTE_POD, 8080, LOCAL_POD, 40000), NODE2, NODE)), REDIRECT),
+                    ];
+                    for (path, program, input, action) in paths {
+                        let top = profile(&mut dp, program, up0, &*input, 1, action);
+                        eprintln!("profile of {path} (single runs, test-run overhead included):");
+                        for (pct, sym) in &top {
+                            eprintln!("  {pct:>6.2}%  {sym}");
+                        }
+                        profiles.push(json!({"path": path, "single_runs": true, "top": top.iter().map(|(p, s)| json!({"percent": p, "symbol": s})).collect::<Vec<_>>()}));
+                    }
+                }
                 rows.extend(figures(n, &single, &amortised));
                 dp.maps_mut().tunnels.remove("10.244.2.0/24".parse().unwrap()).unwrap();
             }
@@ -705,6 +731,9 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
         .unwrap()
     })
 }
+
+/// A packet builder: the `i`th input of a run.
+type Input = Box<dyn Fn(u32) -> Vec<u8>>;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");

@@ -198,7 +198,12 @@ fn section_1(md: &mut String, doc: &Value, plots: &Path) {
                 .take(10)
                 .map(|t| format!("{} {:.1}%", s(&t["symbol"]), f(&t["percent"])))
                 .collect();
-            let _ = writeln!(md, "- {}: {}", s(&p["path"]), top.join(", "));
+            let how = if p["single_runs"] == true {
+                " (single runs on fresh inputs: the test run's own overhead, `bpf_test_run` and the syscall, is part of it)"
+            } else {
+                ""
+            };
+            let _ = writeln!(md, "- {}{how}: {}", s(&p["path"]), top.join(", "));
         }
     }
     md.push('\n');
