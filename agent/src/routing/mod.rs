@@ -437,7 +437,8 @@ fn watch_api(
     tokio::spawn(
         reflector::reflector(
             writer,
-            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+                .modify(crate::services::slim::node),
         )
         .default_backoff()
         .for_each(move |e| {

@@ -10,6 +10,7 @@ pub mod health_check;
 pub mod maglev;
 pub mod model;
 pub mod reconcile;
+pub mod slim;
 pub mod state;
 pub mod sync;
 pub mod testing;

@@ -34,12 +34,91 @@ pub enum Change {
 /// The frontend entries one Service produced.
 type Part = Vec<FrontendKey>;
 
+/// An API object kept as its (slimmed) JSON: a few hundred bytes where the decoded
+/// k8s-openapi struct takes kilobytes (every optional field of a Service or an Endpoint is
+/// inline). Decoded only when its Service is recomputed.
+#[derive(Debug)]
+struct Stored<K>(Box<[u8]>, std::marker::PhantomData<K>);
+
+impl<K: serde::Serialize + serde::de::DeserializeOwned> Stored<K> {
+    fn new(object: &K) -> Self {
+        // Serializing a k8s-openapi object to a Vec cannot fail.
+        Self(
+            serde_json::to_vec(object)
+                .unwrap_or_default()
+                .into_boxed_slice(),
+            std::marker::PhantomData,
+        )
+    }
+
+    fn get(&self) -> Option<K> {
+        serde_json::from_slice(&self.0)
+            .inspect_err(|e| tracing::error!(error = %e, "a stored API object does not decode"))
+            .ok()
+    }
+}
+
+/// One Service's EndpointSlices by name, sorted (usually one or two: a map's node would be
+/// mostly empty).
+#[derive(Debug, Default)]
+struct Slices(Vec<(String, Stored<EndpointSlice>)>);
+
+impl Slices {
+    fn insert(&mut self, name: String, slice: Stored<EndpointSlice>) {
+        match self.0.binary_search_by(|(n, _)| n.cmp(&name)) {
+            Ok(at) => self.0[at].1 = slice,
+            Err(at) => {
+                self.0.reserve_exact(1);
+                self.0.insert(at, (name, slice));
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| n != name);
+        self.0.shrink_to_fit();
+    }
+}
+
+/// An object of a (re)list, stored as it arrives: the list of thousands of objects is never
+/// held decoded.
+#[derive(Debug)]
+pub struct Listed<K> {
+    id: (String, String),
+    owner: Option<ServiceId>,
+    stored: Stored<K>,
+}
+
+impl From<Service> for Listed<Service> {
+    fn from(svc: Service) -> Self {
+        Self {
+            id: id_of(&svc.metadata),
+            owner: None,
+            stored: Stored::new(&svc),
+        }
+    }
+}
+
+impl From<EndpointSlice> for Listed<EndpointSlice> {
+    fn from(slice: EndpointSlice) -> Self {
+        Self {
+            id: id_of(&slice.metadata),
+            owner: owner_of(&slice),
+            stored: Stored::new(&slice),
+        }
+    }
+}
+
+/// The Services claiming one frontend, ordered by Service (the first one owns it); almost
+/// always one.
+type Claims = Vec<(ServiceId, FrontendSpec)>;
+
 /// The objects, and the table derived from them.
 #[derive(Debug)]
 pub struct ClusterState {
-    services: HashMap<ServiceId, Service>,
+    services: HashMap<ServiceId, Stored<Service>>,
     /// Service -> its EndpointSlices by name.
-    slices: HashMap<ServiceId, BTreeMap<String, EndpointSlice>>,
+    slices: HashMap<ServiceId, Slices>,
     /// EndpointSlice (namespace, name) -> the Service it belonged to when last seen.
     slice_owner: HashMap<(String, String), ServiceId>,
     node: NodeInfo,
@@ -50,7 +129,7 @@ pub struct ClusterState {
     full: bool,
     parts: HashMap<ServiceId, Part>,
     /// Frontend entry -> every Service that produces it, with its spec.
-    claims: BTreeMap<FrontendKey, BTreeMap<ServiceId, FrontendSpec>>,
+    claims: BTreeMap<FrontendKey, Claims>,
     /// Services with skipped ports (most have none).
     skipped: BTreeMap<ServiceId, Vec<Skipped>>,
     /// healthCheckNodePort -> every Service that asks for it.
@@ -105,13 +184,13 @@ impl ClusterState {
     pub fn counts(&self) -> (usize, usize) {
         (
             self.services.len(),
-            self.slices.values().map(BTreeMap::len).sum(),
+            self.slices.values().map(|s| s.0.len()).sum(),
         )
     }
 
     pub fn apply_service(&mut self, svc: Service) {
         let id = id_of(&svc.metadata);
-        self.services.insert(id.clone(), svc);
+        self.services.insert(id.clone(), Stored::new(&svc));
         self.dirty.insert(id);
     }
 
@@ -122,8 +201,14 @@ impl ClusterState {
     }
 
     /// Every Service, after a (re)list.
-    pub fn replace_services(&mut self, all: impl IntoIterator<Item = Service>) {
-        self.services = all.into_iter().map(|s| (id_of(&s.metadata), s)).collect();
+    pub fn replace_services(&mut self, all: impl IntoIterator<Item = impl Into<Listed<Service>>>) {
+        self.services = all
+            .into_iter()
+            .map(|s| {
+                let l = s.into();
+                (l.id, l.stored)
+            })
+            .collect();
         self.full = true;
     }
 
@@ -134,7 +219,7 @@ impl ClusterState {
             self.slices
                 .entry(owner.clone())
                 .or_default()
-                .insert(name.1.clone(), slice);
+                .insert(name.1.clone(), Stored::new(&slice));
             self.slice_owner.insert(name, owner.clone());
             self.dirty.insert(owner);
         }
@@ -145,17 +230,20 @@ impl ClusterState {
     }
 
     /// Every EndpointSlice, after a (re)list.
-    pub fn replace_slices(&mut self, all: impl IntoIterator<Item = EndpointSlice>) {
+    pub fn replace_slices(
+        &mut self,
+        all: impl IntoIterator<Item = impl Into<Listed<EndpointSlice>>>,
+    ) {
         self.slices.clear();
         self.slice_owner.clear();
         for slice in all {
-            let name = id_of(&slice.metadata);
-            if let Some(owner) = owner_of(&slice) {
+            let Listed { id, owner, stored } = slice.into();
+            if let Some(owner) = owner {
                 self.slices
                     .entry(owner.clone())
                     .or_default()
-                    .insert(name.1.clone(), slice);
-                self.slice_owner.insert(name, owner);
+                    .insert(id.1.clone(), stored);
+                self.slice_owner.insert(id, owner);
             }
         }
         self.full = true;
@@ -165,7 +253,7 @@ impl ClusterState {
         if let Some(owner) = self.slice_owner.remove(name) {
             if let Some(by_name) = self.slices.get_mut(&owner) {
                 by_name.remove(&name.1);
-                if by_name.is_empty() {
+                if by_name.0.is_empty() {
                     self.slices.remove(&owner);
                 }
             }
@@ -199,7 +287,7 @@ impl ClusterState {
             let frontends: Vec<(FrontendKey, FrontendSpec)> = self
                 .claims
                 .iter()
-                .filter_map(|(k, c)| c.values().next().map(|s| (*k, s.clone())))
+                .filter_map(|(k, c)| c.first().map(|(_, s)| (*k, s.clone())))
                 .collect();
             self.table.frontends = frontends.into_iter().collect();
             self.rebuild_reports();
@@ -214,7 +302,11 @@ impl ClusterState {
         }
         let mut changed = BTreeSet::new();
         for key in touched {
-            let now = self.claims.get(&key).and_then(|c| c.values().next());
+            let now = self
+                .claims
+                .get(&key)
+                .and_then(|c| c.first())
+                .map(|(_, s)| s);
             if self.table.frontends.get(&key) != now {
                 match now {
                     Some(spec) => self.table.frontends.insert(key, spec.clone()),
@@ -242,7 +334,7 @@ impl ClusterState {
         if let Some(old) = self.parts.remove(id) {
             for key in old {
                 if let Some(c) = self.claims.get_mut(&key) {
-                    c.remove(id);
+                    c.retain(|(owner, _)| owner != id);
                     if c.is_empty() {
                         self.claims.remove(&key);
                     }
@@ -250,11 +342,17 @@ impl ClusterState {
                 touched.insert(key);
             }
         }
-        let Some(svc) = self.services.get(id) else {
+        let Some(svc) = self.services.get(id).and_then(Stored::get) else {
             return;
         };
-        let slices = self.slices.get(id).into_iter().flat_map(BTreeMap::values);
-        let d = desired([svc], slices, &self.node, &self.options);
+        let slices: Vec<EndpointSlice> = self
+            .slices
+            .get(id)
+            .into_iter()
+            .flat_map(|s| s.0.iter())
+            .filter_map(|(_, s)| s.get())
+            .collect();
+        let d = desired([&svc], &slices, &self.node, &self.options);
         if !d.skipped.is_empty() {
             self.skipped.insert(id.clone(), d.skipped);
             self.reports_stale = true;
@@ -268,7 +366,11 @@ impl ClusterState {
         }
         let mut part = Part::with_capacity(d.frontends.len());
         for (key, spec) in d.frontends {
-            self.claims.entry(key).or_default().insert(id.clone(), spec);
+            let claims = self.claims.entry(key).or_default();
+            let at = claims.partition_point(|(owner, _)| owner < id);
+            // Exactly: a frontend has one claim almost always (push would reserve four).
+            claims.reserve_exact(1);
+            claims.insert(at, (id.clone(), spec));
             part.push(key);
             touched.insert(key);
         }
@@ -389,7 +491,7 @@ mod tests {
             .port_np("", 80, 30002, "TCP")
             .build();
         st.replace_services([b]);
-        st.replace_slices([]);
+        st.replace_slices(Vec::<EndpointSlice>::new());
         st.update();
         st.set_node(node());
         assert_eq!(st.update(), None, "the same node");
@@ -404,8 +506,8 @@ mod tests {
     #[test]
     fn a_shared_frontend_belongs_to_the_first_service_and_passes_on_when_it_leaves() {
         let mut st = ClusterState::new(node(), ProxyOptions::default());
-        st.replace_services([]);
-        st.replace_slices([]);
+        st.replace_services(Vec::<Service>::new());
+        st.replace_slices(Vec::<EndpointSlice>::new());
         st.update();
         let mk = |name: &str, ip: &str| {
             svc(name)
@@ -458,7 +560,7 @@ mod tests {
         let a = svc("a").cluster_ip("10.96.0.1").port("", 80, "TCP").build();
         let b = svc("b").cluster_ip("10.96.0.2").port("", 80, "TCP").build();
         st.replace_services([a.clone(), b.clone()]);
-        st.replace_slices([]);
+        st.replace_slices(Vec::<EndpointSlice>::new());
         st.update();
         let s1 = slice("a", "s1")
             .port("", 8080, "TCP")

@@ -18,7 +18,7 @@ use super::health_check::HealthChecks;
 use super::{
     model::{NodeInfo, ProxyOptions},
     reconcile::{NodeMaps, Reconciler, SyncReport},
-    state::{Change, ClusterState},
+    state::{Change, ClusterState, Listed},
 };
 use crate::observability::{
     health::Health,
@@ -31,6 +31,10 @@ enum Event {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     Node(Box<watcher::Event<Node>>),
+    // An object of a (re)list, already in the compact form the state keeps (encoded on the
+    // watch's task: a list of thousands never waits in the channel decoded).
+    ListedService(Listed<Service>),
+    ListedSlice(Listed<EndpointSlice>),
 }
 
 /// Spawns a watch of `K` that forwards its events to `tx`, wrapped by `wrap`.
@@ -38,6 +42,7 @@ fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     tx: mpsc::UnboundedSender<Event>,
+    slim: fn(&mut K),
     wrap: fn(watcher::Event<K>) -> Event,
 ) where
     K: kube::Resource<DynamicType = ()>
@@ -50,6 +55,7 @@ fn watch<K>(
 {
     let kind = K::kind(&()).into_owned();
     let stream = watcher(api, config)
+        .modify(slim)
         .default_backoff()
         .for_each(move |event| {
             match event {
@@ -64,13 +70,14 @@ fn watch<K>(
     tokio::spawn(stream);
 }
 
-/// Objects of one kind listed since the watch's last `Init`, until its `InitDone`.
-struct Relist<K> {
-    pending: Option<Vec<K>>,
+/// Objects of one kind listed since the watch's last `Init`, until its `InitDone`, each kept
+/// as `T` (the compact form the state stores).
+struct Relist<T> {
+    pending: Option<Vec<T>>,
     listed: bool,
 }
 
-impl<K> Default for Relist<K> {
+impl<T> Default for Relist<T> {
     fn default() -> Self {
         Self {
             pending: None,
@@ -79,16 +86,24 @@ impl<K> Default for Relist<K> {
     }
 }
 
-impl<K> Relist<K> {
+impl<T> Relist<T> {
+    /// One object of the list in progress.
+    fn push(&mut self, item: T) {
+        self.pending.get_or_insert_with(Vec::new).push(item);
+    }
+
     /// Buffers list events; returns the complete list at `InitDone`, and other events as they are.
-    fn feed(&mut self, event: watcher::Event<K>) -> Option<Result<Vec<K>, watcher::Event<K>>> {
+    fn feed<K: Into<T>>(
+        &mut self,
+        event: watcher::Event<K>,
+    ) -> Option<Result<Vec<T>, watcher::Event<K>>> {
         match event {
             watcher::Event::Init => {
                 self.pending = Some(Vec::new());
                 None
             }
             watcher::Event::InitApply(obj) => {
-                self.pending.get_or_insert_with(Vec::new).push(obj);
+                self.pending.get_or_insert_with(Vec::new).push(obj.into());
                 None
             }
             watcher::Event::InitDone => {
@@ -103,8 +118,8 @@ impl<K> Relist<K> {
 /// The three watches' list buffers.
 #[derive(Default)]
 struct Lists {
-    services: Relist<Service>,
-    slices: Relist<EndpointSlice>,
+    services: Relist<Listed<Service>>,
+    slices: Relist<Listed<EndpointSlice>>,
     nodes: Relist<Node>,
 }
 
@@ -116,6 +131,8 @@ impl Lists {
     /// Applies one event to `state`.
     fn apply(&mut self, event: Event, state: &mut ClusterState, node_name: &str) {
         match event {
+            Event::ListedService(l) => self.services.push(l),
+            Event::ListedSlice(l) => self.slices.push(l),
             Event::Service(e) => match self.services.feed(*e) {
                 Some(Ok(all)) => state.replace_services(all),
                 Some(Err(watcher::Event::Apply(s))) => state.apply_service(s),
@@ -192,18 +209,27 @@ pub async fn run(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
         tx.clone(),
-        |e| Event::Service(Box::new(e)),
+        super::slim::service,
+        |e| match e {
+            watcher::Event::InitApply(s) => Event::ListedService(s.into()),
+            e => Event::Service(Box::new(e)),
+        },
     );
     watch(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
         tx.clone(),
-        |e| Event::Slice(Box::new(e)),
+        super::slim::slice,
+        |e| match e {
+            watcher::Event::InitApply(s) => Event::ListedSlice(s.into()),
+            e => Event::Slice(Box::new(e)),
+        },
     );
     watch(
         Api::<Node>::all(client),
         watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
         tx,
+        super::slim::node,
         |e| Event::Node(Box::new(e)),
     );
     let mut state = ClusterState::new(node_info(&config.node_name, None), config.options.clone());
@@ -284,12 +310,24 @@ pub async fn run(
         }
         health.synced();
         if full {
+            release_free_memory();
             for s in &table.skipped {
                 debug!(service = %format!("{}/{}", s.namespace, s.name), reason = ?s.reason, "service not programmed");
             }
         }
     }
     anyhow::bail!("every watch ended")
+}
+
+/// Hands the heap's free pages back to the kernel after a full sync: decoding a (re)list of
+/// thousands of objects frees most of what it allocated, and glibc's allocator would otherwise
+/// keep those pages resident. (musl's allocator, in the image, unmaps freed memory itself.)
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// When to retry entries that failed to program: 1 s after the first failing sync, doubling up

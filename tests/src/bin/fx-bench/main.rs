@@ -753,16 +753,23 @@ fn main() {
         (vec![], vec![])
     };
     let throughput = if on(4) { throughput(quick) } else { vec![] };
-    let proxy_sizes: Vec<usize> = if quick {
-        vec![1, 1_000]
-    } else {
-        vec![1, 1_000, 10_000]
-    };
+    // `--sizes 10000` runs sections 2, 3 and the memory figures at these sizes only.
+    let proxy_sizes: Vec<usize> = std::env::args()
+        .skip_while(|a| a != "--sizes")
+        .nth(1)
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or(if quick {
+            vec![1, 1_000]
+        } else {
+            vec![1, 1_000, 10_000]
+        });
     let exchanges = if quick { 300 } else { 2_000 };
     let (mut latency, mut programming, mut memory) = (vec![], vec![], vec![]);
     if on(2) || on(3) {
         (latency, programming) =
             proxy::kube_proxy(&proxy_sizes, exchanges, if quick { 1 } else { 3 });
+    }
+    if on(2) || on(3) || on(6) {
         let (f_lat, f_prog, mem) = proxy::ferrox(&proxy_sizes, exchanges);
         latency.extend(f_lat);
         programming.extend(f_prog);

@@ -29,6 +29,7 @@ use ferrox::services::testing::{slice, svc};
 use ferrox_datapath::Maps;
 use ferrox_tests::{
     bench::{
+        realistic,
         rulesets::{self, Svc},
         stats::{self, Summary},
     },
@@ -327,12 +328,12 @@ fn seconds_since(line: &str, since: std::time::SystemTime) -> f64 {
     (of_day - since).rem_euclid(86_400.0)
 }
 
-/// Resident memory of a process (kB, VmRSS).
-fn rss_kb(pid: u32) -> u64 {
+/// A field of a process's `/proc/<pid>/status` in kB (`VmRSS`, `RssAnon`, `RssFile`, ...).
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -362,37 +363,41 @@ pub fn map_memory(root: &std::path::Path) -> u64 {
 }
 
 fn create_services(c: &Cluster, n: usize, target_endpoints: &[Ipv4Addr]) {
+    // Shaped as a real cluster stores them (managedFields, annotations, owner references, Pod
+    // references): the agent's memory is measured with what it would really receive.
     let fillers = rulesets::services(n.saturating_sub(1), ENDPOINTS);
-    for s in &fillers {
-        c.api().apply(
-            &svc(&s.name)
+    for (k, s) in fillers.iter().enumerate() {
+        c.api().apply(&realistic::service(
+            svc(&s.name)
                 .namespace(&s.namespace)
                 .cluster_ip(&s.cluster_ip.to_string())
                 .port("http", 80, "TCP")
                 .build(),
-        );
+            k,
+        ));
         let mut sl = slice(&s.name, &format!("{}-x", s.name))
             .namespace(&s.namespace)
             .port("http", 8080, "TCP");
         for (ip, _) in &s.endpoints {
             sl = sl.ready_on(ip, "node-1");
         }
-        c.api().apply(&sl.build());
+        c.api().apply(&realistic::slice(sl.build(), &s.name, k));
     }
-    c.api().apply(
-        &svc("target")
+    c.api().apply(&realistic::service(
+        svc("target")
             .namespace("bench")
             .cluster_ip(&TARGET_IP.to_string())
             .port("http", 80, "TCP")
             .build(),
-    );
+        n,
+    ));
     let mut sl = slice("target", "target-x")
         .namespace("bench")
         .port("http", 8080, "TCP");
     for ip in target_endpoints {
         sl = sl.ready_on(ip, "node-1");
     }
-    c.api().apply(&sl.build());
+    c.api().apply(&realistic::slice(sl.build(), "target", n));
 }
 
 fn rr_in(place: &Place, target: &str, count: usize) -> Value {
@@ -457,15 +462,23 @@ pub fn ferrox(sizes: &[usize], exchanges: usize) -> (Vec<Value>, Vec<Value>, Vec
             n,
             &rr_in(&client, &format!("{TARGET_IP}:80"), exchanges),
         ));
-        let rss = rss_kb(node.agent_pid());
+        let pid = node.agent_pid();
+        let (rss, anon, file) = (
+            status_kb(pid, "VmRSS"),
+            status_kb(pid, "RssAnon"),
+            status_kb(pid, "RssFile"),
+        );
         let map_bytes = map_memory(node.layout().root());
         eprintln!(
-            "{n:>6} services  ferrox     agent RSS {:.1} MiB, maps {:.1} MiB",
+            "{n:>6} services  ferrox     agent RSS {:.1} MiB (heap and stacks {:.1}, binary {:.1}), maps {:.1} MiB",
             rss as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0,
             map_bytes as f64 / 1048576.0
         );
         mem.push(json!({
-            "services": n, "endpoints": want.1, "agent_rss_kib": rss, "map_bytes": map_bytes,
+            "services": n, "endpoints": want.1, "agent_rss_kib": rss, "agent_rss_anon_kib": anon,
+            "agent_rss_file_kib": file, "map_bytes": map_bytes,
         }));
 
         // One more Service at N, in the steady state (watches open).
