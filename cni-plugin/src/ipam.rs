@@ -9,10 +9,19 @@
 //! agent takes a block out of the configuration before it checks, under the same lock, that the
 //! block is empty and releases it: an ADD never allocates from a released block).
 //!
+//! `attachments/<container id>:<ifname>` (the index) holds the address of that attachment's
+//! record, so ADD and DEL find it, and ADD finds a free address, without reading every record:
+//! their cost does not grow with the pods on the node. The index is written before the record
+//! and checked against it on every read (an entry whose record is missing or names another
+//! attachment is stale and ignored), so a plugin killed between the two writes leaves nothing
+//! a retry would trip on; a store without an index (written by an older version) gets one
+//! built from its records, once, under the lock.
+//!
 //! A file under `allocations/` that is not a readable record (corrupt, truncated, a stray file
-//! or directory) never stops ADD or DEL: the next change moves it to `set-aside/` and reports it
-//! ([`Scan::bad`], `ferrox ipam check`, the agent's log and metrics). When its name is an address,
-//! that address stays out of use (a pod may hold it) until released by hand
+//! or directory) never stops ADD or DEL: a name that is not an address is moved to `set-aside/`
+//! by the next change; an address whose record cannot be read stays out of use (a pod may hold
+//! it) and is moved aside by [`Store::tidy`] (the agent, periodically); both are reported
+//! ([`Scan::bad`], `ferrox ipam check`, the agent's log and metrics) until released by hand
 //! (`ferrox ipam release IP`, [`Store::forget_set_aside`]).
 
 use std::{
@@ -84,19 +93,11 @@ pub struct Scan {
     pub bad: Vec<BadRecord>,
 }
 
-impl Scan {
-    /// Addresses that may not be handed out: allocated ones, and those of unreadable records.
-    fn reserved(&self) -> std::collections::BTreeSet<Ipv4Addr> {
-        self.allocations
-            .iter()
-            .map(|a| a.ip)
-            .chain(self.bad.iter().filter_map(|b| b.ip))
-            .collect()
-    }
-}
-
 /// The directory unreadable records are moved to.
 pub const SET_ASIDE_DIR: &str = "set-aside";
+
+/// The directory of the attachment index.
+pub const ATTACHMENTS_DIR: &str = "attachments";
 
 /// The store at one directory.
 pub struct Store {
@@ -151,6 +152,127 @@ impl Store {
 
     fn set_aside_dir(&self) -> PathBuf {
         self.dir.join(SET_ASIDE_DIR)
+    }
+
+    fn attachments_dir(&self) -> PathBuf {
+        self.dir.join(ATTACHMENTS_DIR)
+    }
+
+    /// The index entry of (container, ifname); `None` for names a file name cannot carry
+    /// (those attachments are found by a scan).
+    fn index_path(&self, container_id: &str, ifname: &str) -> Option<PathBuf> {
+        let name = format!("{container_id}:{ifname}");
+        let plain = !container_id.is_empty()
+            && !ifname.is_empty()
+            && name.len() <= 250
+            && !name.contains(['/', '\0'])
+            && !name.starts_with('.');
+        plain.then(|| self.attachments_dir().join(name))
+    }
+
+    /// Builds the index from the records when the store has none (called with the lock held).
+    fn ensure_index(&self) -> Result<(), IpamError> {
+        let dir = self.attachments_dir();
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let tmp = self.dir.join(format!("{ATTACHMENTS_DIR}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io("creating", &tmp))?;
+        for a in self.scan()?.allocations {
+            if let Some(path) = self.index_path(&a.container_id, &a.ifname)
+                && let Some(name) = path.file_name()
+            {
+                let entry = tmp.join(name);
+                std::fs::write(&entry, a.ip.to_string()).map_err(io("writing", &entry))?;
+            }
+        }
+        std::fs::rename(&tmp, &dir).map_err(io("renaming", &dir))
+    }
+
+    /// The record of (container, ifname): through the index, or by a scan for names the index
+    /// cannot carry (called with the lock held).
+    fn find_attachment(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Allocation>, IpamError> {
+        let matches = |a: &Allocation| a.container_id == container_id && a.ifname == ifname;
+        let Some(path) = self.index_path(container_id, ifname) else {
+            return Ok(self.scan()?.allocations.into_iter().find(matches));
+        };
+        Ok(std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|ip| ip.trim().parse().ok())
+            .and_then(|ip| self.get(ip))
+            .filter(matches))
+    }
+
+    /// Addresses that may not be handed out, from file names alone: every name under
+    /// `allocations/` that is an address (readable or not), and those of set-aside records.
+    /// Names that are not addresses are moved aside on the way (called with the lock held).
+    fn taken(&self) -> Result<std::collections::BTreeSet<Ipv4Addr>, IpamError> {
+        let mut taken = std::collections::BTreeSet::new();
+        let mut strays = Vec::new();
+        for path in list_dir(&self.allocations_dir())? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.ends_with(".tmp") {
+                continue;
+            }
+            match name.parse::<Ipv4Addr>() {
+                Ok(ip) => {
+                    taken.insert(ip);
+                }
+                Err(_) => strays.push(BadRecord {
+                    path,
+                    reason: "not an allocation record (its name is not an address)".into(),
+                    ip: None,
+                }),
+            }
+        }
+        for path in list_dir(&self.set_aside_dir())? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let original = name.rsplit_once('.').map_or(name.as_str(), |(n, _)| n);
+            if let Ok(ip) = original.parse() {
+                taken.insert(ip);
+            }
+        }
+        self.set_aside(&Scan {
+            allocations: Vec::new(),
+            bad: strays,
+        });
+        Ok(taken)
+    }
+
+    /// The record of (container, ifname), through the index (a scan when the store has no
+    /// index yet, or when the index knows no such attachment).
+    pub fn find(&self, container_id: &str, ifname: &str) -> Result<Option<Allocation>, IpamError> {
+        if self.attachments_dir().is_dir()
+            && let Some(a) = self.find_attachment(container_id, ifname)?
+        {
+            return Ok(Some(a));
+        }
+        Ok(self
+            .scan()?
+            .allocations
+            .into_iter()
+            .find(|a| a.container_id == container_id && a.ifname == ifname))
+    }
+
+    /// Moves every unreadable file under `allocations/` to `set-aside/`, under the lock, and
+    /// returns what the store holds: the agent's periodic pass (ADD and DEL read no record
+    /// but their own).
+    pub fn tidy(&self) -> Result<Scan, IpamError> {
+        let _lock = self.lock()?;
+        let scan = self.scan()?;
+        self.set_aside(&scan);
+        self.scan()
     }
 
     /// Every allocation record, and every file that is not one.
@@ -215,6 +337,14 @@ impl Store {
         Ok(scan)
     }
 
+    /// The record of `ip`, if there is a readable one (one file read, no scan).
+    pub fn get(&self, ip: Ipv4Addr) -> Option<Allocation> {
+        let bytes = std::fs::read(self.allocations_dir().join(ip.to_string())).ok()?;
+        serde_json::from_slice::<Allocation>(&bytes)
+            .ok()
+            .filter(|a| a.ip == ip)
+    }
+
     /// Every allocation record (files that are not records are left out; see [`Store::scan`]).
     pub fn list(&self) -> Result<Vec<Allocation>, IpamError> {
         Ok(self.scan()?.allocations)
@@ -242,13 +372,13 @@ impl Store {
         }
     }
 
-    /// Removes the set-aside files that name `ip` (an operator found the address free); returns
-    /// how many there were.
+    /// Removes the unreadable records that name `ip`, set aside or not (an operator found the
+    /// address free); returns how many there were.
     pub fn forget_set_aside(&self, ip: Ipv4Addr) -> Result<usize, IpamError> {
         let _lock = self.lock()?;
         let mut n = 0;
         for b in self.scan()?.bad {
-            if b.ip == Some(ip) && b.path.starts_with(self.set_aside_dir()) {
+            if b.ip == Some(ip) {
                 std::fs::remove_file(&b.path).map_err(io("removing", &b.path))?;
                 n += 1;
             }
@@ -275,17 +405,12 @@ impl Store {
         mut record: Allocation,
     ) -> Result<Allocation, IpamError> {
         let _lock = self.lock()?;
-        let scan = self.scan()?;
-        self.set_aside(&scan);
-        if let Some(a) = scan
-            .allocations
-            .iter()
-            .find(|a| a.container_id == record.container_id && a.ifname == record.ifname)
-        {
-            return Ok(a.clone());
+        self.ensure_index()?;
+        if let Some(a) = self.find_attachment(&record.container_id, &record.ifname)? {
+            return Ok(a);
         }
         let blocks = blocks()?;
-        let used = scan.reserved();
+        let used = self.taken()?;
         let last = std::fs::read_to_string(self.dir.join("last"))
             .ok()
             .and_then(|s| s.trim().parse().ok());
@@ -302,6 +427,11 @@ impl Store {
             path: self.dir.clone(),
             source: std::io::Error::other(e),
         })?;
+        // The index entry first: a record always has one, and an entry without its record is
+        // stale (ignored, overwritten).
+        if let Some(entry) = self.index_path(&record.container_id, &record.ifname) {
+            write_durably(&entry, ip.to_string().as_bytes())?;
+        }
         write_durably(&self.allocations_dir().join(ip.to_string()), &body)?;
         // Only a hint (allocation goes on after it, so freed addresses are not reused at once):
         // written under the lock but not synced; after a crash it may name an older address.
@@ -317,17 +447,35 @@ impl Store {
         ifname: &str,
     ) -> Result<Option<Allocation>, IpamError> {
         let _lock = self.lock()?;
-        let scan = self.scan()?;
-        self.set_aside(&scan);
-        let Some(a) = scan
-            .allocations
-            .into_iter()
-            .find(|a| a.container_id == container_id && a.ifname == ifname)
-        else {
+        self.ensure_index()?;
+        let index = self.index_path(container_id, ifname);
+        let found = match self.find_attachment(container_id, ifname)? {
+            Some(a) => Some(a),
+            // Not through the index: a scan makes sure (a DEL of something never added, or
+            // already released, pays for it; ADD's retry never does).
+            None if index.is_some() => self
+                .scan()?
+                .allocations
+                .into_iter()
+                .find(|a| a.container_id == container_id && a.ifname == ifname),
+            None => None,
+        };
+        let Some(a) = found else {
+            if let Some(entry) = index {
+                let _ = std::fs::remove_file(entry);
+            }
             return Ok(None);
         };
         let path = self.allocations_dir().join(a.ip.to_string());
         std::fs::remove_file(&path).map_err(io("removing", &path))?;
+        if let Some(entry) = index {
+            match std::fs::remove_file(&entry) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("removing", &entry)(e));
+                }
+                _ => {}
+            }
+        }
         let dir = self.allocations_dir();
         File::open(&dir)
             .and_then(|d| d.sync_all())
@@ -425,7 +573,9 @@ mod tests {
             a.ip,
             "a retried ADD keeps its address"
         );
+        assert_eq!(store.get(a.ip), Some(a.clone()));
         assert_eq!(store.release("a", "eth0").unwrap().unwrap().ip, a.ip);
+        assert_eq!(store.get(a.ip), None, "released");
         assert_eq!(
             store.release("a", "eth0").unwrap(),
             None,
@@ -435,6 +585,69 @@ mod tests {
         let c = store.allocate(&blocks, rec("c")).unwrap();
         assert_ne!(c.ip, a.ip);
         assert_eq!(store.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_store_without_an_index_gets_one_and_keeps_its_attachments() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let allocs = dir.path().join("allocations");
+        std::fs::create_dir_all(&allocs).unwrap();
+        // Records as an older version wrote them, without an index.
+        for (c, ip) in [("a", "10.244.1.1"), ("b", "10.244.1.2")] {
+            let r = Allocation {
+                ip: ip.parse().unwrap(),
+                ..rec(c)
+            };
+            std::fs::write(allocs.join(ip), serde_json::to_vec(&r).unwrap()).unwrap();
+        }
+        let blocks = vec!["10.244.1.0/29".parse().unwrap()];
+        assert_eq!(
+            store.allocate(&blocks, rec("a")).unwrap().ip.to_string(),
+            "10.244.1.1",
+            "a retried ADD finds its address through the built index"
+        );
+        assert!(dir.path().join("attachments/a:eth0").exists());
+        assert!(dir.path().join("attachments/b:eth0").exists());
+        let c = store.allocate(&blocks, rec("c")).unwrap();
+        assert_eq!(c.ip.to_string(), "10.244.1.3");
+        assert_eq!(
+            store.release("b", "eth0").unwrap().unwrap().ip.to_string(),
+            "10.244.1.2"
+        );
+        assert!(!dir.path().join("attachments/b:eth0").exists());
+        assert_eq!(store.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn stale_index_entries_are_ignored_and_add_reads_no_other_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let blocks = vec!["10.244.1.0/29".parse().unwrap()];
+        let a = store.allocate(&blocks, rec("a")).unwrap();
+        let index = dir.path().join("attachments");
+        // A plugin killed between its two writes: an entry without its record; and an entry
+        // naming a record that belongs to another attachment.
+        std::fs::write(index.join("x:eth0"), "10.244.1.5").unwrap();
+        std::fs::write(index.join("y:eth0"), a.ip.to_string()).unwrap();
+        let x = store.allocate(&blocks, rec("x")).unwrap();
+        let y = store.allocate(&blocks, rec("y")).unwrap();
+        assert_ne!(y.ip, a.ip, "another attachment's record is not y's");
+        assert_eq!(store.get(x.ip).unwrap().container_id, "x");
+        assert_eq!(store.get(a.ip), Some(a.clone()), "a's record untouched");
+        // DEL of an attachment that never was, with a stale entry: nothing, and the entry goes.
+        std::fs::write(index.join("z:eth0"), a.ip.to_string()).unwrap();
+        assert_eq!(store.release("z", "eth0").unwrap(), None);
+        assert!(!index.join("z:eth0").exists());
+        assert_eq!(store.get(a.ip), Some(a.clone()));
+        // Records are not read to find a free address: one that cannot be read still holds it.
+        let held = "10.244.1.6";
+        std::fs::write(dir.path().join("allocations").join(held), b"{").unwrap();
+        let mut got = BTreeSet::new();
+        while let Ok(n) = store.allocate(&blocks, rec(&format!("n{}", got.len()))) {
+            got.insert(n.ip);
+        }
+        assert!(!got.contains(&held.parse().unwrap()), "{got:?}");
     }
 
     #[test]
@@ -518,8 +731,17 @@ mod tests {
         for held in ["10.244.1.2", "10.244.1.3"] {
             assert!(!taken.contains(&held.parse().unwrap()), "{held} handed out");
         }
-        // They were moved aside, and are still reported there.
+        // ADD moved the names that are not addresses aside at once; the agent's periodic
+        // pass moves the unreadable records. All stay reported.
         let scan = store.scan().unwrap();
+        let aside = |scan: &Scan| {
+            scan.bad
+                .iter()
+                .filter(|b| b.path.starts_with(dir.path().join(SET_ASIDE_DIR)))
+                .count()
+        };
+        assert_eq!((scan.bad.len(), aside(&scan)), (4, 2), "{:#?}", scan.bad);
+        let scan = store.tidy().unwrap();
         assert_eq!(scan.allocations.len(), 3);
         assert_eq!(scan.bad.len(), 4);
         assert!(

@@ -219,10 +219,8 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     // A GC that ran meanwhile (before the runtime knew this attachment) may have released the
     // address: never finish with an address the store no longer holds for this attachment.
     let still_ours = store
-        .list()
-        .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?
-        .iter()
-        .any(|a| a.ip == alloc.ip && a.container_id == inv.container_id && a.ifname == inv.ifname);
+        .get(alloc.ip)
+        .is_some_and(|a| a.container_id == inv.container_id && a.ifname == inv.ifname);
     if !still_ours {
         return Err(CniError::new(
             code::TRY_AGAIN_LATER,
@@ -301,10 +299,8 @@ pub fn release_attachment(
     let store = ipam::Store::new(&node.ipam_dir);
     let host_ifname = pod::host_ifname(container_id, ifname);
     let alloc = store
-        .list()
-        .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?
-        .into_iter()
-        .find(|a| a.container_id == container_id && a.ifname == ifname);
+        .find(container_id, ifname)
+        .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?;
 
     // Datapath state first, then the interface, and the address last, so that it is never
     // handed out again while anything still refers to it.
@@ -344,10 +340,8 @@ fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     })?;
     let store = ipam::Store::new(&node.ipam_dir);
     let alloc = store
-        .list()
+        .find(&inv.container_id, &inv.ifname)
         .map_err(|e| CniError::new(code::IO_FAILURE, "reading the IPAM store").with_source(&e))?
-        .into_iter()
-        .find(|a| a.container_id == inv.container_id && a.ifname == inv.ifname)
         .ok_or_else(|| {
             CniError::new(
                 code::UNKNOWN_CONTAINER,

@@ -80,7 +80,7 @@ pub async fn collect_leaks(
                 continue;
             }
         };
-        let allocations = match Store::new(&config.ipam_dir).scan() {
+        let allocations = match Store::new(&config.ipam_dir).tidy() {
             Ok(scan) => {
                 for b in &scan.bad {
                     warn!(path = %b.path.display(), reason = %b.reason, ip = ?b.ip, "IPAM store: a file is not a readable allocation record; its address stays out of use (`ferrox ipam check`, `ferrox ipam release IP`)");
