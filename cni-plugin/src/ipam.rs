@@ -272,6 +272,23 @@ impl Store {
         let _lock = self.lock()?;
         let scan = self.scan()?;
         self.set_aside(&scan);
+        // Index entries whose record is gone or names another attachment (a plugin killed
+        // between its writes, and never retried nor deleted) go too.
+        let live: std::collections::BTreeSet<String> = scan
+            .allocations
+            .iter()
+            .map(|a| format!("{}:{}:{}", a.container_id, a.ifname, a.ip))
+            .collect();
+        for path in list_dir(&self.attachments_dir())? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let ip = std::fs::read_to_string(&path).unwrap_or_default();
+            if !live.contains(&format!("{name}:{}", ip.trim())) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
         self.scan()
     }
 
@@ -640,6 +657,16 @@ mod tests {
         assert_eq!(store.release("z", "eth0").unwrap(), None);
         assert!(!index.join("z:eth0").exists());
         assert_eq!(store.get(a.ip), Some(a.clone()));
+        // The agent's pass removes stale entries and keeps live ones.
+        std::fs::write(index.join("w:eth0"), "10.244.1.4").unwrap();
+        std::fs::write(index.join("v:eth0"), a.ip.to_string()).unwrap();
+        store.tidy().unwrap();
+        let mut entries: Vec<String> = std::fs::read_dir(&index)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        entries.sort();
+        assert_eq!(entries, ["a:eth0", "x:eth0", "y:eth0"]);
         // Records are not read to find a free address: one that cannot be read still holds it.
         let held = "10.244.1.6";
         std::fs::write(dir.path().join("allocations").join(held), b"{").unwrap();
