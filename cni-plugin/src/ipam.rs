@@ -215,10 +215,7 @@ impl Store {
         let mut taken = std::collections::BTreeSet::new();
         let mut strays = Vec::new();
         for path in list_dir(&self.allocations_dir())? {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = file_name(&path);
             if name.ends_with(".tmp") {
                 continue;
             }
@@ -233,16 +230,7 @@ impl Store {
                 }),
             }
         }
-        for path in list_dir(&self.set_aside_dir())? {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let original = name.rsplit_once('.').map_or(name.as_str(), |(n, _)| n);
-            if let Ok(ip) = original.parse() {
-                taken.insert(ip);
-            }
-        }
+        taken.extend(self.set_aside_files()?.into_iter().filter_map(|(_, ip)| ip));
         self.set_aside(&Scan {
             allocations: Vec::new(),
             bad: strays,
@@ -280,10 +268,7 @@ impl Store {
             .map(|a| format!("{}:{}:{}", a.container_id, a.ifname, a.ip))
             .collect();
         for path in list_dir(&self.attachments_dir())? {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = file_name(&path);
             let ip = std::fs::read_to_string(&path).unwrap_or_default();
             if !live.contains(&format!("{name}:{}", ip.trim())) {
                 let _ = std::fs::remove_file(&path);
@@ -297,10 +282,7 @@ impl Store {
         let mut scan = Scan::default();
         let dir = self.allocations_dir();
         for path in list_dir(&dir)? {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = file_name(&path);
             if name.ends_with(".tmp") {
                 continue; // a write that never finished (or is in progress)
             }
@@ -337,16 +319,10 @@ impl Store {
                 }),
             }
         }
-        for path in list_dir(&self.set_aside_dir())? {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            // `<name>.<unix seconds>`, see `set_aside`.
-            let original = name.rsplit_once('.').map_or(name.as_str(), |(n, _)| n);
+        for (path, ip) in self.set_aside_files()? {
             scan.bad.push(BadRecord {
                 reason: "set aside: unreadable when it was found".into(),
-                ip: original.parse().ok(),
+                ip,
                 path,
             });
         }
@@ -360,6 +336,20 @@ impl Store {
         serde_json::from_slice::<Allocation>(&bytes)
             .ok()
             .filter(|a| a.ip == ip)
+    }
+
+    /// The files under `set-aside/`, each with the address its original name held
+    /// (`<name>.<unix seconds>`, see `set_aside`).
+    fn set_aside_files(&self) -> Result<Vec<(PathBuf, Option<Ipv4Addr>)>, IpamError> {
+        Ok(list_dir(&self.set_aside_dir())?
+            .into_iter()
+            .map(|path| {
+                let name = file_name(&path);
+                let original = name.rsplit_once('.').map_or(name.as_str(), |(n, _)| n);
+                let ip = original.parse().ok();
+                (path, ip)
+            })
+            .collect())
     }
 
     /// Every allocation record (files that are not records are left out; see [`Store::scan`]).
@@ -518,6 +508,13 @@ pub fn next_free(
     (0..candidates.len())
         .map(|i| candidates[(start + i) % candidates.len()])
         .find(|c| !used.contains(c))
+}
+
+/// The last component of `path`, as text.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The entries of `dir` (none when it does not exist).

@@ -102,16 +102,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             setup::run(setup::Mode::IfMissing)?;
             build()?;
             require_root("the demo builds network namespaces and loads eBPF programs")?;
-            let mut c = cargo();
-            c.args([
-                "run",
-                "--quiet",
-                "-p",
-                "ferrox-tests",
-                "--bin",
-                "ferrox-demo",
-            ]);
-            status("demo", &mut c)
+            status("demo", &mut test_bin("ferrox-demo", &[]))
         }
         Cmd::Lint => lint(),
         Cmd::Bench { quick } => {
@@ -157,20 +148,17 @@ fn build() -> anyhow::Result<()> {
     status("build", cargo().args(["build", "--bins"]))
 }
 
+/// `cargo run` of the binary `bin` of the tests crate, with `args`.
+fn test_bin(bin: &str, args: &[&str]) -> Command {
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "ferrox-tests", "--bin", bin, "--"])
+        .args(args);
+    c
+}
+
 /// `fx-leakcheck` with `args`.
 fn leakcheck(args: &[&str]) -> Command {
-    let mut c = cargo();
-    c.args([
-        "run",
-        "--quiet",
-        "-p",
-        "ferrox-tests",
-        "--bin",
-        "fx-leakcheck",
-        "--",
-    ])
-    .args(args);
-    c
+    test_bin("fx-leakcheck", args)
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
