@@ -736,6 +736,15 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
 type Input = Box<dyn Fn(u32) -> Vec<u8>>;
 
 fn main() {
+    // What a killed earlier run left (clusters of dead owners) would share the machine with
+    // the measurements: tear it down first, saying what it was.
+    let swept = ferrox_tests::harness::leaks::sweep_stale();
+    if !swept.is_empty() {
+        eprintln!("removed {} things a killed earlier run left:", swept.len());
+        for s in &swept {
+            eprintln!("  {s}");
+        }
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let runs: u32 = if quick { 300 } else { 3000 };
     // `--sections 2,3` runs only those (the others stay empty in the report).
