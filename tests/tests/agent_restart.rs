@@ -326,3 +326,161 @@ fn repeated_kill_9_of_every_agent_under_load_fails_no_request() {
         assert!(line.contains("\"failed\":0"), "{}", report.join("\n"));
     }
 }
+
+/// Conntrack and reverse-NAT capacity of the node's maps, as `ferrox status` reports them, and
+/// whether a resize is still pending (a map under `maps/resize/`).
+fn flow_map_capacities(node: &ferrox_tests::harness::Node) -> (u64, u64, u64, bool) {
+    let status: serde_json::Value =
+        serde_json::from_str(&node.ferrox(&["status", "-o", "json"])).unwrap();
+    let cap = |name: &str| {
+        status["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {status}"))["capacity"]
+            .as_u64()
+            .unwrap()
+    };
+    let pending = status["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w.as_str().unwrap().contains("resize"));
+    (
+        cap("conntrack"),
+        cap("socket-revnat"),
+        cap("affinity"),
+        pending,
+    )
+}
+
+/// The agents restart with other map sizes (smaller, as for a 4 GiB node, then an explicit
+/// conntrack size, then the default again) while clients open connections back to back through
+/// a NodePort on each node from outside, a ClusterIP from a pod and a ClusterIP through the
+/// per-packet fallback: each restart replaces the flow maps with maps of the new size, carries
+/// their entries over and moves every hook to them, and not one request fails. (Before the
+/// programs looked flows up in both conntrack maps while the hooks moved, a few requests per
+/// run timed out; before they told their own map from the previous one there, SYNs were
+/// dropped as `snat-exhausted` and retried a second later.)
+#[test]
+fn restarting_the_agents_with_other_map_sizes_under_load_fails_no_request() {
+    let c = Cluster::builder().nodes(2).build();
+    let web1 = c.add_pod(1, "web-1");
+    let web2 = c.add_pod(2, "web-2");
+    let client = c.add_pod(1, "client");
+    let _s1 = web1.serve(8080);
+    let _s2 = web2.serve(8080);
+    let outside = c.external_client();
+    c.api().apply(
+        &svc("web")
+            .node_port_type()
+            .cluster_ip("10.96.3.12")
+            .port_np("", 80, 30112, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("web", "w")
+            .port("", 8080, "TCP")
+            .ready_on(web1.ip, "node-1")
+            .ready_on(web2.ip, "node-2")
+            .build(),
+    );
+    for n in c.nodes() {
+        n.wait_for_backends("10.96.3.12:80/TCP", 2);
+        n.wait_for_entry(
+            &format!("{}:30112/TCP", n.addr),
+            ferrox::services::model::Scope::External,
+            2,
+        );
+    }
+    let default = ferrox_datapath::Sizing::for_this_node().unwrap();
+    let four_gib = ferrox_datapath::Sizing::for_memory(4 << 30);
+    for n in c.nodes() {
+        assert_eq!(
+            flow_map_capacities(n),
+            (
+                u64::from(default.conntrack),
+                u64::from(default.sock_revnat),
+                u64::from(default.affinity),
+                false
+            )
+        );
+    }
+    let mut loads = [
+        (
+            "NodePort on node-1 from outside",
+            outside.spawn(&["load", "198.18.0.11:30112"]),
+        ),
+        (
+            "NodePort on node-2 from outside",
+            outside.spawn(&["load", "198.18.0.12:30112"]),
+        ),
+        (
+            "ClusterIP from a pod",
+            client.spawn(&["load", "10.96.3.12:80"]),
+        ),
+        (
+            "ClusterIP through the per-packet fallback",
+            c.unhooked(&client).spawn(&["load", "10.96.3.12:80"]),
+        ),
+    ];
+    let mut done: Vec<u64> = loads.iter().map(|(_, l)| wait_load(l, 0, 10)).collect();
+    // (the agent's command-line prefix, the conntrack, reverse-NAT and affinity capacities)
+    type Step<'a> = (&'a [&'a str], (u32, u32, u32));
+    let steps: [Step; 3] = [
+        (
+            &["env", "FERROX_MAP_SIZING_MEMORY_MIB=4096"],
+            (four_gib.conntrack, four_gib.sock_revnat, four_gib.affinity),
+        ),
+        (
+            &[
+                "env",
+                "FERROX_MAP_SIZING_MEMORY_MIB=4096",
+                "FERROX_MAP_CONNTRACK_ENTRIES=200000",
+            ],
+            (200_000, four_gib.sock_revnat, four_gib.affinity),
+        ),
+        (
+            &[],
+            (default.conntrack, default.sock_revnat, default.affinity),
+        ),
+    ];
+    for (wrapper, (ct, rnat, aff)) in steps {
+        let wrapper: Vec<String> = wrapper.iter().map(|s| (*s).to_owned()).collect();
+        for n in c.nodes() {
+            n.kill_agent();
+            n.start_agent_wrapped(&wrapper);
+        }
+        for n in c.nodes() {
+            n.wait_agent_ready();
+        }
+        for (i, (_, l)) in loads.iter().enumerate() {
+            done[i] = wait_load(l, done[i], 100);
+        }
+        for n in c.nodes() {
+            assert_eq!(
+                flow_map_capacities(n),
+                (u64::from(ct), u64::from(rnat), u64::from(aff), false),
+                "{} after a restart with {wrapper:?}",
+                n.name
+            );
+        }
+    }
+    let mut report = Vec::new();
+    for (name, load) in &mut loads {
+        let status = load.signal_and_wait(libc::SIGTERM);
+        let summary: serde_json::Value =
+            serde_json::from_str(load.lines().last().unwrap()).unwrap();
+        report.push(format!("{name}: {summary}"));
+        assert!(status.success(), "{name}: {summary}");
+    }
+    eprintln!("{}", report.join("\n"));
+    // Where a request was lost, if one was: the drop reasons of both nodes.
+    for n in c.nodes() {
+        eprintln!("{}: {}", n.name, n.ferrox(&["counters"]));
+    }
+    for line in &report {
+        assert!(line.contains("\"failed\":0"), "{}", report.join("\n"));
+    }
+}

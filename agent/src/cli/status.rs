@@ -60,7 +60,7 @@ pub fn run(layout: &PinLayout, node_config: &Path, output: Output) -> anyhow::Re
                 );
             }
             println!();
-            let maps: Vec<[String; 3]> = s
+            let maps: Vec<[String; 4]> = s
                 .maps
                 .iter()
                 .map(|m| {
@@ -68,10 +68,19 @@ pub fn run(layout: &PinLayout, node_config: &Path, output: Output) -> anyhow::Re
                         m.name.into(),
                         format!("{} / {}", m.entries, m.capacity),
                         format!("{:.1}%", m.percent),
+                        format!(
+                            "{:.1} MiB{}",
+                            m.bytes as f64 / f64::from(1 << 20),
+                            if m.preallocated { "" } else { " (as filled)" }
+                        ),
                     ]
                 })
                 .collect();
-            print_table(["MAP", "ENTRIES", "FILL"], &maps);
+            print_table(["MAP", "ENTRIES", "FILL", "MEMORY"], &maps);
+            println!(
+                "all maps: {:.1} MiB of kernel memory",
+                s.map_memory_bytes as f64 / f64::from(1 << 20)
+            );
             println!();
             let links: Vec<[String; 2]> = s
                 .attachments

@@ -118,6 +118,26 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_CT_GC_INTERVAL", default_value_t = 15)]
     pub ct_gc_interval: u64,
 
+    /// Maps: size the flow maps (conntrack, reverse NAT, affinity) as for a node with this much
+    /// memory, in MiB; default: this machine's. Their capacity is about 0.5% of it, within
+    /// floors and the full capacity at 20 GiB and more (`ferrox status` shows what was chosen).
+    #[arg(long, env = "FERROX_MAP_SIZING_MEMORY_MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub map_sizing_memory_mib: Option<u64>,
+
+    /// Maps: entries of the conntrack map, instead of the size derived from memory. A pinned
+    /// map of another size is replaced, its flows carried over, with no traffic lost.
+    #[arg(long, env = "FERROX_MAP_CONNTRACK_ENTRIES", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub map_conntrack_entries: Option<u32>,
+
+    /// Maps: entries of the socket reverse-NAT map (replies of UDP Services to pods), instead
+    /// of the size derived from memory.
+    #[arg(long, env = "FERROX_MAP_SOCK_REVNAT_ENTRIES", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub map_sock_revnat_entries: Option<u32>,
+
+    /// Maps: entries of the session-affinity map, instead of the size derived from memory.
+    #[arg(long, env = "FERROX_MAP_AFFINITY_ENTRIES", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub map_affinity_entries: Option<u32>,
+
     /// Where `/metrics` is served (kube-proxy's metrics port).
     #[arg(
         long,
@@ -259,6 +279,27 @@ pub struct AgentArgs {
     /// Remove every pin, link and file the agent created, then exit.
     #[arg(long)]
     pub cleanup: bool,
+}
+
+impl AgentArgs {
+    /// The map capacities these flags ask for on this machine.
+    pub fn sizing(&self) -> anyhow::Result<ferrox_datapath::Sizing> {
+        let memory = match self.map_sizing_memory_mib {
+            Some(mib) => mib.saturating_mul(1 << 20),
+            None => ferrox_datapath::sizing::node_memory()?,
+        };
+        let mut s = ferrox_datapath::Sizing::for_memory(memory);
+        if let Some(n) = self.map_conntrack_entries {
+            s.conntrack = n;
+        }
+        if let Some(n) = self.map_sock_revnat_entries {
+            s.sock_revnat = n;
+        }
+        if let Some(n) = self.map_affinity_entries {
+            s.affinity = n;
+        }
+        Ok(s)
+    }
 }
 
 /// `https://host:port`, `http://host:port` or `host:port` (HTTPS assumed) to a URL; `host` alone

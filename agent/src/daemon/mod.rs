@@ -26,7 +26,8 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         return cleanup(&args, &layout);
     }
 
-    let mut dp = Datapath::open(&layout).context("loading the datapath")?;
+    let sizing = args.sizing().context("sizing the maps")?;
+    let mut dp = Datapath::open_with(&layout, &sizing).context("loading the datapath")?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => node::cgroup2_mount()?,
@@ -77,16 +78,19 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         warn!(links = ?pods.defunct, "pod link pins whose interface is gone (removed without CNI DEL)");
     }
     // Every hook runs the current programs now: the previous conntrack map can go.
-    if let Some(c) = dp
+    let finished = dp
         .finish_upgrade()
-        .context("finishing the datapath upgrade")?
-    {
+        .context("finishing the datapath upgrade")?;
+    if let Some(c) = finished.conntrack_v1 {
         info!(
             copied = c.copied,
             present = c.present,
             failed = c.failed,
             "upgrade finished: flows carried into the current conntrack map, the previous one unpinned"
         );
+    }
+    for l in &finished.leftovers {
+        info!(map = %l.map, merged = ?l.merged, "resize finished: the previous map's flows merged, the previous map unpinned");
     }
     info!(origin = ?dp.origin(), "datapath attached");
 

@@ -79,6 +79,10 @@ pub struct MapFill {
     pub entries: usize,
     pub capacity: u32,
     pub percent: f64,
+    /// Kernel memory of the map (bytes).
+    pub bytes: u64,
+    /// Allocated at full capacity (false: entries are allocated as they are written).
+    pub preallocated: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -105,6 +109,8 @@ pub struct Status {
     pub datapath_loaded: bool,
     pub attachments: Vec<Attachment>,
     pub maps: Vec<MapFill>,
+    /// Kernel memory of every pinned map, those without a row in `maps` included (bytes).
+    pub map_memory_bytes: u64,
     pub ipam: Option<IpamSummary>,
     /// Drops that mean a limit was hit, by reason (packets).
     pub limit_drops: Vec<(String, u64)>,
@@ -156,6 +162,8 @@ fn fill(name: &'static str, entries: usize, capacity: u32) -> MapFill {
         entries,
         capacity,
         percent: entries as f64 * 100.0 / f64::from(capacity.max(1)),
+        bytes: 0,
+        preallocated: false,
     }
 }
 
@@ -196,6 +204,7 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
         ));
     }
     let mut fills = Vec::new();
+    let mut map_memory_bytes = 0;
     let mut limit_drops = Vec::new();
     if let Some(m) = &maps {
         fills = vec![
@@ -229,7 +238,31 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
                 m.endpoints.len().unwrap_or(0),
                 m.endpoints.capacity(),
             ),
+            fill("nodes", m.nodes.len().unwrap_or(0), m.nodes.capacity()),
         ];
+        let pinned_names = [
+            ferrox_abi::map_names::SERVICES,
+            ferrox_abi::map_names::BACKENDS,
+            ferrox_abi::map_names::CONNTRACK,
+            ferrox_abi::map_names::SOCK_REVNAT,
+            ferrox_abi::map_names::AFFINITY,
+            ferrox_abi::map_names::ENDPOINTS,
+            ferrox_abi::map_names::NODES,
+        ];
+        let memory = ferrox_datapath::map_memory(layout).unwrap_or_default();
+        for (f, pinned) in fills.iter_mut().zip(pinned_names) {
+            if let Some(m) = memory.iter().find(|m| m.name == pinned) {
+                f.bytes = m.bytes;
+                f.preallocated = m.preallocated;
+            }
+        }
+        map_memory_bytes = memory.iter().map(|m| m.bytes).sum();
+        for m in memory.iter().filter(|m| m.name.starts_with("resize/")) {
+            warnings.push(format!(
+                "map {} is pinned: a resize has not finished (the agent finishes it when it starts)",
+                m.name
+            ));
+        }
         for f in &fills {
             if f.percent >= 90.0 {
                 warnings.push(format!(
@@ -341,6 +374,7 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
         datapath_loaded,
         attachments,
         maps: fills,
+        map_memory_bytes,
         ipam,
         limit_drops,
         warnings,

@@ -39,6 +39,11 @@ pub mod map_names {
     /// The conntrack map of version 1 ([`crate::CtEntryV1`] values): the loader copies its flows
     /// into [`CONNTRACK`], so an upgrade keeps every connection, then unpins it.
     pub const CONNTRACK_V1: &str = "CT_V1";
+    /// Hash of maps with at most one entry (key 0): while a resize of [`CONNTRACK`] finishes,
+    /// the previous conntrack map, which the programs still attached to some hooks use. The
+    /// current programs look a flow up there when [`CONNTRACK`] does not have it and create
+    /// flows in both, so a flow is seen whichever hook's program runs. Empty otherwise.
+    pub const CONNTRACK_PREVIOUS: &str = "CT_PREV_V1";
     /// LPM trie of [`crate::SrcRangeKey`] -> `u8`: loadBalancerSourceRanges per frontend.
     pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
     /// Array of one [`crate::DatapathConfig`]: what the agent tells the programs about the node.
@@ -65,7 +70,7 @@ pub mod map_names {
     pub const OBSOLETE: [&str; 1] = ["COUNTERS_V1"];
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
@@ -73,6 +78,7 @@ pub mod map_names {
         ENDPOINTS,
         AFFINITY,
         CONNTRACK,
+        CONNTRACK_PREVIOUS,
         SOURCE_RANGES,
         CONFIG,
         MAGLEV,

@@ -19,6 +19,10 @@ pub enum DatapathError {
     },
     #[error("loading the embedded kernel object")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error("parsing the embedded kernel object")]
+    Parse(#[source] Box<aya_obj::ParseError>),
+    #[error("map {name} is missing from the kernel object")]
+    MapMissing { name: &'static str },
     #[error("program {name} is missing from the kernel object or has the wrong type")]
     ProgramMissing { name: &'static str },
     #[error("{op} program {name}")]

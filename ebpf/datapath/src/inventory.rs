@@ -90,6 +90,57 @@ pub fn inventory(layout: &PinLayout) -> Result<Vec<PinnedObject>> {
     Ok(out)
 }
 
+/// Capacity and kernel memory of one pinned map.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapMemory {
+    /// Path relative to `<root>/v1/maps`, e.g. `CT_V2` (or `resize/CT_V2` while a resize
+    /// finishes).
+    pub name: String,
+    pub capacity: u32,
+    /// Allocated at full capacity when created (false: `BPF_F_NO_PREALLOC`, or a type that
+    /// allocates as it fills).
+    pub preallocated: bool,
+    /// What the kernel charges for it (`memlock` of its fdinfo, what `bpftool map show` prints).
+    pub bytes: u64,
+}
+
+fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Every pinned map with its capacity and what the kernel charges for it.
+pub fn map_memory(layout: &PinLayout) -> Result<Vec<MapMemory>> {
+    use std::os::fd::AsFd as _;
+    let base = layout.maps_dir();
+    let mut out = Vec::new();
+    for path in files(&base)? {
+        let data = aya::maps::MapData::from_pin(&path)
+            .map_err(|e| DatapathError::map("opening pinned", "pinned", e))?;
+        let info = data
+            .info()
+            .map_err(|e| DatapathError::map("inspecting", "pinned", e))?;
+        let bytes = memlock(data.fd().as_fd()).unwrap_or(0);
+        // Hashes are preallocated unless BPF_F_NO_PREALLOC (1); LPM tries never are.
+        let preallocated = info.map_flags() & 1 == 0
+            && !matches!(info.map_type(), Ok(aya::maps::MapType::LpmTrie));
+        out.push(MapMemory {
+            name: path
+                .strip_prefix(&base)
+                .unwrap_or(&path)
+                .display()
+                .to_string(),
+            capacity: info.max_entries(),
+            preallocated,
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
 /// What [`cleanup`] removed.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CleanupReport {
@@ -120,6 +171,7 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
         layout.pod_links_dir(),
         layout.links_dir(),
         layout.progs_dir(),
+        crate::resize::staging_dir(layout),
         layout.maps_dir(),
         layout.versioned(),
     ] {

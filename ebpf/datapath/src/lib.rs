@@ -15,13 +15,17 @@ mod maglev;
 mod maps;
 mod migrate;
 mod programs;
+mod resize;
+pub mod sizing;
 mod testrun;
 
 pub use attach::{
     AttachOutcome, Attachment, PodLinks, XdpAttachMode, attach_pod, detach_pod, ifindex,
 };
 pub use error::{DatapathError, Result};
-pub use inventory::{CleanupReport, ObjectKind, PinnedObject, cleanup, inventory};
+pub use inventory::{
+    CleanupReport, MapMemory, ObjectKind, PinnedObject, cleanup, inventory, map_memory,
+};
 pub use layout::{DEFAULT_BPFFS_ROOT, PinLayout};
 pub use link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info};
 pub use maglev::{MaglevTables, table_digest};
@@ -31,6 +35,8 @@ pub use maps::{
 };
 pub use migrate::ConntrackCopy;
 pub use programs::{OBJECT, Origin};
+pub use resize::{KeptLarger, Leftover, MapCopy, RESIZABLE, Resize};
+pub use sizing::Sizing;
 pub use testrun::{TcProgram, TestRunOutput};
 
 /// The loaded (or re-adopted) datapath of one node.
@@ -39,14 +45,63 @@ pub struct Datapath {
     origin: Origin,
     programs: programs::Programs,
     maps: Maps,
+    sizing: Sizing,
+    resized: Vec<Resize>,
+    kept: Vec<KeptLarger>,
+}
+
+/// What [`Datapath::finish_upgrade`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Finished {
+    /// Flows of a version 1 conntrack map carried into the current one (then unpinned).
+    pub conntrack_v1: Option<ConntrackCopy>,
+    /// Maps replaced on this start (resized): their flows merged, then unpinned.
+    pub leftovers: Vec<Leftover>,
 }
 
 impl Datapath {
-    /// Mounts bpffs if needed, then re-adopts the pinned datapath or loads and pins a new one.
-    /// Maps that are pinned are always kept, with their contents.
+    /// [`Datapath::open_with`] the capacities for this machine's memory.
     pub fn open(layout: &PinLayout) -> Result<Self> {
+        Self::open_with(layout, &Sizing::for_this_node()?)
+    }
+
+    /// Mounts bpffs if needed, then re-adopts the pinned datapath or loads and pins a new one.
+    /// What pinned maps hold is always kept. A pinned map whose capacity differs from
+    /// `sizing`'s (or whose flags differ from the object's) is replaced by one of the right size
+    /// holding the same entries, see [`resize`]; the hooks move to it when they are attached
+    /// again, and [`Datapath::finish_upgrade`] ends it.
+    pub fn open_with(layout: &PinLayout, sizing: &Sizing) -> Result<Self> {
         bpffs::ensure(layout)?;
-        let (programs, origin) = programs::load_or_adopt(layout)?;
+        // An earlier start that died while resizing left maps under `maps/resize/`: their flows
+        // go into the current maps, and every program is loaded again against the current maps.
+        let recovered = resize::merge_leftovers(layout)?;
+        for l in &recovered {
+            tracing::warn!(map = %l.map, merged = ?l.merged, "an interrupted resize was finished: its flows merged into the current map");
+        }
+        let mut plan = resize::plan(layout, sizing, programs::OBJECT)?;
+        for k in &plan.kept {
+            tracing::warn!(
+                map = k.map,
+                capacity = k.capacity,
+                wanted = k.wanted,
+                entries = k.entries,
+                "map kept at its capacity: its entries do not fit in half the smaller one"
+            );
+        }
+        let maps_changed = !recovered.is_empty() || !plan.resized.is_empty();
+        let (programs, origin) = programs::load_or_adopt(layout, &plan, maps_changed)?;
+        resize::carry_over(layout, &mut plan.resized)?;
+        for r in &plan.resized {
+            tracing::info!(
+                map = r.map,
+                from_entries = r.from_entries,
+                to_entries = r.to_entries,
+                from_flags = r.from_flags,
+                to_flags = r.to_flags,
+                copied = r.copy.copied,
+                "map replaced by one of the configured size, its entries carried over"
+            );
+        }
         if let Some(c) = migrate::conntrack_v1(layout)? {
             tracing::info!(
                 copied = c.copied,
@@ -62,6 +117,9 @@ impl Datapath {
             origin,
             programs,
             maps,
+            sizing: *sizing,
+            resized: plan.resized,
+            kept: plan.kept,
         })
     }
 
@@ -74,6 +132,21 @@ impl Datapath {
         &self.origin
     }
 
+    /// The capacities asked for on this start.
+    pub fn sizing(&self) -> &Sizing {
+        &self.sizing
+    }
+
+    /// Maps replaced on this start by ones of another size (or other flags).
+    pub fn resized(&self) -> &[Resize] {
+        &self.resized
+    }
+
+    /// Maps left larger than asked because their entries would not fit.
+    pub fn kept_larger(&self) -> &[KeptLarger] {
+        &self.kept
+    }
+
     pub fn maps(&self) -> &Maps {
         &self.maps
     }
@@ -82,12 +155,15 @@ impl Datapath {
         &mut self.maps
     }
 
-    /// Ends an upgrade once every hook runs the current programs (the socket hooks, the uplink
-    /// and every pod, see [`Datapath::update_pod_links`]): copies the flows the previous
-    /// programs tracked since [`Datapath::open`] into the current conntrack map and unpins the
-    /// previous map. `None` when there was nothing to carry over.
-    pub fn finish_upgrade(&mut self) -> Result<Option<ConntrackCopy>> {
-        migrate::finish_conntrack_v1(&self.layout)
+    /// Ends an upgrade or a resize once every hook runs the current programs (the socket
+    /// hooks, the uplink and every pod, see [`Datapath::update_pod_links`]): copies the flows
+    /// the previous programs tracked since [`Datapath::open`] into the current maps and unpins
+    /// the previous ones.
+    pub fn finish_upgrade(&mut self) -> Result<Finished> {
+        Ok(Finished {
+            conntrack_v1: migrate::finish_conntrack_v1(&self.layout)?,
+            leftovers: resize::merge_leftovers(&self.layout)?,
+        })
     }
 
     /// Keeps only the map handles; programs stay loaded and attached through their pins.

@@ -79,17 +79,25 @@ enum PinAction {
     Add,
 }
 
-fn pin_action(pinned_tag: Option<u64>, new_tag: u64) -> PinAction {
+/// `maps_changed`: some map the programs use was replaced, so a pinned program with the same
+/// code still runs against the previous map.
+fn pin_action(pinned_tag: Option<u64>, new_tag: u64, maps_changed: bool) -> PinAction {
     match pinned_tag {
-        Some(t) if t == new_tag => PinAction::KeepPinned,
+        Some(t) if t == new_tag && !maps_changed => PinAction::KeepPinned,
         Some(_) => PinAction::Replace,
         None => PinAction::Add,
     }
 }
 
-/// Loads the embedded object against the pinned maps (creating the missing ones), compares each
-/// program with its pinned copy, pins what is new or changed, and opens all programs from pins.
-pub(crate) fn load_or_adopt(layout: &PinLayout) -> Result<(Programs, Origin)> {
+/// Loads the embedded object against the pinned maps (creating the missing ones, and the
+/// rebuilt ones of `plan` under `maps/resize/`), compares each program with its pinned copy,
+/// pins what is new or changed (everything when `maps_changed`), and opens all programs from
+/// pins.
+pub(crate) fn load_or_adopt(
+    layout: &PinLayout,
+    plan: &crate::resize::Plan,
+    maps_changed: bool,
+) -> Result<(Programs, Origin)> {
     let maps_dir = layout.maps_dir();
     // Maps an earlier version pinned and no program uses any more: unpinning frees them once
     // the old programs are replaced below.
@@ -99,8 +107,24 @@ pub(crate) fn load_or_adopt(layout: &PinLayout) -> Result<(Programs, Origin)> {
             std::fs::remove_file(&pin).map_err(|e| DatapathError::io("unpinning", &pin, e))?;
         }
     }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&maps_dir)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&maps_dir);
+    for (name, entries) in &plan.max_entries {
+        loader.map_max_entries(name, *entries);
+    }
+    let staged: Vec<(&'static str, std::path::PathBuf)> = plan
+        .resized
+        .iter()
+        .map(|r| (r.map, crate::resize::staging(layout, r.map)))
+        .collect();
+    if !staged.is_empty() {
+        let dir = crate::resize::staging_dir(layout);
+        std::fs::create_dir_all(&dir).map_err(|e| DatapathError::io("creating", &dir, e))?;
+    }
+    for (name, path) in &staged {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
 
@@ -128,7 +152,7 @@ pub(crate) fn load_or_adopt(layout: &PinLayout) -> Result<(Programs, Origin)> {
             .tag();
         let pin = layout.program(name);
         let pinned_tag = ProgramInfo::from_pin(&pin).ok().map(|i| i.tag());
-        let action = pin_action(pinned_tag, new_tag);
+        let action = pin_action(pinned_tag, new_tag, maps_changed);
         if action == PinAction::KeepPinned {
             continue;
         }
@@ -184,8 +208,11 @@ mod tests {
 
     #[test]
     fn same_code_is_kept_changed_code_replaced_missing_added() {
-        assert_eq!(pin_action(Some(7), 7), PinAction::KeepPinned);
-        assert_eq!(pin_action(Some(7), 8), PinAction::Replace);
-        assert_eq!(pin_action(None, 8), PinAction::Add);
+        assert_eq!(pin_action(Some(7), 7, false), PinAction::KeepPinned);
+        assert_eq!(pin_action(Some(7), 8, false), PinAction::Replace);
+        assert_eq!(pin_action(None, 8, false), PinAction::Add);
+        // Same code against other maps: replaced.
+        assert_eq!(pin_action(Some(7), 7, true), PinAction::Replace);
+        assert_eq!(pin_action(None, 8, true), PinAction::Add);
     }
 }

@@ -1415,3 +1415,171 @@ fn established_flows_follow_the_route_cached_in_their_entry_until_it_is_refreshe
         failures.join("\n")
     );
 }
+
+/// Writes one entry into the conntrack map pinned at `pin`, as another program would.
+fn pins_update(pin: &Path, k: &CtKey, v: &ferrox_abi::CtEntry) {
+    let data = aya::maps::MapData::from_pin(pin).unwrap();
+    let map = aya::maps::Map::from_map_data(data).unwrap();
+    let mut map: aya::maps::HashMap<_, CtKey, ferrox_abi::CtEntry> =
+        aya::maps::HashMap::try_from(map).unwrap();
+    map.insert(k, v, 0).unwrap();
+}
+
+/// The entries of the conntrack map pinned at `pin` (the previous map of a resize).
+fn conntrack_at(pin: &Path) -> Vec<CtKey> {
+    let data = aya::maps::MapData::from_pin(pin).unwrap();
+    let map = aya::maps::Map::from_map_data(data).unwrap();
+    let map: aya::maps::HashMap<_, CtKey, ferrox_abi::CtEntry> =
+        aya::maps::HashMap::try_from(map).unwrap();
+    map.keys().map(Result::unwrap).collect()
+}
+
+/// While a resize of the conntrack map finishes, some hooks still run the programs of the
+/// previous map. The current programs find the flows those created (only in the previous map)
+/// and create theirs in both maps, so that both directions of every flow are translated
+/// whichever hook runs which programs; once the resize ends, the previous map is out of reach.
+#[test]
+fn while_a_conntrack_resize_finishes_flows_are_seen_in_both_maps() {
+    let ns = node("r");
+    let up0_mac = ns.mac("up0");
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test").unwrap();
+    let layout = bpffs.layout();
+    ns.run(|| {
+        let small = ferrox_datapath::Sizing {
+            memory: 0,
+            conntrack: 4096,
+            sock_revnat: 2048,
+            affinity: 1024,
+        };
+        let mut dp = Datapath::open_with(&layout, &small).unwrap();
+        backend(&mut dp, 1, LOCAL_POD, 8080, proto::TCP, true);
+        frontend(&mut dp, 30080, proto::TCP, 1, 0, &[1]);
+        let up0 = ferrox_datapath::ifindex("up0").unwrap();
+        let cfg = DatapathConfig {
+            node_addr: be(NODE),
+            uplink_ifindex: up0,
+            snat_port_min: 61000,
+            snat_port_max: 65535,
+            monitor: 0,
+        };
+        dp.maps_mut().config.set(&cfg).unwrap();
+        let run = |dp: &mut Datapath, sport: u16, flags: u8| {
+            let frame = tcp(CLIENT, sport, NODE, 30080)
+                .tcp_flags(flags)
+                .macs(up0_mac, CLIENT_MAC)
+                .build();
+            let before = counters(dp);
+            let out = dp
+                .test_run_tc_on(TcProgram::UplinkIngress, &frame, Some(up0), 1)
+                .unwrap();
+            let after = counters(dp);
+            let moved: Vec<Reason> = [Reason::NatNewFlow, Reason::NatEstablished]
+                .into_iter()
+                .filter(|r| {
+                    let i = counter_index(Hook::TcUplinkIngress, *r) as usize;
+                    after[i] > before[i]
+                })
+                .collect();
+            (out.action, moved)
+        };
+        let forward = |sport: u16| CtKey {
+            saddr: be(CLIENT),
+            daddr: be(NODE),
+            sport: sport.to_be(),
+            dport: 30080u16.to_be(),
+            proto: proto::TCP,
+            _pad: [0; 3],
+        };
+        // Flow A: tracked before the resize.
+        assert_eq!(
+            run(&mut dp, 41000, 0x02),
+            (TC_ACT_REDIRECT, vec![Reason::NatNewFlow])
+        );
+        drop(dp);
+
+        let mut dp = Datapath::open_with(
+            &layout,
+            &ferrox_datapath::Sizing {
+                conntrack: 8192,
+                ..small
+            },
+        )
+        .unwrap();
+        assert_eq!(dp.maps().conntrack.capacity(), 8192);
+        let previous = layout.maps_dir().join("resize/CT_V2");
+        // As if the previous programs had created flow A after the copy: only there.
+        let a: Vec<CtKey> = dp
+            .maps()
+            .conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(a.len(), 2);
+        for k in &a {
+            dp.maps_mut().conntrack.remove(k).unwrap();
+        }
+        // An ACK of flow A through the current programs: found in the previous map.
+        assert_eq!(
+            run(&mut dp, 41000, 0x10),
+            (TC_ACT_REDIRECT, vec![Reason::NatEstablished])
+        );
+        assert!(dp.maps().conntrack.get(&forward(41000)).unwrap().is_none());
+        // Flow B, new through the current programs: created in both maps.
+        assert_eq!(
+            run(&mut dp, 41001, 0x02),
+            (TC_ACT_REDIRECT, vec![Reason::NatNewFlow])
+        );
+        assert_eq!(dp.maps().conntrack.len().unwrap(), 2);
+        let in_previous = conntrack_at(&previous);
+        assert_eq!(in_previous.len(), 4, "{in_previous:?}");
+        assert!(in_previous.contains(&forward(41001)));
+
+        // Flow D's reply key (the pod to the client's port 41003) is taken in the previous map
+        // by another flow: the current programs must not reuse it (the previous programs would
+        // translate the replies of both the same way), so flow D gets another source port.
+        let taken = CtKey {
+            saddr: be(LOCAL_POD),
+            daddr: be(CLIENT),
+            sport: 8080u16.to_be(),
+            dport: 41003u16.to_be(),
+            proto: proto::TCP,
+            _pad: [0; 3],
+        };
+        let other_flow = ferrox_abi::CtEntry {
+            nat_saddr: be(NODE),
+            nat_daddr: be(STRANGER),
+            nat_sport: 30080u16.to_be(),
+            nat_dport: 41003u16.to_be(),
+            flags: ct_flags::REPLY,
+            ..Default::default()
+        };
+        pins_update(&previous, &taken, &other_flow);
+        assert_eq!(
+            run(&mut dp, 41003, 0x02),
+            (TC_ACT_REDIRECT, vec![Reason::NatNewFlow])
+        );
+        let d = dp.maps().conntrack.get(&forward(41003)).unwrap().unwrap();
+        assert_ne!(
+            d.nat_sport,
+            41003u16.to_be(),
+            "flow D kept a port taken in the previous map"
+        );
+        assert!(d.flags & ct_flags::SNAT != 0);
+        assert!(dp.maps().conntrack.get(&taken).unwrap().is_none());
+
+        // The resize ends: flow A is merged, the previous map is out of the programs' reach.
+        let finished = dp.finish_upgrade().unwrap();
+        assert_eq!(finished.leftovers.len(), 1);
+        assert!(dp.maps().conntrack.get(&forward(41000)).unwrap().is_some());
+        // A, B and D, and the other flow's reply entry.
+        assert_eq!(dp.maps().conntrack.len().unwrap(), 7);
+        // Flow C: only in the current map now.
+        assert_eq!(
+            run(&mut dp, 41002, 0x02),
+            (TC_ACT_REDIRECT, vec![Reason::NatNewFlow])
+        );
+        assert_eq!(dp.maps().conntrack.len().unwrap(), 9);
+    });
+}

@@ -10,50 +10,19 @@
     reason = "tests: a failure should stop the test with its context"
 )]
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use aya::programs::{SchedClassifier, TcAttachType, tc::TcAttach};
 use ferrox_abi::{CtEntry, CtEntryV1, CtKey, ct_flags, fwd_flags, map_names, program_names};
 use ferrox_datapath::{ConntrackCopy, Datapath, PinLayout, bpffs::ScratchBpffs, pinned_link_info};
 
 mod netns;
+mod pins;
 use netns::NetNs;
-
-fn bpftool(args: &[&str]) {
-    let out = Command::new("bpftool").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn hex(bytes: &[u8]) -> Vec<String> {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
-    // SAFETY: the ABI types are plain integers without implicit padding.
-    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
-        .to_vec()
-}
 
 /// Writes one flow into the pinned `CT_V1` the way a previous version's programs would.
 fn write_v1(layout: &PinLayout, k: &CtKey, v: &CtEntryV1) {
-    let pin = layout.map(map_names::CONNTRACK_V1);
-    let mut args = vec![
-        "map".to_owned(),
-        "update".to_owned(),
-        "pinned".to_owned(),
-        pin.display().to_string(),
-        "key".to_owned(),
-        "hex".to_owned(),
-    ];
-    args.extend(hex(&bytes_of(k)));
-    args.extend(["value".to_owned(), "hex".to_owned()]);
-    args.extend(hex(&bytes_of(v)));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    bpftool(&args);
+    pins::update(&layout.map(map_names::CONNTRACK_V1), k, v);
 }
 
 fn key(n: u16) -> CtKey {
@@ -89,21 +58,7 @@ fn conntrack_v1_flows_are_carried_into_v2_and_the_old_map_unpinned() {
     // values) with three flows.
     std::fs::create_dir_all(layout.maps_dir()).unwrap();
     let old_pin = layout.map(map_names::CONNTRACK_V1);
-    bpftool(&[
-        "map",
-        "create",
-        &old_pin.display().to_string(),
-        "type",
-        "lru_hash",
-        "key",
-        "16",
-        "value",
-        "32",
-        "entries",
-        "1024",
-        "name",
-        "CT_V1",
-    ]);
+    pins::create(&old_pin, "lru_hash", 16, 32, 1024, "CT_V1");
     for n in 0..3 {
         write_v1(&layout, &key(n), &v1(n));
     }
@@ -129,7 +84,7 @@ fn conntrack_v1_flows_are_carried_into_v2_and_the_old_map_unpinned() {
         ..CtEntry::from(v1(0))
     };
     dp.maps_mut().conntrack.insert(&key(0), &cached).unwrap();
-    let report = dp.finish_upgrade().unwrap();
+    let report = dp.finish_upgrade().unwrap().conntrack_v1;
     assert_eq!(
         report,
         Some(ConntrackCopy {
@@ -145,10 +100,10 @@ fn conntrack_v1_flows_are_carried_into_v2_and_the_old_map_unpinned() {
     );
     assert!(!old_pin.exists(), "the old map is unpinned at the end");
     // Nothing left to carry: later starts and finishes do nothing.
-    assert_eq!(dp.finish_upgrade().unwrap(), None);
+    assert_eq!(dp.finish_upgrade().unwrap(), Default::default());
     drop(dp);
     let mut dp = Datapath::open(&layout).unwrap();
-    assert_eq!(dp.finish_upgrade().unwrap(), None);
+    assert_eq!(dp.finish_upgrade().unwrap(), Default::default());
     assert_eq!(dp.maps().conntrack.entries().unwrap().len(), 4);
 }
 

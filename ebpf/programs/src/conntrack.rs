@@ -11,9 +11,10 @@ use ferrox_abi::{
 };
 
 use crate::{
+    ct_map::{EEXIST, create, lookup, remove},
     flow::Flow,
     lb::{admit, flow_hash, pick_backend},
-    maps::{BACKENDS_V1, CONFIG_V1, CT_V2},
+    maps::{BACKENDS_V1, CONFIG_V1},
     nat::{Cache, Outcome, translate},
     packet::Frame as _,
 };
@@ -48,12 +49,6 @@ pub(crate) fn touch(entry: *mut CtEntry, last_seen_ns: u64) -> bool {
 
 /// How many source ports SNAT tries for a new flow before giving up.
 pub(crate) const SNAT_TRIES: u32 = 8;
-
-/// `-EEXIST`: a map insert with `BPF_NOEXIST` found the key taken.
-pub(crate) const EEXIST: i32 = -17;
-
-/// Map update flag: only create, never overwrite.
-pub(crate) const BPF_NOEXIST: u64 = 1;
 
 /// TCP header flags.
 pub(crate) const TCP_FIN: u8 = 0x01;
@@ -105,7 +100,7 @@ pub(crate) fn backend_alive(entry: *const CtEntry) -> bool {
 #[inline(always)]
 pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
     let key = flow.key();
-    let entry = CT_V2.get_ptr_mut(&key)?;
+    let entry = lookup(&key)?;
     // SAFETY: the pointer comes from a successful lookup. The entry is read field by field,
     // where needed, not copied whole (the stack of the hooks that inline this is tight).
     let (flags, last_seen_ns) = unsafe { ((*entry).flags, (*entry).last_seen_ns) };
@@ -121,8 +116,8 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
         if flow.proto == proto::UDP || syn {
             // SAFETY: as above, read by copy.
             let other = other_direction(&key, &unsafe { *entry });
-            let _ = CT_V2.remove(&other);
-            let _ = CT_V2.remove(&key);
+            remove(&other);
+            remove(&key);
             return None;
         }
         return Some((Reason::DropBackendGone, TC_ACT_SHOT));
@@ -158,7 +153,7 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
 #[inline(never)]
 pub(crate) fn tcp_state(key: &CtKey, entry: *mut CtEntry, tcp: u8, syn: bool) {
     // SAFETY: `entry` comes from a successful lookup; read by copy.
-    let other = CT_V2.get_ptr_mut(&other_direction(key, &unsafe { *entry }));
+    let other = lookup(&other_direction(key, &unsafe { *entry }));
     let set = |p: *mut CtEntry, clear: u8, add: u8| {
         // SAFETY: `p` comes from a successful lookup; the one-byte flags are written.
         unsafe { (*p).flags = ((*p).flags & !clear) | add };
@@ -197,9 +192,7 @@ pub(crate) fn new_flow(
 ) -> Result<Outcome, Reason> {
     track_new(flow, key, frontend, origin)?;
     // Evicted already (a full LRU under pressure): as good as not tracked.
-    let entry = CT_V2
-        .get_ptr_mut(&flow.key())
-        .ok_or(Reason::DropConntrackFull)?;
+    let entry = lookup(&flow.key()).ok_or(Reason::DropConntrackFull)?;
     translate(ctx, flow, entry, Cache::Refresh)
 }
 
@@ -287,16 +280,16 @@ pub(crate) fn track_new(
             snat_claim(flow, &mut forward, &reply, addr)?
         }
     };
-    match CT_V2.insert(&flow.key(), &forward, BPF_NOEXIST) {
+    match create(&flow.key(), &forward) {
         Ok(()) => {}
         Err(EEXIST) => {
             // Another CPU tracked this flow a moment ago: its choice of backend wins.
-            let _ = CT_V2.remove(&reply_key);
+            remove(&reply_key);
             // SAFETY: the entry is read by copy.
             return Ok(());
         }
         Err(_) => {
-            let _ = CT_V2.remove(&reply_key);
+            remove(&reply_key);
             return Err(Reason::DropConntrackFull);
         }
     }
@@ -334,7 +327,7 @@ pub(crate) fn claim_reply(
         proto: flow.proto,
         _pad: [0; 3],
     };
-    CT_V2.insert(&key, reply, BPF_NOEXIST).map(|()| key)
+    create(&key, reply).map(|()| key)
 }
 
 /// Picks a free source port of the SNAT range for `forward` with source address `addr`: the

@@ -13,7 +13,6 @@ use ferrox_abi::{CtKey, Reason, proto};
 use crate::{
     fib::{Fib, forward},
     flow::{Flow, IcmpPacket},
-    maps::CT_V2,
     packet::{
         ETH_HLEN, Frame as _, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Ipv4Hdr, ipv4_checksum,
     },
@@ -143,7 +142,7 @@ pub(crate) fn icmp_error(
         proto: inner.proto,
         _pad: [0; 3],
     };
-    let e = CT_V2.get_ptr(&key)?;
+    let e = crate::ct_map::lookup(&key)?;
     // SAFETY: the pointer comes from a successful lookup; only the four translation fields
     // are read (they never change after the entry is created), not the whole entry, whose copy
     // this function's stack has no room for.

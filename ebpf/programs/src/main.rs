@@ -11,6 +11,7 @@
 mod classify;
 mod conntrack;
 mod counters;
+mod ct_map;
 mod events;
 mod fib;
 mod flow;

@@ -1,5 +1,12 @@
 //! The maps of the datapath, pinned by name under `<bpffs root>/v1/maps/`. Their key and value
 //! types, names and sizes come from `ferrox-abi`; nothing about a map is decided here.
+//!
+//! The maps only user space writes (services, backends, endpoints, nodes) are not preallocated
+//! (`BPF_F_NO_PREALLOC`): the kernel allocates an entry when the agent writes it, lookups cost
+//! the same, and the node pays for what they hold rather than their capacity. The maps the
+//! programs write per packet (conntrack, reverse NAT, affinity, fragments) are LRU hashes, always
+//! preallocated; the agent sizes them to the node's memory when it loads them
+//! (`ferrox_datapath::Sizing`).
 #![allow(
     non_upper_case_globals,
     reason = "map statics carry their versioned ABI names"
@@ -7,7 +14,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array as BtfArray, HashOfMaps},
+    btf_maps::{Array as BtfArray, HashOfMaps, LruHashMap as BtfLruHashMap},
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -19,10 +26,12 @@ use ferrox_abi::{
 };
 
 #[map]
-pub static SVC_V1: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+pub static SVC_V1: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static BACKENDS_V1: HashMap<u32, Backend> = HashMap::pinned(capacity::BACKENDS, 0);
+pub static BACKENDS_V1: HashMap<u32, Backend> =
+    HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static SOCK_RNAT_V1: LruHashMap<SockRevNatKey, SockRevNatValue> =
@@ -33,7 +42,7 @@ pub static COUNTERS_V2: PerCpuArray<CounterValue> = PerCpuArray::pinned(COUNTER_
 
 #[map]
 pub static ENDPOINTS_V1: HashMap<EndpointKey, EndpointInfo> =
-    HashMap::pinned(capacity::ENDPOINTS, 0);
+    HashMap::pinned(capacity::ENDPOINTS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
@@ -41,6 +50,12 @@ pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
 
 #[map]
 pub static CT_V2: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+/// While a resize of `CT_V2` finishes: the previous conntrack map under key 0 (see
+/// [`crate::conntrack::lookup`]). The inner map's capacity is not part of its type for the
+/// kernel (hash maps of any size fit), so the template declares one entry.
+#[btf_map(pin_by_name)]
+pub static CT_PREV_V1: HashOfMaps<u32, BtfLruHashMap<CtKey, CtEntry, 1>, 1> = HashOfMaps::new();
 
 /// Allowed source prefixes per frontend (loadBalancerSourceRanges); value 1 = allowed.
 #[map]
@@ -70,7 +85,7 @@ pub static TUNNEL_V1: LpmTrie<TunnelKey, TunnelInfo> =
 
 /// The cluster's node addresses: the only sources IP-in-IP is decapsulated from.
 #[map]
-pub static NODES_V1: HashMap<u32, NodeInfo> = HashMap::pinned(capacity::NODES, 0);
+pub static NODES_V1: HashMap<u32, NodeInfo> = HashMap::pinned(capacity::NODES, BPF_F_NO_PREALLOC);
 
 /// The ports of fragmented datagrams, from their first fragment (see [`crate::flow`]).
 #[map]

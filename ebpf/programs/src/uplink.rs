@@ -16,7 +16,7 @@ use crate::{
     counters::count,
     flow::{Flow, Parsed, action_of, flow_dropped, parse, untranslated},
     icmp::icmp,
-    maps::{CONFIG_V1, CT_V2, ENDPOINTS_V1, SVC_V1},
+    maps::{CONFIG_V1, ENDPOINTS_V1, SVC_V1},
     nat::rewrite,
     packet::IP_DADDR_OFF,
     tunnel,
@@ -100,7 +100,7 @@ pub(crate) fn host_reply(ctx: &TcContext) -> Option<Reason> {
     if node == 0 || flow.saddr != node {
         return None;
     }
-    let entry = CT_V2.get_ptr_mut(&flow.key())?;
+    let entry = crate::ct_map::lookup(&flow.key())?;
     // SAFETY: the pointer comes from a successful lookup; the entry is read by copy.
     let e = unsafe { *entry };
     if e.flags & ct_flags::REPLY == 0 {
