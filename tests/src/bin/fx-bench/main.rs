@@ -735,6 +735,73 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
 /// A packet builder: the `i`th input of a run.
 type Input = Box<dyn Fn(u32) -> Vec<u8>>;
 
+/// Kernel memory of the maps of a node with `gib` GiB of memory at default settings: empty,
+/// and with `services` Services x 10 endpoints written the way the agent writes them (a
+/// master entry and 10 backend slots per frontend, one backend entry per endpoint).
+fn maps_by_node(sizes_gib: &[u64], services: u32) -> Vec<Value> {
+    let total = |layout: &ferrox_datapath::PinLayout| -> u64 {
+        ferrox_datapath::map_memory(layout)
+            .unwrap()
+            .iter()
+            .map(|m| m.bytes)
+            .sum()
+    };
+    let mut rows = Vec::new();
+    for &gib in sizes_gib {
+        let sizing = ferrox_datapath::Sizing::for_memory(gib << 30);
+        let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-bench").unwrap();
+        let layout = bpffs.layout();
+        let mut dp = Datapath::open_with(&layout, &sizing).unwrap();
+        let empty = total(&layout);
+        let mut backend_id = 1u32;
+        for i in 0..services {
+            let addr = u32::from_ne_bytes([10, 96, (i >> 8) as u8, i as u8]);
+            let key = ServiceKey::master(addr, 80u16.to_be(), 6);
+            for slot in 1..=10u16 {
+                let b = Backend {
+                    addr: u32::from_ne_bytes([10, 244, (backend_id >> 8) as u8, backend_id as u8]),
+                    port: 8080u16.to_be(),
+                    proto: 6,
+                    flags: 0,
+                };
+                dp.maps_mut().backends.insert(&backend_id, &b).unwrap();
+                let v = ServiceValue {
+                    backend_id,
+                    ..Default::default()
+                };
+                dp.maps_mut().services.insert(&key.with_slot(slot), &v).unwrap();
+                backend_id += 1;
+            }
+            let master = ServiceValue {
+                count: 10,
+                rev_nat_id: (i % 60_000 + 1) as u16,
+                flags: svc_flags::CLUSTER_IP,
+                ..Default::default()
+            };
+            dp.maps_mut().services.insert(&key, &master).unwrap();
+        }
+        let filled = total(&layout);
+        eprintln!(
+            "maps of a {gib} GiB node: {:.1} MiB empty, {:.1} MiB with {services} Services x 10 endpoints (conntrack {}, reverse NAT {}, affinity {})",
+            empty as f64 / 1_048_576.0,
+            filled as f64 / 1_048_576.0,
+            sizing.conntrack,
+            sizing.sock_revnat,
+            sizing.affinity
+        );
+        rows.push(json!({
+            "node_memory_gib": gib,
+            "conntrack": sizing.conntrack,
+            "sock_revnat": sizing.sock_revnat,
+            "affinity": sizing.affinity,
+            "empty_bytes": empty,
+            "services": services,
+            "filled_bytes": filled,
+        }));
+    }
+    rows
+}
+
 fn main() {
     // What a killed earlier run left (clusters of dead owners) would share the machine with
     // the measurements: tear it down first, saying what it was.
@@ -789,6 +856,11 @@ fn main() {
     } else {
         vec![]
     };
+    let maps = if on(6) {
+        maps_by_node(&[2, 4, 8, 16, 32], 10_000)
+    } else {
+        vec![]
+    };
     let bgp = if on(6) {
         bgp::learning(if quick { &[10_000] } else { &[10_000, 100_000] })
     } else {
@@ -822,6 +894,7 @@ fn main() {
         "latency": latency,
         "programming": programming,
         "memory": memory,
+        "maps_by_node": maps,
         "cni": cni,
         "bgp": bgp,
     });

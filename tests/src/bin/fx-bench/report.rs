@@ -138,7 +138,7 @@ pub fn write(doc: &Value, docs: &Path, raw: &str) {
     section_3(&mut md, programming, &plots);
     section_4(&mut md, tp, &plots);
     section_5(&mut md, arr(&doc["cni"]), &plots);
-    section_6(&mut md, arr(&doc["bgp"]), arr(&doc["memory"]), &plots);
+    section_6(&mut md, doc, &plots);
     section_7(&mut md, doc);
     std::fs::write(docs.join("benchmarks.md"), md).unwrap();
 }
@@ -383,7 +383,8 @@ fn section_5(md: &mut String, cni: &[Value], plots: &Path) {
     );
 }
 
-fn section_6(md: &mut String, bgp: &[Value], memory: &[Value], plots: &Path) {
+fn section_6(md: &mut String, doc: &Value, plots: &Path) {
+    let (bgp, memory) = (arr(&doc["bgp"]), arr(&doc["memory"]));
     md.push_str("## 6. BGP and memory\n\n");
     md.push_str("BGP method: BIRD 2 in a namespace on the underlay, one eBGP session with a node's agent (release build); BIRD's configuration is replaced by one with N static /24s (`birdc configure`), and the clock runs until the node's agent reports all N kernel routes programmed on its `/metrics` (polled every 5 ms; the kernel table is then checked to hold exactly N routes of ours via BIRD); then BIRD is given the configuration without them, until none is left. The time includes BIRD reading its new configuration (shown apart).\n\n");
     md.push_str("| Routes | learned and installed | of which BIRD reading its configuration | withdrawn and removed |\n| ---: | ---: | ---: | ---: |\n");
@@ -413,7 +414,7 @@ fn section_6(md: &mut String, bgp: &[Value], memory: &[Value], plots: &Path) {
         svg::bar_chart("Routes from BIRD to kernel routes", "s", &bars, false),
         "BGP learning",
     );
-    md.push_str("Memory method: after the Services of section 2 are programmed, shaped as a real cluster stores them (each Service as `kubectl apply` leaves it: last-applied annotation, managedFields, defaults; each EndpointSlice as the controller writes it: owner reference, managedFields, Pod references, zones): the agent's resident memory (`VmRSS`), split into anonymous memory (heap and stacks, `RssAnon`) and the pages of its binary (`RssFile`), and the kernel memory of every map pinned under the node's bpffs root (bpftool's `bytes_memlock`; the maps are preallocated at their capacity, so this barely moves with N).\n\n");
+    md.push_str("Memory method: after the Services of section 2 are programmed, shaped as a real cluster stores them (each Service as `kubectl apply` leaves it: last-applied annotation, managedFields, defaults; each EndpointSlice as the controller writes it: owner reference, managedFields, Pod references, zones): the agent's resident memory (`VmRSS`), split into anonymous memory (heap and stacks, `RssAnon`) and the pages of its binary (`RssFile`), and the kernel memory of every map pinned under the node's bpffs root (bpftool's `bytes_memlock`; the flow maps are preallocated at the capacity this machine's memory gives them, the maps the agent writes grow with N).\n\n");
     md.push_str("| Services | endpoints | agent RSS MiB | heap and stacks MiB | binary MiB | map memory MiB |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for r in memory {
         let _ = writeln!(
@@ -428,6 +429,24 @@ fn section_6(md: &mut String, bgp: &[Value], memory: &[Value], plots: &Path) {
         );
     }
     md.push('\n');
+    let maps = arr(&doc["maps_by_node"]);
+    if !maps.is_empty() {
+        md.push_str("Kernel maps by node size, at default settings (the flow maps sized to the node's memory, see `ebpf/datapath/src/sizing.rs`): a datapath loaded with the capacities a node of that memory gets, its maps' kernel memory (`memlock`) empty and with 10,000 Services x 10 endpoints written as the agent writes them.\n\n");
+        md.push_str("| node memory | conntrack | socket reverse NAT | affinity | maps, empty MiB | maps, 10k Services MiB |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for r in maps {
+            let _ = writeln!(
+                md,
+                "| {} GiB | {} | {} | {} | {:.1} | {:.1} |",
+                r["node_memory_gib"],
+                r["conntrack"],
+                r["sock_revnat"],
+                r["affinity"],
+                f(&r["empty_bytes"]) / 1_048_576.0,
+                f(&r["filled_bytes"]) / 1_048_576.0
+            );
+        }
+        md.push('\n');
+    }
 }
 
 fn section_7(md: &mut String, doc: &Value) {
@@ -497,6 +516,17 @@ fn section_7(md: &mut String, doc: &Value) {
             "MiB",
             goal + 1e-9,
         );
+    }
+    for r in arr(&doc["maps_by_node"]) {
+        if r["node_memory_gib"].as_u64() == Some(4) {
+            row(
+                "Kernel maps of a 4 GiB node, default settings".into(),
+                "<= 32 MiB",
+                f(&r["empty_bytes"]) / 1_048_576.0,
+                "MiB",
+                32.0 + 1e-9,
+            );
+        }
     }
     // Per-packet cost (issue 17): ratios to the baseline at 1 Service, and flatness to 100k.
     let pp = arr(&doc["per_packet"]);
