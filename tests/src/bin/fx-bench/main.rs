@@ -769,7 +769,10 @@ fn maps_by_node(sizes_gib: &[u64], services: u32) -> Vec<Value> {
                     backend_id,
                     ..Default::default()
                 };
-                dp.maps_mut().services.insert(&key.with_slot(slot), &v).unwrap();
+                dp.maps_mut()
+                    .services
+                    .insert(&key.with_slot(slot), &v)
+                    .unwrap();
                 backend_id += 1;
             }
             let master = ServiceValue {
