@@ -288,8 +288,8 @@ fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// Undoes everything ADD did for (container, ifname) on the node `node` describes: endpoint
-/// entry, pod program, veth, address. Idempotent; returns the released allocation, if there
-/// was one. DEL, GC, the agent's leak collection and `ferrox ipam release` all use it.
+/// entry, pod program, veth (retired at once, destroyed later), address. Idempotent; returns the
+/// released allocation, if there was one. DEL, GC, the agent's leak collection and `ferrox ipam release` all use it.
 pub fn release_attachment(
     node: &NodeConfig,
     container_id: &str,
@@ -315,10 +315,17 @@ pub fn release_attachment(
             })
             .map_err(|e| datapath_error("removing the endpoint", &layout, &e))?;
     }
-    ferrox_datapath::detach_pod(&layout, &host_ifname)
-        .map_err(|e| datapath_error("detaching the pod program", &layout, &e))?;
-    pod::teardown(&host_ifname)
-        .map_err(|e| CniError::new(code::IO_FAILURE, "deleting the pod's veth").with_source(&e))?;
+    // The veth is retired, not destroyed, here, and its program's link goes with it (see
+    // `pod::retire`, `ferrox_datapath::retire_pod_link`): destroying either holds RTNL for RCU
+    // grace periods, which the runtime's namespace deletion or the agent's sweep pays instead.
+    let retired = pod::retire(&host_ifname)
+        .map_err(|e| CniError::new(code::IO_FAILURE, "retiring the pod's veth").with_source(&e))?;
+    match retired {
+        Some(ifindex) => ferrox_datapath::retire_pod_link(&layout, &host_ifname, ifindex)
+            .map_err(|e| datapath_error("retiring the pod program's link", &layout, &e))?,
+        None => ferrox_datapath::detach_pod(&layout, &host_ifname)
+            .map_err(|e| datapath_error("detaching the pod program", &layout, &e))?,
+    };
     store
         .release(container_id, ifname)
         .map_err(|e| CniError::new(code::IO_FAILURE, "releasing the address").with_source(&e))?;
@@ -518,6 +525,15 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     let links = host
         .list_links()
         .map_err(|e| CniError::new(code::IO_FAILURE, "listing interfaces").with_source(&e))?;
+    for l in &links {
+        if pod::is_retired_ifname(&l.name) && l.kind.as_deref() == Some("veth") {
+            host.delete_link(l.index).map_err(|e| {
+                CniError::new(code::IO_FAILURE, "deleting a retired veth").with_source(&e)
+            })?;
+        }
+    }
+    ferrox_datapath::remove_retired_links(&layout, pod::link_exists)
+        .map_err(|e| datapath_error("unpinning retired links", &layout, &e))?;
     for l in links {
         if pod::is_host_ifname(&l.name)
             && l.kind.as_deref() == Some("veth")

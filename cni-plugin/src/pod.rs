@@ -32,6 +32,108 @@ pub fn is_host_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// Prefix of a retired host veth's name (see [`retire`]).
+const RETIRED_PREFIX: &str = "fxdel";
+
+/// The name a host veth gets when its attachment is released: `fxdel` and its ifindex in hex
+/// (at most 13 bytes; never the shape of [`host_ifname`]'s names, so an ADD never meets it).
+pub fn retired_ifname(ifindex: u32) -> String {
+    format!("{RETIRED_PREFIX}{ifindex:x}")
+}
+
+/// Whether `name` is a retired host veth's (see [`retired_ifname`]).
+pub fn is_retired_ifname(name: &str) -> bool {
+    name.strip_prefix(RETIRED_PREFIX).is_some_and(|hex| {
+        !hex.is_empty()
+            && hex.len() <= 8
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
+}
+
+/// Takes a pod's host veth out of service at once, without waiting for the kernel to destroy
+/// it: down (which also removes its routes, so the address can go to another pod at once, and
+/// stops anything the pod still sends) and renamed to [`retired_ifname`] (so a new attachment
+/// can take its name). Destroying a veth waits for RCU barriers (~35 ms here, serialised with
+/// every other link change of the node); the retired veth goes when the runtime deletes the pod's
+/// network namespace (the usual case right after DEL), or when the agent sweeps retired veths
+/// ([`remove_retired`]). Returns the veth's ifindex, `None` when there was no such veth.
+pub fn retire(host_ifname: &str) -> Result<Option<u32>, PodError> {
+    let host = Netlink::open().map_err(step("opening netlink in the host namespace"))?;
+    let Some(link) = host
+        .link(host_ifname)
+        .map_err(step("reading the host veth"))?
+    else {
+        return Ok(None);
+    };
+    let gone = |e: &netlink::Error| e.is_no_such_device();
+    match host.set_down(link.index) {
+        Ok(()) => {}
+        Err(e) if gone(&e) => return Ok(Some(link.index)),
+        Err(e) => return Err(step("setting the host veth down")(e)),
+    }
+    match host.set_name(link.index, &retired_ifname(link.index)) {
+        Ok(()) => Ok(Some(link.index)),
+        Err(e) if gone(&e) => Ok(Some(link.index)),
+        Err(e) => Err(step("renaming the retired host veth")(e)),
+    }
+}
+
+/// Whether a link with index `ifindex` exists in this network namespace (true when that
+/// cannot be told: nothing is removed on a doubt).
+pub fn link_exists(ifindex: u32) -> bool {
+    Netlink::open()
+        .and_then(|nl| nl.link(ifindex))
+        .map_or(true, |l| l.is_some())
+}
+
+/// Destroys the pod's `ifname` when it is the pod side of a veth whose host side was retired
+/// (an earlier attachment of this namespace that DEL released); anything else keeps its name,
+/// and the ADD fails on it.
+fn remove_retired_pod_side(
+    host: &Netlink,
+    pod_ns: &std::fs::File,
+    ifname: &str,
+) -> Result<(), PodError> {
+    use std::os::fd::AsFd as _;
+    let pod_link = netlink::with_netns_fd(pod_ns.as_fd(), || {
+        Netlink::open().and_then(|nl| nl.link(ifname))
+    })
+    .map_err(step("entering the pod's namespace"))?
+    .map_err(step("reading the pod's interface"))?;
+    let Some(peer) = pod_link
+        .filter(|l| l.kind.as_deref() == Some("veth"))
+        .and_then(|l| l.link_index)
+    else {
+        return Ok(());
+    };
+    if let Some(host_side) = host.link(peer).map_err(step("reading a retired veth"))?
+        && is_retired_ifname(&host_side.name)
+    {
+        host.delete_link(peer)
+            .map_err(step("removing a retired veth"))?;
+    }
+    Ok(())
+}
+
+/// Destroys every retired host veth of this network namespace; returns how many.
+pub fn remove_retired() -> Result<usize, PodError> {
+    let host = Netlink::open().map_err(step("opening netlink in the host namespace"))?;
+    let mut removed = 0;
+    for l in host.list_links().map_err(step("listing links"))? {
+        if is_retired_ifname(&l.name)
+            && l.kind.as_deref() == Some("veth")
+            && host
+                .delete_link(l.index)
+                .map_err(step("deleting a retired veth"))?
+        {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
     #[error("opening the pod's network namespace {path}")]
@@ -108,9 +210,11 @@ pub fn create_pair(
 
     match host.create_veth(&host_ifname, ifname, &pod_ns, Some(mtu)) {
         Err(e) if e.is_already_exists() => {
-            // A retried ADD: start again from nothing.
+            // A retried ADD, or an ADD into a namespace whose earlier attachment DEL retired:
+            // start again from nothing.
             host.delete_link(host_ifname.as_str())
                 .map_err(step("removing a stale host veth"))?;
+            remove_retired_pod_side(&host, &pod_ns, ifname)?;
             host.create_veth(&host_ifname, ifname, &pod_ns, Some(mtu))
                 .map_err(step("creating the veth pair"))?;
         }
@@ -229,5 +333,19 @@ mod tests {
         assert_ne!(a, host_ifname("abc123", "net1"));
         assert_eq!(a.len(), 13);
         assert!(a.starts_with("fx"));
+    }
+
+    #[test]
+    fn retired_names_fit_and_are_never_host_names() {
+        for ifindex in [1, 0xabc, u32::MAX] {
+            let n = retired_ifname(ifindex);
+            assert!(n.len() <= 15, "{n}");
+            assert!(is_retired_ifname(&n), "{n}");
+            assert!(!is_host_ifname(&n), "{n}");
+        }
+        assert!(!is_retired_ifname(&host_ifname("abc", "eth0")));
+        assert!(!is_retired_ifname("fxdel"));
+        assert!(!is_retired_ifname("fxdelXYZ"));
+        assert!(!is_retired_ifname("fxdel123456789"));
     }
 }

@@ -728,3 +728,106 @@ fn concurrent_add_and_del_with_killed_plugins_never_share_an_address_and_gc_clea
         assert!(out.status.success());
     }
 }
+
+/// DEL takes the pod's veth out of service at once (down, no route, renamed, its program's link
+/// moved aside) instead of waiting for the kernel to destroy it; an ADD into the same namespace
+/// works right after; the agent's sweep (at its start, then every interval) destroys the retired
+/// veths and unpins their links.
+#[test]
+fn del_retires_the_veth_at_once_and_the_agent_destroys_it_later() {
+    // No sweep while the test looks at what DEL left: the next one is at the agent's restart.
+    let c = Cluster::builder()
+        .nodes(1)
+        .agent_env("FERROX_IPAM_GC_INTERVAL", "3600")
+        .build();
+    let node = c.node(1);
+    let conf = node.cni_conf();
+    let ns = sandbox(&c, "r1");
+    let ns_path = ns.path().display().to_string();
+    let host_ifname = ferrox_cni::pod::host_ifname("cid-r", "eth0");
+    let layout = node.layout();
+    let links = |kind: &str| -> Vec<(String, bool)> {
+        node.netns()
+            .ip(&["-o", "link", "show", "type", kind])
+            .lines()
+            .filter_map(|l| {
+                let name = l.split(": ").nth(1)?.split('@').next()?.to_owned();
+                Some((name, l.contains(",UP")))
+            })
+            .collect()
+    };
+    let retired_pins = || -> Vec<String> {
+        std::fs::read_dir(layout.retired_links_dir())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    for round in 0..2 {
+        let out = node.cni_raw(&env("ADD", "cid-r", &ns_path), &conf);
+        assert!(out.status.success(), "ADD {round}: {out:?}");
+        let ip = stdout_json(&out)["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("/32")
+            .to_owned();
+        let ifindex: u32 = node
+            .netns()
+            .ip(&["-o", "link", "show", &host_ifname])
+            .split(':')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(layout.pod_link(&host_ifname).exists());
+
+        let out = node.cni_raw(&env("DEL", "cid-r", &ns_path), &conf);
+        assert!(out.status.success(), "DEL {round}: {out:?}");
+        let retired = ferrox_cni::pod::retired_ifname(ifindex);
+        let veths = links("veth");
+        assert!(
+            !veths.iter().any(|(n, _)| *n == host_ifname),
+            "the host veth keeps no pod name after DEL: {veths:?}"
+        );
+        // The namespace is still there, so is the pair: retired, down, its link moved aside.
+        let (_, up) = veths
+            .iter()
+            .find(|(n, _)| *n == retired)
+            .unwrap_or_else(|| panic!("{retired} in {veths:?}"));
+        assert!(!up, "{retired} is down");
+        assert!(retired_pins().contains(&ifindex.to_string()));
+        assert_eq!(
+            node.netns()
+                .ip(&["route", "show", &format!("{ip}/32")])
+                .trim(),
+            "",
+            "no route to the released address"
+        );
+        assert!(!layout.pod_link(&host_ifname).exists());
+        assert!(allocations(&node.ipam_dir()).is_empty());
+    }
+    // The second ADD found the first attachment's pod side in the namespace and removed it;
+    // what is left goes with the agent's next sweep.
+    node.kill_agent();
+    node.start_agent();
+    ferrox_tests::harness::wait_for(
+        "the agent to destroy the retired veths and unpin their links",
+        std::time::Duration::from_secs(15),
+        || {
+            let veths = links("veth");
+            let pins = retired_pins();
+            if veths
+                .iter()
+                .all(|(n, _)| !ferrox_cni::pod::is_retired_ifname(n))
+                && pins.is_empty()
+            {
+                Ok(())
+            } else {
+                Err(format!("veths {veths:?}, retired links {pins:?}"))
+            }
+        },
+    );
+}

@@ -64,7 +64,8 @@ fn remove_file(path: &Path, removed: &mut Removed) -> anyhow::Result<()> {
 
 /// True for the host side of a pod interface the plugin created (`fx` and 11 hex digits).
 pub fn is_pod_interface(name: &str) -> bool {
-    name.len() == 13 && name.starts_with("fx") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+    (name.len() == 13 && name.starts_with("fx") && name[2..].bytes().all(|b| b.is_ascii_hexdigit()))
+        || ferrox_cni::pod::is_retired_ifname(name)
 }
 
 /// `ferrox uninstall`: everything ferrox put on the node, in the current network namespace.

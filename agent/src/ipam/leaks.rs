@@ -1,7 +1,8 @@
 //! Addresses leaked by pods that went away without a CNI DEL (a node crash, a runtime that
 //! lost its state): the agent compares the IPAM store with this node's pods in the API and,
 //! after a grace period, releases what no pod holds, as a DEL would (address, veth, program,
-//! endpoint entry). [`leaked`] is the pure decision; [`collect_leaks`] the periodic shell.
+//! endpoint entry). [`leaked`] is the pure decision; [`collect_leaks`] the periodic shell, which
+//! also destroys the host veths DEL retired (`ferrox_cni::pod::retire`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -80,6 +81,24 @@ pub async fn collect_leaks(
                 continue;
             }
         };
+        // Host veths that DEL retired and no namespace deletion took with it, then the links
+        // of their programs.
+        let layout = ferrox_datapath::PinLayout::new(&config.bpffs_root);
+        let swept = tokio::task::spawn_blocking(move || {
+            let veths = ferrox_cni::pod::remove_retired().map_err(anyhow::Error::from)?;
+            let links =
+                ferrox_datapath::remove_retired_links(&layout, ferrox_cni::pod::link_exists)?;
+            anyhow::Ok((veths, links))
+        })
+        .await;
+        match swept {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((veths, links))) => {
+                info!(veths, links, "removed retired pod veths and their links")
+            }
+            Ok(Err(e)) => warn!(error = %e, "removing retired pod veths"),
+            Err(e) => warn!(error = %e, "removing retired pod veths"),
+        }
         let allocations = match Store::new(&config.ipam_dir).tidy() {
             Ok(scan) => {
                 for b in &scan.bad {

@@ -283,6 +283,22 @@ impl Netlink {
         Ok(())
     }
 
+    /// Renames a link (the kernel refuses while it is up).
+    pub fn set_name<'a>(&self, id: impl Into<LinkId<'a>>, name: &str) -> Result<()> {
+        check_name(name).map_err(|reason| {
+            Ctx {
+                op: "rename link",
+                target: name,
+            }
+            .invalid(reason)
+        })?;
+        self.set_attribute(
+            "rename link",
+            id.into(),
+            LinkAttribute::IfName(name.to_owned()),
+        )
+    }
+
     /// Sets a link's MTU.
     pub fn set_mtu<'a>(&self, id: impl Into<LinkId<'a>>, mtu: u32) -> Result<()> {
         self.set_attribute("set mtu", id.into(), LinkAttribute::Mtu(mtu))

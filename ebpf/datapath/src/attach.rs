@@ -402,6 +402,50 @@ pub fn attach_pod(layout: &PinLayout, host_ifname: &str) -> Result<Attachment> {
 }
 
 /// Removes a pod's link pin. Returns false when there was none (idempotent DEL).
+/// Moves the link of a pod whose veth was just retired (down, renamed, destroyed later) out of
+/// the pods' links, to `links/retired/<ifindex>`, without detaching it: a detach holds RTNL for
+/// an RCU grace period, which every other link change of the node would wait for. The link goes
+/// with the veth; [`remove_retired_links`] then unpins it. False when no link was pinned.
+pub fn retire_pod_link(layout: &PinLayout, host_ifname: &str, ifindex: u32) -> Result<bool> {
+    let pin = layout.pod_link(host_ifname);
+    let dir = layout.retired_links_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| DatapathError::io("creating", &dir, e))?;
+    match std::fs::rename(&pin, layout.retired_link(ifindex)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(DatapathError::io("moving", pin, e)),
+    }
+}
+
+/// Unpins the retired links (see [`retire_pod_link`]) whose interface `exists` no longer
+/// says is there; returns how many.
+pub fn remove_retired_links(layout: &PinLayout, exists: impl Fn(u32) -> bool) -> Result<usize> {
+    let dir = layout.retired_links_dir();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(DatapathError::io("listing", &dir, e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| DatapathError::io("listing", &dir, e))?;
+        let ifindex = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok());
+        if ifindex.is_some_and(&exists) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DatapathError::io("unpinning", path, e)),
+        }
+    }
+    Ok(removed)
+}
+
 pub fn detach_pod(layout: &PinLayout, host_ifname: &str) -> Result<bool> {
     let pin = layout.pod_link(host_ifname);
     match std::fs::remove_file(&pin) {

@@ -169,6 +169,7 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
     }
     for dir in [
         layout.pod_links_dir(),
+        layout.retired_links_dir(),
         layout.links_dir(),
         layout.progs_dir(),
         crate::resize::staging_dir(layout),

@@ -62,6 +62,15 @@ impl PinLayout {
     pub fn pod_link(&self, host_ifname: &str) -> PathBuf {
         self.pod_links_dir().join(host_ifname)
     }
+
+    /// Links of released pods whose veth is retired but not yet destroyed, by ifindex.
+    pub fn retired_links_dir(&self) -> PathBuf {
+        self.links_dir().join("retired")
+    }
+
+    pub fn retired_link(&self, ifindex: u32) -> PathBuf {
+        self.retired_links_dir().join(ifindex.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ mod testrun;
 
 pub use attach::{
     AttachOutcome, Attachment, PodLinks, XdpAttachMode, attach_pod, detach_pod, ifindex,
+    remove_retired_links, retire_pod_link,
 };
 pub use error::{DatapathError, Result};
 pub use inventory::{
