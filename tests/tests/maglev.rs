@@ -80,6 +80,14 @@ fn every_node_picks_the_same_backend_and_a_removed_backend_moves_only_its_flows(
             node.wait_for_entry(&format!("{LB_IP}:80/{proto}"), Scope::External, 6);
         }
     }
+    // Identical tables are one array: the TCP frontends (the LoadBalancer IP, each NodePort
+    // address) share one, the UDP ones another.
+    let status: serde_json::Value =
+        serde_json::from_str(&c.node(1).ferrox(&["status", "-o", "json"])).unwrap();
+    let maglev = &status["maglev"];
+    eprintln!("maglev usage on node-1: {maglev}");
+    assert_eq!(maglev["tables"], 2, "{maglev}");
+    assert!(maglev["frontends"].as_u64().unwrap() >= 4, "{maglev}");
     let outside = c.external_client();
 
     // The same flows through node-1, then through node-2.

@@ -77,6 +77,14 @@ pub fn run(layout: &PinLayout, node_config: &Path, output: Output) -> anyhow::Re
                 })
                 .collect();
             print_table(["MAP", "ENTRIES", "FILL", "MEMORY"], &maps);
+            if let Some(m) = &s.maglev {
+                println!(
+                    "maglev: {} external frontends on {} distinct tables, {:.1} MiB",
+                    m.frontends,
+                    m.tables,
+                    m.bytes as f64 / f64::from(1 << 20)
+                );
+            }
             println!(
                 "all maps: {:.1} MiB of kernel memory",
                 s.map_memory_bytes as f64 / f64::from(1 << 20)

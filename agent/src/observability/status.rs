@@ -109,8 +109,11 @@ pub struct Status {
     pub datapath_loaded: bool,
     pub attachments: Vec<Attachment>,
     pub maps: Vec<MapFill>,
-    /// Kernel memory of every pinned map, those without a row in `maps` included (bytes).
+    /// Kernel memory of every pinned map, those without a row in `maps` included, and of the
+    /// Maglev tables (bytes).
     pub map_memory_bytes: u64,
+    /// External frontends with a Maglev table, the distinct tables behind them, their memory.
+    pub maglev: Option<ferrox_datapath::MaglevUsage>,
     pub ipam: Option<IpamSummary>,
     /// Drops that mean a limit was hit, by reason (packets).
     pub limit_drops: Vec<(String, u64)>,
@@ -205,6 +208,7 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
     }
     let mut fills = Vec::new();
     let mut map_memory_bytes = 0;
+    let mut maglev = None;
     let mut limit_drops = Vec::new();
     if let Some(m) = &maps {
         fills = vec![
@@ -256,7 +260,11 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
                 f.preallocated = m.preallocated;
             }
         }
-        map_memory_bytes = memory.iter().map(|m| m.bytes).sum();
+        maglev = ferrox_datapath::MaglevTables::open(layout)
+            .and_then(|t| t.usage())
+            .ok();
+        map_memory_bytes =
+            memory.iter().map(|m| m.bytes).sum::<u64>() + maglev.map_or(0, |u| u.bytes);
         for m in memory.iter().filter(|m| m.name.starts_with("resize/")) {
             warnings.push(format!(
                 "map {} is pinned: a resize has not finished (the agent finishes it when it starts)",
@@ -375,6 +383,7 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
         attachments,
         maps: fills,
         map_memory_bytes,
+        maglev,
         ipam,
         limit_drops,
         warnings,

@@ -104,7 +104,7 @@ pub struct MapMemory {
     pub bytes: u64,
 }
 
-fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+pub(crate) fn memlock(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     use std::os::fd::AsRawFd as _;
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
     text.lines()

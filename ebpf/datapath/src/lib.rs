@@ -29,7 +29,7 @@ pub use inventory::{
 };
 pub use layout::{DEFAULT_BPFFS_ROOT, PinLayout};
 pub use link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info};
-pub use maglev::{MaglevTables, table_digest};
+pub use maglev::{MaglevTables, MaglevUsage, table_digest};
 pub use maps::{
     Config, CounterRow, Counters, Events, MapFull, Maps, SourceRange, SourceRanges, Tunnel,
     Tunnels, TypedHash, WriteError,

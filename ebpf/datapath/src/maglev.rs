@@ -13,6 +13,15 @@
 //! before it becomes visible, so it always describes what the array holds; a restarted agent
 //! learns what every table holds from one lookup per table ([`MaglevTables::digests`]) instead
 //! of reading 16381 entries each.
+//!
+//! Identical tables are one array: the frontends of one Service port on this node (each node
+//! address, LoadBalancer IP and externalIP) have the same backends, hence the same table, and
+//! each array costs 64 KiB of kernel memory. [`MaglevTables::set`] finds an array holding the
+//! table by its name (the digest) and puts that one under the new key; since no array is ever
+//! written once it is in the outer map, sharing changes nothing a packet sees.
+//! [`MaglevTables::usage`] counts frontends, arrays and their memory.
+
+use std::collections::HashMap;
 
 use aya::maps::{Array, HashOfMaps, Map, MapData, MapError};
 use ferrox_abi::{MAGLEV_TABLE_SIZE, map_names};
@@ -71,6 +80,20 @@ pub struct MaglevTables {
     map: HashOfMaps<MapData, u32, MapData>,
     id: u32,
     capacity: u32,
+    /// Digest -> kernel id of an array holding that table, built on the first [`Self::set`]
+    /// (an id whose array is gone, or holds another table, is dropped when met).
+    arrays: Option<HashMap<u64, u32>>,
+}
+
+/// What the Maglev tables hold and cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MaglevUsage {
+    /// External frontends with a table.
+    pub frontends: usize,
+    /// Distinct arrays behind them (identical tables are shared).
+    pub tables: usize,
+    /// Kernel memory of those arrays (bytes).
+    pub bytes: u64,
 }
 
 impl MaglevTables {
@@ -98,6 +121,7 @@ impl MaglevTables {
             map,
             id: info.id(),
             capacity: info.max_entries(),
+            arrays: None,
         })
     }
 
@@ -124,6 +148,10 @@ impl MaglevTables {
             )
             .into());
         }
+        let digest = table_digest(table);
+        if let Some(shared) = self.array_holding(digest)? {
+            return self.insert(rev_nat_id, &shared);
+        }
         let obj = aya_obj::Map::new_from_params(
             aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
             size_of::<u32>() as u32,
@@ -131,8 +159,12 @@ impl MaglevTables {
             MAGLEV_TABLE_SIZE,
             0,
         );
-        let data = MapData::create(obj, &digest_name(table_digest(table)), None)
+        let data = MapData::create(obj, &digest_name(digest), None)
             .map_err(|e| map_err("creating a new table for", e))?;
+        let array_id = data
+            .info()
+            .map_err(|e| map_err("inspecting a new table for", e))?
+            .id();
         let mut inner =
             Map::from_map_data(data).map_err(|e| map_err("typing a new table for", e))?;
         {
@@ -154,6 +186,14 @@ impl MaglevTables {
             )
             .into());
         };
+        self.insert(rev_nat_id, inner)?;
+        if let Some(arrays) = &mut self.arrays {
+            arrays.insert(digest, array_id);
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, rev_nat_id: u16, inner: &MapData) -> Result<(), WriteError> {
         match self.map.insert(&u32::from(rev_nat_id), inner, 0) {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::E2BIG) => Err(MapFull {
@@ -163,6 +203,62 @@ impl MaglevTables {
             .into()),
             Err(e) => Err(map_err("inserting a table into", e).into()),
         }
+    }
+
+    /// An array already holding the table of `digest`, opened, if one is in the outer map.
+    fn array_holding(&mut self, digest: u64) -> Result<Option<MapData>> {
+        if self.arrays.is_none() {
+            let mut arrays = HashMap::new();
+            for id in self.ids()? {
+                if let Some(data) = self.inner(id)?
+                    && let Ok(info) = data.info()
+                    && let Some(d) = info.name_as_str().and_then(digest_of_name)
+                {
+                    arrays.insert(d, info.id());
+                }
+            }
+            self.arrays = Some(arrays);
+        }
+        let Some(arrays) = &mut self.arrays else {
+            return Ok(None);
+        };
+        let Some(&array_id) = arrays.get(&digest) else {
+            return Ok(None);
+        };
+        // The array may be gone (every frontend using it was removed or replaced), or the id
+        // taken by another map since.
+        let opened = MapData::from_id(array_id).ok().filter(|data| {
+            data.info().ok().is_some_and(|i| {
+                i.name_as_str().and_then(digest_of_name) == Some(digest)
+                    && i.max_entries() == MAGLEV_TABLE_SIZE
+                    && i.value_size() == size_of::<u32>() as u32
+            })
+        });
+        if opened.is_none() {
+            arrays.remove(&digest);
+        }
+        Ok(opened)
+    }
+
+    /// Frontends with a table, the distinct arrays behind them and their kernel memory.
+    pub fn usage(&self) -> Result<MaglevUsage> {
+        use std::os::fd::AsFd as _;
+        let mut usage = MaglevUsage::default();
+        let mut seen = std::collections::HashSet::new();
+        for id in self.ids()? {
+            let Some(data) = self.inner(id)? else {
+                continue;
+            };
+            usage.frontends += 1;
+            let info = data
+                .info()
+                .map_err(|e| map_err("inspecting a table of", e))?;
+            if seen.insert(info.id()) {
+                usage.tables += 1;
+                usage.bytes += crate::inventory::memlock(data.fd().as_fd()).unwrap_or(0);
+            }
+        }
+        Ok(usage)
     }
 
     /// Removes the table of `rev_nat_id`; false when it had none.

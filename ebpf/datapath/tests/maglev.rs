@@ -142,3 +142,56 @@ fn opening_without_a_loaded_datapath_names_the_missing_map() {
     };
     assert!(err.to_string().contains("MAGLEV_V1"), "{err}");
 }
+
+/// Identical tables are one array: the second frontend with the same table gets the first's
+/// array (also after a restart, found by its name), a replaced or removed frontend leaves the
+/// others' tables as they were, and `usage` counts frontends, arrays and their memory.
+#[test]
+fn identical_tables_share_one_array_and_are_counted() {
+    let bpffs = scratch();
+    let layout = bpffs.layout();
+    let _dp = Datapath::open(&layout).unwrap();
+    let mut tables = MaglevTables::open(&layout).unwrap();
+    let a = table(&[1, 2, 3], 0);
+    let b = table(&[4, 5], 0);
+    let id = |rev: u32| held_inner(&layout, rev).info().unwrap().id();
+
+    tables.set(1, &a).unwrap();
+    tables.set(2, &a).unwrap();
+    tables.set(3, &b).unwrap();
+    assert_eq!(id(1), id(2), "identical tables share an array");
+    assert_ne!(id(1), id(3));
+    let usage = tables.usage().unwrap();
+    assert_eq!((usage.frontends, usage.tables), (3, 2));
+    // The kernel keeps array values in 8-byte slots: ~128 KiB per table.
+    let per_table = u64::from(MAGLEV_TABLE_SIZE) * 8;
+    assert!(
+        usage.bytes >= 2 * per_table && usage.bytes <= 2 * (per_table + 4096),
+        "{usage:?}"
+    );
+
+    // Frontend 1 gets another table: frontend 2 keeps its own, whole.
+    tables.set(1, &b).unwrap();
+    assert_eq!(id(1), id(3));
+    assert_eq!(tables.get(2).unwrap().as_deref(), Some(&a[..]));
+    assert_eq!(
+        (
+            tables.usage().unwrap().frontends,
+            tables.usage().unwrap().tables
+        ),
+        (3, 2)
+    );
+
+    // A restarted agent finds the arrays by their names.
+    drop(tables);
+    let mut tables = MaglevTables::open(&layout).unwrap();
+    tables.set(4, &a).unwrap();
+    assert_eq!(id(4), id(2));
+    // Once no frontend uses an array it is freed; the same table later gets a new one.
+    tables.remove(2).unwrap();
+    tables.remove(4).unwrap();
+    assert_eq!(tables.usage().unwrap().tables, 1);
+    tables.set(5, &a).unwrap();
+    assert_eq!(tables.get(5).unwrap().as_deref(), Some(&a[..]));
+    assert_eq!(tables.usage().unwrap().tables, 2);
+}
