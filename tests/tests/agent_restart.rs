@@ -358,7 +358,8 @@ fn flow_map_capacities(node: &ferrox_tests::harness::Node) -> (u64, u64, u64, bo
 /// The agents restart with other map sizes (smaller, as for a 4 GiB node, then an explicit
 /// conntrack size, then the default again) while clients open connections back to back through
 /// a NodePort on each node from outside, a ClusterIP from a pod and a ClusterIP through the
-/// per-packet fallback: each restart replaces the flow maps with maps of the new size, carries
+/// per-packet fallback, and a pod asks a UDP ClusterIP from a new socket each time (the socket
+/// reverse-NAT map): each restart replaces the flow maps with maps of the new size, carries
 /// their entries over and moves every hook to them, and not one request fails. (Before the
 /// programs looked flows up in both conntrack maps while the hooks moved, a few requests per
 /// run timed out; before they told their own map from the previous one there, SYNs were
@@ -376,18 +377,21 @@ fn restarting_the_agents_with_other_map_sizes_under_load_fails_no_request() {
         &svc("web")
             .node_port_type()
             .cluster_ip("10.96.3.12")
-            .port_np("", 80, 30112, "TCP")
+            .port_np("tcp", 80, 30112, "TCP")
+            .port_np("dns", 53, 30113, "UDP")
             .build(),
     );
     c.api().apply(
         &slice("web", "w")
-            .port("", 8080, "TCP")
+            .port("tcp", 8080, "TCP")
+            .port("dns", 8080, "UDP")
             .ready_on(web1.ip, "node-1")
             .ready_on(web2.ip, "node-2")
             .build(),
     );
     for n in c.nodes() {
         n.wait_for_backends("10.96.3.12:80/TCP", 2);
+        n.wait_for_backends("10.96.3.12:53/UDP", 2);
         n.wait_for_entry(
             &format!("{}:30112/TCP", n.addr),
             ferrox::services::model::Scope::External,
@@ -423,6 +427,10 @@ fn restarting_the_agents_with_other_map_sizes_under_load_fails_no_request() {
         (
             "ClusterIP through the per-packet fallback",
             c.unhooked(&client).spawn(&["load", "10.96.3.12:80"]),
+        ),
+        (
+            "UDP ClusterIP from a pod, a new socket per request",
+            client.spawn(&["load", "--udp", "10.96.3.12:53"]),
         ),
     ];
     let mut done: Vec<u64> = loads.iter().map(|(_, l)| wait_load(l, 0, 10)).collect();

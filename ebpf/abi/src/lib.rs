@@ -44,6 +44,11 @@ pub mod map_names {
     /// current programs look a flow up there when [`CONNTRACK`] does not have it and create
     /// flows in both, so a flow is seen whichever hook's program runs. Empty otherwise.
     pub const CONNTRACK_PREVIOUS: &str = "CT_PREV_V1";
+    /// As [`CONNTRACK_PREVIOUS`], for [`SOCK_REVNAT`] (entries are written in both maps and
+    /// looked up in the previous one when the current one does not have them).
+    pub const SOCK_REVNAT_PREVIOUS: &str = "RNAT_PREV_V1";
+    /// As [`CONNTRACK_PREVIOUS`], for [`AFFINITY`].
+    pub const AFFINITY_PREVIOUS: &str = "AFF_PREV_V1";
     /// LPM trie of [`crate::SrcRangeKey`] -> `u8`: loadBalancerSourceRanges per frontend.
     pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
     /// Array of one [`crate::DatapathConfig`]: what the agent tells the programs about the node.
@@ -70,13 +75,15 @@ pub mod map_names {
     pub const OBSOLETE: [&str; 1] = ["COUNTERS_V1"];
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
+        SOCK_REVNAT_PREVIOUS,
         COUNTERS,
         ENDPOINTS,
         AFFINITY,
+        AFFINITY_PREVIOUS,
         CONNTRACK,
         CONNTRACK_PREVIOUS,
         SOURCE_RANGES,

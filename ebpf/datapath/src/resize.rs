@@ -313,8 +313,21 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
     }
 }
 
-fn previous_conntrack(layout: &PinLayout) -> Result<HashOfMaps<MapData, u32, MapData>> {
-    let name = map_names::CONNTRACK_PREVIOUS;
+/// The hash of maps through which the programs reach the previous copy of the flow map `name`
+/// while its resize finishes.
+fn previous_of(name: &str) -> Option<&'static str> {
+    match name {
+        map_names::CONNTRACK => Some(map_names::CONNTRACK_PREVIOUS),
+        map_names::SOCK_REVNAT => Some(map_names::SOCK_REVNAT_PREVIOUS),
+        map_names::AFFINITY => Some(map_names::AFFINITY_PREVIOUS),
+        _ => None,
+    }
+}
+
+fn previous_map(
+    layout: &PinLayout,
+    name: &'static str,
+) -> Result<HashOfMaps<MapData, u32, MapData>> {
     let data = MapData::from_pin(layout.map(name))
         .map_err(|e| DatapathError::map("opening pinned", name, e))?;
     let map = Map::from_map_data(data).map_err(|e| DatapathError::map("typing", name, e))?;
@@ -322,21 +335,21 @@ fn previous_conntrack(layout: &PinLayout) -> Result<HashOfMaps<MapData, u32, Map
 }
 
 /// Step 2, once the programs are pinned against the new maps: fills each new map from the
-/// previous one and exchanges their pins. The previous conntrack map is handed to the new
-/// programs (`CT_PREV_V1`) before any hook runs them: until the resize ends they look flows up
-/// there too and create flows in both maps, so that whichever hook runs which programs, both
-/// directions of a flow see the same entries.
+/// previous one and exchanges their pins. The previous flow maps are handed to the new
+/// programs (`CT_PREV_V1`, `RNAT_PREV_V1`, `AFF_PREV_V1`) before any hook runs them: until the
+/// resize ends they look entries up there too and write them in both maps, so that whichever
+/// hook runs which programs, both directions of a flow see the same entries.
 pub(crate) fn carry_over(layout: &PinLayout, resized: &mut [Resize]) -> Result<()> {
     for r in resized {
         let current = layout.map(r.map);
         let new = staging(layout, r.map);
         r.copy = copy(r.map, &current, &new)?;
-        if r.map == map_names::CONNTRACK {
+        if let Some(outer) = previous_of(r.map) {
             let previous = MapData::from_pin(&current)
                 .map_err(|e| DatapathError::map("opening pinned", r.map, e))?;
-            previous_conntrack(layout)?
+            previous_map(layout, outer)?
                 .insert(&0, &previous, 0)
-                .map_err(|e| DatapathError::map("writing", map_names::CONNTRACK_PREVIOUS, e))?;
+                .map_err(|e| DatapathError::map("writing", outer, e))?;
         }
         exchange(&new, &current)?;
     }
@@ -371,18 +384,14 @@ pub(crate) fn merge_leftovers(layout: &PinLayout) -> Result<Vec<Leftover>> {
         } else {
             None
         };
-        if name == map_names::CONNTRACK && layout.map(map_names::CONNTRACK_PREVIOUS).exists() {
-            match previous_conntrack(layout)?.remove(&0) {
+        if let Some(outer) = previous_of(&name)
+            && layout.map(outer).exists()
+        {
+            match previous_map(layout, outer)?.remove(&0) {
                 Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => {}
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(DatapathError::map(
-                        "clearing",
-                        map_names::CONNTRACK_PREVIOUS,
-                        e,
-                    ));
-                }
+                Err(e) => return Err(DatapathError::map("clearing", outer, e)),
             }
         }
         std::fs::remove_file(&path).map_err(|e| DatapathError::io("unpinning", &path, e))?;

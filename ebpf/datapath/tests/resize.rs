@@ -334,3 +334,45 @@ fn the_flow_maps_of_a_4_gib_node_take_a_fifth_of_a_20_gib_nodes() {
         total >> 20
     );
 }
+
+/// The ids of the maps the programs reach through the hash of maps `outer` (key 0).
+fn previous_ids(layout: &PinLayout, outer: &str) -> Vec<u32> {
+    let data = aya::maps::MapData::from_pin(layout.map(outer)).unwrap();
+    let map = aya::maps::Map::from_map_data(data).unwrap();
+    let map: aya::maps::HashOfMaps<_, u32, aya::maps::MapData> =
+        aya::maps::HashOfMaps::try_from(map).unwrap();
+    map.keys()
+        .map(|k| map.get(&k.unwrap(), 0).unwrap().info().unwrap().id())
+        .collect()
+}
+
+#[test]
+fn the_previous_flow_maps_are_reachable_by_the_programs_until_the_resize_ends() {
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-resize-test").unwrap();
+    let layout = bpffs.layout();
+    let outers = [
+        (map_names::CONNTRACK, map_names::CONNTRACK_PREVIOUS),
+        (map_names::SOCK_REVNAT, map_names::SOCK_REVNAT_PREVIOUS),
+        (map_names::AFFINITY, map_names::AFFINITY_PREVIOUS),
+    ];
+    let dp = Datapath::open_with(&layout, &sizing(4096, 2048, 1024)).unwrap();
+    let before: Vec<u32> = outers
+        .iter()
+        .map(|(m, _)| capacity_of(&layout, m).0)
+        .collect();
+    for (_, outer) in outers {
+        assert!(previous_ids(&layout, outer).is_empty(), "{outer}");
+    }
+    drop(dp);
+    let mut dp = Datapath::open_with(&layout, &sizing(8192, 4096, 2048)).unwrap();
+    for ((_, outer), old) in outers.iter().zip(&before) {
+        assert_eq!(previous_ids(&layout, outer), [*old], "{outer}");
+    }
+    for ((map, _), old) in outers.iter().zip(&before) {
+        assert_ne!(capacity_of(&layout, map).0, *old, "{map} replaced");
+    }
+    dp.finish_upgrade().unwrap();
+    for (_, outer) in outers {
+        assert!(previous_ids(&layout, outer).is_empty(), "{outer}");
+    }
+}

@@ -13,7 +13,8 @@ use ferrox_abi::{
 
 use crate::{
     flow::Flow,
-    maps::{AFFINITY_V1, BACKENDS_V1, MAGLEV_V1, SRC_RANGES_V1, SVC_V1},
+    maps::{AFF_PREV_V1, AFFINITY_V1, BACKENDS_V1, MAGLEV_V1, SRC_RANGES_V1, SVC_V1},
+    resizing,
 };
 
 /// Whether the frontend takes this new flow: it has backends, and the client is inside its
@@ -58,19 +59,19 @@ pub(crate) fn pick_backend(
     };
     if frontend.flags & svc_flags::AFFINITY != 0 {
         let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
-        // SAFETY: the value is copied out before the entry is written again.
-        if let Some(a) = (unsafe { AFFINITY_V1.get(&akey) }).copied()
+        if let Some(a) = resizing::get(&AFFINITY_V1, &AFF_PREV_V1, &akey)
             && now.saturating_sub(a.last_used_ns) <= timeout_ns
             // SAFETY: only checks that the backend still exists.
             && (unsafe { BACKENDS_V1.get(&a.backend_id) }).is_some()
         {
-            let _ = AFFINITY_V1.insert(
+            let _ = resizing::insert(
+                &AFFINITY_V1,
+                &AFF_PREV_V1,
                 &akey,
                 &AffinityValue {
                     last_used_ns: now,
                     ..a
                 },
-                0,
             );
             return Ok(a.backend_id);
         }
@@ -97,14 +98,15 @@ pub(crate) fn pick_backend(
         }
     };
     if frontend.flags & svc_flags::AFFINITY != 0 {
-        let _ = AFFINITY_V1.insert(
+        let _ = resizing::insert(
+            &AFFINITY_V1,
+            &AFF_PREV_V1,
             &akey,
             &AffinityValue {
                 backend_id,
                 _pad: 0,
                 last_used_ns: now,
             },
-            0,
         );
     }
     Ok(backend_id)

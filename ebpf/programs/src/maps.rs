@@ -48,6 +48,17 @@ pub static ENDPOINTS_V1: HashMap<EndpointKey, EndpointInfo> =
 pub static AFFINITY_V1: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
 
+/// While a resize of `SOCK_RNAT_V1` finishes: the previous map under key 0 (see
+/// [`crate::resizing`]).
+#[btf_map(pin_by_name)]
+pub static RNAT_PREV_V1: HashOfMaps<u32, BtfLruHashMap<SockRevNatKey, SockRevNatValue, 1>, 1> =
+    HashOfMaps::new();
+
+/// While a resize of `AFFINITY_V1` finishes: the previous map under key 0.
+#[btf_map(pin_by_name)]
+pub static AFF_PREV_V1: HashOfMaps<u32, BtfLruHashMap<AffinityKey, AffinityValue, 1>, 1> =
+    HashOfMaps::new();
+
 #[map]
 pub static CT_V2: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 

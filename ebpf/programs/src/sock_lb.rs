@@ -15,7 +15,10 @@ use ferrox_abi::{
 
 use crate::{
     counters::count,
-    maps::{AFFINITY_V1, BACKENDS_V1, HOST_NETNS_V1, SOCK_RNAT_V1, SVC_V1},
+    maps::{
+        AFF_PREV_V1, AFFINITY_V1, BACKENDS_V1, HOST_NETNS_V1, RNAT_PREV_V1, SOCK_RNAT_V1, SVC_V1,
+    },
+    resizing,
 };
 
 /// Return value of a sock_addr program that lets the operation go on.
@@ -102,7 +105,7 @@ fn try_forward(ctx: &SockAddrContext) -> Reason {
         port: key.port,
         rev_nat_id: frontend.rev_nat_id,
     };
-    if SOCK_RNAT_V1.insert(&rev_key, &rev_val, 0).is_err() && l4 == proto::UDP {
+    if !resizing::insert(&SOCK_RNAT_V1, &RNAT_PREV_V1, &rev_key, &rev_val) && l4 == proto::UDP {
         // Without the entry, replies would reach the application from the backend's address,
         // which a DNS client rejects: refuse instead of half-translating.
         return Reason::DropRevNatFull;
@@ -152,8 +155,7 @@ fn pick_with_affinity(
     // SAFETY: a helper without arguments or preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(frontend.affinity_timeout) * 1_000_000_000;
-    // SAFETY: the value is copied out before the entry is written again.
-    if let Some(entry) = (unsafe { AFFINITY_V1.get(&akey) }).copied()
+    if let Some(entry) = resizing::get(&AFFINITY_V1, &AFF_PREV_V1, &akey)
         && now.saturating_sub(entry.last_used_ns) <= timeout_ns
         && (unsafe { BACKENDS_V1.get(&entry.backend_id) }).is_some()
     {
@@ -162,18 +164,19 @@ fn pick_with_affinity(
             ..entry
         };
         // Best effort: a failed refresh only shortens the affinity.
-        let _ = AFFINITY_V1.insert(&akey, &refreshed, 0);
+        let _ = resizing::insert(&AFFINITY_V1, &AFF_PREV_V1, &akey, &refreshed);
         return Ok((entry.backend_id, Reason::TranslateAffinity));
     }
     let backend_id = pick_random(key, frontend).ok_or(Reason::DropBackendMissing)?;
-    let _ = AFFINITY_V1.insert(
+    let _ = resizing::insert(
+        &AFFINITY_V1,
+        &AFF_PREV_V1,
         &akey,
         &AffinityValue {
             backend_id,
             _pad: 0,
             last_used_ns: now,
         },
-        0,
     );
     Ok((backend_id, Reason::TranslateToBackend))
 }
@@ -191,8 +194,7 @@ pub fn reverse(ctx: &SockAddrContext, hook: Hook) -> i32 {
         port: sa.user_port as u16,
         _pad: [0; 2],
     };
-    // SAFETY: the value is copied out before anything else touches the map.
-    let reason = match (unsafe { SOCK_RNAT_V1.get(&key) }).copied() {
+    let reason = match resizing::get(&SOCK_RNAT_V1, &RNAT_PREV_V1, &key) {
         Some(frontend) => {
             sa.user_ip4 = frontend.addr;
             sa.user_port = u32::from(frontend.port);

@@ -66,12 +66,16 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         size: usize,
     },
-    /// New TCP connections to `target`, one after the other, until SIGTERM; prints
-    /// `progress <ok> <failed>` lines, then a JSON summary with every failure.
+    /// New TCP connections to `target` (with `--udp`: a request from a new unconnected UDP
+    /// socket each time, as a resolver without a long-lived socket does), one after the other,
+    /// until SIGTERM; prints `progress <ok> <failed>` lines, then a JSON summary with every
+    /// failure.
     Load {
         target: SocketAddr,
         #[arg(long, default_value_t = 5)]
         pause_ms: u64,
+        #[arg(long)]
+        udp: bool,
     },
     /// One connected UDP socket to `target`, asking every `interval_ms` until SIGTERM, as a
     /// resolver with a long-lived socket does: prints a JSON line per answer, per timeout, and
@@ -157,7 +161,11 @@ fn main() {
             chunk,
             pause_ms,
         } => stream(target, chunk, Duration::from_millis(pause_ms)),
-        Cmd::Load { target, pause_ms } => load(target, Duration::from_millis(pause_ms)),
+        Cmd::Load {
+            target,
+            pause_ms,
+            udp,
+        } => load(target, Duration::from_millis(pause_ms), udp),
         Cmd::UdpSession {
             target,
             interval_ms,
@@ -403,7 +411,7 @@ fn udp_session(target: SocketAddr, interval: Duration, timeout: Duration) {
     );
 }
 
-fn load(target: SocketAddr, pause: Duration) {
+fn load(target: SocketAddr, pause: Duration, udp: bool) {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
@@ -416,7 +424,11 @@ fn load(target: SocketAddr, pause: Duration) {
     let mut last_report = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
         let t0 = Instant::now();
-        let r = call_tcp(target, Duration::from_secs(2));
+        let r = if udp {
+            call_udp(target, Duration::from_secs(2), false, None, 4)
+        } else {
+            call_tcp(target, Duration::from_secs(2))
+        };
         let took = t0.elapsed();
         if took >= Duration::from_millis(500) && slow.len() < 20 {
             slow.push(serde_json::json!({
