@@ -401,7 +401,6 @@ pub fn attach_pod(layout: &PinLayout, host_ifname: &str) -> Result<Attachment> {
     )
 }
 
-/// Removes a pod's link pin. Returns false when there was none (idempotent DEL).
 /// Moves the link of a pod whose veth was just retired (down, renamed, destroyed later) out of
 /// the pods' links, to `links/retired/<ifindex>`, without detaching it: a detach holds RTNL for
 /// an RCU grace period, which every other link change of the node would wait for. The link goes
@@ -446,6 +445,7 @@ pub fn remove_retired_links(layout: &PinLayout, exists: impl Fn(u32) -> bool) ->
     Ok(removed)
 }
 
+/// Removes a pod's link pin. Returns false when there was none (idempotent DEL).
 pub fn detach_pod(layout: &PinLayout, host_ifname: &str) -> Result<bool> {
     let pin = layout.pod_link(host_ifname);
     match std::fs::remove_file(&pin) {
