@@ -109,9 +109,9 @@ impl Drop for Rollback {
 struct Attaching(Option<std::thread::JoinHandle<ferrox_datapath::Result<()>>>);
 
 impl Attaching {
-    fn start(layout: PinLayout, host_ifname: String) -> Self {
+    fn start(layout: PinLayout, host_ifname: String, how: ferrox_datapath::PodAttach) -> Self {
         Self(Some(std::thread::spawn(move || {
-            ferrox_datapath::attach_pod(&layout, &host_ifname).map(drop)
+            ferrox_datapath::attach_pod(&layout, &host_ifname, how).map(drop)
         })))
     }
 
@@ -148,8 +148,7 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     let mut rollback = Rollback { steps: Vec::new() };
 
     // 1. The veth pair. The pod program is attached to its host side on another thread while
-    //    the address is allocated and the pod configured: the kernel's attach waits for an RCU
-    //    grace period (about 10 ms here), which the rest of ADD overlaps.
+    //    the address is allocated and the pod configured.
     let host_ifname = pod::host_ifname(&inv.container_id, &inv.ifname);
     {
         let name = host_ifname.clone();
@@ -167,7 +166,14 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
         });
     }
     // Declared after `rollback`: dropped (joined) before the rollback runs.
-    let attaching = Attaching::start(layout.clone(), host_ifname.clone());
+    // A filter, unless the bandwidth plugin needs the veth's ingress qdisc (see
+    // `NetConf::pod_egress_is_shaped`): then a TCX link, which needs no qdisc.
+    let how = if conf.pod_egress_is_shaped() {
+        ferrox_datapath::PodAttach::Link
+    } else {
+        ferrox_datapath::PodAttach::Filter
+    };
+    let attaching = Attaching::start(layout.clone(), host_ifname.clone(), how);
 
     // 2. An address.
     let store = ipam::Store::new(&node.ipam_dir);
@@ -447,14 +453,19 @@ fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
             Err(e) => wrong.push(format!("listing the host's routes failed: {e}")),
         }
         let layout = PinLayout::new(&node.bpffs_root);
-        match ferrox_datapath::pinned_link_info(&layout.pod_link(&host_ifname)) {
-            Ok(info) => match info.target {
-                ferrox_datapath::LinkTarget::Tcx { ifindex, .. } if ifindex == index => {}
-                other => wrong.push(format!(
-                    "the pod program is attached to {other:?}, not {host_ifname}"
-                )),
-            },
-            Err(_) => wrong.push(format!("the pod program is not attached to {host_ifname}")),
+        match ferrox_datapath::pod_hook(&layout, &host_ifname) {
+            Ok(Some(ferrox_datapath::PodHook::Filter { .. })) => {}
+            Ok(Some(ferrox_datapath::PodHook::Link {
+                target: ferrox_datapath::LinkTarget::Tcx { ifindex, .. },
+                ..
+            })) if ifindex == index => {}
+            Ok(Some(ferrox_datapath::PodHook::Link { target, .. })) => wrong.push(format!(
+                "the pod program is attached to {target:?}, not {host_ifname}"
+            )),
+            Ok(None) => wrong.push(format!("the pod program is not attached to {host_ifname}")),
+            Err(e) => wrong.push(format!(
+                "reading the pod program's hook on {host_ifname} failed: {e}"
+            )),
         }
         match Maps::open(&layout).and_then(|m| {
             m.endpoints.get(&EndpointKey {

@@ -219,6 +219,44 @@ pub struct NetConf {
     /// GC: the attachments the runtime still knows.
     #[serde(rename = "cni.dev/valid-attachments", default)]
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// What the runtime passes for the capabilities this plugin's entry declares.
+    #[serde(default)]
+    pub runtime_config: RuntimeConfig,
+}
+
+/// `runtimeConfig`: the `bandwidth` capability (the pod's `kubernetes.io/*-bandwidth`
+/// annotations, as the kubelet hands them to the runtime).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeConfig {
+    #[serde(default)]
+    pub bandwidth: Option<Bandwidth>,
+}
+
+/// Rates in bits per second and bursts in bits, as the reference `bandwidth` plugin takes them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bandwidth {
+    #[serde(default)]
+    pub ingress_rate: u64,
+    #[serde(default)]
+    pub ingress_burst: u64,
+    #[serde(default)]
+    pub egress_rate: u64,
+    #[serde(default)]
+    pub egress_burst: u64,
+}
+
+impl NetConf {
+    /// Whether the reference `bandwidth` plugin chained after this one will shape the pod's
+    /// egress: it then adds an `ingress` qdisc to the host veth (exclusively, so a clsact qdisc
+    /// already there makes it fail), and the pod program must be a TCX link instead of a filter.
+    pub fn pod_egress_is_shaped(&self) -> bool {
+        self.runtime_config
+            .bandwidth
+            .as_ref()
+            .is_some_and(|b| b.egress_rate > 0 && b.egress_burst > 0)
+    }
 }
 
 impl NetConf {

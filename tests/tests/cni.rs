@@ -411,12 +411,24 @@ fn chained_before_portmap_bandwidth_and_tuning() {
     );
     let common = json!({ "cniVersion": "1.0.0", "name": "ferrox" });
     let with = |extra: Value| merged(&common, extra);
+    let bandwidth = json!({
+        "ingressRate": 8_000_000, "ingressBurst": 1_000_000,
+        "egressRate": 8_000_000, "egressBurst": 1_000_000
+    });
     let chain = Chain {
         node,
         plugins: vec![
             (
                 ferrox_tests::harness::bin_path("ferrox-cni"),
-                merged(&node.cni_conf(), json!({ "cniVersion": "1.0.0" })),
+                // As libcni passes it: the ferrox entry declares the bandwidth capability.
+                merged(
+                    &node.cni_conf(),
+                    json!({
+                        "cniVersion": "1.0.0",
+                        "capabilities": { "bandwidth": true },
+                        "runtimeConfig": { "bandwidth": bandwidth },
+                    }),
+                ),
             ),
             (
                 ref_plugins.join("portmap"),
@@ -434,10 +446,7 @@ fn chained_before_portmap_bandwidth_and_tuning() {
                 with(json!({
                     "type": "bandwidth",
                     "capabilities": { "bandwidth": true },
-                    "runtimeConfig": { "bandwidth": {
-                        "ingressRate": 8_000_000, "ingressBurst": 1_000_000,
-                        "egressRate": 8_000_000, "egressBurst": 1_000_000
-                    } }
+                    "runtimeConfig": { "bandwidth": bandwidth }
                 })),
             ),
             (
@@ -487,6 +496,13 @@ fn chained_before_portmap_bandwidth_and_tuning() {
         .unwrap();
     let tc = String::from_utf8_lossy(&tc.stdout).to_string();
     assert!(tc.contains("tbf"), "a rate limit on {host_ifname}: {tc}");
+    // The pod's egress is shaped too (the bandwidth plugin's ingress qdisc, which excludes a
+    // clsact one): ferrox attached its program as a TCX link, which needs no qdisc.
+    assert!(tc.contains("qdisc ingress"), "{tc}");
+    assert!(
+        node.layout().pod_link(&host_ifname).exists(),
+        "the pod program of a shaped pod is a pinned TCX link"
+    );
 
     // portmap: the host port reaches the pod's server, from another process on the node.
     let pod = node.place_in("chain-pod", &ns.path());
@@ -729,10 +745,10 @@ fn concurrent_add_and_del_with_killed_plugins_never_share_an_address_and_gc_clea
     }
 }
 
-/// DEL takes the pod's veth out of service at once (down, no route, renamed, its program's link
-/// moved aside) instead of waiting for the kernel to destroy it; an ADD into the same namespace
-/// works right after; the agent's sweep (at its start, then every interval) destroys the retired
-/// veths and unpins their links.
+/// DEL takes the pod's veth out of service at once (down, no route, renamed; its program's
+/// filter stays with it) instead of waiting for the kernel to destroy it; an ADD into the same
+/// namespace works right after; the agent's sweep (at its start, then every interval) destroys
+/// the retired veths.
 #[test]
 fn del_retires_the_veth_at_once_and_the_agent_destroys_it_later() {
     // No sweep while the test looks at what DEL left: the next one is at the agent's restart.
@@ -754,6 +770,15 @@ fn del_retires_the_veth_at_once_and_the_agent_destroys_it_later() {
                 let name = l.split(": ").nth(1)?.split('@').next()?.to_owned();
                 Some((name, l.contains(",UP")))
             })
+            .collect()
+    };
+    let pod_filters = || -> Vec<String> {
+        let out = node.ferrox(&["datapath", "-o", "json"]);
+        let objects: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        objects
+            .iter()
+            .filter(|o| o["kind"] == "filter")
+            .map(|o| o["name"].as_str().unwrap().to_owned())
             .collect()
     };
     let retired_pins = || -> Vec<String> {
@@ -782,7 +807,11 @@ fn del_retires_the_veth_at_once_and_the_agent_destroys_it_later() {
             .trim()
             .parse()
             .unwrap();
-        assert!(layout.pod_link(&host_ifname).exists());
+        assert_eq!(pod_filters(), [format!("filters/{host_ifname}")]);
+        assert!(
+            !layout.pod_link(&host_ifname).exists(),
+            "a filter has no pin"
+        );
 
         let out = node.cni_raw(&env("DEL", "cid-r", &ns_path), &conf);
         assert!(out.status.success(), "DEL {round}: {out:?}");
@@ -792,13 +821,15 @@ fn del_retires_the_veth_at_once_and_the_agent_destroys_it_later() {
             !veths.iter().any(|(n, _)| *n == host_ifname),
             "the host veth keeps no pod name after DEL: {veths:?}"
         );
-        // The namespace is still there, so is the pair: retired, down, its link moved aside.
+        // The namespace is still there, so is the pair: retired, down, with its filter (which
+        // goes with it; nothing was pinned for it).
         let (_, up) = veths
             .iter()
             .find(|(n, _)| *n == retired)
             .unwrap_or_else(|| panic!("{retired} in {veths:?}"));
         assert!(!up, "{retired} is down");
-        assert!(retired_pins().contains(&ifindex.to_string()));
+        assert!(pod_filters().contains(&format!("filters/{retired}")));
+        assert!(retired_pins().is_empty());
         assert_eq!(
             node.netns()
                 .ip(&["route", "show", &format!("{ip}/32")])

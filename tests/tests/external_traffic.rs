@@ -104,7 +104,11 @@ fn node_port_from_outside_reaches_local_and_remote_backends() {
     // Node-1 translated those flows: new flows, established packets and replies were counted.
     let maps = Maps::open(&c.node(1).layout()).unwrap();
     let get = |r| maps.counters.get(Hook::TcUplinkIngress, r).unwrap().packets;
-    assert!(get(Reason::NatNewFlow) >= 70, "{}", get(Reason::NatNewFlow));
+    // Every TCP connection is a new flow; UDP requests are one flow per source port, and the
+    // client's kernel may hand a port out again, so only the two flows that reached the two
+    // backends are certain.
+    let new_flows = get(Reason::NatNewFlow);
+    assert!((42..=70).contains(&new_flows), "{new_flows} new flows");
     assert!(get(Reason::NatEstablished) > 0);
     assert!(
         get(Reason::NatReply) > 0,

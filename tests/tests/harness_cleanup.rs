@@ -145,8 +145,8 @@ fn cni_del_is_idempotent_and_works_without_the_namespace() {
         "the host veth is gone"
     );
     assert!(
-        !n.layout().pod_link(&host_if).exists(),
-        "the pod's link pin is gone"
+        !n.ferrox(&["datapath"]).contains(&host_if),
+        "no pod program is attached to {host_if} any more"
     );
 
     c.delete_pod_netns(&q);

@@ -1,5 +1,5 @@
 //! `ferrox datapath`: every pinned map, program and link with its kernel id and what it is
-//! attached to (works while the agent is down).
+//! attached to, and each pod's filter with its program's id (works while the agent is down).
 
 use ferrox_datapath::PinLayout;
 
@@ -19,6 +19,13 @@ pub fn run(layout: &PinLayout, output: Output) -> anyhow::Result<()> {
                         }
                         Some(ferrox_datapath::LinkTarget::Tcx { ifindex, .. }) => {
                             format!("tcx ifindex {ifindex}")
+                        }
+                        Some(ferrox_datapath::LinkTarget::TcFilter {
+                            ifindex,
+                            priority,
+                            handle,
+                        }) => {
+                            format!("tc ingress ifindex {ifindex} (filter pref {priority} handle {handle:#x})")
                         }
                         Some(ferrox_datapath::LinkTarget::Xdp { ifindex }) => {
                             format!("xdp ifindex {ifindex}")

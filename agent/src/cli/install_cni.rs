@@ -154,7 +154,14 @@ pub fn conflist(node_config: &Path, chain: &Chain) -> Result<serde_json::Value, 
             )
         }
     };
-    let mut plugins = vec![serde_json::json!({ "type": CNI_BINARY, "nodeConfig": node_config })];
+    // The bandwidth capability: the runtime then tells ferrox when a pod's egress is shaped by
+    // a `bandwidth` plugin chained after it (which needs the veth's ingress qdisc), so that the
+    // pod's program is attached in a way that leaves that qdisc free.
+    let mut plugins = vec![serde_json::json!({
+        "type": CNI_BINARY,
+        "nodeConfig": node_config,
+        "capabilities": { "bandwidth": true },
+    })];
     if chain.portmap.is_some() {
         plugins.push(serde_json::json!({
             "type": PORTMAP,

@@ -312,6 +312,12 @@ pub fn collect_with(layout: &PinLayout, node_config: &Path, agent: Option<AgentS
                     ferrox_datapath::LinkTarget::Xdp { ifindex } => {
                         format!("xdp ifindex {ifindex}")
                     }
+                    ferrox_datapath::LinkTarget::TcFilter { ifindex, .. } => {
+                        let name = nix::net::if_::if_indextoname(ifindex)
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_else(|_| "gone".into());
+                        format!("tc filter {name} ({ifindex})")
+                    }
                     other => format!("{other:?}"),
                 },
             })

@@ -3,6 +3,7 @@
 //! A link is adopted when its pin exists, its target (cgroup, interface) is the one asked for
 //! and still exists; if it runs an older copy of the program it is moved to the current one with
 //! `bpf_link_update`, atomically. Only a link that points elsewhere or at nothing is replaced.
+//! Pods' programs are netlink filters instead (`tc_filter` says why), changed in place.
 
 use std::{
     os::unix::fs::MetadataExt as _,
@@ -10,7 +11,7 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttach, TcAttachType, Xdp,
+    CgroupAttachMode, CgroupSockAddr, ProgramInfo, SchedClassifier, TcAttach, TcAttachType, Xdp,
     cgroup_sock_addr::CgroupSockAddrLink,
     links::{FdLink, LinkOrder, PinnedLink},
     tc::SchedClassifierLink,
@@ -21,6 +22,7 @@ use ferrox_abi::program_names as names;
 use crate::{
     Datapath, DatapathError, PinLayout, Result,
     link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info},
+    tc_filter::{BpfFilter, TcSocket},
 };
 
 /// What happened to one attachment.
@@ -329,33 +331,152 @@ impl Datapath {
 /// What [`Datapath::update_pod_links`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PodLinks {
-    /// Links that ran an earlier program and now run the current one.
+    /// Pod hooks (filters, or links of earlier versions) that ran an earlier program and now
+    /// run the current one, by host interface.
     pub updated: Vec<String>,
-    /// Links that already ran the current program.
+    /// Pod hooks that already ran the current program.
     pub current: Vec<String>,
     /// Link pins whose interface is gone (a pod removed without its CNI DEL): left for DEL or
     /// `ferrox datapath cleanup`.
     pub defunct: Vec<String>,
 }
 
+/// How a pod's program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PodHook {
+    /// A `cls_bpf` filter at the clsact ingress of its host veth (what the CNI plugin makes).
+    Filter { ifindex: u32, prog_id: u32 },
+    /// A pinned TCX link, as versions before the filters made them; `target` says where it is.
+    Link { prog_id: u32, target: LinkTarget },
+}
+
+impl PodHook {
+    /// The program the pod's packets run through.
+    pub fn prog_id(&self) -> u32 {
+        match *self {
+            Self::Filter { prog_id, .. } | Self::Link { prog_id, .. } => prog_id,
+        }
+    }
+}
+
+/// A pod's filter found on an interface of this network namespace.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PodFilter {
+    pub interface: String,
+    pub filter: BpfFilter,
+}
+
+fn open_tc(interface: &str) -> Result<TcSocket> {
+    TcSocket::open().map_err(|e| DatapathError::filter("opening netlink for", interface, e))
+}
+
+/// The name a pod filter of `layout` carries (`TCA_BPF_NAME`, shown by `tc filter show`): the
+/// program and the bpffs root, so that each node's datapath (tests run several in one network
+/// namespace) finds only its own filters.
+fn pod_filter_name(layout: &PinLayout) -> String {
+    let mut name = format!("{}@{}", names::TC_FROM_POD, layout.root().display());
+    // CLS_BPF_NAME_LEN, with the terminating NUL.
+    while name.len() > 255 {
+        name.pop();
+    }
+    name
+}
+
+/// Every pod filter of `layout` on the interfaces of the calling thread's network namespace.
+pub fn pod_filters(layout: &PinLayout) -> Result<Vec<PodFilter>> {
+    let own = pod_filter_name(layout);
+    let mut tc = open_tc("all")?;
+    let interfaces = nix::net::if_::if_nameindex()
+        .map_err(|e| DatapathError::filter("listing", "all", e.into()))?;
+    let mut out = Vec::new();
+    for i in interfaces.iter() {
+        let interface = i.name().to_string_lossy().into_owned();
+        let filters = tc
+            .ingress_filters(i.index())
+            .map_err(|e| DatapathError::filter("listing", &interface, e))?;
+        out.extend(
+            filters
+                .into_iter()
+                .filter(|f| f.is_pod_filter(&own))
+                .map(|filter| PodFilter {
+                    interface: interface.clone(),
+                    filter,
+                }),
+        );
+    }
+    Ok(out)
+}
+
+/// How the pod program is attached to `host_ifname`, if it is: its filter, else the link an
+/// earlier version pinned for it.
+pub fn pod_hook(layout: &PinLayout, host_ifname: &str) -> Result<Option<PodHook>> {
+    let index = ifindex(host_ifname)?;
+    let filters = open_tc(host_ifname)?
+        .ingress_filters(index)
+        .map_err(|e| DatapathError::filter("listing", host_ifname, e))?;
+    let own = pod_filter_name(layout);
+    if let Some(f) = filters.iter().find(|f| f.is_pod_filter(&own)) {
+        return Ok(Some(PodHook::Filter {
+            ifindex: index,
+            prog_id: f.prog_id,
+        }));
+    }
+    let pin = layout.pod_link(host_ifname);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let info = pinned_link_info(&pin)?;
+    Ok(Some(PodHook::Link {
+        prog_id: info.prog_id,
+        target: info.target,
+    }))
+}
+
 impl Datapath {
-    /// Moves every pod's link to the current pod-facing program (`bpf_link_update`, atomic per
-    /// pod), so that after an upgrade no pod keeps running the previous program. A pod attached
-    /// by the CNI plugin meanwhile already runs the current one.
+    /// Moves every pod to the current pod-facing program, atomically per pod: each pod filter's
+    /// program is swapped in place, each link of an earlier version moved with
+    /// `bpf_link_update`. After an upgrade (or a resize) no pod keeps running the previous
+    /// program.
     pub fn update_pod_links(&mut self) -> Result<PodLinks> {
+        use std::os::fd::AsFd as _;
         let name = names::TC_FROM_POD;
-        let dir = self.layout.pod_links_dir();
         let mut out = PodLinks::default();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(DatapathError::io("listing", &dir, e)),
-        };
         let prog = self.programs.tc(name)?;
         let id = prog
             .info()
             .map_err(|e| DatapathError::program("inspecting", name, e))?
             .id();
+        let fd = prog
+            .fd()
+            .map_err(|e| DatapathError::program("opening", name, e))?;
+        let mut tc = open_tc("pods")?;
+        let filter_name = pod_filter_name(&self.layout);
+        for PodFilter { interface, filter } in pod_filters(&self.layout)? {
+            if filter.prog_id == id {
+                out.current.push(interface);
+                continue;
+            }
+            match tc.set_pod_filter(filter.ifindex, fd.as_fd(), &filter_name, false) {
+                Ok(()) => out.updated.push(interface),
+                // The pod went while this ran.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) => {}
+                Err(e) => {
+                    return Err(DatapathError::filter(
+                        "replacing the pod filter of",
+                        interface,
+                        e,
+                    ));
+                }
+            }
+        }
+
+        let dir = self.layout.pod_links_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(DatapathError::io("listing", &dir, e)),
+        };
         for entry in entries {
             let entry = entry.map_err(|e| DatapathError::io("listing", &dir, e))?;
             let pin = entry.path();
@@ -385,20 +506,74 @@ impl Datapath {
     }
 }
 
-/// Attaches the pod-facing program at TCX ingress of a pod's host-side veth (packets leaving
-/// the pod). Used by the CNI plugin: it needs only the pins, not a loaded datapath.
-pub fn attach_pod(layout: &PinLayout, host_ifname: &str) -> Result<Attachment> {
+/// How [`attach_pod`] attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodAttach {
+    /// A `cls_bpf` filter on a clsact qdisc (see `tc_filter`): no RCU grace period, nothing to
+    /// detach.
+    Filter,
+    /// A pinned TCX link: for a veth whose ingress qdisc someone else must add (the `bandwidth`
+    /// plugin shaping the pod's egress adds an `ingress` qdisc, which excludes clsact). Creating
+    /// it waits for an RCU grace period.
+    Link,
+}
+
+/// Attaches the pod-facing program at the ingress of a pod's host-side veth (packets leaving
+/// the pod). Used by the CNI plugin: it needs only the pins, not a loaded datapath. Attaching
+/// again swaps the program in place (filter) or adopts the link.
+pub fn attach_pod(layout: &PinLayout, host_ifname: &str, how: PodAttach) -> Result<PodHook> {
+    use std::os::fd::AsFd as _;
     let name = names::TC_FROM_POD;
-    let mut prog = SchedClassifier::from_pin(layout.program(name))
-        .map_err(|e| DatapathError::program("opening pinned", name, e))?;
-    let ifindex = ifindex(host_ifname)?;
-    attach_tcx(
-        &mut prog,
-        name,
-        &layout.pod_link(host_ifname),
-        ifindex,
-        TcAttachType::Ingress,
-    )
+    if how == PodAttach::Link {
+        let mut prog = SchedClassifier::from_pin(layout.program(name))
+            .map_err(|e| DatapathError::program("opening pinned", name, e))?;
+        let pin = layout.pod_link(host_ifname);
+        let index = ifindex(host_ifname)?;
+        attach_tcx(&mut prog, name, &pin, index, TcAttachType::Ingress)?;
+        let info = pinned_link_info(&pin)?;
+        return Ok(PodHook::Link {
+            prog_id: info.prog_id,
+            target: info.target,
+        });
+    }
+    let filter_name = pod_filter_name(layout);
+    let index = ifindex(host_ifname)?;
+    let mut tc = open_tc(host_ifname)?;
+    tc.ensure_clsact(index)
+        .map_err(|e| DatapathError::filter("adding clsact to", host_ifname, e))?;
+    let pinned_id = || -> Result<u32> {
+        Ok(ProgramInfo::from_pin(layout.program(name))
+            .map_err(|e| DatapathError::program("inspecting pinned", name, e))?
+            .id())
+    };
+    // An agent upgrading the programs replaces the pin, then moves every pod it finds. A pod
+    // attached with the previous program after that pass would keep it: attach what is pinned,
+    // then check it still is.
+    for _ in 0..3 {
+        let prog = SchedClassifier::from_pin(layout.program(name))
+            .map_err(|e| DatapathError::program("opening pinned", name, e))?;
+        let id = prog
+            .info()
+            .map_err(|e| DatapathError::program("inspecting", name, e))?
+            .id();
+        let fd = prog
+            .fd()
+            .map_err(|e| DatapathError::program("opening", name, e))?;
+        tc.set_pod_filter(index, fd.as_fd(), &filter_name, true)
+            .map_err(|e| DatapathError::filter("attaching the pod program to", host_ifname, e))?;
+        if pinned_id()? == id {
+            tracing::debug!(host_ifname, prog_id = id, "pod program attached");
+            return Ok(PodHook::Filter {
+                ifindex: index,
+                prog_id: id,
+            });
+        }
+    }
+    Err(DatapathError::filter(
+        "attaching the pod program to",
+        host_ifname,
+        std::io::Error::other("the pinned program kept changing (an agent upgrade loop?)"),
+    ))
 }
 
 /// Moves the link of a pod whose veth was just retired (down, renamed, destroyed later) out of

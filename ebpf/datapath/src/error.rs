@@ -68,6 +68,13 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{op} the tc filters of interface {interface}")]
+    Filter {
+        op: &'static str,
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("interface {name} does not exist in this network namespace")]
     NoInterface { name: String },
     #[error("opening cgroup {path}")]
@@ -106,6 +113,18 @@ impl DatapathError {
             op,
             name,
             source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn filter(
+        op: &'static str,
+        interface: impl ToString,
+        source: std::io::Error,
+    ) -> Self {
+        Self::Filter {
+            op,
+            interface: interface.to_string(),
+            source,
         }
     }
 

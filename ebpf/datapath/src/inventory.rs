@@ -16,6 +16,8 @@ pub enum ObjectKind {
     Map,
     Program,
     Link,
+    /// A pod's `cls_bpf` filter (no pin: `id` is its program's).
+    Filter,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -23,7 +25,9 @@ pub struct PinnedObject {
     pub kind: ObjectKind,
     /// Path relative to `<root>/v1`, e.g. `maps/SVC_V1`.
     pub name: String,
-    pub path: PathBuf,
+    /// Where it is pinned (none for a filter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
     pub id: u32,
     /// For links: what they are attached to.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,7 +54,8 @@ fn files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Every object pinned under the layout's version directory.
+/// Every object pinned under the layout's version directory, then the pod filters of the
+/// calling thread's network namespace.
 pub fn inventory(layout: &PinLayout) -> Result<Vec<PinnedObject>> {
     let base = layout.versioned();
     let name_of = |p: &PathBuf| p.strip_prefix(&base).unwrap_or(p).display().to_string();
@@ -62,7 +67,7 @@ pub fn inventory(layout: &PinLayout) -> Result<Vec<PinnedObject>> {
             kind: ObjectKind::Map,
             name: name_of(&path),
             id: info.id(),
-            path,
+            path: Some(path),
             target: None,
         });
     }
@@ -73,7 +78,7 @@ pub fn inventory(layout: &PinLayout) -> Result<Vec<PinnedObject>> {
             kind: ObjectKind::Program,
             name: name_of(&path),
             id: info.id(),
-            path,
+            path: Some(path),
             target: None,
         });
     }
@@ -83,8 +88,21 @@ pub fn inventory(layout: &PinLayout) -> Result<Vec<PinnedObject>> {
             kind: ObjectKind::Link,
             name: name_of(&path),
             id: info.id,
-            path,
+            path: Some(path),
             target: Some(info.target),
+        });
+    }
+    for f in crate::attach::pod_filters(layout)? {
+        out.push(PinnedObject {
+            kind: ObjectKind::Filter,
+            name: format!("filters/{}", f.interface),
+            path: None,
+            id: f.filter.prog_id,
+            target: Some(LinkTarget::TcFilter {
+                ifindex: f.filter.ifindex,
+                priority: f.filter.priority,
+                handle: f.filter.handle,
+            }),
         });
     }
     Ok(out)
@@ -145,15 +163,28 @@ pub fn map_memory(layout: &PinLayout) -> Result<Vec<MapMemory>> {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CleanupReport {
     pub links: usize,
+    /// Pod filters removed.
+    pub filters: usize,
     pub programs: usize,
     pub maps: usize,
 }
 
-/// Removes every pin of the layout: links first (which detaches the programs), then programs,
-/// then maps, then the empty directories. The kernel frees each object when its last pin and
+/// Removes every pin of the layout: links first (which detaches the programs) and the pod
+/// filters of the calling thread's network namespace, then programs, then maps, then the empty
+/// directories. The kernel frees each object when its last pin and
 /// file descriptor are gone. Safe to run twice.
 pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
+    let mut tc = crate::tc_filter::TcSocket::open()
+        .map_err(|e| DatapathError::filter("opening netlink for", "pods", e))?;
+    for f in crate::attach::pod_filters(layout)? {
+        if tc
+            .delete_pod_filter(f.filter.ifindex)
+            .map_err(|e| DatapathError::filter("removing the pod filter of", &f.interface, e))?
+        {
+            report.filters += 1;
+        }
+    }
     for (dir, count) in [
         (layout.links_dir(), &mut report.links),
         (layout.progs_dir(), &mut report.programs),

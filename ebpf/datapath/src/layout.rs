@@ -42,7 +42,8 @@ impl PinLayout {
         self.versioned().join("links")
     }
 
-    /// Links of the pod-facing program, one per pod veth.
+    /// Links of the pod-facing program as versions before the pod filters pinned them, one per
+    /// pod veth (pods attached since have a `cls_bpf` filter, which needs no pin).
     pub fn pod_links_dir(&self) -> PathBuf {
         self.links_dir().join("pods")
     }

@@ -17,11 +17,12 @@ mod migrate;
 mod programs;
 mod resize;
 pub mod sizing;
+mod tc_filter;
 mod testrun;
 
 pub use attach::{
-    AttachOutcome, Attachment, PodLinks, XdpAttachMode, attach_pod, detach_pod, ifindex,
-    remove_retired_links, retire_pod_link,
+    AttachOutcome, Attachment, PodAttach, PodFilter, PodHook, PodLinks, XdpAttachMode, attach_pod,
+    detach_pod, ifindex, pod_filters, pod_hook, remove_retired_links, retire_pod_link,
 };
 pub use error::{DatapathError, Result};
 pub use inventory::{
@@ -38,6 +39,7 @@ pub use migrate::ConntrackCopy;
 pub use programs::{OBJECT, Origin};
 pub use resize::{KeptLarger, Leftover, MapCopy, RESIZABLE, Resize};
 pub use sizing::Sizing;
+pub use tc_filter::{BpfFilter, POD_FILTER_HANDLE, POD_FILTER_PRIORITY};
 pub use testrun::{TcProgram, TestRunOutput};
 
 /// The loaded (or re-adopted) datapath of one node.

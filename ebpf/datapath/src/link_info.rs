@@ -38,6 +38,13 @@ pub enum LinkTarget {
     Xdp {
         ifindex: u32,
     },
+    /// A netlink `cls_bpf` filter at the clsact ingress of an interface (pods' programs; not a
+    /// link, listed with them by `ferrox datapath`).
+    TcFilter {
+        ifindex: u32,
+        priority: u16,
+        handle: u32,
+    },
     Other {
         link_type: u32,
     },
@@ -48,7 +55,9 @@ impl LinkTarget {
     pub fn is_live(&self) -> bool {
         match *self {
             Self::Cgroup { cgroup_id, .. } => cgroup_id != 0,
-            Self::Tcx { ifindex, .. } | Self::Xdp { ifindex } => ifindex != 0,
+            Self::Tcx { ifindex, .. } | Self::Xdp { ifindex } | Self::TcFilter { ifindex, .. } => {
+                ifindex != 0
+            }
             Self::Other { .. } => true,
         }
     }

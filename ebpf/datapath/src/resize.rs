@@ -54,13 +54,6 @@ pub const RESIZABLE: [&str; 7] = [
     map_names::AFFINITY,
 ];
 
-/// The maps the kernel programs write: what a previous copy gained is merged into the current.
-const FLOW_MAPS: [&str; 3] = [
-    map_names::CONNTRACK,
-    map_names::SOCK_REVNAT,
-    map_names::AFFINITY,
-];
-
 /// What one copy from a map into another did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MapCopy {
@@ -314,7 +307,7 @@ fn exchange(a: &Path, b: &Path) -> Result<()> {
 }
 
 /// The hash of maps through which the programs reach the previous copy of the flow map `name`
-/// while its resize finishes.
+/// while its resize finishes; none for a map the programs do not write.
 fn previous_of(name: &str) -> Option<&'static str> {
     match name {
         map_names::CONNTRACK => Some(map_names::CONNTRACK_PREVIOUS),
@@ -379,7 +372,9 @@ pub(crate) fn merge_leftovers(layout: &PinLayout) -> Result<Vec<Leftover>> {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         let current = layout.map(&name);
-        let merged = if FLOW_MAPS.contains(&name.as_str()) && current.exists() {
+        // The maps the kernel programs write (those with a previous copy the programs reach):
+        // what the previous copy gained is merged into the current one.
+        let merged = if previous_of(&name).is_some() && current.exists() {
             Some(copy(&name, &path, &current)?)
         } else {
             None

@@ -16,9 +16,7 @@ use aya::{maps::MapInfo, programs::ProgramInfo};
 use ferrox_abi::{
     CtEntry, CtKey, ServiceKey, ServiceValue, capacity, ct_flags, map_names, program_names,
 };
-use ferrox_datapath::{
-    Datapath, MapCopy, PinLayout, Sizing, bpffs::ScratchBpffs, pinned_link_info,
-};
+use ferrox_datapath::{Datapath, MapCopy, PinLayout, Sizing, bpffs::ScratchBpffs};
 
 mod netns;
 mod pins;
@@ -61,6 +59,14 @@ fn capacity_of(layout: &PinLayout, name: &str) -> (u32, u32, u32) {
 }
 
 /// The maps a pinned program runs against.
+/// The program a pod's hook runs (its filter's, or an earlier version's link's).
+fn pod_program(layout: &PinLayout, host_ifname: &str) -> u32 {
+    ferrox_datapath::pod_hook(layout, host_ifname)
+        .unwrap()
+        .expect("the pod program is attached")
+        .prog_id()
+}
+
 fn program_maps(layout: &PinLayout, program: &str) -> Vec<u32> {
     ProgramInfo::from_pin(layout.program(program))
         .unwrap()
@@ -81,7 +87,7 @@ fn a_grown_map_keeps_its_flows_and_the_hooks_move_to_it() {
     ns.run(|| {
         let mut dp = Datapath::open_with(&layout, &sizing(4096, 2048, 1024)).unwrap();
         assert!(dp.resized().is_empty());
-        ferrox_datapath::attach_pod(&layout, "pod1").unwrap();
+        ferrox_datapath::attach_pod(&layout, "pod1", ferrox_datapath::PodAttach::Filter).unwrap();
         for n in 0..300 {
             dp.maps_mut().conntrack.insert(&key(n), &flow(n)).unwrap();
         }
@@ -96,7 +102,7 @@ fn a_grown_map_keeps_its_flows_and_the_hooks_move_to_it() {
         assert_eq!(cap, 4096);
         let (services_id, _, services_flags) = capacity_of(&layout, map_names::SERVICES);
         assert_eq!(services_flags, 1, "services are not preallocated");
-        let old_program = pinned_link_info(&layout.pod_link("pod1")).unwrap().prog_id;
+        let old_program = pod_program(&layout, "pod1");
         assert!(program_maps(&layout, program_names::TC_FROM_POD).contains(&old_ct));
         drop(dp);
 
@@ -142,10 +148,7 @@ fn a_grown_map_keeps_its_flows_and_the_hooks_move_to_it() {
         // ...while the hook still runs the previous program, whose map waits under resize/.
         let staged = layout.maps_dir().join("resize").join(map_names::CONNTRACK);
         assert_eq!(MapInfo::from_pin(&staged).unwrap().id(), old_ct);
-        assert_eq!(
-            pinned_link_info(&layout.pod_link("pod1")).unwrap().prog_id,
-            old_program
-        );
+        assert_eq!(pod_program(&layout, "pod1"), old_program);
 
         // The previous program tracks one more flow before its hook moves.
         pins::update(&staged, &key(1000), &flow(1000));
@@ -159,9 +162,8 @@ fn a_grown_map_keeps_its_flows_and_the_hooks_move_to_it() {
         let moved = dp.update_pod_links().unwrap();
         assert_eq!(moved.updated, ["pod1"]);
         // The hook runs the pinned program now, the one against the new map.
-        let link = pinned_link_info(&layout.pod_link("pod1")).unwrap();
         let pinned = ProgramInfo::from_pin(layout.program(program_names::TC_FROM_POD)).unwrap();
-        assert_eq!(link.prog_id, pinned.id());
+        assert_eq!(pod_program(&layout, "pod1"), pinned.id());
         let finished = dp.finish_upgrade().unwrap();
         assert_eq!(finished.leftovers.len(), 1);
         assert_eq!(

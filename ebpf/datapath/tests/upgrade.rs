@@ -14,7 +14,9 @@ use std::path::Path;
 
 use aya::programs::{SchedClassifier, TcAttachType, tc::TcAttach};
 use ferrox_abi::{CtEntry, CtEntryV1, CtKey, ct_flags, fwd_flags, map_names, program_names};
-use ferrox_datapath::{ConntrackCopy, Datapath, PinLayout, bpffs::ScratchBpffs, pinned_link_info};
+use ferrox_datapath::{
+    ConntrackCopy, Datapath, PinLayout, PodAttach, bpffs::ScratchBpffs, pinned_link_info,
+};
 
 mod netns;
 mod pins;
@@ -110,7 +112,12 @@ fn conntrack_v1_flows_are_carried_into_v2_and_the_old_map_unpinned() {
 #[test]
 fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
     let ns = NetNs::new(format!("fxt-upg{}", std::process::id()));
-    for (a, b) in [("pod1", "pod1p"), ("pod2", "pod2p"), ("pod3", "pod3p")] {
+    for (a, b) in [
+        ("pod1", "pod1p"),
+        ("pod2", "pod2p"),
+        ("pod3", "pod3p"),
+        ("pod4", "pod4p"),
+    ] {
         ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
         ns.ip(&["link", "set", a, "up"]);
     }
@@ -118,8 +125,11 @@ fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
     let layout = bpffs.layout();
     ns.run(|| {
         let mut dp = Datapath::open(&layout).unwrap();
-        // pod1: attached by the CNI plugin with the current program.
-        ferrox_datapath::attach_pod(&layout, "pod1").unwrap();
+        // pod1: attached by the CNI plugin with the current program (a cls_bpf filter).
+        ferrox_datapath::attach_pod(&layout, "pod1", PodAttach::Filter).unwrap();
+        // pod4: attached by the CNI plugin for a pod whose egress the bandwidth plugin shapes
+        // (a TCX link: the ingress qdisc is the bandwidth plugin's).
+        ferrox_datapath::attach_pod(&layout, "pod4", PodAttach::Link).unwrap();
         // pod2 and pod3: links pinned by an earlier version, running another program (here
         // the uplink's egress program stands in for the previous pod program).
         let mut other =
@@ -157,14 +167,26 @@ fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
         got.updated.sort();
         got.current.sort();
         assert_eq!(got.updated, ["pod2"]);
-        assert_eq!(got.current, ["pod1"]);
+        assert_eq!(got.current, ["pod1", "pod4"]);
         assert_eq!(got.defunct, ["pod3"]);
-        for pod in ["pod1", "pod2"] {
+        assert_eq!(
+            ferrox_datapath::pod_hook(&layout, "pod1").unwrap(),
+            Some(ferrox_datapath::PodHook::Filter {
+                ifindex: ferrox_datapath::ifindex("pod1").unwrap(),
+                prog_id: current
+            }),
+            "pod1 has a filter running the current program"
+        );
+        assert!(!layout.pod_link("pod1").exists(), "a filter needs no pin");
+        for pod in ["pod2", "pod4"] {
             let info = pinned_link_info(&layout.pod_link(pod)).unwrap();
-            assert_eq!(info.prog_id, current, "{pod} runs the current program");
+            assert_eq!(
+                info.prog_id, current,
+                "{pod}'s link runs the current program"
+            );
         }
         let again = dp.update_pod_links().unwrap();
         assert!(again.updated.is_empty(), "{again:?}");
-        assert_eq!(again.current.len(), 2);
+        assert_eq!(again.current.len(), 3);
     });
 }

@@ -92,5 +92,30 @@ pub fn cni(pods: usize) -> Vec<Value> {
             );
         }
     }
+    // The same ADDs for pods whose egress the bandwidth plugin shapes: their program is a TCX
+    // link (the ingress qdisc is the bandwidth plugin's), which is what every pod paid before
+    // the filters. The difference is the kernel's RCU grace period in the TCX attach.
+    let mut shaped = conf.clone();
+    shaped["runtimeConfig"] = json!({ "bandwidth": {
+        "egressRate": 8_000_000, "egressBurst": 1_000_000
+    } });
+    let mode = "sequential, TCX link (egress shaped)";
+    let sandboxes: Vec<(String, NetNs)> = (0..pods)
+        .map(|i| {
+            let id = format!("bench2x{i}");
+            let ns = NetNs::create(&format!("{}{}-{id}", leaks::NETNS_PREFIX, c.id()));
+            (id, ns)
+        })
+        .collect();
+    for op in ["ADD", "DEL"] {
+        let (times, wall) = phase(node, &shaped, &sandboxes, op, 1);
+        let s = stats::summarize(&times);
+        let rate = times.len() as f64 / wall;
+        eprintln!(
+            "CNI {op:<3} {mode} p50 {:>6.1} ms  p99 {:>6.1} ms  {rate:>6.1} per s",
+            s.p50, s.p99
+        );
+        rows.push(json!({ "op": op, "mode": mode, "pods": pods, "latency_ms": s, "per_s": rate }));
+    }
     rows
 }
