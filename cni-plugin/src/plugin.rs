@@ -246,7 +246,11 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
             &key,
             &EndpointInfo {
                 ifindex: net.host_ifindex,
-                flags: endpoint_flags::POD,
+                flags: if conf.pod_is_shaped() {
+                    endpoint_flags::POD
+                } else {
+                    endpoint_flags::POD | endpoint_flags::PEER
+                },
             },
         )
         .map_err(|e| datapath_error("registering the endpoint", &layout, &e))?;

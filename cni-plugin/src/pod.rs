@@ -269,6 +269,12 @@ fn configure(
         .ok_or_else(|| PodError::Vanished {
             name: ifname.into(),
         })?;
+    // Its MAC says its address (`ferrox_abi::pod_mac`): the programs address packets they hand
+    // straight into the pod without a neighbour lookup, and the host needs no ARP for it.
+    let pod_mac = MacAddr(ferrox_abi::pod_mac(u32::from_ne_bytes(ip.octets())));
+    in_pod
+        .set_mac(pod_link.index, pod_mac)
+        .map_err(step("setting the pod interface's MAC"))?;
     in_pod
         .set_up(pod_link.index)
         .map_err(step("setting the pod interface up"))?;
@@ -304,13 +310,15 @@ fn configure(
             .protocol(ROUTE_PROTOCOL),
     )
     .map_err(step("adding the host route to the pod"))?;
+    host.replace_neighbour(host_link.index, ip.into(), pod_mac, true)
+        .map_err(step("adding the pod's neighbour entry on the host"))?;
 
     Ok(PodNetwork {
         host_ifname,
         host_ifindex: host_link.index,
         host_mac: host_link.mac,
         pod_ifname: ifname.into(),
-        pod_mac: pod_link.mac,
+        pod_mac: Some(pod_mac),
     })
 }
 

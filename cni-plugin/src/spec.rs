@@ -257,6 +257,18 @@ impl NetConf {
             .as_ref()
             .is_some_and(|b| b.egress_rate > 0 && b.egress_burst > 0)
     }
+
+    /// Whether that plugin shapes the pod's traffic in either direction (traffic to the pod: a
+    /// token bucket on the host veth, which packets delivered with `bpf_redirect_peer` would
+    /// skip).
+    pub fn pod_is_shaped(&self) -> bool {
+        self.pod_egress_is_shaped()
+            || self
+                .runtime_config
+                .bandwidth
+                .as_ref()
+                .is_some_and(|b| b.ingress_rate > 0 && b.ingress_burst > 0)
+    }
 }
 
 impl NetConf {

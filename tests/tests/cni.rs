@@ -503,6 +503,20 @@ fn chained_before_portmap_bandwidth_and_tuning() {
         node.layout().pod_link(&host_ifname).exists(),
         "the pod program of a shaped pod is a pinned TCX link"
     );
+    // Its packets must cross the host veth's qdiscs: not handed straight into the pod.
+    let endpoint = ferrox_datapath::Maps::open(&node.layout())
+        .unwrap()
+        .endpoints
+        .get(&ferrox_abi::EndpointKey {
+            addr: u32::from_ne_bytes(pod_ip.parse::<std::net::Ipv4Addr>().unwrap().octets()),
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        endpoint.flags,
+        ferrox_abi::endpoint_flags::POD,
+        "{endpoint:?}"
+    );
 
     // portmap: the host port reaches the pod's server, from another process on the node.
     let pod = node.place_in("chain-pod", &ns.path());

@@ -123,6 +123,26 @@ fn node_port_from_outside_reaches_local_and_remote_backends() {
         from_pod > 0,
         "replies of the local backend are translated as they leave the pod"
     );
+
+    // Node-1 hands the translated packets for its own backend straight into the pod
+    // (bpf_redirect_peer): web-1's eth0 receives them, its host veth transmits none (an ARP
+    // probe of the host at most).
+    let (tx0, rx0) = c.delivery_counters(&web1);
+    let (by_backend, _) = calls(&outside, "198.18.0.11:30080", 20);
+    let to_web1 = by_backend.get("web-1").copied().unwrap_or(0) as u64;
+    let (tx1, rx1) = c.delivery_counters(&web1);
+    assert!(to_web1 > 0, "{by_backend:?}");
+    assert!(
+        rx1 - rx0 >= 3 * to_web1,
+        "web-1 received {} packets for {to_web1} connections",
+        rx1 - rx0
+    );
+    assert!(
+        tx1 - tx0 <= 2,
+        "web-1's host veth transmitted {} packets for {} web-1 received",
+        tx1 - tx0,
+        rx1 - rx0
+    );
 }
 
 #[test]

@@ -153,7 +153,7 @@ fn never_routes_pod_addresses_as_they_are() {
 
 #[test]
 fn always_wraps_every_packet_between_nodes_in_ip_in_ip() {
-    let (c, seen, _) = run_mode("always", true);
+    let (c, seen, pa) = run_mode("always", true);
     assert_eq!(
         seen.plain, 0,
         "no bare pod address on the underlay: {seen:?}"
@@ -181,6 +181,23 @@ fn always_wraps_every_packet_between_nodes_in_ip_in_ip() {
     );
     assert!(counter(c.node(1), Hook::TcUplinkEgress, Reason::TunnelEncap) > 0);
     assert!(counter(c.node(1), Hook::TcUplinkIngress, Reason::TunnelDecap) > 0);
+
+    // Node-1 hands what it unwraps for its pod straight into the pod (bpf_redirect_peer): the
+    // pod's eth0 receives every packet, its host veth transmits none of them (an ARP probe of
+    // the host at most).
+    let _server = pa.serve(8080);
+    let client = c.add_pod(3, "c2");
+    let (tx0, rx0) = c.delivery_counters(&pa);
+    let (by, _) = client.call_tcp(&format!("{}:8080", pa.ip), 10);
+    assert_eq!(by.get("a"), Some(&10), "{by:?}");
+    let (tx1, rx1) = c.delivery_counters(&pa);
+    assert!(rx1 - rx0 >= 30, "the pod received {} packets", rx1 - rx0);
+    assert!(
+        tx1 - tx0 <= 2,
+        "the host veth transmitted {} packets for {} the pod received",
+        tx1 - tx0,
+        rx1 - rx0
+    );
 }
 
 #[test]

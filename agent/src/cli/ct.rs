@@ -82,6 +82,8 @@ pub enum CachedRoute {
         src_mac: String,
         /// The longest packet (IP total length) the route was checked to carry.
         max_len: u16,
+        /// Into the pod behind that host veth (`bpf_redirect_peer`), not out of the veth.
+        into_pod: bool,
     },
     /// Handed to this node's stack.
     Local,
@@ -101,6 +103,7 @@ fn cached_route(e: &CtEntry) -> Option<CachedRoute> {
             dst_mac: mac(&e.fwd_macs[..6]),
             src_mac: mac(&e.fwd_macs[6..]),
             max_len: e.fwd_max_len,
+            into_pod: e.fwd_flags & fwd_flags::PEER != 0,
         })
     } else if e.fwd_flags & fwd_flags::LOCAL != 0 {
         Some(CachedRoute::Local)

@@ -360,6 +360,9 @@ pub mod fwd_flags {
     pub const DIRECT: u8 = 1 << 0;
     /// Hand to this node's stack (the destination is a local address).
     pub const LOCAL: u8 = 1 << 1;
+    /// With `DIRECT`: `fwd_ifindex` is the host veth of a local pod that takes packets straight
+    /// into its own side (`bpf_redirect_peer`, see [`super::endpoint_flags::PEER`]).
+    pub const PEER: u8 = 1 << 2;
 }
 
 /// Value of the conntrack map of version 1 (`CT_V1`), read once by the loader to carry its
@@ -540,6 +543,12 @@ pub struct EndpointInfo {
 /// Bits of [`EndpointInfo::flags`].
 pub mod endpoint_flags {
     pub const POD: u32 = 1 << 0;
+    /// Packets for the pod may skip its host veth (`bpf_redirect_peer` from an ingress hook,
+    /// straight into the pod's side, no second pass through the veth and the backlog), and its
+    /// interface's MAC is [`super::pod_mac`] of its address. Not set for a pod whose traffic is
+    /// shaped on the host veth (the `bandwidth` plugin's qdiscs there would be skipped too), nor
+    /// by versions before it.
+    pub const PEER: u32 = 1 << 1;
 }
 
 /// Key of the tunnel map (the LPM trie's data part): a destination address, network byte order.
@@ -875,6 +884,15 @@ pub const fn counter_cell(index: u32) -> Option<(Hook, Reason)> {
 /// Link-local address every pod uses as its default gateway (answered by proxy ARP on the
 /// host-side veth), as in Calico.
 pub const POD_GATEWAY: [u8; 4] = [169, 254, 1, 1];
+
+/// The MAC address the CNI plugin gives a pod's interface: `0a:58` (locally administered,
+/// unicast) then its IPv4 address, so the programs know it from the address alone (for a pod
+/// registered with [`endpoint_flags::PEER`]). `addr` in network byte order, as the maps hold it.
+#[inline(always)]
+pub const fn pod_mac(addr: u32) -> [u8; 6] {
+    let o = addr.to_ne_bytes();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
+}
 
 // Layout checks: a change here is an ABI change and needs a new map version.
 const _: () = {

@@ -1416,6 +1416,117 @@ fn established_flows_follow_the_route_cached_in_their_entry_until_it_is_refreshe
     );
 }
 
+/// A translated flow whose route leads to the host veth of a local pod registered with
+/// `endpoint_flags::PEER` caches that: its packets are sent with `bpf_redirect_peer`, straight
+/// into the pod. A pod registered without it (shaped by the bandwidth plugin, or by an earlier
+/// version), an entry naming another interface, or no entry keeps the plain redirect.
+#[test]
+fn flows_to_a_local_pod_that_takes_packets_directly_are_sent_into_the_pod() {
+    use ferrox_abi::{EndpointInfo, EndpointKey, endpoint_flags, fwd_flags};
+    let ns = node("p");
+    let up0_mac = ns.mac("up0");
+    let pod0_mac = ns.mac("pod0");
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test-peer").unwrap();
+    let layout = bpffs.layout();
+    let failures = ns.run(|| {
+        let mut dp = Datapath::open(&layout).unwrap();
+        backend(&mut dp, 1, LOCAL_POD, 8080, proto::TCP, true);
+        frontend(&mut dp, 30080, proto::TCP, 1, 0, &[1]);
+        let up0 = ferrox_datapath::ifindex("up0").unwrap();
+        let pod0 = ferrox_datapath::ifindex("pod0").unwrap();
+        dp.maps_mut()
+            .config
+            .set(&DatapathConfig {
+                node_addr: be(NODE),
+                uplink_ifindex: up0,
+                snat_port_min: 61000,
+                snat_port_max: 65535,
+                monitor: 0,
+            })
+            .unwrap();
+        let pod = EndpointKey {
+            addr: be(LOCAL_POD),
+        };
+        let rows: [(&str, Option<EndpointInfo>, u8); 4] = [
+            (
+                "a pod that takes packets directly",
+                Some(EndpointInfo {
+                    ifindex: pod0,
+                    flags: endpoint_flags::POD | endpoint_flags::PEER,
+                }),
+                fwd_flags::DIRECT | fwd_flags::PEER,
+            ),
+            (
+                "a shaped pod",
+                Some(EndpointInfo {
+                    ifindex: pod0,
+                    flags: endpoint_flags::POD,
+                }),
+                fwd_flags::DIRECT,
+            ),
+            (
+                "an entry on another interface",
+                Some(EndpointInfo {
+                    ifindex: up0,
+                    flags: endpoint_flags::POD | endpoint_flags::PEER,
+                }),
+                fwd_flags::DIRECT,
+            ),
+            ("no entry", None, fwd_flags::DIRECT),
+        ];
+        let mut failures = Vec::new();
+        for (n, (what, entry, want)) in rows.into_iter().enumerate() {
+            match entry {
+                Some(e) => dp.maps_mut().endpoints.insert(&pod, &e).unwrap(),
+                None => {
+                    let _ = dp.maps_mut().endpoints.remove(&pod);
+                }
+            }
+            // A new flow per row (another client port): its route is looked up and cached.
+            let sport = 41000 + n as u16;
+            let packet = tcp(CLIENT, sport, NODE, 30080)
+                .macs(up0_mac, CLIENT_MAC)
+                .build();
+            let want_packet = tcp(CLIENT, sport, LOCAL_POD, 8080)
+                .macs(POD_MAC, pod0_mac)
+                .build();
+            for round in ["new flow", "established"] {
+                let out = dp
+                    .test_run_tc_on(TcProgram::UplinkIngress, &packet, Some(up0), 1)
+                    .unwrap();
+                if out.action != TC_ACT_REDIRECT || out.packet != want_packet {
+                    failures.push(format!(
+                        "{what}, {round}: action {}, packet {:02x?}",
+                        out.action, out.packet
+                    ));
+                }
+            }
+            let key = CtKey {
+                saddr: be(CLIENT),
+                daddr: be(NODE),
+                sport: sport.to_be(),
+                dport: 30080u16.to_be(),
+                proto: proto::TCP,
+                _pad: [0; 3],
+            };
+            let e = dp.maps().conntrack.get(&key).unwrap().unwrap();
+            if e.fwd_flags != want || e.fwd_ifindex != pod0 {
+                failures.push(format!(
+                    "{what}: cached fwd_flags {:#x} ifindex {} (want {want:#x}, {pod0})",
+                    e.fwd_flags, e.fwd_ifindex
+                ));
+            }
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Writes one entry into the conntrack map pinned at `pin`, as another program would.
 fn pins_update(pin: &Path, k: &CtKey, v: &ferrox_abi::CtEntry) {
     let data = aya::maps::MapData::from_pin(pin).unwrap();

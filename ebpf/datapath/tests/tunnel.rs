@@ -312,6 +312,41 @@ fn pod_traffic_is_encapsulated_to_remote_blocks_and_decapsulated_only_from_nodes
             }
         }
 
+        // A pod registered with `endpoint_flags::PEER`: the unwrapped packet is addressed to
+        // the pod's MAC, which its address gives, and goes straight into the pod.
+        dp.maps_mut()
+            .endpoints
+            .insert(
+                &EndpointKey {
+                    addr: be(LOCAL_POD),
+                },
+                &EndpointInfo {
+                    ifindex: pod0,
+                    flags: endpoint_flags::POD | endpoint_flags::PEER,
+                },
+            )
+            .unwrap();
+        let out = dp
+            .test_run_tc_on(
+                TcProgram::UplinkIngress,
+                &ipip(&reply, NODE2, NODE, 9),
+                Some(uplink),
+                1,
+            )
+            .unwrap();
+        let into_pod = pkt()
+            .ipv4(REMOTE_POD, LOCAL_POD)
+            .dont_fragment()
+            .tcp(8080, 40000)
+            .macs(ferrox_abi::pod_mac(be(LOCAL_POD)), NODE2_MAC)
+            .build();
+        if out.action != TC_ACT_REDIRECT || out.packet != into_pod {
+            failures.push(format!(
+                "peer pod: action {}\n  got  {:02x?}\n  want {:02x?}",
+                out.action, out.packet, into_pod
+            ));
+        }
+
         // Without a node address there is no outer source: the packet is dropped and counted,
         // never sent unwrapped.
         dp.maps_mut()

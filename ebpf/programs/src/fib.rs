@@ -9,10 +9,12 @@ use aya_ebpf::{
         __sk_buff, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use ferrox_abi::Reason;
+use ferrox_abi::{EndpointKey, Reason, endpoint_flags};
+
+use crate::maps::ENDPOINTS_V1;
 
 pub(crate) const AF_INET: u8 = 2;
 
@@ -96,6 +98,30 @@ pub(crate) fn route(ctx: &TcContext, to: &Fib) -> Route {
             mtu: unsafe { p.__bindgen_anon_1.mtu_result },
         },
         _ => Route::None,
+    }
+}
+
+/// Whether `ifindex`, where the route to `daddr` leads, is the host veth of the local pod with
+/// that address, and the pod takes packets straight into its own side (see [`send`]).
+#[inline(always)]
+pub(crate) fn peer_of(daddr: u32, ifindex: u32) -> bool {
+    // SAFETY: hash map values are read once, by copy.
+    unsafe { ENDPOINTS_V1.get(&EndpointKey { addr: daddr }) }
+        .is_some_and(|ep| ep.ifindex == ifindex && ep.flags & endpoint_flags::PEER != 0)
+}
+
+/// Sends a rewritten packet out of `ifindex`; with `peer` (only from an ingress hook, which
+/// every caller of the per-packet translation is) straight into the pod side of that veth:
+/// no pass through the veth's transmit and the backlog queue, one softirq round less.
+#[inline(always)]
+pub(crate) fn send(ifindex: u32, peer: bool) -> i32 {
+    // SAFETY: redirecting to an interface the FIB lookup chose.
+    unsafe {
+        if peer {
+            bpf_redirect_peer(ifindex, 0) as i32
+        } else {
+            bpf_redirect(ifindex, 0) as i32
+        }
     }
 }
 

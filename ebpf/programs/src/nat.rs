@@ -7,13 +7,13 @@ use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
+    helpers::bpf_redirect_neigh,
     programs::TcContext,
 };
 use ferrox_abi::{CtEntry, Reason, fwd_flags, proto};
 
 use crate::{
-    fib::{Fib, Route, path_len, route},
+    fib::{Fib, Route, path_len, peer_of, route, send},
     flow::Flow,
     icmp::icmp_too_big,
     packet::{ETH_HLEN, Frame as _, Ipv4Hdr, csum_apply, csum_diff16, csum_diff32},
@@ -65,10 +65,10 @@ pub(crate) fn translate(
     let refresh = cache == Cache::Refresh;
     if !refresh && e.fwd_flags & fwd_flags::DIRECT != 0 && len <= e.fwd_max_len {
         rewrite(ctx, flow, &e, Some(&e.fwd_macs)).map_err(|_| Reason::DropRewrite)?;
-        // SAFETY: redirecting to the interface the cached lookup chose.
-        return Ok(Outcome::Sent(
-            unsafe { bpf_redirect(e.fwd_ifindex, 0) } as i32
-        ));
+        return Ok(Outcome::Sent(send(
+            e.fwd_ifindex,
+            e.fwd_flags & fwd_flags::PEER != 0,
+        )));
     }
     if !refresh && e.fwd_flags & fwd_flags::LOCAL != 0 {
         rewrite(ctx, flow, &e, None).map_err(|_| Reason::DropRewrite)?;
@@ -90,12 +90,15 @@ pub(crate) fn translate(
         tot_len: len,
     };
     let route = route(ctx, &to);
-    remember(entry, &route, len.max(known_len));
+    let peer = match route {
+        Route::Direct { ifindex, .. } => peer_of(e.nat_daddr, ifindex),
+        _ => false,
+    };
+    remember(entry, &route, len.max(known_len), peer);
     match route {
         Route::Direct { ifindex, macs } => {
             rewrite(ctx, flow, e, Some(&macs)).map_err(|_| Reason::DropRewrite)?;
-            // SAFETY: redirecting to the interface the lookup chose.
-            Ok(Outcome::Sent(unsafe { bpf_redirect(ifindex, 0) } as i32))
+            Ok(Outcome::Sent(send(ifindex, peer)))
         }
         Route::Neighbour { ifindex } => {
             rewrite(ctx, flow, e, None).map_err(|_| Reason::DropRewrite)?;
@@ -121,10 +124,10 @@ pub(crate) fn translate(
 }
 
 /// Caches a route in the flow's entry: a redirect with its Ethernet addresses (good for packets
-/// up to `max_len` long) or the local stack; anything else empties the cache, so the next packet
-/// looks its route up again.
+/// up to `max_len` long; into the pod side of the veth with `peer`) or the local stack;
+/// anything else empties the cache, so the next packet looks its route up again.
 #[inline(always)]
-fn remember(entry: *mut CtEntry, route: &Route, max_len: u16) {
+fn remember(entry: *mut CtEntry, route: &Route, max_len: u16, peer: bool) {
     // SAFETY: `entry` comes from a successful lookup; only the cache fields are written, the
     // flags last (a reader that sees them set finds the rest written on this CPU or another's
     // identical lookup).
@@ -134,7 +137,11 @@ fn remember(entry: *mut CtEntry, route: &Route, max_len: u16) {
                 (*entry).fwd_ifindex = ifindex;
                 (*entry).fwd_macs = macs;
                 (*entry).fwd_max_len = max_len;
-                (*entry).fwd_flags = fwd_flags::DIRECT;
+                (*entry).fwd_flags = if peer {
+                    fwd_flags::DIRECT | fwd_flags::PEER
+                } else {
+                    fwd_flags::DIRECT
+                };
             }
             Route::Local => (*entry).fwd_flags = fwd_flags::LOCAL,
             _ => (*entry).fwd_flags = 0,

@@ -11,7 +11,8 @@
 //! IP-in-IP addressed to this node from an address in `NODES_V1`: anything else is dropped and
 //! counted, so nobody outside the cluster can slip packets to a pod through the tunnel. The
 //! inner packet then goes through the uplink's usual processing (replies of translated flows are
-//! translated back), and, addressed to a pod of this node, is handed straight to the pod's veth.
+//! translated back), and, addressed to a pod of this node, is handed straight to the pod (into
+//! its side of the veth with `bpf_redirect_peer` where the pod allows it: `uplink::to_local_pod`).
 
 use aya_ebpf::{
     EbpfContext as _,

@@ -8,17 +8,20 @@ use aya_ebpf::{
     helpers::bpf_redirect_neigh,
     programs::TcContext,
 };
-use ferrox_abi::{EndpointKey, Hook, Reason, ServiceKey, Verdict, ct_flags, scope};
+use ferrox_abi::{
+    EndpointKey, Hook, Reason, ServiceKey, Verdict, ct_flags, endpoint_flags, pod_mac, scope,
+};
 
 use crate::{
     classify::classify,
     conntrack::{Origin, new_flow, touch, tracked},
     counters::count,
+    fib::send,
     flow::{Flow, Parsed, action_of, flow_dropped, parse, untranslated},
     icmp::icmp,
     maps::{CONFIG_V1, ENDPOINTS_V1, SVC_V1},
     nat::rewrite,
-    packet::IP_DADDR_OFF,
+    packet::{Frame as _, IP_DADDR_OFF},
     tunnel,
 };
 
@@ -72,19 +75,28 @@ pub(crate) fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
     }
 }
 
-/// A decapsulated packet nothing translated: straight to its pod's veth when it is for a pod of
-/// this node (the kernel resolves the pod's MAC), else to the stack.
+/// A decapsulated packet nothing translated: straight into its pod when it is for a pod of this
+/// node, else to the stack. A pod registered with `endpoint_flags::PEER` gets it in its own side
+/// of the veth, addressed to its MAC (known from its address); any other out of its host veth,
+/// whose neighbour the kernel resolves.
 #[inline(always)]
 pub(crate) fn to_local_pod(ctx: &TcContext) -> i32 {
     let Ok(daddr) = ctx.load::<u32>(IP_DADDR_OFF) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: hash map values are read once, by copy.
-    match unsafe { ENDPOINTS_V1.get(&EndpointKey { addr: daddr }) } {
-        // SAFETY: the kernel resolves the pod's MAC itself.
-        Some(ep) => unsafe { bpf_redirect_neigh(ep.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
-        None => TC_ACT_UNSPEC,
+    let Some(ep) = (unsafe { ENDPOINTS_V1.get(&EndpointKey { addr: daddr }) }).copied() else {
+        return TC_ACT_UNSPEC;
+    };
+    if ep.flags & endpoint_flags::PEER != 0
+        && let Some(dst) = ctx.header_mut::<[u8; 6]>(0)
+    {
+        // SAFETY: `header_mut` checked that the six bytes lie inside the frame.
+        unsafe { dst.write_unaligned(pod_mac(daddr)) };
+        return send(ep.ifindex, true);
     }
+    // SAFETY: the kernel resolves the pod's MAC itself.
+    unsafe { bpf_redirect_neigh(ep.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 /// Uplink egress: a reply from a host-network backend of this node (its source is the node's

@@ -704,6 +704,30 @@ impl Cluster {
         }
     }
 
+    /// Packets `pod`'s host veth transmitted, and packets the pod's `eth0` received. A packet
+    /// the datapath hands straight into the pod (`bpf_redirect_peer`) moves only the second.
+    pub fn delivery_counters(&self, pod: &Pod) -> (u64, u64) {
+        let host_if = &pod.cni_result.interfaces[0].name;
+        let host = self
+            .node(pod.node)
+            .netns()
+            .ip(&["-s", "-j", "link", "show", host_if]);
+        let host: serde_json::Value = serde_json::from_str(&host).expect("ip -j link show");
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", pod.netns_path.display()))
+            .args(["ip", "-s", "-j", "link", "show", "eth0"])
+            .output()
+            .expect("running nsenter ip");
+        let inside: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ip -j link show in the pod");
+        let count = |v: &serde_json::Value, dir: &str| {
+            v[0]["stats64"][dir]["packets"]
+                .as_u64()
+                .expect("packet counter")
+        };
+        (count(&host, "tx"), count(&inside, "rx"))
+    }
+
     pub fn external_client(&self) -> ExternalClient {
         let mut ext = self
             .external

@@ -701,7 +701,9 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                     .endpoints
                     .insert(
                         &ferrox_abi::EndpointKey { addr: be(LOCAL_POD) },
-                        &ferrox_abi::EndpointInfo { ifindex: pod0, flags: ferrox_abi::endpoint_flags::POD },
+                        // As the CNI plugin registers an unshaped pod: delivered into the pod (bpf_redirect_peer,
+                        // to the MAC its address gives).
+                        &ferrox_abi::EndpointInfo { ifindex: pod0, flags: ferrox_abi::endpoint_flags::POD | ferrox_abi::endpoint_flags::PEER },
                     )
                     .unwrap();
                 let m = measure(&mut dp, TcProgram::UplinkEgress, up0, runs, |_| tcp(LOCAL_POD, 40000, REMOTE_POD, 8080), PASS);
