@@ -189,6 +189,12 @@ pub(super) async fn peer_task(
             &stale,
         )
         .await;
+        // Removed or replaced meanwhile (its Cease sent): the peer's status entry and routes
+        // now belong to its successor, started with the new configuration, or to nobody. This
+        // task touches neither (it once overwrote the successor's last error).
+        if *stop.borrow() {
+            return;
+        }
         let routes = routes_after(&end, reached);
         let over_limit = matches!(&end, End::Sent(n) if (n.code, n.subcode) == (err::CEASE, err::CEASE_MAX_PREFIXES));
         let error = match end {

@@ -702,3 +702,27 @@ async fn a_peer_over_its_maximum_number_of_prefixes_is_sent_a_cease_and_refused(
     let (_s, _) = peer_session(port).await;
     assert_eq!(speaker.peers()[0].state, "established");
 }
+
+/// A peer whose configuration changes is replaced: the old session ends with Cease, peer
+/// de-configured, and its task leaves the successor alone (it once wrote that Cease as the new
+/// session's last error, and could touch the successor's routes).
+#[tokio::test]
+async fn a_replaced_peers_old_session_leaves_its_successor_alone() {
+    let port = port(26_900);
+    let (speaker, _learned, _exports) = speaker(port).await;
+    let (mut s, _) = peer_session(port).await;
+    assert_eq!(speaker.peers()[0].state, "established");
+    let mut changed = test_peer();
+    changed.hold_time = Some(30);
+    speaker.set_peers(&[changed], None);
+    let rest = read_for(&mut s, Duration::from_secs(2)).await;
+    assert!(
+        rest.iter()
+            .any(|m| matches!(m, Message::Notification(n) if (n.code, n.subcode) == (6, 3))),
+        "{rest:?}"
+    );
+    let p = &speaker.peers()[0];
+    assert_eq!(p.last_error, None, "{p:?}");
+    assert_eq!(p.established_count, 0, "{p:?}");
+    assert_ne!(p.state, "established", "{p:?}");
+}
