@@ -367,6 +367,21 @@ pub struct PodFilter {
     pub filter: BpfFilter,
 }
 
+/// The kernel id of a TC program and its file descriptor (what a filter is given).
+fn id_and_fd<'a>(
+    prog: &'a SchedClassifier,
+    name: &'static str,
+) -> Result<(u32, &'a aya::programs::ProgramFd)> {
+    let id = prog
+        .info()
+        .map_err(|e| DatapathError::program("inspecting", name, e))?
+        .id();
+    let fd = prog
+        .fd()
+        .map_err(|e| DatapathError::program("opening", name, e))?;
+    Ok((id, fd))
+}
+
 fn open_tc(interface: &str) -> Result<TcSocket> {
     TcSocket::open().map_err(|e| DatapathError::filter("opening netlink for", interface, e))
 }
@@ -443,13 +458,7 @@ impl Datapath {
         let name = names::TC_FROM_POD;
         let mut out = PodLinks::default();
         let prog = self.programs.tc(name)?;
-        let id = prog
-            .info()
-            .map_err(|e| DatapathError::program("inspecting", name, e))?
-            .id();
-        let fd = prog
-            .fd()
-            .map_err(|e| DatapathError::program("opening", name, e))?;
+        let (id, fd) = id_and_fd(prog, name)?;
         let mut tc = open_tc("pods")?;
         let filter_name = pod_filter_name(&self.layout);
         for PodFilter { interface, filter } in pod_filters(&self.layout)? {
@@ -552,13 +561,7 @@ pub fn attach_pod(layout: &PinLayout, host_ifname: &str, how: PodAttach) -> Resu
     for _ in 0..3 {
         let prog = SchedClassifier::from_pin(layout.program(name))
             .map_err(|e| DatapathError::program("opening pinned", name, e))?;
-        let id = prog
-            .info()
-            .map_err(|e| DatapathError::program("inspecting", name, e))?
-            .id();
-        let fd = prog
-            .fd()
-            .map_err(|e| DatapathError::program("opening", name, e))?;
+        let (id, fd) = id_and_fd(&prog, name)?;
         tc.set_pod_filter(index, fd.as_fd(), &filter_name, true)
             .map_err(|e| DatapathError::filter("attaching the pod program to", host_ifname, e))?;
         if pinned_id()? == id {

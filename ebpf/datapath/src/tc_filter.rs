@@ -98,12 +98,7 @@ impl TcSocket {
         create: bool,
     ) -> io::Result<()> {
         use std::os::fd::AsRawFd as _;
-        let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.handle = TcHandle::from(POD_FILTER_HANDLE);
-        msg.header.parent = CLSACT_INGRESS;
-        msg.header.info = filter_info(POD_FILTER_PRIORITY);
-        msg.attributes
-            .push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
+        let mut msg = pod_filter_message(ifindex);
         msg.attributes.push(TcAttribute::Options(vec![
             TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd.as_raw_fd() as u32)),
             TcOption::Bpf(TcFilterBpfOption::ProgName(name.into())),
@@ -117,12 +112,7 @@ impl TcSocket {
     /// Removes the pod filter of `ifindex` (which detaches its program); false when there was
     /// none.
     pub(crate) fn delete_pod_filter(&mut self, ifindex: u32) -> io::Result<bool> {
-        let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.handle = TcHandle::from(POD_FILTER_HANDLE);
-        msg.header.parent = CLSACT_INGRESS;
-        msg.header.info = filter_info(POD_FILTER_PRIORITY);
-        msg.attributes
-            .push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
+        let msg = pod_filter_message(ifindex);
         match self.request(RouteNetlinkMessage::DelTrafficFilter(msg), 0) {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => Ok(false),
@@ -200,6 +190,17 @@ impl TcSocket {
             }
         }
     }
+}
+
+/// A request about the pod filter of `ifindex` (its hook, priority, handle and kind).
+fn pod_filter_message(ifindex: u32) -> TcMessage {
+    let mut msg = TcMessage::with_index(ifindex as i32);
+    msg.header.handle = TcHandle::from(POD_FILTER_HANDLE);
+    msg.header.parent = CLSACT_INGRESS;
+    msg.header.info = filter_info(POD_FILTER_PRIORITY);
+    msg.attributes
+        .push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
+    msg
 }
 
 /// `tcm_info` of a filter: its priority and protocol (all, network order).
