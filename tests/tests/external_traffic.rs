@@ -614,3 +614,102 @@ fn session_affinity_pins_an_outside_client_to_one_backend() {
     assert_eq!(n.len(), 1, "{n:?}");
     assert_eq!(n.values().sum::<usize>(), 50);
 }
+
+/// NodePort flows from outside translated at XDP on node-1's uplink (`mode`: native or
+/// generic): every flow is created there (TC creates none); flows to the backend on node-2 and
+/// their replies are translated and sent back out of the uplink at XDP (SNAT to node-1, checked
+/// by the backend and by the client's replies, whose checksums the receivers verify); flows to
+/// the local backend are left to TC (`to-tc`), which sends them into the pod.
+fn node_port_translated_at_xdp(mode: &str) {
+    let c = Cluster::builder().nodes(2).xdp(mode).build();
+    let web1 = c.add_pod(1, "web-1");
+    let web2 = c.add_pod(2, "web-2");
+    let _s1 = web1.serve(8080);
+    let _s2 = web2.serve(8080);
+    let outside = c.external_client();
+    c.api().apply(
+        &svc("web")
+            .node_port_type()
+            .cluster_ip("10.96.2.10")
+            .port_np("http", 80, 30080, "TCP")
+            .port_np("dns", 53, 30053, "UDP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("web", "w")
+            .port("http", 8080, "TCP")
+            .port("dns", 8080, "UDP")
+            .ready_on(web1.ip, "node-1")
+            .ready_on(web2.ip, "node-2")
+            .build(),
+    );
+    c.node(1)
+        .wait_for_entry("198.18.0.11:30080/TCP", Scope::External, 2);
+    c.node(1)
+        .wait_for_entry("198.18.0.11:30053/UDP", Scope::External, 2);
+    let maps = Maps::open(&c.node(1).layout()).unwrap();
+    let get = |h, r| maps.counters.get(h, r).unwrap().packets;
+    let tc_new0 = get(Hook::TcUplinkIngress, Reason::NatNewFlow);
+
+    let (by_backend, seen) = calls(&outside, "198.18.0.11:30080", 40);
+    assert_eq!(
+        by_backend.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "{by_backend:?}"
+    );
+    assert!(
+        seen["web-1"].iter().all(|s| s == "198.18.0.200"),
+        "{seen:?}"
+    );
+    assert!(seen["web-2"].iter().all(|s| s == "198.18.0.11"), "{seen:?}");
+    let (by_backend_udp, froms) = outside.call_udp("198.18.0.11:30053", 30);
+    assert_eq!(
+        by_backend_udp.keys().collect::<Vec<_>>(),
+        ["web-1", "web-2"],
+        "{by_backend_udp:?}"
+    );
+    assert!(froms.iter().all(|f| f == "198.18.0.11:30053"), "{froms:?}");
+
+    let xdp = |r| get(Hook::XdpUplink, r);
+    let web2_tcp = by_backend["web-2"] as u64;
+    assert_eq!(
+        get(Hook::TcUplinkIngress, Reason::NatNewFlow) - tc_new0,
+        0,
+        "every flow from outside is created at XDP"
+    );
+    assert!(
+        xdp(Reason::NatNewFlow) >= web2_tcp,
+        "{} new flows sent at XDP for {web2_tcp} TCP connections to web-2",
+        xdp(Reason::NatNewFlow)
+    );
+    assert!(
+        xdp(Reason::NatEstablished) >= web2_tcp,
+        "{} established packets sent at XDP",
+        xdp(Reason::NatEstablished)
+    );
+    assert!(
+        xdp(Reason::NatReply) >= web2_tcp,
+        "{} replies from web-2 sent back to the client at XDP",
+        xdp(Reason::NatReply)
+    );
+    let web1_tcp = by_backend["web-1"] as u64;
+    assert!(
+        xdp(Reason::PassToTc) >= web1_tcp,
+        "{} packets of flows to the local backend left to TC for {web1_tcp} connections",
+        xdp(Reason::PassToTc)
+    );
+    assert!(
+        get(Hook::TcUplinkIngress, Reason::NatEstablished) > 0,
+        "TC sends the local backend's flows"
+    );
+}
+
+#[test]
+fn node_port_flows_are_translated_at_native_xdp() {
+    node_port_translated_at_xdp("native");
+}
+
+#[test]
+fn node_port_flows_are_translated_at_generic_xdp() {
+    node_port_translated_at_xdp("generic");
+}

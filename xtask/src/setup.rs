@@ -31,6 +31,8 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "tcpdump",
+    // The XDP tests and bench set veth offloads (checksums, GRO) as a NIC's wire behaves.
+    "ethtool",
     "bpftool",
     // `cargo xtask bench` profiles the per-packet paths with perf.
     "linux-perf",

@@ -84,6 +84,8 @@ pub enum CachedRoute {
         max_len: u16,
         /// Into the pod behind that host veth (`bpf_redirect_peer`), not out of the veth.
         into_pod: bool,
+        /// Wrapped in IP-in-IP by the uplink on the way out (so XDP leaves it to TC).
+        encap: bool,
     },
     /// Handed to this node's stack.
     Local,
@@ -104,6 +106,7 @@ fn cached_route(e: &CtEntry) -> Option<CachedRoute> {
             src_mac: mac(&e.fwd_macs[6..]),
             max_len: e.fwd_max_len,
             into_pod: e.fwd_flags & fwd_flags::PEER != 0,
+            encap: e.fwd_flags & fwd_flags::ENCAP != 0,
         })
     } else if e.fwd_flags & fwd_flags::LOCAL != 0 {
         Some(CachedRoute::Local)

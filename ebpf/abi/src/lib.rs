@@ -363,6 +363,9 @@ pub mod fwd_flags {
     /// With `DIRECT`: `fwd_ifindex` is the host veth of a local pod that takes packets straight
     /// into its own side (`bpf_redirect_peer`, see [`super::endpoint_flags::PEER`]).
     pub const PEER: u8 = 1 << 2;
+    /// With `DIRECT`: the destination is in a remote pod block reached in IP-in-IP, which the
+    /// uplink's TC egress wraps (XDP, which cannot, leaves such flows to TC).
+    pub const ENCAP: u8 = 1 << 3;
 }
 
 /// Value of the conntrack map of version 1 (`CT_V1`), read once by the loader to carry its
@@ -727,10 +730,14 @@ pub enum Reason {
     /// Too big for the path to its backend with don't-fragment set: answered with an ICMP
     /// fragmentation-needed in the client's own addresses.
     DropTooBig = 33,
+    /// XDP: a packet of a translated flow whose way on XDP cannot take itself (into a local
+    /// pod, to the host, through the tunnel, an ICMP answer), left untouched for TC, which
+    /// translates it with the same conntrack entry.
+    PassToTc = 34,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 35;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -766,6 +773,7 @@ impl Reason {
         Self::DropFragmentUnknown,
         Self::DropBackendGone,
         Self::DropTooBig,
+        Self::PassToTc,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -780,7 +788,8 @@ impl Reason {
             | Self::PassUnsupportedProto
             | Self::PassNoRevNat
             | Self::TunnelEncap
-            | Self::TunnelDecap => Verdict::Pass,
+            | Self::TunnelDecap
+            | Self::PassToTc => Verdict::Pass,
             Self::TranslateToBackend
             | Self::TranslateToFrontend
             | Self::TranslateAffinity
@@ -843,6 +852,7 @@ impl Reason {
             Self::DropFragmentUnknown => "fragment-unknown",
             Self::DropBackendGone => "backend-gone",
             Self::DropTooBig => "too-big",
+            Self::PassToTc => "to-tc",
         }
     }
 

@@ -9,6 +9,11 @@ use crate::{Datapath, DatapathError, Result};
 /// Size of the UAPI `struct __sk_buff` and the offset of its `ifindex` field.
 const SK_BUFF_SIZE: usize = 192;
 const SK_BUFF_IFINDEX: usize = 40;
+/// Size of the UAPI `struct xdp_md` and the offsets of its `data_end` (the frame's length, as
+/// the kernel checks) and `ingress_ifindex` fields.
+const XDP_MD_SIZE: usize = 24;
+const XDP_MD_DATA_END: usize = 4;
+const XDP_MD_INGRESS_IFINDEX: usize = 12;
 
 /// The TC programs that can be test-run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,13 +94,35 @@ impl Datapath {
     }
 
     /// Runs the uplink's XDP program `repeat` times on `packet`; the action is an XDP action
-    /// (1 = XDP_DROP, 2 = XDP_PASS).
+    /// (1 = XDP_DROP, 2 = XDP_PASS, 3 = XDP_TX).
     pub fn test_run_xdp(&mut self, packet: &[u8], repeat: u32) -> Result<TestRunOutput> {
+        self.test_run_xdp_on(packet, None, repeat)
+    }
+
+    /// Like [`Datapath::test_run_xdp`], with the frame arriving on interface `ifindex` of the
+    /// calling thread's network namespace (its receive queue 0: what FIB lookups and the
+    /// program's "back out of the arrival interface" see).
+    pub fn test_run_xdp_on(
+        &mut self,
+        packet: &[u8],
+        ifindex: Option<u32>,
+        repeat: u32,
+    ) -> Result<TestRunOutput> {
         let name = crate::programs::XDP_PROGRAM;
         let mut out = vec![0u8; packet.len() + 256];
+        let mut md = [0u8; XDP_MD_SIZE];
+        md[XDP_MD_DATA_END..XDP_MD_DATA_END + 4]
+            .copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        if let Some(i) = ifindex {
+            md[XDP_MD_INGRESS_IFINDEX..XDP_MD_INGRESS_IFINDEX + 4]
+                .copy_from_slice(&i.to_ne_bytes());
+        }
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
+        if ifindex.is_some() {
+            opts.ctx_in = Some(&md);
+        }
         opts.repeat = repeat.max(1);
         let result = self
             .programs

@@ -165,9 +165,16 @@ enum Input {
     WithSnatPort(Box<dyn Fn(u16) -> Vec<u8> + Send + Sync>),
 }
 
+/// The program a row runs: a TC program, or the uplink's XDP program.
+#[derive(Clone, Copy)]
+enum Prog {
+    Tc(TcProgram),
+    Xdp,
+}
+
 struct Row {
     what: &'static str,
-    program: TcProgram,
+    program: Prog,
     /// The interface the packet arrives on.
     on: &'static str,
     input: Input,
@@ -188,7 +195,7 @@ fn external_flows_are_translated_tracked_and_answered() {
     let rows = vec![
         Row {
             what: "new flow to a NodePort with a local backend: DNAT, to the pod's veth",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40000, NODE, 30080)
@@ -205,7 +212,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "the same flow again: translated from conntrack",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40000, NODE, 30080)
@@ -222,7 +229,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "the local pod's reply: source back to the NodePort, out of the uplink",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 tcp(LOCAL_POD, 8080, CLIENT, 40000)
@@ -239,7 +246,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "new flow to a remote backend: DNAT and SNAT to the node, to node-2",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40001, NODE, 30081)
@@ -256,7 +263,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "the remote backend's reply to the SNAT port: back to the client",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::WithSnatPort(Box::new(move |port| {
                 tcp(REMOTE_POD, 8080, NODE, port)
@@ -273,7 +280,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "fragmentation needed from a router about a SNATed flow: to the client, in its addresses",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::WithSnatPort(Box::new(move |port| {
                 let quote = tcp(NODE, port, REMOTE_POD, 8080).quote(28);
@@ -296,7 +303,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "port unreachable from the remote backend itself: its source becomes the frontend",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::WithSnatPort(Box::new(move |port| {
                 let quote = tcp(NODE, port, REMOTE_POD, 8080).quote(28);
@@ -319,7 +326,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "fragmentation needed about a local backend's reply: to the pod, in its addresses",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes({
                 let quote = tcp(NODE, 30080, CLIENT, 40000).quote(28);
@@ -342,7 +349,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "an ICMP error about a flow that was never translated: passed untouched",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes({
                 let quote = tcp(NODE, 22, CLIENT, 50000).quote(28);
@@ -358,7 +365,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "a client outside loadBalancerSourceRanges is dropped",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(STRANGER, 40002, NODE, 30082)
@@ -371,7 +378,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "a client inside loadBalancerSourceRanges is translated",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40003, NODE, 30082)
@@ -388,7 +395,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "a frontend without backends drops",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40004, NODE, 30083)
@@ -401,7 +408,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "UDP without checksum: translated, checksum stays 0",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 pkt()
@@ -426,7 +433,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "UDP with checksum: translated, checksum still valid",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 pkt()
@@ -449,7 +456,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "not a frontend (ssh to the node): passed untouched",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40005, NODE, 22)
@@ -462,7 +469,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "the node's own reply traffic from a pod that is not a backend: passed",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 tcp(LOCAL_POD, 9999, CLIENT, 40000)
@@ -475,7 +482,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "a pod's packet to a cluster IP no socket hook translated: DNAT, its address kept with a source port of the SNAT range (never an ephemeral port a direct connection could hold), to node-2",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 tcp(LOCAL_POD, 41000, CLUSTER_IP, 80)
@@ -492,7 +499,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "the remote backend's reply: from the cluster IP again, to the pod's own port",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::WithSnatPort(Box::new(move |port| {
                 tcp(REMOTE_POD, 8080, LOCAL_POD, port)
@@ -509,7 +516,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "hairpin: a pod to a cluster IP whose backend is itself: SNAT to the gateway",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 tcp(LOCAL_POD, 41001, CLUSTER_IP, 81)
@@ -526,7 +533,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "hairpin reply to the gateway: from the cluster IP, to the pod",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::WithSnatPort(Box::new(move |port| {
                 tcp(LOCAL_POD, 8080, GATEWAY, port)
@@ -543,7 +550,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "a cluster IP from outside the node: not served, passed untouched",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40010, CLUSTER_IP, 80)
@@ -556,7 +563,7 @@ fn external_flows_are_translated_tracked_and_answered() {
         },
         Row {
             what: "a frontend packet whose total length lies: dropped, not rewritten",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40006, NODE, 30080)
@@ -645,18 +652,21 @@ fn play(dp: &mut Datapath, rows: &[Row], snat_port: &mut u16) -> Vec<String> {
         };
         let ifindex = ferrox_datapath::ifindex(row.on).unwrap();
         let before = counters(dp);
-        let out = dp
-            .test_run_tc_on(row.program, &input, Some(ifindex), 1)
-            .unwrap();
+        let out = match row.program {
+            Prog::Tc(p) => dp.test_run_tc_on(p, &input, Some(ifindex), 1),
+            Prog::Xdp => dp.test_run_xdp_on(&input, Some(ifindex), 1),
+        }
+        .unwrap();
         let after = counters(dp);
         let mut fail = |m: String| failures.push(format!("{}: {m}", row.what));
         if out.action != row.action {
             fail(format!("action {} want {}", out.action, row.action));
         }
         let hook = match row.program {
-            TcProgram::FromPod => Hook::TcFromPod,
-            TcProgram::UplinkIngress => Hook::TcUplinkIngress,
-            TcProgram::UplinkEgress => Hook::TcUplinkEgress,
+            Prog::Tc(TcProgram::FromPod) => Hook::TcFromPod,
+            Prog::Tc(TcProgram::UplinkIngress) => Hook::TcUplinkIngress,
+            Prog::Tc(TcProgram::UplinkEgress) => Hook::TcUplinkEgress,
+            Prog::Xdp => Hook::XdpUplink,
         };
         let want_cell = counter_index(hook, row.reason) as usize;
         for (i, (b, a)) in before.iter().zip(&after).enumerate() {
@@ -708,7 +718,11 @@ fn play(dp: &mut Datapath, rows: &[Row], snat_port: &mut u16) -> Vec<String> {
                 }
             }
         }
-        if row.action == TC_ACT_REDIRECT && !checksums_ok(&out.packet) {
+        let sent = match row.program {
+            Prog::Tc(_) => row.action == TC_ACT_REDIRECT,
+            Prog::Xdp => row.action == XDP_TX,
+        };
+        if sent && !checksums_ok(&out.packet) {
             fail("checksums do not verify".into());
         }
     }
@@ -774,7 +788,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
     let phase1 = vec![
         Row {
             what: "UDP first fragment to a NodePort: translated, its ports remembered",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(first(77).macs(up0_mac, CLIENT_MAC).build()),
             action: TC_ACT_REDIRECT,
@@ -790,7 +804,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "a middle fragment: its addresses follow the first's translation",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(later(77, NODE, 9, false).macs(up0_mac, CLIENT_MAC).build()),
             action: TC_ACT_REDIRECT,
@@ -803,7 +817,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "the last fragment: the same",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(later(77, NODE, 18, true).macs(up0_mac, CLIENT_MAC).build()),
             action: TC_ACT_REDIRECT,
@@ -816,7 +830,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "a later fragment whose first never came: dropped, counted",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(later(78, NODE, 9, true).macs(up0_mac, CLIENT_MAC).build()),
             action: TC_ACT_SHOT,
@@ -825,7 +839,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "the pod's fragmented reply: first fragment from the NodePort",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 udp(LOCAL_POD, 5353, CLIENT, 40100)
@@ -848,7 +862,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "the reply's last fragment: from the NodePort too",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 pkt()
@@ -873,7 +887,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "IP options and TTL 1: translated, options kept, TTL as it came (the node is the frontend's destination)",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40200, NODE, 30080)
@@ -895,7 +909,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         // TCP state: a FIN from the client half-closes the flow, the backend's FIN closes it.
         Row {
             what: "SYN of a flow whose close follows",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40300, NODE, 30080)
@@ -912,7 +926,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "the client's FIN: half-closed, not closing",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40300, NODE, 30080)
@@ -933,7 +947,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
     let phase2 = [
         Row {
             what: "the backend keeps sending on the half-closed flow",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 tcp(LOCAL_POD, 8080, CLIENT, 40300)
@@ -952,7 +966,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "the backend's FIN: now the flow is closing",
-            program: TcProgram::FromPod,
+            program: Prog::Tc(TcProgram::FromPod),
             on: "pod0",
             input: Input::Bytes(
                 tcp(LOCAL_POD, 8080, CLIENT, 40300)
@@ -971,7 +985,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "a flow reset by the client: closing at once",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40200, NODE, 30080)
@@ -992,7 +1006,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "a SYN reusing the closed tuple: a new connection, no longer closing",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40300, NODE, 30080)
@@ -1009,7 +1023,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "a flow to a backend that is about to leave",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40400, NODE, 30086)
@@ -1028,7 +1042,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
     let phase3 = vec![
         Row {
             what: "its backend left: an established packet is dropped, counted",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40400, NODE, 30086)
@@ -1042,7 +1056,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "a SYN on that tuple: a new flow to the frontend's remaining backend",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40400, NODE, 30086)
@@ -1059,7 +1073,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "too big for the path, don't-fragment set: an ICMP fragmentation-needed to the client, from the address it used, quoting what it sent",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40500, NODE, 30084)
@@ -1085,7 +1099,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "too big, may fragment: translated and left to the stack, which fragments it",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 udp(CLIENT, 40501, NODE, 30087)
@@ -1104,7 +1118,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "a NodePort whose backend is the node's own host network: delivered to the stack",
-            program: TcProgram::UplinkIngress,
+            program: Prog::Tc(TcProgram::UplinkIngress),
             on: "up0",
             input: Input::Bytes(
                 tcp(CLIENT, 40600, NODE, 30085)
@@ -1121,7 +1135,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "the host's reply leaving through the uplink: from the NodePort again",
-            program: TcProgram::UplinkEgress,
+            program: Prog::Tc(TcProgram::UplinkEgress),
             on: "up0",
             input: Input::Bytes(
                 tcp(NODE, 8085, CLIENT, 40600)
@@ -1140,7 +1154,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
         },
         Row {
             what: "host traffic that is no reply leaves as it is",
-            program: TcProgram::UplinkEgress,
+            program: Prog::Tc(TcProgram::UplinkEgress),
             on: "up0",
             input: Input::Bytes(
                 tcp(NODE, 50000, CLIENT, 22)
@@ -1693,4 +1707,300 @@ fn while_a_conntrack_resize_finishes_flows_are_seen_in_both_maps() {
         );
         assert_eq!(dp.maps().conntrack.len().unwrap(), 9);
     });
+}
+
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+const XDP_TX: i32 = 3;
+
+/// The uplink's XDP program translates flows from outside with the maps and conntrack TC uses:
+/// what goes back out of the uplink unwrapped (a remote backend reached directly, the reply to
+/// the client) is rewritten and sent (`XDP_TX`, checksums updated in the frame); a flow into a
+/// local pod or through the tunnel is tracked at XDP and left untouched (`to-tc`), and TC then
+/// sends it as an established flow with the route XDP cached; ICMP, IP-in-IP and packets to no
+/// frontend pass untouched; a malformed header or a frontend without backends is dropped.
+#[test]
+fn xdp_translates_what_it_can_send_back_out_and_leaves_the_rest_to_tc() {
+    let ns = node("x");
+    ns.ip(&["route", "add", "10.244.3.0/24", "via", "198.18.0.12"]);
+    let up0_mac = ns.mac("up0");
+    let pod0_mac = ns.mac("pod0");
+    let xdp = Prog::Xdp;
+    let tc = Prog::Tc(TcProgram::UplinkIngress);
+    let from_client = |sport: u16, dport: u16| {
+        tcp(CLIENT, sport, NODE, dport)
+            .macs(up0_mac, CLIENT_MAC)
+            .build()
+    };
+    let rows = vec![
+        Row {
+            what: "XDP: new flow to a remote backend: DNAT and SNAT to the node, back out to node-2",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(from_client(41001, 30081)),
+            action: XDP_TX,
+            reason: Reason::NatNewFlow,
+            out: Out::Snat(Box::new(move |port| {
+                tcp(NODE, port, REMOTE_POD, 8080)
+                    .macs(NODE2_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "XDP: the same flow again, from conntrack",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(from_client(41001, 30081)),
+            action: XDP_TX,
+            reason: Reason::NatEstablished,
+            out: Out::WithSnatPort(Box::new(move |port| {
+                tcp(NODE, port, REMOTE_POD, 8080)
+                    .macs(NODE2_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "XDP: the remote backend's reply to the SNAT port, back out to the client",
+            program: xdp,
+            on: "up0",
+            input: Input::WithSnatPort(Box::new(move |port| {
+                tcp(REMOTE_POD, 8080, NODE, port)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build()
+            })),
+            action: XDP_TX,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(NODE, 30081, CLIENT, 41001)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "TC sees the same reply as XDP saw it: the one conntrack entry serves both",
+            program: tc,
+            on: "up0",
+            input: Input::WithSnatPort(Box::new(move |port| {
+                tcp(REMOTE_POD, 8080, NODE, port)
+                    .macs(up0_mac, NODE2_MAC)
+                    .build()
+            })),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatReply,
+            out: Out::Bytes(
+                tcp(NODE, 30081, CLIENT, 41001)
+                    .macs(CLIENT_MAC, up0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "XDP: new UDP flow with a checksum: updated in the frame",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(
+                udp(CLIENT, 41002, NODE, 30054)
+                    .payload(13)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: XDP_TX,
+            reason: Reason::NatNewFlow,
+            out: Out::Snat(Box::new(move |port| {
+                udp(NODE, port, REMOTE_POD, 53)
+                    .payload(13)
+                    .macs(NODE2_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "XDP: a UDP datagram sent without checksum keeps none",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(
+                udp(CLIENT, 41002, NODE, 30054)
+                    .payload(13)
+                    .no_l4_checksum()
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: XDP_TX,
+            reason: Reason::NatEstablished,
+            out: Out::WithSnatPort(Box::new(move |port| {
+                udp(NODE, port, REMOTE_POD, 53)
+                    .payload(13)
+                    .no_l4_checksum()
+                    .macs(NODE2_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "XDP: new flow to a local backend: tracked, left to TC untouched",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(from_client(41003, 30080)),
+            action: XDP_PASS,
+            reason: Reason::PassToTc,
+            out: Out::Same,
+        },
+        Row {
+            what: "TC: that flow is established, sent into the pod's veth by the cached route",
+            program: tc,
+            on: "up0",
+            input: Input::Bytes(from_client(41003, 30080)),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatEstablished,
+            out: Out::Bytes(
+                tcp(CLIENT, 41003, LOCAL_POD, 8080)
+                    .macs(POD_MAC, pod0_mac)
+                    .build(),
+            ),
+        },
+        Row {
+            what: "XDP: its next packet, also left to TC",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(from_client(41003, 30080)),
+            action: XDP_PASS,
+            reason: Reason::PassToTc,
+            out: Out::Same,
+        },
+        Row {
+            what: "XDP: new flow to a backend in a block reached in IP-in-IP: left to TC",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(from_client(41004, 30085)),
+            action: XDP_PASS,
+            reason: Reason::PassToTc,
+            out: Out::Same,
+        },
+        Row {
+            what: "TC: that flow goes out of the uplink for its egress hook to wrap",
+            program: tc,
+            on: "up0",
+            input: Input::Bytes(from_client(41004, 30085)),
+            action: TC_ACT_REDIRECT,
+            reason: Reason::NatEstablished,
+            out: Out::Snat(Box::new(move |port| {
+                tcp(NODE, port, FAR_POD, 8080)
+                    .macs(NODE2_MAC, up0_mac)
+                    .build()
+            })),
+        },
+        Row {
+            what: "XDP: not a frontend: passes",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(from_client(41005, 22)),
+            action: XDP_PASS,
+            reason: Reason::PassTcp,
+            out: Out::Same,
+        },
+        Row {
+            what: "XDP: a frontend without backends: refused",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(from_client(41006, 30083)),
+            action: XDP_DROP,
+            reason: Reason::DropNoBackend,
+            out: Out::Same,
+        },
+        Row {
+            what: "XDP: ICMP passes (TC translates errors)",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(
+                pkt()
+                    .ipv4(CLIENT, NODE)
+                    .icmp_echo()
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: XDP_PASS,
+            reason: Reason::PassIcmp,
+            out: Out::Same,
+        },
+        Row {
+            what: "XDP: IP-in-IP from node-2 passes (TC unwraps it)",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes({
+                let inner = tcp(REMOTE_POD, 8080, LOCAL_POD, 41000).build();
+                packets::ipip(&inner, NODE2, NODE, 7)
+            }),
+            action: XDP_PASS,
+            reason: Reason::PassOtherL4,
+            out: Out::Same,
+        },
+        Row {
+            what: "XDP: a total length beyond the frame: dropped",
+            program: xdp,
+            on: "up0",
+            input: Input::Bytes(
+                tcp(CLIENT, 41007, NODE, 30081)
+                    .tot_len(900)
+                    .macs(up0_mac, CLIENT_MAC)
+                    .build(),
+            ),
+            action: XDP_DROP,
+            reason: Reason::DropMalformedIpv4,
+            out: Out::Same,
+        },
+    ];
+
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test").unwrap();
+    let layout = bpffs.layout();
+    let failures = ns.run(|| {
+        let mut dp = Datapath::open(&layout).unwrap();
+        backend(&mut dp, 1, LOCAL_POD, 8080, proto::TCP, true);
+        backend(&mut dp, 2, REMOTE_POD, 8080, proto::TCP, false);
+        backend(&mut dp, 4, REMOTE_POD, 53, proto::UDP, false);
+        backend(&mut dp, 5, FAR_POD, 8080, proto::TCP, false);
+        frontend(&mut dp, 30080, proto::TCP, 1, 0, &[1]);
+        frontend(&mut dp, 30081, proto::TCP, 2, 0, &[2]);
+        frontend(&mut dp, 30083, proto::TCP, 4, 0, &[]);
+        frontend(&mut dp, 30054, proto::UDP, 5, 0, &[4]);
+        frontend(&mut dp, 30085, proto::TCP, 6, 0, &[5]);
+        dp.maps_mut()
+            .tunnels
+            .insert(&ferrox_datapath::Tunnel {
+                prefix: "10.244.3.0/24".parse().unwrap(),
+                remote: std::net::Ipv4Addr::from(NODE2),
+                flags: ferrox_abi::tunnel_flags::IPIP,
+            })
+            .unwrap();
+        let up0 = ferrox_datapath::ifindex("up0").unwrap();
+        dp.maps_mut()
+            .config
+            .set(&DatapathConfig {
+                node_addr: be(NODE),
+                uplink_ifindex: up0,
+                snat_port_min: 61000,
+                snat_port_max: 65535,
+                monitor: 0,
+            })
+            .unwrap();
+        let mut snat_port = 0u16;
+        let mut failures = play(&mut dp, &rows, &mut snat_port);
+        // The tunnelled flow's cached route says the uplink wraps it.
+        let far = dp
+            .maps()
+            .conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.sport == 41004u16.to_be() && k.saddr == be(CLIENT));
+        match far {
+            Some((_, e)) if e.fwd_flags & ferrox_abi::fwd_flags::ENCAP != 0 => {}
+            other => failures.push(format!(
+                "the tunnelled flow's entry has no encap flag: {other:?}"
+            )),
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

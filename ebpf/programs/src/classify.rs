@@ -2,24 +2,9 @@
 //! header is sound. For now every sound frame passes; a malformed IPv4 header is dropped and
 //! counted.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use ferrox_abi::{Hook, Reason, Verdict, proto};
+use ferrox_abi::{Reason, proto};
 
-use crate::{
-    counters::count,
-    packet::{ETH_HLEN, Frame, IP_OFFSET, IPV4_MIN_HLEN, Ipv4Hdr},
-};
-
-/// The same at XDP: `XDP_PASS` or `XDP_DROP`.
-#[inline(always)]
-pub fn xdp_classify_and_pass(ctx: &XdpContext, hook: Hook) -> u32 {
-    let reason = classify(ctx);
-    count(hook, reason, ctx.frame_len() as u32);
-    match reason.verdict() {
-        Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Pass | Verdict::Translate => xdp_action::XDP_PASS,
-    }
-}
+use crate::packet::{ETH_HLEN, Frame, IP_OFFSET, IPV4_MIN_HLEN, Ipv4Hdr};
 
 #[inline(always)]
 pub fn classify(frame: &impl Frame) -> Reason {

@@ -4,7 +4,7 @@
 //! (the client's own, or SNAT to the node or the pod gateway with a port of the SNAT range);
 //! the TCP state the GC reads; backends that left.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_coarse_ns};
 use ferrox_abi::{
     CtEntry, CtKey, Hook, POD_GATEWAY, Reason, ServiceKey, ServiceValue, backend_flags, ct_flags,
     proto, svc_flags,
@@ -16,7 +16,7 @@ use crate::{
     lb::{admit, flow_hash, pick_backend},
     maps::{BACKENDS_V1, CONFIG_V1},
     nat::{Cache, Outcome, translate},
-    packet::Frame as _,
+    packet::Hooked,
 };
 
 /// How stale an entry's last-seen time may be before a packet refreshes it. The agent's
@@ -59,12 +59,30 @@ pub(crate) const TCP_RST: u8 = 0x04;
 
 pub(crate) const TCP_ACK: u8 = 0x10;
 
-/// Where a new flow came in: the node's uplink (a client outside the node) or a pod's veth (a
-/// client on this node that the socket hooks did not translate).
+/// Where a new flow came in: the node's uplink (a client outside the node; at TC, or at XDP
+/// before the skb exists) or a pod's veth (a client on this node that the socket hooks did not
+/// translate).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
     Uplink,
+    XdpUplink,
     Pod,
+}
+
+impl Origin {
+    #[inline(always)]
+    fn outside_client(self) -> bool {
+        self != Self::Pod
+    }
+
+    #[inline(always)]
+    pub(crate) fn hook(self) -> Hook {
+        match self {
+            Self::Uplink => Hook::TcUplinkIngress,
+            Self::XdpUplink => Hook::XdpUplink,
+            Self::Pod => Hook::TcFromPod,
+        }
+    }
 }
 
 /// The key of the other direction of the flow an entry belongs to: for an original-direction
@@ -98,7 +116,7 @@ pub(crate) fn backend_alive(entry: *const CtEntry) -> bool {
 /// must be treated as new: its backend left and this packet may start over (any UDP datagram,
 /// a TCP SYN); its entries are removed first.
 #[inline(always)]
-pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
+pub(crate) fn tracked<C: Hooked + EbpfContext>(ctx: &C, flow: &Flow) -> Option<(Reason, i32)> {
     let key = flow.key();
     let entry = lookup(&key)?;
     // SAFETY: the pointer comes from a successful lookup. The entry is read field by field,
@@ -120,7 +138,7 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
             remove(&key);
             return None;
         }
-        return Some((Reason::DropBackendGone, TC_ACT_SHOT));
+        return Some((Reason::DropBackendGone, C::DROP));
     }
     let refresh = touch(entry, last_seen_ns);
     if tcp & (TCP_FIN | TCP_RST) != 0 || (syn && flags & (ct_flags::FIN | ct_flags::CLOSING) != 0) {
@@ -140,8 +158,8 @@ pub(crate) fn tracked(ctx: &TcContext, flow: &Flow) -> Option<(Reason, i32)> {
             entry,
             if refresh { Cache::Refresh } else { Cache::Use },
         ) {
-            Ok(outcome) => outcome.counted(reason),
-            Err(r) => (r, TC_ACT_SHOT),
+            Ok(outcome) => outcome.counted::<C>(reason),
+            Err(r) => (r, C::DROP),
         },
     )
 }
@@ -183,8 +201,8 @@ pub(crate) fn tcp_state(key: &CtKey, entry: *mut CtEntry, tcp: u8, syn: bool) {
 /// The first packet of a flow to a frontend: tracked, then translated by its entry in the map
 /// (whose route cache it fills).
 #[inline(always)]
-pub(crate) fn new_flow(
-    ctx: &TcContext,
+pub(crate) fn new_flow<C: Hooked + EbpfContext>(
+    ctx: &C,
     flow: &Flow,
     key: &ServiceKey,
     frontend: &ServiceValue,
@@ -207,7 +225,7 @@ pub(crate) fn track_new(
     origin: Origin,
 ) -> Result<(), Reason> {
     admit(flow, frontend)?;
-    let backend_id = pick_backend(flow, key, frontend, origin == Origin::Uplink)?;
+    let backend_id = pick_backend(flow, key, frontend, origin.outside_client())?;
     // SAFETY: hash map values are read once, by copy.
     let Some(backend) = (unsafe { BACKENDS_V1.get(&backend_id) }).copied() else {
         return Err(Reason::DropBackendMissing);
@@ -222,13 +240,15 @@ pub(crate) fn track_new(
     // address. Otherwise the client's own address and port, unless another flow already
     // holds that reply tuple.
     let snat_addr = match origin {
-        Origin::Uplink if !local && frontend.flags & svc_flags::EXTERNAL_LOCAL == 0 => {
+        Origin::Uplink | Origin::XdpUplink
+            if !local && frontend.flags & svc_flags::EXTERNAL_LOCAL == 0 =>
+        {
             // SAFETY: array element 0 always exists; read by copy.
             Some(CONFIG_V1.get(0).map_or(0, |c| c.node_addr))
         }
         Origin::Pod if backend.addr == flow.saddr => Some(u32::from_ne_bytes(POD_GATEWAY)),
         Origin::Pod => Some(flow.saddr),
-        Origin::Uplink => None,
+        Origin::Uplink | Origin::XdpUplink => None,
     };
     let now = now_ns();
     let mut flags = 0;
@@ -294,10 +314,7 @@ pub(crate) fn track_new(
         }
     }
     crate::events::translate(
-        match origin {
-            Origin::Uplink => Hook::TcUplinkIngress,
-            Origin::Pod => Hook::TcFromPod,
-        },
+        origin.hook(),
         flow.proto,
         flow.saddr,
         flow.sport,

@@ -4,17 +4,21 @@
 use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
 };
-use ferrox_abi::{EndpointKey, Reason, endpoint_flags};
+use ferrox_abi::{EndpointKey, Reason, TunnelKey, endpoint_flags, tunnel_flags};
 
-use crate::maps::ENDPOINTS_V1;
+use crate::{
+    maps::{CONFIG_V1, ENDPOINTS_V1, TUNNEL_V1},
+    packet::Hooked,
+};
 
 pub(crate) const AF_INET: u8 = 2;
 
@@ -53,19 +57,14 @@ pub(crate) enum Route {
 /// the kernel cuts into segments of its own size on the way out (its total length is the
 /// aggregate's, not what goes on the wire).
 #[inline(always)]
-pub(crate) fn path_len(ctx: &TcContext, tot_len: u16) -> u16 {
-    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
-    if unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size } != 0 {
-        0
-    } else {
-        tot_len
-    }
+pub(crate) fn path_len<C: Hooked>(ctx: &C, tot_len: u16) -> u16 {
+    if ctx.gso() { 0 } else { tot_len }
 }
 
 /// Looks the translated packet's route up (and checks its MTU). A function of its own (a
 /// BPF-to-BPF call): the lookup's 64-byte request stays off the stack of its callers.
 #[inline(never)]
-pub(crate) fn route(ctx: &TcContext, to: &Fib) -> Route {
+pub(crate) fn route<C: Hooked + EbpfContext>(ctx: &C, to: &Fib) -> Route {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut p: bpf_fib_lookup = unsafe { zeroed() };
     p.family = AF_INET;
@@ -73,8 +72,7 @@ pub(crate) fn route(ctx: &TcContext, to: &Fib) -> Route {
     p.sport = to.sport;
     p.dport = to.dport;
     p.__bindgen_anon_1.tot_len = to.tot_len;
-    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
-    p.ifindex = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).ifindex };
+    p.ifindex = ctx.arrival_ifindex();
     p.__bindgen_anon_3.ipv4_src = to.saddr;
     p.__bindgen_anon_4.ipv4_dst = to.daddr;
     // SAFETY: `p` is a valid request of the size passed; `ctx` is the program's context.
@@ -110,11 +108,35 @@ pub(crate) fn peer_of(daddr: u32, ifindex: u32) -> bool {
         .is_some_and(|ep| ep.ifindex == ifindex && ep.flags & endpoint_flags::PEER != 0)
 }
 
-/// Sends a rewritten packet out of `ifindex`; with `peer` (only from an ingress hook, which
-/// every caller of the per-packet translation is) straight into the pod side of that veth:
-/// no pass through the veth's transmit and the backlog queue, one softirq round less.
+/// Whether the route to `daddr` out of `ifindex` leads through the uplink into a pod block
+/// reached in IP-in-IP (the uplink's TC egress wraps such packets). Asked when a route is
+/// cached, not per packet.
 #[inline(always)]
-pub(crate) fn send(ifindex: u32, peer: bool) -> i32 {
+pub(crate) fn encap_of(daddr: u32, ifindex: u32) -> bool {
+    let uplink = CONFIG_V1.get(0).map_or(0, |c| c.uplink_ifindex);
+    ifindex == uplink
+        && TUNNEL_V1
+            .get(&LpmKey::new(32, TunnelKey { addr: daddr }))
+            .is_some_and(|t| t.flags & tunnel_flags::IPIP != 0)
+}
+
+/// Whether `ctx`'s hook can itself send a rewritten packet out of `ifindex` (`peer`: into the
+/// pod side of that veth; `encap`: the uplink must wrap it first). TC sends anywhere; XDP only
+/// back out of the interface the frame came in on, unwrapped (`XDP_TX`).
+#[inline(always)]
+pub(crate) fn can_send<C: Hooked>(ctx: &C, ifindex: u32, peer: bool, encap: bool) -> bool {
+    !C::XDP || (ifindex == ctx.arrival_ifindex() && !peer && !encap)
+}
+
+/// Sends a rewritten packet out of `ifindex` (which [`can_send`] allowed); with `peer` (only
+/// from an ingress hook, which every caller of the per-packet translation is) straight into
+/// the pod side of that veth: no pass through the veth's transmit and the backlog queue, one
+/// softirq round less. At XDP: back out of the arrival interface.
+#[inline(always)]
+pub(crate) fn send<C: Hooked>(ifindex: u32, peer: bool) -> i32 {
+    if C::XDP {
+        return xdp_action::XDP_TX as i32;
+    }
     // SAFETY: redirecting to an interface the FIB lookup chose.
     unsafe {
         if peer {

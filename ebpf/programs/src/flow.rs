@@ -3,16 +3,12 @@
 //! from its datagram's first fragment, kept in `FRAG_V1`), an ICMP message, or something else
 //! with its final reason.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
 use ferrox_abi::{CtKey, FragKey, FragValue, Hook, Reason, Verdict, proto};
 
 use crate::{
     classify::classify,
     maps::FRAG_V1,
-    packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
+    packet::{ETH_HLEN, Frame, Hooked, Ipv4Hdr},
 };
 
 /// `frag_off` bits, host byte order.
@@ -70,7 +66,7 @@ pub(crate) struct IcmpPacket {
 }
 
 #[inline(always)]
-pub(crate) fn parse(ctx: &TcContext) -> Parsed {
+pub(crate) fn parse<C: Frame>(ctx: &C) -> Parsed {
     let reason = classify(ctx);
     let later_fragment = reason == Reason::PassIpv4Fragment;
     if !later_fragment
@@ -147,18 +143,19 @@ pub(crate) fn parse(ctx: &TcContext) -> Parsed {
     })
 }
 
-/// The TC action of a reason that ends a packet's processing without translation.
+/// The action (TC or XDP, as `C` is) of a reason that ends a packet's processing without
+/// translation.
 #[inline(always)]
-pub(crate) fn action_of(reason: Reason) -> i32 {
+pub(crate) fn action_of<C: Hooked>(reason: Reason) -> i32 {
     match reason.verdict() {
-        Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Pass | Verdict::Translate => TC_ACT_UNSPEC,
+        Verdict::Drop => C::DROP,
+        Verdict::Pass | Verdict::Translate => C::PASS,
     }
 }
 
 /// The pass reason of a TCP or UDP packet nothing translates.
 #[inline(always)]
-pub(crate) fn untranslated(flow: &Flow) -> (Reason, i32) {
+pub(crate) fn untranslated<C: Hooked>(flow: &Flow) -> (Reason, i32) {
     let r = if !flow.has_l4 {
         Reason::PassIpv4Fragment
     } else if flow.proto == proto::TCP {
@@ -166,7 +163,7 @@ pub(crate) fn untranslated(flow: &Flow) -> (Reason, i32) {
     } else {
         Reason::PassUdp
     };
-    (r, TC_ACT_UNSPEC)
+    (r, C::PASS)
 }
 
 /// Tells a listening monitor that `flow` was dropped for `reason`.

@@ -17,7 +17,7 @@ use crate::{
 #[inline(always)]
 pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
     let (reason, action) = match parse(ctx) {
-        Parsed::Other(r) => (r, action_of(r)),
+        Parsed::Other(r) => (r, action_of::<TcContext>(r)),
         Parsed::Icmp(m) => icmp(ctx, &m),
         Parsed::Flow(flow) => match tracked(ctx, &flow) {
             Some(done) => done,
@@ -37,15 +37,15 @@ pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
 pub(crate) fn pod_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
     if !flow.has_l4 {
         // A later fragment of a datagram its first fragment did not translate.
-        return untranslated(flow);
+        return untranslated::<TcContext>(flow);
     }
     let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::INTERNAL);
     // SAFETY: hash map values are read once, by copy.
     let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
-        return untranslated(flow);
+        return untranslated::<TcContext>(flow);
     };
     match new_flow(ctx, flow, &key, &frontend, Origin::Pod) {
-        Ok(outcome) => outcome.counted(Reason::NatNewFlow),
+        Ok(outcome) => outcome.counted::<TcContext>(Reason::NatNewFlow),
         Err(r) => {
             flow_dropped(Hook::TcFromPod, r, flow);
             (r, TC_ACT_SHOT)

@@ -75,10 +75,11 @@ pub fn tc_uplink_out(ctx: TcContext) -> i32 {
     uplink::uplink_egress(&ctx)
 }
 
-/// Frames arriving on the uplink, before the stack allocates an skb (when XDP is enabled).
+/// Frames arriving on the uplink, before the stack allocates an skb (when XDP is enabled):
+/// flows from outside translated and sent back out where they can be.
 #[xdp]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
-    classify::xdp_classify_and_pass(&ctx, Hook::XdpUplink)
+    uplink::uplink_xdp(&ctx)
 }
 
 #[cfg(not(test))]

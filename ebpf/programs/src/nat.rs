@@ -5,34 +5,34 @@
 
 use core::ptr::addr_of_mut;
 
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::bpf_redirect_neigh,
-    programs::TcContext,
-};
+use aya_ebpf::{EbpfContext, bindings::TC_ACT_OK, helpers::bpf_redirect_neigh};
 use ferrox_abi::{CtEntry, Reason, fwd_flags, proto};
 
 use crate::{
-    fib::{Fib, Route, path_len, peer_of, route, send},
+    fib::{Fib, Route, can_send, encap_of, path_len, peer_of, route, send},
     flow::Flow,
     icmp::icmp_too_big,
-    packet::{ETH_HLEN, Frame as _, Ipv4Hdr, csum_apply, csum_diff16, csum_diff32},
+    packet::{ETH_HLEN, Hooked, Ipv4Hdr, csum_apply, csum_diff16, csum_diff32},
 };
 
-/// What became of a packet given to [`translate`]: sent on translated (with this action), or
-/// answered with an ICMP fragmentation-needed instead (with this action).
+/// What became of a packet given to [`translate`]: sent on translated (with this action),
+/// answered with an ICMP fragmentation-needed instead (with this action), or (at XDP only)
+/// left untouched for TC, because its way on is one XDP cannot take.
 pub(crate) enum Outcome {
     Sent(i32),
     TooBig(i32),
+    ToTc,
 }
 
 impl Outcome {
-    /// The reason to count: `translated` when it was, else the too-big drop; and the action.
+    /// The reason to count: `translated` when it was, else the too-big drop or the hand-over to
+    /// TC; and the action.
     #[inline(always)]
-    pub(crate) fn counted(self, translated: Reason) -> (Reason, i32) {
+    pub(crate) fn counted<C: Hooked>(self, translated: Reason) -> (Reason, i32) {
         match self {
             Self::Sent(a) => (translated, a),
             Self::TooBig(a) => (Reason::DropTooBig, a),
+            Self::ToTc => (Reason::PassToTc, C::PASS),
         }
     }
 }
@@ -52,9 +52,14 @@ pub(crate) enum Cache {
 /// through a FIB lookup (whose result is cached), done before anything is rewritten, so a packet
 /// that does not fit its path is answered with an error the client can match. A function of its
 /// own (a BPF-to-BPF call), which keeps the callers' stacks within the kernel's limit.
+///
+/// At XDP the same, as far as XDP can send: a packet whose way on is back out of the arrival
+/// interface unwrapped is rewritten and sent (`XDP_TX`); any other is left untouched for TC
+/// ([`Outcome::ToTc`]), which finds the flow's entry (and the route cached here) and does the
+/// rest.
 #[inline(never)]
-pub(crate) fn translate(
-    ctx: &TcContext,
+pub(crate) fn translate<C: Hooked + EbpfContext>(
+    ctx: &C,
     flow: &Flow,
     entry: *mut CtEntry,
     cache: Cache,
@@ -64,13 +69,22 @@ pub(crate) fn translate(
     let e = unsafe { *entry };
     let refresh = cache == Cache::Refresh;
     if !refresh && e.fwd_flags & fwd_flags::DIRECT != 0 && len <= e.fwd_max_len {
-        rewrite(ctx, flow, &e, Some(&e.fwd_macs)).map_err(|_| Reason::DropRewrite)?;
-        return Ok(Outcome::Sent(send(
+        let peer = e.fwd_flags & fwd_flags::PEER != 0;
+        if !can_send(
+            ctx,
             e.fwd_ifindex,
-            e.fwd_flags & fwd_flags::PEER != 0,
-        )));
+            peer,
+            e.fwd_flags & fwd_flags::ENCAP != 0,
+        ) {
+            return Ok(Outcome::ToTc);
+        }
+        rewrite(ctx, flow, &e, Some(&e.fwd_macs)).map_err(|_| Reason::DropRewrite)?;
+        return Ok(Outcome::Sent(send::<C>(e.fwd_ifindex, peer)));
     }
     if !refresh && e.fwd_flags & fwd_flags::LOCAL != 0 {
+        if C::XDP {
+            return Ok(Outcome::ToTc);
+        }
         rewrite(ctx, flow, &e, None).map_err(|_| Reason::DropRewrite)?;
         return Ok(Outcome::Sent(TC_ACT_OK));
     }
@@ -90,16 +104,24 @@ pub(crate) fn translate(
         tot_len: len,
     };
     let route = route(ctx, &to);
-    let peer = match route {
-        Route::Direct { ifindex, .. } => peer_of(e.nat_daddr, ifindex),
-        _ => false,
+    let (peer, encap) = match route {
+        Route::Direct { ifindex, .. } => (
+            peer_of(e.nat_daddr, ifindex),
+            encap_of(e.nat_daddr, ifindex),
+        ),
+        _ => (false, false),
     };
-    remember(entry, &route, len.max(known_len), peer);
+    remember(entry, &route, len.max(known_len), peer, encap);
     match route {
         Route::Direct { ifindex, macs } => {
+            if !can_send(ctx, ifindex, peer, encap) {
+                return Ok(Outcome::ToTc);
+            }
             rewrite(ctx, flow, e, Some(&macs)).map_err(|_| Reason::DropRewrite)?;
-            Ok(Outcome::Sent(send(ifindex, peer)))
+            Ok(Outcome::Sent(send::<C>(ifindex, peer)))
         }
+        // XDP neither hands frames to the stack rewritten nor answers with ICMP: TC does.
+        _ if C::XDP => Ok(Outcome::ToTc),
         Route::Neighbour { ifindex } => {
             rewrite(ctx, flow, e, None).map_err(|_| Reason::DropRewrite)?;
             // SAFETY: the kernel resolves the next hop's MAC itself.
@@ -113,7 +135,10 @@ pub(crate) fn translate(
             Ok(Outcome::Sent(TC_ACT_OK))
         }
         // Too big, don't-fragment set: the client learns the path's MTU in its own addresses.
-        Route::TooBig { mtu } if flow.df => icmp_too_big(ctx, flow, mtu).map(Outcome::TooBig),
+        Route::TooBig { mtu } if flow.df => match ctx.tc() {
+            Some(tc) => icmp_too_big(tc, flow, mtu).map(Outcome::TooBig),
+            None => Ok(Outcome::ToTc),
+        },
         // Too big, may be fragmented: the stack fragments it on the way.
         Route::TooBig { .. } => {
             rewrite(ctx, flow, e, None).map_err(|_| Reason::DropRewrite)?;
@@ -124,10 +149,11 @@ pub(crate) fn translate(
 }
 
 /// Caches a route in the flow's entry: a redirect with its Ethernet addresses (good for packets
-/// up to `max_len` long; into the pod side of the veth with `peer`) or the local stack;
+/// up to `max_len` long; into the pod side of the veth with `peer`; wrapped in IP-in-IP on the
+/// way out with `encap`) or the local stack;
 /// anything else empties the cache, so the next packet looks its route up again.
 #[inline(always)]
-fn remember(entry: *mut CtEntry, route: &Route, max_len: u16, peer: bool) {
+fn remember(entry: *mut CtEntry, route: &Route, max_len: u16, peer: bool, encap: bool) {
     // SAFETY: `entry` comes from a successful lookup; only the cache fields are written, the
     // flags last (a reader that sees them set finds the rest written on this CPU or another's
     // identical lookup).
@@ -137,11 +163,14 @@ fn remember(entry: *mut CtEntry, route: &Route, max_len: u16, peer: bool) {
                 (*entry).fwd_ifindex = ifindex;
                 (*entry).fwd_macs = macs;
                 (*entry).fwd_max_len = max_len;
-                (*entry).fwd_flags = if peer {
-                    fwd_flags::DIRECT | fwd_flags::PEER
-                } else {
-                    fwd_flags::DIRECT
-                };
+                let mut flags = fwd_flags::DIRECT;
+                if peer {
+                    flags |= fwd_flags::PEER;
+                }
+                if encap {
+                    flags |= fwd_flags::ENCAP;
+                }
+                (*entry).fwd_flags = flags;
             }
             Route::Local => (*entry).fwd_flags = fwd_flags::LOCAL,
             _ => (*entry).fwd_flags = 0,
@@ -157,8 +186,8 @@ fn remember(entry: *mut CtEntry, route: &Route, max_len: u16, peer: bool) {
 /// header: only its addresses and IP checksum change (the datagram's L4 checksum, in its first
 /// fragment, already took the new addresses in).
 #[inline(always)]
-pub(crate) fn rewrite(
-    ctx: &TcContext,
+pub(crate) fn rewrite<C: Hooked>(
+    ctx: &C,
     flow: &Flow,
     e: &CtEntry,
     macs: Option<&[u8; 12]>,
@@ -205,21 +234,24 @@ pub(crate) fn rewrite(
         return Ok(());
     }
     // The helpers change the packet: no pointer into it is used after this point.
-    let (csum_off, mangled) = if flow.proto == proto::TCP {
-        (flow.l4_off + 16, 0)
+    let udp = flow.proto != proto::TCP;
+    let csum_off = if udp {
+        flow.l4_off + 6
     } else {
-        (flow.l4_off + 6, u64::from(BPF_F_MARK_MANGLED_0))
+        flow.l4_off + 16
     };
+    if C::XDP {
+        // One update of the checksum in the frame for both kinds of change.
+        if addrs | ports != 0 {
+            ctx.l4_checksum(csum_off, addrs + ports, true, udp)?;
+        }
+        return Ok(());
+    }
     if addrs != 0 {
-        ctx.l4_csum_replace(
-            csum_off,
-            0,
-            u64::from(addrs),
-            u64::from(BPF_F_PSEUDO_HDR) | mangled,
-        )?;
+        ctx.l4_checksum(csum_off, addrs, true, udp)?;
     }
     if ports != 0 {
-        ctx.l4_csum_replace(csum_off, 0, u64::from(ports), mangled)?;
+        ctx.l4_checksum(csum_off, ports, false, udp)?;
     }
     Ok(())
 }

@@ -2,7 +2,14 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action,
+        xdp_md,
+    },
+    programs::{TcContext, XdpContext},
+};
 
 pub const ETH_HLEN: usize = 14;
 /// Offset of the EtherType in an Ethernet header.
@@ -59,6 +66,109 @@ pub trait Frame {
     #[inline(always)]
     fn header_mut<T>(&self, offset: usize) -> Option<*mut T> {
         self.header::<T>(offset).map(<*const T>::cast_mut)
+    }
+}
+
+/// What the per-packet paths need from the hook they run in, beyond the frame: TC (an skb,
+/// after the stack took the frame in) or XDP (the driver's buffer, before any skb exists). The
+/// translation code is written once over this; each hook's entry point picks its own.
+pub trait Hooked: Frame {
+    /// Whether this is XDP, which can send a frame only back out of the interface it came in
+    /// on (`XDP_TX`); everything else it hands on to TC ([`Hooked::PASS`]) untouched.
+    const XDP: bool;
+    /// The action that hands the frame on unchanged: to the stack (TC), to the stack and so to
+    /// TC (XDP).
+    const PASS: i32;
+    /// The action that drops the frame.
+    const DROP: i32;
+    /// Whether the frame is a GSO aggregate (longer than what goes on the wire).
+    fn gso(&self) -> bool;
+    /// The interface the frame arrived on (where a FIB lookup starts).
+    fn arrival_ifindex(&self) -> u32;
+    /// Adds `diff` (a sum of `csum_diff*` terms) to the TCP (`udp` false) or UDP checksum at
+    /// `csum_off`; `pseudo` when the changed fields are in the pseudo-header (addresses).
+    fn l4_checksum(&self, csum_off: usize, diff: u32, pseudo: bool, udp: bool) -> Result<(), i64>;
+    /// The TC context, for what only TC does (answering with ICMP); `None` at XDP.
+    fn tc(&self) -> Option<&TcContext>;
+}
+
+impl Hooked for TcContext {
+    const XDP: bool = false;
+    const PASS: i32 = TC_ACT_UNSPEC;
+    const DROP: i32 = TC_ACT_SHOT;
+
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        // SAFETY: `self` is a TC context, whose pointer is the kernel's `__sk_buff`.
+        unsafe { (*(self.as_ptr() as *const __sk_buff)).gso_size != 0 }
+    }
+
+    #[inline(always)]
+    fn arrival_ifindex(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*(self.as_ptr() as *const __sk_buff)).ifindex }
+    }
+
+    /// With the kernel's helper, which knows the skb's checksum state (a receive checksum, an
+    /// offloaded one it must keep partial, a UDP datagram without checksum).
+    #[inline(always)]
+    fn l4_checksum(&self, csum_off: usize, diff: u32, pseudo: bool, udp: bool) -> Result<(), i64> {
+        let mut flags = 0u64;
+        if pseudo {
+            flags |= u64::from(BPF_F_PSEUDO_HDR);
+        }
+        if udp {
+            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        }
+        self.l4_csum_replace(csum_off, 0, u64::from(diff), flags)
+    }
+
+    #[inline(always)]
+    fn tc(&self) -> Option<&TcContext> {
+        Some(self)
+    }
+}
+
+impl Hooked for XdpContext {
+    const XDP: bool = true;
+    const PASS: i32 = xdp_action::XDP_PASS as i32;
+    const DROP: i32 = xdp_action::XDP_DROP as i32;
+
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn arrival_ifindex(&self) -> u32 {
+        // SAFETY: `self` is an XDP context, whose pointer is the kernel's `xdp_md`.
+        unsafe { (*(self.as_ptr() as *const xdp_md)).ingress_ifindex }
+    }
+
+    /// In the frame itself: a frame off the wire carries its whole checksum (no offload state
+    /// exists before the skb). A UDP datagram sent without checksum (0) keeps none; one whose
+    /// checksum comes to 0 is sent as 0xffff, as RFC 768 says.
+    #[inline(always)]
+    fn l4_checksum(&self, csum_off: usize, diff: u32, _pseudo: bool, udp: bool) -> Result<(), i64> {
+        let check = self.header_mut::<u16>(csum_off).ok_or(-1i64)?;
+        // SAFETY: `header_mut` checked that the two bytes lie inside the frame.
+        unsafe {
+            let old = check.read_unaligned();
+            if udp && old == 0 {
+                return Ok(());
+            }
+            let mut new = csum_apply(old, diff);
+            if udp && new == 0 {
+                new = 0xffff;
+            }
+            check.write_unaligned(new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn tc(&self) -> Option<&TcContext> {
+        None
     }
 }
 

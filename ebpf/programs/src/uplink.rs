@@ -1,12 +1,15 @@
 //! The uplink's hooks: ingress (decapsulate IP-in-IP from the cluster's nodes, translate
 //! NodePort, LoadBalancer and externalIP flows from outside and the replies of SNATed ones,
-//! hand tunnelled packets to their pod) and egress (translate back the replies of host-network
-//! backends, then encapsulate what goes to another node's pods).
+//! hand tunnelled packets to their pod), egress (translate back the replies of host-network
+//! backends, then encapsulate what goes to another node's pods), and XDP (when enabled: the
+//! same translation of flows from outside, for the packets it can send back out of the uplink
+//! itself, before the kernel allocates an skb for them).
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_redirect_neigh,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use ferrox_abi::{
     EndpointKey, Hook, Reason, ServiceKey, Verdict, ct_flags, endpoint_flags, pod_mac, scope,
@@ -21,7 +24,7 @@ use crate::{
     icmp::icmp,
     maps::{CONFIG_V1, ENDPOINTS_V1, SVC_V1},
     nat::rewrite,
-    packet::{Frame as _, IP_DADDR_OFF},
+    packet::{Frame as _, Hooked, IP_DADDR_OFF},
     tunnel,
 };
 
@@ -42,8 +45,8 @@ pub(crate) fn uplink_ingress(ctx: &TcContext) -> i32 {
         }
     };
     let (reason, mut action) = match parse(ctx) {
-        Parsed::Other(r) => (r, action_of(r)),
-        Parsed::Flow(flow) => uplink_flow(ctx, &flow),
+        Parsed::Other(r) => (r, action_of::<TcContext>(r)),
+        Parsed::Flow(flow) => uplink_flow(ctx, &flow, Origin::Uplink),
         Parsed::Icmp(m) => icmp(ctx, &m),
     };
     if decapsulated && action == TC_ACT_UNSPEC {
@@ -53,26 +56,51 @@ pub(crate) fn uplink_ingress(ctx: &TcContext) -> i32 {
     action
 }
 
+/// A TCP/UDP packet from outside (at TC, or at XDP: `origin` says which): a packet of a tracked
+/// flow, or the first of a flow to an external frontend, is translated; anything else passes.
 #[inline(always)]
-pub(crate) fn uplink_flow(ctx: &TcContext, flow: &Flow) -> (Reason, i32) {
+pub(crate) fn uplink_flow<C: Hooked + EbpfContext>(
+    ctx: &C,
+    flow: &Flow,
+    origin: Origin,
+) -> (Reason, i32) {
     if let Some(done) = tracked(ctx, flow) {
         return done;
     }
     if !flow.has_l4 {
-        return untranslated(flow);
+        return untranslated::<C>(flow);
     }
     let key = ServiceKey::master(flow.daddr, flow.dport, flow.proto).with_scope(scope::EXTERNAL);
     // SAFETY: hash map values are read once, by copy.
     let Some(frontend) = (unsafe { SVC_V1.get(&key) }).copied() else {
-        return untranslated(flow);
+        return untranslated::<C>(flow);
     };
-    match new_flow(ctx, flow, &key, &frontend, Origin::Uplink) {
-        Ok(outcome) => outcome.counted(Reason::NatNewFlow),
+    match new_flow(ctx, flow, &key, &frontend, origin) {
+        Ok(outcome) => outcome.counted::<C>(Reason::NatNewFlow),
         Err(r) => {
-            flow_dropped(Hook::TcUplinkIngress, r, flow);
-            (r, TC_ACT_SHOT)
+            flow_dropped(origin.hook(), r, flow);
+            (r, C::DROP)
         }
     }
+}
+
+/// The uplink's XDP program: flows from outside to NodePort, LoadBalancer and externalIP
+/// frontends, and the replies of flows it SNATed, translated with the maps and conntrack TC
+/// uses and sent back out of the uplink (`XDP_TX`) when their route leads there unwrapped (a
+/// backend or client reached through the uplink directly). Everything else passes to TC
+/// unchanged: IP-in-IP (TC unwraps it), ICMP (errors are translated there), flows into a local
+/// pod, to the host or through the tunnel (counted `to-tc`: TC finds their entry, created here
+/// for a new flow, and the route cached in it). A frame off the wire carries its whole L4
+/// checksum, which is updated in the frame.
+#[inline(always)]
+pub fn uplink_xdp(ctx: &XdpContext) -> u32 {
+    let (reason, action) = match parse(ctx) {
+        Parsed::Other(r) => (r, action_of::<XdpContext>(r)),
+        Parsed::Flow(flow) => uplink_flow(ctx, &flow, Origin::XdpUplink),
+        Parsed::Icmp(_) => (Reason::PassIcmp, XdpContext::PASS),
+    };
+    count(Hook::XdpUplink, reason, ctx.frame_len() as u32);
+    action as u32
 }
 
 /// A decapsulated packet nothing translated: straight into its pod when it is for a pod of this
@@ -93,7 +121,7 @@ pub(crate) fn to_local_pod(ctx: &TcContext) -> i32 {
     {
         // SAFETY: `header_mut` checked that the six bytes lie inside the frame.
         unsafe { dst.write_unaligned(pod_mac(daddr)) };
-        return send(ep.ifindex, true);
+        return send::<TcContext>(ep.ifindex, true);
     }
     // SAFETY: the kernel resolves the pod's MAC itself.
     unsafe { bpf_redirect_neigh(ep.ifindex, core::ptr::null_mut(), 0, 0) as i32 }

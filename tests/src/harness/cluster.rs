@@ -50,6 +50,7 @@ pub struct ClusterBuilder {
     agent_env: Vec<(String, String)>,
     start_agents: bool,
     api_server_by_flag: bool,
+    nic_like_uplinks: bool,
 }
 
 impl ClusterBuilder {
@@ -92,6 +93,24 @@ impl ClusterBuilder {
     /// kube-proxy, where the in-cluster address does not work).
     pub fn api_server_by_flag(mut self) -> Self {
         self.api_server_by_flag = true;
+        self
+    }
+
+    /// The agents attach their XDP program to the uplink in `mode` (`native` or `generic`),
+    /// and the underlay behaves towards it as a NIC's wire would ([`Self::nic_like_uplinks`]).
+    pub fn xdp(mut self, mode: &str) -> Self {
+        self.agent_env.push(("FERROX_XDP".into(), mode.to_owned()));
+        self.nic_like_uplinks = true;
+        self
+    }
+
+    /// Frames reach the nodes' uplinks (and leave them) as a NIC would see them, which XDP
+    /// needs: every sender on the underlay (node, external client) computes its checksums
+    /// itself instead of leaving them to an offload a veth never performs (XDP reads and
+    /// rewrites whole checksums), and the fabric's end of each uplink takes frames sent back
+    /// with `XDP_TX` at once (see [`NetNs::attach_xdp_pass`]).
+    pub fn nic_like_uplinks(mut self, on: bool) -> Self {
+        self.nic_like_uplinks = on;
         self
     }
 
@@ -233,6 +252,10 @@ pub struct Cluster {
     external: Mutex<Vec<NetNs>>,
     /// Cgroups of processes outside every node's cgroup.
     unhooked: Mutex<Vec<PathBuf>>,
+    /// See [`ClusterBuilder::nic_like_uplinks`].
+    nic_like_uplinks: bool,
+    /// The XDP links on the fabric's ends of the uplinks (nic-like uplinks).
+    wire_links: Mutex<Vec<std::os::fd::OwnedFd>>,
 }
 
 fn cgroup_root() -> PathBuf {
@@ -306,6 +329,7 @@ impl Cluster {
             agent_env: Vec::new(),
             start_agents: true,
             api_server_by_flag: false,
+            nic_like_uplinks: false,
         }
     }
 
@@ -333,6 +357,8 @@ impl Cluster {
             next_pod: AtomicU32::new(1),
             external: Mutex::new(Vec::new()),
             unhooked: Mutex::new(Vec::new()),
+            nic_like_uplinks: b.nic_like_uplinks,
+            wire_links: Mutex::new(Vec::new()),
         };
 
         let fabric = NetNs::create(&format!("{}{id}-fab", leaks::NETNS_PREFIX));
@@ -450,6 +476,14 @@ impl Cluster {
             netns.name(),
         ]);
         fabric.ip(&["link", "set", &uplink, "master", bridge, "up"]);
+        if self.nic_like_uplinks {
+            let link = fabric.attach_xdp_pass(&uplink);
+            self.wire_links
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(link);
+            netns.ethtool_features("eth0", &["tx", "off"]);
+        }
         netns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         netns.ip(&["link", "set", "eth0", "up"]);
         netns.ip(&["route", "add", "default", "via", &gateway.to_string()]);
@@ -751,6 +785,9 @@ impl Cluster {
             netns.name(),
         ]);
         fabric.ip(&["link", "set", &ifname, "master", "br0", "up"]);
+        if self.nic_like_uplinks {
+            netns.ethtool_features("eth0", &["tx", "off"]);
+        }
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         netns.ip(&["link", "set", "eth0", "up"]);
         netns.ip(&["route", "add", "default", "via", &API_ADDR.to_string()]);

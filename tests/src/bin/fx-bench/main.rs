@@ -3,7 +3,8 @@
 //! TC path per packet with BPF_PROG_TEST_RUN, for 1, 1k, 10k and 100k Services. Sections 2 and 3
 //! ([`proxy`]): connection latency and programming time next to kube-proxy's iptables and
 //! nftables rulesets; section 4 (here): pod to pod throughput across nodes (iperf3) with eBPF
-//! IP-in-IP, direct routing and the kernel's VXLAN device; section 5 ([`cni`]); section 6
+//! IP-in-IP, direct routing and the kernel's VXLAN device, and 4b ([`xdp`]): NodePort packets
+//! per second with the translation at TC, generic XDP and native XDP; section 5 ([`cni`]); section 6
 //! ([`bgp`], and memory in [`proxy`]); section 7: each figure next to its goal.
 //!
 //! Section 1 method: the kernel's own run time (`duration`, ns) of `BPF_PROG_TEST_RUN` calls,
@@ -42,6 +43,7 @@ mod bgp;
 mod cni;
 mod proxy;
 mod report;
+mod xdp;
 
 const NODE: [u8; 4] = [198, 18, 0, 11];
 const CLIENT: [u8; 4] = [198, 18, 0, 200];
@@ -143,6 +145,19 @@ const ESTABLISHED: &str = "established flow: conntrack hit, DNAT";
 const REPLY: &str = "reply: reverse NAT at the pod's veth";
 const ENCAP: &str = "IP-in-IP encap (egress)";
 const DECAP: &str = "IP-in-IP decap, to the pod (ingress)";
+const XDP_MISS: &str = "XDP miss: not a frontend";
+const XDP_NEW: &str =
+    "XDP new flow: Maglev pick, conntrack x2, DNAT+SNAT to a remote backend, XDP_TX";
+const XDP_ESTABLISHED: &str = "XDP established flow: conntrack hit, DNAT, XDP_TX";
+/// Another address routed through the uplink: the partner of [`FRONTEND2`] in the XDP
+/// ping-pong flows, and the remote backend of the XDP new flows.
+const FRONTEND3: [u8; 4] = [198, 18, 0, 98];
+/// The client port of the XDP ping-pong flows ([`xdp_ping_pong`]).
+const XDP_PING_PONG_PORT: u16 = 30_001;
+/// The NodePort of the XDP new flows (its backend is [`FRONTEND3`]).
+const XDP_NEW_PORT: u16 = 9_999;
+const XDP_PASS: i32 = 2;
+const XDP_TX: i32 = 3;
 
 /// TCP ACK: the flag of an established flow's packets.
 const ACK: u8 = 0x10;
@@ -214,18 +229,86 @@ fn ping_pong(dp: &mut Datapath, port: u16) {
     }
 }
 
+/// The XDP program's repeatable established flow: both directions of the pair leave through
+/// the uplink, so every pass is a conntrack hit, a rewrite and an `XDP_TX`:
+/// client -> FRONTEND2:port becomes client -> FRONTEND3:port and back (backend 2 is
+/// FRONTEND2:port, backend 3 FRONTEND3:port). Also the frontend of the XDP new flows
+/// (NODE:[`XDP_NEW_PORT`], its Maglev table all backend 3).
+fn xdp_ping_pong(dp: &mut Datapath, layout: &ferrox_datapath::PinLayout, port: u16) {
+    let key = |d: [u8; 4]| CtKey {
+        saddr: be(CLIENT),
+        daddr: be(d),
+        sport: XDP_PING_PONG_PORT.to_be(),
+        dport: port.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    let entry = |d: [u8; 4], backend_id: u32| CtEntry {
+        nat_saddr: be(CLIENT),
+        nat_daddr: be(d),
+        nat_sport: XDP_PING_PONG_PORT.to_be(),
+        nat_dport: port.to_be(),
+        backend_id,
+        ..Default::default()
+    };
+    let m = dp.maps_mut();
+    m.backends
+        .insert(
+            &3,
+            &Backend {
+                addr: be(FRONTEND3),
+                port: port.to_be(),
+                proto: 6,
+                flags: 0,
+            },
+        )
+        .unwrap();
+    m.conntrack
+        .insert(&key(FRONTEND2), &entry(FRONTEND3, 3))
+        .unwrap();
+    m.conntrack
+        .insert(&key(FRONTEND3), &entry(FRONTEND2, 2))
+        .unwrap();
+    let fkey = ServiceKey::master(be(NODE), XDP_NEW_PORT.to_be(), 6).with_scope(scope::EXTERNAL);
+    m.services
+        .insert(
+            &fkey.with_slot(1),
+            &ServiceValue {
+                backend_id: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    m.services
+        .insert(
+            &fkey,
+            &ServiceValue {
+                count: 1,
+                rev_nat_id: 60_001,
+                flags: svc_flags::NODE_PORT,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    ferrox_datapath::MaglevTables::open(layout)
+        .unwrap()
+        .set(60_001, &vec![3u32; ferrox_abi::MAGLEV_TABLE_SIZE as usize])
+        .unwrap();
+}
+
 /// Where the time of a path goes: `perf record` on this thread while it runs the path over and
 /// over (runs of `repeat` passes over `input(i)`; 1 for a path that needs a fresh input every
 /// time, whose profile then includes the test-run overhead), then the symbols with the most
 /// samples (percent, name). Empty when `perf` is not there or records nothing.
 fn profile(
     dp: &mut Datapath,
-    program: TcProgram,
+    program: impl Into<Run>,
     ifindex: u32,
     input: &dyn Fn(u32) -> Vec<u8>,
     repeat: u32,
     want_action: i32,
 ) -> Vec<(f64, String)> {
+    let program = program.into();
     let data = std::env::temp_dir().join(format!("fx-bench-{}.perf", std::process::id()));
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
@@ -246,9 +329,7 @@ fn profile(
         && t0.elapsed() < std::time::Duration::from_secs(10)
         && (repeat > 1 || i < 100_000)
     {
-        let out = dp
-            .test_run_tc_on(program, &input(i), Some(ifindex), repeat)
-            .unwrap();
+        let out = test_run(dp, program, &input(i), ifindex, repeat);
         assert_eq!(out.action, want_action, "{program:?}: unexpected verdict");
         i += 1;
     }
@@ -293,13 +374,22 @@ fn figures(
     amortised: &[(&str, (u64, u64, u64))],
 ) -> Vec<Value> {
     let find = |v: &[(&str, (u64, u64, u64))], p: &str| v.iter().find(|x| x.0 == p).map(|x| x.1);
-    let overhead = match (find(single, BASELINE), find(amortised, BASELINE)) {
+    // The test run's own overhead differs between TC (an skb to build) and XDP: each path's
+    // is measured on its hook's cheapest repeatable path.
+    let overhead_of = |reference: &str| match (find(single, reference), find(amortised, reference))
+    {
         (Some(s), Some(a)) => s.0.saturating_sub(a.0),
         _ => 0,
     };
+    let (tc_overhead, xdp_overhead) = (overhead_of(BASELINE), overhead_of(XDP_MISS));
     single
         .iter()
         .map(|&(path, m)| {
+            let overhead = if path.starts_with("XDP") {
+                xdp_overhead
+            } else {
+                tc_overhead
+            };
             let (per_packet, method, am) = match find(amortised, path) {
                 Some(a) => (a.0, "repeated", Some(a)),
                 None => (m.0.saturating_sub(overhead), "single run less overhead", None),
@@ -366,10 +456,37 @@ fn program(dp: &mut Datapath, services: u32) -> u16 {
     10_000 + (services / 2).min(55_000) as u16
 }
 
+/// A program to test-run: one of the TC programs, or the uplink's XDP program.
+#[derive(Clone, Copy, Debug)]
+enum Run {
+    Tc(TcProgram),
+    Xdp,
+}
+
+impl From<TcProgram> for Run {
+    fn from(p: TcProgram) -> Self {
+        Self::Tc(p)
+    }
+}
+
+fn test_run(
+    dp: &mut Datapath,
+    program: Run,
+    input: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> ferrox_datapath::TestRunOutput {
+    match program {
+        Run::Tc(p) => dp.test_run_tc_on(p, input, Some(ifindex), repeat),
+        Run::Xdp => dp.test_run_xdp_on(input, Some(ifindex), repeat),
+    }
+    .unwrap()
+}
+
 /// median, min, max of `runs` single runs of `program` on inputs from `input(i)`.
 fn measure(
     dp: &mut Datapath,
-    program: TcProgram,
+    program: impl Into<Run>,
     ifindex: u32,
     runs: u32,
     input: impl Fn(u32) -> Vec<u8>,
@@ -383,18 +500,17 @@ fn measure(
 /// whose output is again an input of the same path.
 fn measure_repeat(
     dp: &mut Datapath,
-    program: TcProgram,
+    program: impl Into<Run>,
     ifindex: u32,
     runs: u32,
     repeat: u32,
     input: impl Fn(u32) -> Vec<u8>,
     want_action: i32,
 ) -> (u64, u64, u64) {
+    let program = program.into();
     let mut d: Vec<u64> = (0..runs)
         .map(|i| {
-            let out = dp
-                .test_run_tc_on(program, &input(i), Some(ifindex), repeat)
-                .unwrap();
+            let out = test_run(dp, program, &input(i), ifindex, repeat);
             assert_eq!(out.action, want_action, "{program:?}: unexpected verdict");
             out.duration_ns
         })
@@ -577,6 +693,17 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
         vec![
             "neigh",
             "replace",
+            "198.18.0.98",
+            "lladdr",
+            "02:00:00:00:02:98",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ],
+        vec![
+            "neigh",
+            "replace",
             "198.18.0.99",
             "lladdr",
             "02:00:00:00:02:99",
@@ -666,6 +793,17 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                 ping_pong(&mut dp, port);
                 amortised.push((ESTABLISHED, measure_repeat(&mut dp, TcProgram::UplinkIngress, up0, amortised_runs, REPEAT, |_| tcp_flags(CLIENT, PING_PONG_PORT, FRONTEND2, port, ACK), REDIRECT)));
                 amortised.push((REPLY, measure_repeat(&mut dp, TcProgram::FromPod, pod0, amortised_runs, REPEAT, |_| tcp_flags(LOCAL_POD, 8080, CLIENT, PING_PONG_PORT, ACK), REDIRECT)));
+                // The same at the uplink's XDP program (issue #17, item 5).
+                xdp_ping_pong(&mut dp, &bpffs.layout(), port);
+                let m = measure(&mut dp, Run::Xdp, up0, runs, |_| tcp(CLIENT, 40000, NODE, 22), XDP_PASS);
+                single.push((XDP_MISS, m));
+                amortised.push((XDP_MISS, measure_repeat(&mut dp, Run::Xdp, up0, amortised_runs, REPEAT, |_| tcp(CLIENT, 40000, NODE, 22), XDP_PASS)));
+                // SNATed flows: at most 1,000 of the 4,536 SNAT ports, so a port is always found.
+                let m = measure(&mut dp, Run::Xdp, up0, runs.min(1_000), |i| tcp(CLIENT, (30_100 + i) as u16, NODE, XDP_NEW_PORT), XDP_TX);
+                single.push((XDP_NEW, m));
+                let m = measure(&mut dp, Run::Xdp, up0, runs, |_| tcp_flags(CLIENT, XDP_PING_PONG_PORT, FRONTEND2, port, ACK), XDP_TX);
+                single.push((XDP_ESTABLISHED, m));
+                amortised.push((XDP_ESTABLISHED, measure_repeat(&mut dp, Run::Xdp, up0, amortised_runs, REPEAT, |_| tcp_flags(CLIENT, XDP_PING_PONG_PORT, FRONTEND2, port, ACK), XDP_TX)));
                 if profiling && n == 1 {
                     // New flows from other clients than the measured ones (198.19.x.y), one each.
                     let new_client = |i: u32| [198, 19, (i >> 8) as u8, i as u8];
@@ -834,6 +972,11 @@ fn main() {
         (vec![], vec![])
     };
     let throughput = if on(4) { throughput(quick) } else { vec![] };
+    let node_port_rate = if on(4) {
+        xdp::node_port_rate(quick)
+    } else {
+        vec![]
+    };
     // `--sizes 10000` runs sections 2, 3 and the memory figures at these sizes only.
     let proxy_sizes: Vec<usize> = std::env::args()
         .skip_while(|a| a != "--sizes")
@@ -896,6 +1039,7 @@ fn main() {
         "per_packet": results,
         "profiles": profiles,
         "throughput": throughput,
+        "node_port_rate": node_port_rate,
         "latency": latency,
         "programming": programming,
         "memory": memory,

@@ -137,6 +137,7 @@ pub fn write(doc: &Value, docs: &Path, raw: &str) {
     section_2(&mut md, latency, &plots);
     section_3(&mut md, programming, &plots);
     section_4(&mut md, tp, &plots);
+    section_4b(&mut md, arr(&doc["node_port_rate"]));
     section_5(&mut md, arr(&doc["cni"]), &plots);
     section_6(&mut md, doc, &plots);
     section_7(&mut md, doc);
@@ -149,10 +150,10 @@ fn plot(md: &mut String, dir: &Path, name: &str, svg: String, alt: &str) {
 }
 
 fn section_1(md: &mut String, doc: &Value, plots: &Path) {
-    md.push_str("## 1. Per-packet cost of each TC path\n\n");
+    md.push_str("## 1. Per-packet cost of each TC and XDP path\n\n");
     let _ = writeln!(
         md,
-        "Method: {}; {} runs per single-run figure. The baseline is the uplink egress program on a packet to no remote pod block (classify, count, one tunnel-trie miss). *Per packet* is the cost without the test-run's own overhead: for the paths whose output is again an input of the same path (baseline, miss, and established flow and reply through a pair of conntrack entries that translate into each other) the median of runs of {} passes each; for the others (a new flow must be new, encapsulation and decapsulation change the packet's path) the single-run median less the overhead, which is the baseline's single-run median less its per-packet figure. Ratio = per packet / the baseline's per packet of the same run.\n",
+        "Method: {}; {} runs per single-run figure. The baseline is the uplink egress program on a packet to no remote pod block (classify, count, one tunnel-trie miss). *Per packet* is the cost without the test-run's own overhead: for the paths whose output is again an input of the same path (baseline, miss, and established flow and reply through a pair of conntrack entries that translate into each other) the median of runs of {} passes each; for the others (a new flow must be new, encapsulation and decapsulation change the packet's path) the single-run median less the overhead, which is the baseline's single-run median less its per-packet figure (for XDP paths: the XDP miss's, XDP's test run being cheaper than TC's). The XDP rows run the uplink's XDP program on the same maps: a miss, a new flow to a backend reached back out of the uplink (SNAT), and an established flow whose pair of entries send each other back out of the uplink (`XDP_TX`). Ratio = per packet / the baseline's per packet of the same run.\n",
         s(&doc["method"]),
         doc["runs_per_figure"],
         arr(&doc["per_packet"])
@@ -346,6 +347,40 @@ fn section_4(md: &mut String, tp: &[Value], plots: &Path) {
         svg::bar_chart("Pod to pod across nodes", "Gbit/s", &bars, false),
         "throughput",
     );
+}
+
+fn section_4b(md: &mut String, rows: &[Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str(
+        "## 4b. NodePort packets per second: translation at TC, generic XDP, native XDP
+
+",
+    );
+    md.push_str("Method: a 2-node harness cluster whose underlay behaves as NICs do for XDP (senders compute whole checksums; the fabric's end of each uplink runs an XDP pass program so frames sent back with `XDP_TX` are taken at once), the same in every row. A pktgen-style sender in an external client's namespace (an `AF_PACKET` socket bypassing the qdisc, `sendmmsg` batches of 64) sends 60-byte UDP frames over 64 source ports to node-1's NodePort as fast as it can; the only backend is a pod on node-2 with no listener. Translated: node-1's new-flow and established counters at XDP and TC; received: the backend pod's interface. CPU: the machine's busy time per million packets the backend received. Sender, both nodes and the backend share this VM's CPUs, so these are rates of the whole chain, not of one node; what XDP saves is the node's skb allocation and stack pass for the packets it sends back out.\n\n");
+    md.push_str("| Translation | runs | sent Mpps | translated Mpps | received Mpps median | min | max | CPU cores per Mpps | share translated at XDP | received / TC only |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let tc = rows
+        .iter()
+        .find(|r| s(&r["path"]).starts_with("TC"))
+        .map_or(f64::NAN, |r| f(&r["received_mpps"]));
+    for r in rows {
+        let got = f(&r["received_mpps"]);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.3} | {:.3} | {got:.3} | {:.3} | {:.3} | {:.2} | {:.0} % | {} |",
+            s(&r["path"]),
+            r["repeats"],
+            f(&r["sent_mpps"]),
+            f(&r["translated_mpps"]),
+            f(&r["received_mpps_min"]),
+            f(&r["received_mpps_max"]),
+            f(&r["cores_per_mpps"]),
+            f(&r["xdp_share"]) * 100.0,
+            ratio(got, tc),
+        );
+    }
+    md.push('\n');
 }
 
 fn section_5(md: &mut String, cni: &[Value], plots: &Path) {
