@@ -129,6 +129,28 @@ fn pod_link(pod: &Pod) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// IP datagrams the node's stack forwarded (`Ip: ForwDatagrams` of its namespace).
+fn forwarded(node: &Node) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            node.netns().name(),
+            "cat",
+            "/proc/net/snmp",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
 fn node_addr(c: &Cluster, i: usize) -> String {
     c.node(i).addr.to_string()
 }
@@ -197,6 +219,29 @@ fn always_wraps_every_packet_between_nodes_in_ip_in_ip() {
         "the host veth transmitted {} packets for {} the pod received",
         tx1 - tx0,
         rx1 - rx0
+    );
+
+    // What node-1's pod sends to another node's pods goes from its veth straight to the
+    // uplink (wrapped there): the node's stack forwards none of it, either way.
+    let b = c.add_pod(2, "b2");
+    let _b_server = b.serve(8080);
+    let (f0, sent0) = (
+        forwarded(c.node(1)),
+        counter(c.node(1), Hook::TcFromPod, Reason::PodToTunnel),
+    );
+    let (by, _) = pa.call_tcp(&format!("{}:8080", b.ip), 10);
+    assert_eq!(by.get("b2"), Some(&10), "{by:?}");
+    let (by, _) = pa.call_udp(&format!("{}:8080", b.ip), 10);
+    assert_eq!(by.get("b2"), Some(&10), "{by:?}");
+    let sent = counter(c.node(1), Hook::TcFromPod, Reason::PodToTunnel) - sent0;
+    assert!(
+        sent >= 40,
+        "{sent} packets sent from the pod's veth to the uplink"
+    );
+    assert_eq!(
+        forwarded(c.node(1)) - f0,
+        0,
+        "datagrams node-1's stack forwarded while its pod talked to node-2's ({sent} sent by the pod's veth)"
     );
 }
 

@@ -734,10 +734,13 @@ pub enum Reason {
     /// pod, to the host, through the tunnel, an ICMP answer), left untouched for TC, which
     /// translates it with the same conntrack entry.
     PassToTc = 34,
+    /// Pod veth: a packet to a pod block of another node reached in IP-in-IP, sent straight
+    /// to the uplink (wrapped there) instead of through the host's forwarding.
+    PodToTunnel = 35,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 35;
+    pub const COUNT: u32 = 36;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -774,6 +777,7 @@ impl Reason {
         Self::DropBackendGone,
         Self::DropTooBig,
         Self::PassToTc,
+        Self::PodToTunnel,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -789,7 +793,8 @@ impl Reason {
             | Self::PassNoRevNat
             | Self::TunnelEncap
             | Self::TunnelDecap
-            | Self::PassToTc => Verdict::Pass,
+            | Self::PassToTc
+            | Self::PodToTunnel => Verdict::Pass,
             Self::TranslateToBackend
             | Self::TranslateToFrontend
             | Self::TranslateAffinity
@@ -853,6 +858,7 @@ impl Reason {
             Self::DropBackendGone => "backend-gone",
             Self::DropTooBig => "too-big",
             Self::PassToTc => "to-tc",
+            Self::PodToTunnel => "pod-to-tunnel",
         }
     }
 

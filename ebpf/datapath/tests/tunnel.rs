@@ -125,7 +125,41 @@ fn pod_traffic_is_encapsulated_to_remote_blocks_and_decapsulated_only_from_nodes
             .collect(),
         out,
     };
+    let from_pod = |what, input: Vec<u8>, action, reason| Row {
+        what,
+        program: TcProgram::FromPod,
+        input,
+        action,
+        counted: vec![(Hook::TcFromPod, reason)],
+        out: None,
+    };
     let rows = vec![
+        from_pod(
+            "a pod's packet to a remote pod block leaves its veth straight for the uplink (wrapped there)",
+            to_remote.clone(),
+            TC_ACT_REDIRECT,
+            Reason::PodToTunnel,
+        ),
+        from_pod(
+            "a pod's ping to a remote pod block: the same",
+            pkt()
+                .ipv4(LOCAL_POD, REMOTE_POD)
+                .icmp_echo()
+                .macs(NODE2_MAC, up0_mac)
+                .build(),
+            TC_ACT_REDIRECT,
+            Reason::PodToTunnel,
+        ),
+        from_pod(
+            "a pod's packet to an address outside every tunnelled block: to the host's stack",
+            pkt()
+                .ipv4(LOCAL_POD, CLIENT)
+                .tcp(40000, 80)
+                .macs(NODE2_MAC, up0_mac)
+                .build(),
+            TC_ACT_UNSPEC,
+            Reason::PassTcp,
+        ),
         egress(
             "a pod's packet to a remote pod block: wrapped to that block's node, DF and identification kept",
             to_remote.clone(),

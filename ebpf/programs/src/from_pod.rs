@@ -1,31 +1,71 @@
 //! The pod-facing hook (TC ingress of a pod's host-side veth, packets leaving the pod):
-//! replies of flows a local backend serves, and the fallback for what the socket hooks cannot
-//! see — a new flow leaving a pod still addressed to a Service.
+//! replies of flows a local backend serves, the fallback for what the socket hooks cannot
+//! see — a new flow leaving a pod still addressed to a Service — and pod traffic to another
+//! node's pod block reached in IP-in-IP, sent straight to the uplink.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
-use ferrox_abi::{Hook, Reason, ServiceKey, scope};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_redirect_neigh,
+    maps::lpm_trie::Key as LpmKey,
+    programs::TcContext,
+};
+use ferrox_abi::{Hook, Reason, ServiceKey, TunnelKey, scope, tunnel_flags};
 
 use crate::{
     conntrack::{Origin, new_flow, tracked},
     counters::count,
     flow::{Flow, Parsed, action_of, flow_dropped, parse, untranslated},
     icmp::icmp,
-    maps::SVC_V1,
+    maps::{CONFIG_V1, SVC_V1, TUNNEL_V1},
 };
 
-/// Pod veth ingress (packets leaving a pod): translate replies of flows a local backend serves.
+/// Pod veth ingress (packets leaving a pod): translate replies of flows a local backend serves
+/// and new flows to Services the socket hooks did not translate; send what goes to a remote
+/// pod block reached in IP-in-IP straight out of the uplink.
 #[inline(always)]
 pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
-    let (reason, action) = match parse(ctx) {
-        Parsed::Other(r) => (r, action_of::<TcContext>(r)),
-        Parsed::Icmp(m) => icmp(ctx, &m),
-        Parsed::Flow(flow) => match tracked(ctx, &flow) {
-            Some(done) => done,
-            None => pod_flow(ctx, &flow),
-        },
+    let (reason, action, daddr) = match parse(ctx) {
+        Parsed::Other(r) => (r, action_of::<TcContext>(r), 0),
+        Parsed::Icmp(m) => {
+            let (r, a) = icmp(ctx, &m);
+            (r, a, m.daddr)
+        }
+        Parsed::Flow(flow) => {
+            let (r, a) = match tracked(ctx, &flow) {
+                Some(done) => done,
+                None => pod_flow(ctx, &flow),
+            };
+            (r, a, flow.daddr)
+        }
     };
+    if action == TC_ACT_UNSPEC
+        && daddr != 0
+        && let Some(sent) = to_remote_block(daddr)
+    {
+        count(Hook::TcFromPod, Reason::PodToTunnel, ctx.len());
+        return sent;
+    }
     count(Hook::TcFromPod, reason, ctx.len());
     action
+}
+
+/// A packet the pod sends to a pod block of another node reached in IP-in-IP, which nothing
+/// translated: redirected to the uplink's egress (where it is wrapped) with the kernel
+/// resolving the next hop, instead of a pass through the host's IP input and forwarding.
+/// `None`: not such a packet, it goes to the host's stack.
+#[inline(always)]
+fn to_remote_block(daddr: u32) -> Option<i32> {
+    let tunnel = TUNNEL_V1.get(&LpmKey::new(32, TunnelKey { addr: daddr }))?;
+    if tunnel.flags & tunnel_flags::IPIP == 0 {
+        return None;
+    }
+    let uplink = CONFIG_V1.get(0).map_or(0, |c| c.uplink_ifindex);
+    if uplink == 0 {
+        return None;
+    }
+    // SAFETY: the kernel looks the route to the packet's destination up on the uplink and
+    // resolves its next hop itself.
+    Some(unsafe { bpf_redirect_neigh(uplink, core::ptr::null_mut(), 0, 0) } as i32)
 }
 
 /// The fallback for what the socket hooks cannot see: a new flow leaving a pod still addressed
