@@ -593,9 +593,59 @@ fn vxlan(c: &Cluster) {
     }
 }
 
-/// Section 4: iperf3 from a pod on node-1 to a pod on node-2, in each way of crossing nodes.
-fn throughput(quick: bool) -> Vec<Value> {
-    let secs = if quick { 3 } else { 10 };
+/// The machine's profile while `run` runs: `perf record -a` for `secs` seconds, then the
+/// symbols with the most samples (percent, process and symbol). Empty without `perf`.
+fn system_profile<T>(secs: u64, run: impl FnOnce() -> T) -> (T, Vec<(f64, String)>) {
+    let data = std::env::temp_dir().join(format!("fx-bench-sys-{}.perf", std::process::id()));
+    let perf = Command::new("perf")
+        .args(["record", "-q", "-a", "-F", "999", "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &secs.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let out = run();
+    let Ok(mut perf) = perf else {
+        return (out, Vec::new());
+    };
+    let _ = perf.wait();
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "-q",
+            "--no-children",
+            "--sort",
+            "comm,sym",
+            "-i",
+        ])
+        .arg(&data)
+        .output();
+    let _ = std::fs::remove_file(&data);
+    let top = report.map_or_else(
+        |_| Vec::new(),
+        |r| {
+            String::from_utf8_lossy(&r.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let (pct, rest) = l.trim().split_once('%')?;
+                    let rest = rest.split_whitespace().collect::<Vec<_>>().join(" ");
+                    Some((
+                        pct.trim().parse().ok()?,
+                        rest.replace("[k] ", "").replace("[.] ", ""),
+                    ))
+                })
+                .take(12)
+                .collect()
+        },
+    );
+    (out, top)
+}
+
+/// Section 4: iperf3 from a pod on node-1 to a pod on node-2, in each way of crossing nodes;
+/// with `profiling`, where the machine's time goes during the last run of each.
+fn throughput(quick: bool, profiling: bool) -> Vec<Value> {
+    let secs: u64 = if quick { 3 } else { 10 };
     let repeats = if quick { 1 } else { 5 };
     let mut rows = Vec::new();
     for (path, mode) in [
@@ -626,13 +676,23 @@ fn throughput(quick: bool) -> Vec<Value> {
         let mut gbps = Vec::new();
         let mut cores_per_gbps = Vec::new();
         let mut retransmits = 0u64;
-        for _ in 0..repeats {
+        let mut top = Vec::new();
+        for run in 0..repeats {
             let cpu0 = cpu_busy_seconds();
             let t0 = std::time::Instant::now();
-            let out = client.command_output(
-                "iperf3",
-                &["-c", &server.ip.to_string(), "-t", &secs.to_string(), "-J"],
-            );
+            let iperf = || {
+                client.command_output(
+                    "iperf3",
+                    &["-c", &server.ip.to_string(), "-t", &secs.to_string(), "-J"],
+                )
+            };
+            let out = if profiling && run == repeats - 1 {
+                let (out, t) = system_profile(secs.saturating_sub(1).max(1), iperf);
+                top = t;
+                out
+            } else {
+                iperf()
+            };
             let wall = t0.elapsed().as_secs_f64();
             let cpu = cpu_busy_seconds() - cpu0;
             assert!(out.status.success(), "iperf3 over {path}: {out:?}");
@@ -654,10 +714,14 @@ fn throughput(quick: bool) -> Vec<Value> {
         eprintln!(
             "{path:<28} {g:>6.2} Gbit/s (min {gmin:.2}, max {gmax:.2})  {c50:.3} CPU cores per Gbit/s (min {cmin:.3}, max {cmax:.3})  {retransmits} retransmits"
         );
+        for (pct, sym) in &top {
+            eprintln!("  {pct:>6.2}%  {sym}");
+        }
         rows.push(json!({
             "path": path, "gbps_median": g, "gbps_min": gmin, "gbps_max": gmax,
             "cores_per_gbps": c50, "cores_per_gbps_min": cmin, "cores_per_gbps_max": cmax,
             "retransmits": retransmits, "seconds": secs, "repeats": repeats,
+            "profile": top.iter().map(|(p, s)| json!({"percent": p, "symbol": s})).collect::<Vec<_>>(),
         }));
     }
     rows
@@ -971,7 +1035,11 @@ fn main() {
     } else {
         (vec![], vec![])
     };
-    let throughput = if on(4) { throughput(quick) } else { vec![] };
+    let throughput = if on(4) {
+        throughput(quick, profiling)
+    } else {
+        vec![]
+    };
     let node_port_rate = if on(4) {
         xdp::node_port_rate(quick)
     } else {

@@ -131,6 +131,20 @@ pub fn write(doc: &Value, docs: &Path, raw: &str) {
             ratio(f(&r["gbps_median"]), direct_tp)
         );
     }
+    let rate = arr(&doc["node_port_rate"]);
+    let mpps = |prefix: &str| {
+        rate.iter()
+            .find(|r| s(&r["path"]).starts_with(prefix))
+            .map_or(f64::NAN, |r| f(&r["received_mpps"]))
+    };
+    if !rate.is_empty() {
+        let _ = writeln!(
+            md,
+            "- NodePort UDP to a backend on another node, packets per second through the whole chain: native XDP {} and generic XDP {} of TC only's.",
+            ratio(mpps("native"), mpps("TC")),
+            ratio(mpps("generic"), mpps("TC")),
+        );
+    }
     md.push('\n');
 
     section_1(&mut md, doc, &plots);
@@ -340,6 +354,22 @@ fn section_4(md: &mut String, tp: &[Value], plots: &Path) {
         });
     }
     md.push('\n');
+    let profiled: Vec<&Value> = tp
+        .iter()
+        .filter(|r| !arr(&r["profile"]).is_empty())
+        .collect();
+    if !profiled.is_empty() {
+        md.push_str("Where the machine's time goes during the last run of each path (`perf record -a`; share of all samples by process and symbol, `swapper` being idle):\n\n");
+        for r in profiled {
+            let top: Vec<String> = arr(&r["profile"])
+                .iter()
+                .take(10)
+                .map(|t| format!("{} {:.1}%", s(&t["symbol"]), f(&t["percent"])))
+                .collect();
+            let _ = writeln!(md, "- {}: {}", s(&r["path"]), top.join(", "));
+        }
+        md.push('\n');
+    }
     plot(
         md,
         plots,
