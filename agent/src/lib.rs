@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod ipam;
 pub mod logging;
 pub mod observability;
+pub mod policy;
 pub mod routing;
 pub mod services;
 pub mod sockets;

@@ -1,0 +1,182 @@
+//! The compiled tables give the model's verdict for every local pod, direction, peer (every pod
+//! and addresses outside them), protocol and port of a set of worlds.
+
+use std::net::Ipv4Addr;
+
+use serde_json::json;
+
+use super::{PortPrefix, compile, port_prefixes};
+use crate::policy::{
+    model::{Direction, Protocol, Verdict, World},
+    testing::{policy, world},
+};
+
+#[test]
+fn port_ranges_become_the_fewest_aligned_prefixes() {
+    let p = |value: u16, len: u8| PortPrefix { value, len };
+    assert_eq!(port_prefixes(80, 80), vec![p(80, 16)]);
+    assert_eq!(port_prefixes(0, 65535), vec![p(0, 0)]);
+    assert_eq!(port_prefixes(79, 81), vec![p(79, 16), p(80, 15)]);
+    assert_eq!(port_prefixes(1, 65535).len(), 16);
+    // Every range's prefixes cover exactly its ports.
+    for (a, b) in [
+        (1u16, 1000u16),
+        (30000, 32767),
+        (443, 8443),
+        (1024, 65535),
+        (7, 7),
+    ] {
+        let pp = port_prefixes(a, b);
+        assert!(pp.len() <= 30, "{a}-{b}: {}", pp.len());
+        for port in 0..=u16::MAX {
+            let n = pp.iter().filter(|x| x.contains(port)).count();
+            assert_eq!(n, usize::from((a..=b).contains(&port)), "{a}-{b} at {port}");
+        }
+    }
+}
+
+/// Checks every verdict of `w` (all its pods local) against the compiled tables.
+fn agree(what: &str, w: &World) -> Vec<String> {
+    let local: Vec<String> = w
+        .pods
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+    let c = compile(w, &local);
+    let mut peers: Vec<Ipv4Addr> = w.pods.iter().map(|p| p.ip).collect();
+    peers.extend([
+        Ipv4Addr::new(10, 0, 9, 9),
+        Ipv4Addr::new(192, 0, 2, 1),
+        Ipv4Addr::new(192, 0, 2, 200),
+        Ipv4Addr::new(198, 51, 100, 7),
+    ]);
+    let mut failures = Vec::new();
+    for pod in &w.pods {
+        let id = format!("{}/{}", pod.namespace, pod.name);
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for peer in &peers {
+                let peer_pod = w.pod_by_ip(*peer);
+                for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                    for port in [79u16, 80, 81, 443, 8080] {
+                        let model = w.verdict(pod, dir, *peer, peer_pod, protocol, port);
+                        let tables = c.verdict(&id, dir, *peer, protocol, port);
+                        let same = matches!(
+                            (&model, tables),
+                            (Verdict::NotIsolated, None)
+                                | (Verdict::Denied, Some(None))
+                                | (Verdict::Allowed { .. }, Some(Some(_)))
+                        );
+                        if !same {
+                            failures.push(format!(
+                                "{what}: {id} {dir:?} peer {peer} {protocol:?}/{port}: model {model:?}, tables {tables:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn the_compiled_tables_agree_with_the_model() {
+    let worlds = vec![
+        ("none", vec![]),
+        (
+            "deny all ingress in x",
+            vec![policy("x", "deny", json!({"podSelector": {}}))],
+        ),
+        (
+            "selectors of every kind",
+            vec![
+                policy(
+                    "x",
+                    "a",
+                    json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [
+                               {"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]},
+                               {"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
+                                          "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "c"]}]}}],
+                                "ports": [{"port": 80}, {"protocol": "UDP", "port": 81}]}]}),
+                ),
+                policy(
+                    "y",
+                    "egress",
+                    json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["c"]}]},
+                           "policyTypes": ["Egress"],
+                           "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "serve-80-tcp"}]},
+                                      {"to": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}]}]}),
+                ),
+            ],
+        ),
+        (
+            "blocks overlapping pods and each other",
+            vec![
+                policy(
+                    "z",
+                    "blocks",
+                    json!({"podSelector": {},
+                           "ingress": [
+                               {"from": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.0/24", "10.0.3.3/32"]}}],
+                                "ports": [{"port": 79, "endPort": 81}]},
+                               {"from": [{"ipBlock": {"cidr": "10.0.2.0/23"}}], "ports": [{"protocol": "SCTP"}]}],
+                           "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}],
+                           "policyTypes": ["Ingress", "Egress"]}),
+                ),
+                policy(
+                    "x",
+                    "named",
+                    json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}]}),
+                ),
+            ],
+        ),
+        (
+            "allow everything to a, deny egress everywhere in y",
+            vec![
+                policy(
+                    "x",
+                    "open",
+                    json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{}]}),
+                ),
+                policy(
+                    "y",
+                    "no-egress",
+                    json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+                ),
+            ],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, policies) in worlds {
+        failures.extend(agree(what, &world(policies)));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} disagreements:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
+}
+
+#[test]
+fn pods_alike_share_an_identity_and_unselected_pods_get_no_table() {
+    let w = world(vec![policy(
+        "x",
+        "deny",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}}),
+    )]);
+    let local = vec!["x/a".to_owned(), "x/b".to_owned()];
+    let c = compile(&w, &local);
+    assert_eq!(c.endpoints.len(), 1, "only x/a is isolated");
+    // Nine pods in three namespaces with three label sets: nine identities; with the world's
+    // /0 the ipcache holds ten prefixes.
+    assert_eq!(c.ipcache.len(), 10);
+    let mut same = world(vec![]);
+    for p in &mut same.pods {
+        p.labels.clear();
+    }
+    let c = compile(&same, &[]);
+    let ids: std::collections::BTreeSet<u32> = c.ipcache.values().copied().collect();
+    assert_eq!(ids.len(), 4, "one identity per namespace, and the world's");
+}
