@@ -1062,7 +1062,7 @@ fn main() {
         vec![]
     };
     let node_port_rate = if on(4) {
-        xdp::node_port_rate(quick)
+        xdp::node_port_rate(quick, profiling)
     } else {
         vec![]
     };

@@ -411,6 +411,19 @@ fn section_4b(md: &mut String, rows: &[Value]) {
         );
     }
     md.push('\n');
+    let profiled: Vec<&Value> = rows.iter().filter(|r| !arr(&r["profile"]).is_empty()).collect();
+    if !profiled.is_empty() {
+        md.push_str("Where the machine's time goes during the last run of each (`perf record -a`, share of all samples by process and symbol):\n\n");
+        for r in profiled {
+            let top: Vec<String> = arr(&r["profile"])
+                .iter()
+                .take(10)
+                .map(|t| format!("{} {:.1}%", s(&t["symbol"]), f(&t["percent"])))
+                .collect();
+            let _ = writeln!(md, "- {}: {}", s(&r["path"]), top.join(", "));
+        }
+        md.push('\n');
+    }
 }
 
 fn section_5(md: &mut String, cni: &[Value], plots: &Path) {
