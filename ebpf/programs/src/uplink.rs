@@ -46,6 +46,12 @@ pub(crate) fn uplink_ingress(ctx: &TcContext) -> i32 {
     };
     let (reason, mut action) = match parse(ctx) {
         Parsed::Other(r) => (r, action_of::<TcContext>(r)),
+        // Unwrapped traffic is between pods (only pod blocks are reached in IP-in-IP): its
+        // destination is never a frontend, so only a flow translated elsewhere (whose reply
+        // this may be) is looked up, no service.
+        Parsed::Flow(flow) if decapsulated => {
+            tracked(ctx, &flow).unwrap_or_else(|| untranslated::<TcContext>(&flow))
+        }
         Parsed::Flow(flow) => uplink_flow(ctx, &flow, Origin::Uplink),
         Parsed::Icmp(m) => icmp(ctx, &m),
     };

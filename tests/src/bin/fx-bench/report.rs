@@ -411,7 +411,10 @@ fn section_4b(md: &mut String, rows: &[Value]) {
         );
     }
     md.push('\n');
-    let profiled: Vec<&Value> = rows.iter().filter(|r| !arr(&r["profile"]).is_empty()).collect();
+    let profiled: Vec<&Value> = rows
+        .iter()
+        .filter(|r| !arr(&r["profile"]).is_empty())
+        .collect();
     if !profiled.is_empty() {
         md.push_str("Where the machine's time goes during the last run of each (`perf record -a`, share of all samples by process and symbol):\n\n");
         for r in profiled {
