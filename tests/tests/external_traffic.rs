@@ -677,8 +677,10 @@ fn node_port_translated_at_xdp(mode: &str) {
         0,
         "every flow from outside is created at XDP"
     );
+    // Every connection to web-2 is sent on at XDP, but the first may find node-2's neighbour
+    // entry not yet resolved (XDP leaves that packet to TC, which resolves it).
     assert!(
-        xdp(Reason::NatNewFlow) >= web2_tcp,
+        xdp(Reason::NatNewFlow) + 1 >= web2_tcp,
         "{} new flows sent at XDP for {web2_tcp} TCP connections to web-2",
         xdp(Reason::NatNewFlow)
     );

@@ -151,6 +151,18 @@ fn pod_traffic_is_encapsulated_to_remote_blocks_and_decapsulated_only_from_nodes
             Reason::PodToTunnel,
         ),
         from_pod(
+            "a pod's packet that would not fit the uplink once wrapped: to the host's stack, whose route for the block answers it",
+            pkt()
+                .ipv4(LOCAL_POD, REMOTE_POD)
+                .dont_fragment()
+                .tcp(40000, 8080)
+                .payload(1460)
+                .macs(NODE2_MAC, up0_mac)
+                .build(),
+            TC_ACT_UNSPEC,
+            Reason::PassTcp,
+        ),
+        from_pod(
             "a pod's packet to an address outside every tunnelled block: to the host's stack",
             pkt()
                 .ipv4(LOCAL_POD, CLIENT)

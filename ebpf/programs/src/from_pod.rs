@@ -17,6 +17,8 @@ use crate::{
     flow::{Flow, Parsed, action_of, flow_dropped, parse, untranslated},
     icmp::icmp,
     maps::{CONFIG_V1, SVC_V1, TUNNEL_V1},
+    packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
+    tunnel::fits_wrapped,
 };
 
 /// Pod veth ingress (packets leaving a pod): translate replies of flows a local backend serves
@@ -40,7 +42,7 @@ pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
     };
     if action == TC_ACT_UNSPEC
         && daddr != 0
-        && let Some(sent) = to_remote_block(daddr)
+        && let Some(sent) = to_remote_block(ctx, daddr)
     {
         count(Hook::TcFromPod, Reason::PodToTunnel, ctx.len());
         return sent;
@@ -52,15 +54,22 @@ pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
 /// A packet the pod sends to a pod block of another node reached in IP-in-IP, which nothing
 /// translated: redirected to the uplink's egress (where it is wrapped) with the kernel
 /// resolving the next hop, instead of a pass through the host's IP input and forwarding.
-/// `None`: not such a packet, it goes to the host's stack.
+/// `None`: not such a packet, it goes to the host's stack; also when it would not fit the
+/// uplink once wrapped (a pod whose MTU was raised by hand): the stack then answers it as the
+/// block's route says (fragmentation needed, so the sender learns the path's MTU).
 #[inline(always)]
-fn to_remote_block(daddr: u32) -> Option<i32> {
+fn to_remote_block(ctx: &TcContext, daddr: u32) -> Option<i32> {
     let tunnel = TUNNEL_V1.get(&LpmKey::new(32, TunnelKey { addr: daddr }))?;
     if tunnel.flags & tunnel_flags::IPIP == 0 {
         return None;
     }
     let uplink = CONFIG_V1.get(0).map_or(0, |c| c.uplink_ifindex);
     if uplink == 0 {
+        return None;
+    }
+    let ip = ctx.header::<Ipv4Hdr>(ETH_HLEN)?;
+    // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
+    if !fits_wrapped(ctx, uplink, &unsafe { ip.read_unaligned() }) {
         return None;
     }
     // SAFETY: the kernel looks the route to the packet's destination up on the uplink and

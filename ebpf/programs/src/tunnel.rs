@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::{
         __sk_buff, BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::bpf_check_mtu,
     maps::lpm_trie::Key as LpmKey,
@@ -116,29 +116,42 @@ pub fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
 }
 
 /// Whether each segment of this GSO packet still fits the interface with the outer header (true
-/// for a packet that is not GSO): its segment size plus the inner headers and the outer header,
-/// checked against the device's MTU.
+/// for a packet that is not GSO).
 #[inline(always)]
 fn segments_fit(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
     // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
     let gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
-    if gso_size == 0 {
-        return true;
-    }
+    gso_size == 0 || fits_wrapped(ctx, 0, ip)
+}
+
+/// Whether the packet (each of its segments, for a GSO packet: its segment size plus the inner
+/// headers) still fits the MTU of interface `ifindex` (0: the packet's own device) with the
+/// outer header added.
+#[inline(always)]
+pub fn fits_wrapped(ctx: &TcContext, ifindex: u32, ip: &Ipv4Hdr) -> bool {
+    // SAFETY: `ctx` is a TC context, whose pointer is the kernel's `__sk_buff`.
+    let gso_size = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).gso_size };
     let ihl = u32::from(ip.version_ihl & 0x0f) * 4;
-    let l4_hdr = match ip.proto {
-        proto::TCP => match ctx.header::<[u8; 2]>(ETH_HLEN + ihl as usize + 12) {
-            // SAFETY: `header` checked that both bytes lie inside the frame.
-            Some(p) => u32::from(unsafe { (*p)[0] } >> 4) * 4,
-            None => return false,
-        },
-        proto::UDP => 8,
-        _ => return false,
+    let l3 = if gso_size == 0 {
+        u32::from(u16::from_be(ip.tot_len))
+    } else {
+        let l4_hdr = match ip.proto {
+            proto::TCP => match ctx.header::<[u8; 2]>(ETH_HLEN + ihl as usize + 12) {
+                // SAFETY: `header` checked that both bytes lie inside the frame.
+                Some(p) => u32::from(unsafe { (*p)[0] } >> 4) * 4,
+                None => return false,
+            },
+            proto::UDP => 8,
+            _ => return false,
+        };
+        gso_size + ihl + l4_hdr
     };
-    let mut len = gso_size + ihl + l4_hdr + IPIP_OVERHEAD;
-    // SAFETY: `len` is a valid in/out argument; ifindex 0 is the packet's own device.
-    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), 0, &raw mut len, 0, 0) };
-    rc == i64::from(BPF_MTU_CHK_RET_SUCCESS)
+    // The device's MTU, as the helper reports it back (its own verdict is no use here: it
+    // passes any GSO packet whatever its segments).
+    let mut mtu = 1u32;
+    // SAFETY: `mtu` is a valid in/out argument.
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &raw mut mtu, 0, 0) };
+    rc >= 0 && l3 + IPIP_OVERHEAD <= mtu
 }
 
 /// What [`decap`] did.
