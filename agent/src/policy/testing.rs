@@ -1,5 +1,10 @@
-//! Worlds and policies for the policy tests: pods a, b, c in namespaces x, y, z (labels
-//! `pod=<name>`, namespaces `ns=<name>`), policies written as the API carries them.
+//! Worlds and policies for the policy tests (unit and cluster): pods a, b, c in namespaces x,
+//! y, z (labels `pod=<name>`, namespaces `ns=<name>`), policies written as the API carries them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test builders: a malformed fixture should stop the test"
+)]
 
 use std::net::Ipv4Addr;
 
@@ -60,4 +65,78 @@ pub fn pod<'a>(w: &'a World, id: &str) -> &'a PodInfo {
         .iter()
         .find(|p| p.namespace == ns && p.name == name)
         .unwrap()
+}
+
+/// Worlds that between them use every kind of selector, block, port and policy type, for the
+/// tests that check the compiled tables (in memory and in the kernel) against the model.
+pub fn sample_worlds() -> Vec<(&'static str, World)> {
+    vec![
+        ("none", vec![]),
+        (
+            "deny all ingress in x",
+            vec![policy("x", "deny", json!({"podSelector": {}}))],
+        ),
+        (
+            "selectors of every kind",
+            vec![
+                policy(
+                    "x",
+                    "a",
+                    json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [
+                               {"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]},
+                               {"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
+                                          "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "c"]}]}}],
+                                "ports": [{"port": 80}, {"protocol": "UDP", "port": 81}]}]}),
+                ),
+                policy(
+                    "y",
+                    "egress",
+                    json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["c"]}]},
+                           "policyTypes": ["Egress"],
+                           "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "serve-80-tcp"}]},
+                                      {"to": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}]}]}),
+                ),
+            ],
+        ),
+        (
+            "blocks overlapping pods and each other",
+            vec![
+                policy(
+                    "z",
+                    "blocks",
+                    json!({"podSelector": {},
+                           "ingress": [
+                               {"from": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.0/24", "10.0.3.3/32"]}}],
+                                "ports": [{"port": 79, "endPort": 81}]},
+                               {"from": [{"ipBlock": {"cidr": "10.0.2.0/23"}}], "ports": [{"protocol": "SCTP"}]}],
+                           "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}],
+                           "policyTypes": ["Ingress", "Egress"]}),
+                ),
+                policy(
+                    "x",
+                    "named",
+                    json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}]}),
+                ),
+            ],
+        ),
+        (
+            "allow everything to a, deny egress everywhere in y",
+            vec![
+                policy(
+                    "x",
+                    "open",
+                    json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{}]}),
+                ),
+                policy(
+                    "y",
+                    "no-egress",
+                    json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+                ),
+            ],
+        ),
+    ]
+    .into_iter()
+    .map(|(what, policies)| (what, world(policies)))
+    .collect()
 }

@@ -71,11 +71,21 @@ pub mod map_names {
     /// agent); loopback frontends (`127.0.0.1:<nodePort>`) apply only there.
     pub const HOST_NETNS: &str = "HOST_NETNS_V1";
 
+    /// LPM trie of [`crate::IpcacheKey`] -> [`crate::IpcacheValue`]: the NetworkPolicy
+    /// identity of every address (pods by /32, the prefixes policies' ipBlocks name).
+    pub const IPCACHE: &str = "IPCACHE_V1";
+    /// LPM trie of [`crate::PolicyKey`] -> [`crate::PolicyValue`]: what each isolated local
+    /// pod allows, by direction, peer identity, protocol and port prefix.
+    pub const POLICIES: &str = "POLICY_V1";
+    /// [`crate::EndpointKey`] -> [`crate::PolicyEndpoint`]: the local pods some NetworkPolicy
+    /// isolates, and in which directions (a pod absent here is isolated in none).
+    pub const POLICY_ENDPOINTS: &str = "POLICY_EP_V1";
+
     /// Maps earlier versions pinned and this one no longer uses; the loader unpins them.
     pub const OBSOLETE: [&str; 1] = ["COUNTERS_V1"];
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 21] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
@@ -94,6 +104,9 @@ pub mod map_names {
         NODES,
         FRAGMENTS,
         HOST_NETNS,
+        IPCACHE,
+        POLICIES,
+        POLICY_ENDPOINTS,
     ];
 }
 
@@ -132,6 +145,12 @@ pub mod capacity {
     pub const NODES: u32 = 16_384;
     /// Fragmented datagrams in flight (LRU: the oldest go first).
     pub const FRAGMENTS: u32 = 8_192;
+    /// Pod addresses of the cluster and ipBlock prefixes.
+    pub const IPCACHE: u32 = 262_144;
+    /// Allowing entries of this node's isolated pods.
+    pub const POLICIES: u32 = 262_144;
+    /// Local pods isolated by some NetworkPolicy.
+    pub const POLICY_ENDPOINTS: u32 = 16_384;
 }
 
 /// Size of every Maglev lookup table: a prime, identical on every node, so that every node
@@ -554,6 +573,85 @@ pub mod endpoint_flags {
     pub const PEER: u32 = 1 << 1;
 }
 
+/// Key of the ipcache (the LPM trie's data part): an address, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheKey {
+    pub addr: u32,
+}
+
+/// Value of the ipcache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheValue {
+    /// The address's NetworkPolicy identity (never [`POLICY_ANY_IDENTITY`]).
+    pub identity: u32,
+}
+
+/// The identity a [`PolicyKey`] names to allow any peer.
+pub const POLICY_ANY_IDENTITY: u32 = 0;
+
+/// Key of the policy table (the LPM trie's data part), as bytes so that the trie compares them
+/// in this order: the local pod's address (network byte order), the direction
+/// ([`policy_direction`]), the peer's identity (big-endian), the protocol (0: any), the
+/// destination port (big-endian). An entry allowing any protocol has prefix length
+/// [`POLICY_PREFIX_ANY_PROTO`], any port of one protocol [`POLICY_PREFIX_ANY_PORT`], a port
+/// prefix of `n` bits `POLICY_PREFIX_ANY_PORT + n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub data: [u8; 12],
+}
+
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+
+impl PolicyKey {
+    /// `endpoint` in network byte order (as a `u32` read from a packet), the rest in host order.
+    pub fn new(endpoint: u32, direction: u8, identity: u32, proto: u8, port: u16) -> Self {
+        let mut data = [0u8; 12];
+        data[0..4].copy_from_slice(&endpoint.to_ne_bytes());
+        data[4] = direction;
+        data[5..9].copy_from_slice(&identity.to_be_bytes());
+        data[9] = proto;
+        data[10..12].copy_from_slice(&port.to_be_bytes());
+        Self { data }
+    }
+}
+
+/// Directions of a [`PolicyKey`].
+pub mod policy_direction {
+    /// Traffic the pod receives.
+    pub const INGRESS: u8 = 1;
+    /// Traffic the pod sends.
+    pub const EGRESS: u8 = 2;
+}
+
+/// Value of the policy table: which policy and rule allow the traffic (for `ferrox trace` and
+/// `ferrox monitor`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    /// The agent's number for the policy (its name is in the agent's table).
+    pub policy: u32,
+    pub rule: u16,
+    pub _pad: u16,
+}
+
+/// Value of the policy endpoint map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyEndpoint {
+    /// [`policy_isolation`] bits.
+    pub isolated: u32,
+}
+
+/// Bits of [`PolicyEndpoint::isolated`].
+pub mod policy_isolation {
+    pub const INGRESS: u32 = 1 << 0;
+    pub const EGRESS: u32 = 1 << 1;
+}
+
 /// Key of the tunnel map (the LPM trie's data part): a destination address, network byte order.
 /// The prefix length is the trie key's own field.
 #[repr(C)]
@@ -956,6 +1054,10 @@ const _: () = {
     assert!(size_of::<TunnelKey>() == 4);
     assert!(size_of::<TunnelInfo>() == 8);
     assert!(size_of::<NodeInfo>() == 4);
+    assert!(size_of::<IpcacheKey>() == 4 && size_of::<IpcacheValue>() == 4);
+    assert!(size_of::<PolicyKey>() == 12 && size_of::<PolicyValue>() == 8);
+    assert!(size_of::<PolicyEndpoint>() == 4);
+    assert!(POLICY_PREFIX_ANY_PORT + 16 == 8 * size_of::<PolicyKey>() as u32);
     assert!(Reason::COUNT <= REASON_SLOTS && Hook::COUNT <= HOOK_SLOTS);
     assert!(Reason::ALL.len() == Reason::COUNT as usize);
     assert!(Hook::ALL.len() == Hook::COUNT as usize);
@@ -987,6 +1089,11 @@ mod pod {
     unsafe impl aya::Pod for NodeInfo {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for IpcacheKey {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PolicyEndpoint {}
 }
 
 #[cfg(test)]

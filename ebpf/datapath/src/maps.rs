@@ -13,9 +13,10 @@ use aya::{
 };
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
-    DatapathConfig, EndpointInfo, EndpointKey, Hook, NodeInfo, Reason, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, counter_cell,
-    counter_index, map_names, src_range_prefixlen,
+    DatapathConfig, EndpointInfo, EndpointKey, Hook, IpcacheKey, IpcacheValue, NodeInfo,
+    PolicyEndpoint, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, counter_cell, counter_index, map_names,
+    src_range_prefixlen,
 };
 
 use crate::{DatapathError, PinLayout, Result};
@@ -247,6 +248,83 @@ pub struct Maps {
     pub nodes: TypedHash<u32, NodeInfo>,
     /// The host network namespace's cookie.
     pub host_netns: HostNetns,
+    /// NetworkPolicy: every address's identity.
+    pub ipcache: Lpm<IpcacheKey, IpcacheValue>,
+    /// NetworkPolicy: what each isolated local pod allows.
+    pub policies: Lpm<PolicyKey, PolicyValue>,
+    /// NetworkPolicy: the isolated local pods (pod address -> directions).
+    pub policy_endpoints: TypedHash<EndpointKey, PolicyEndpoint>,
+}
+
+/// A longest-prefix-match trie of the datapath, by (prefix length, key data).
+pub struct Lpm<K: Pod, V: Pod> {
+    name: &'static str,
+    capacity: u32,
+    map: LpmTrie<MapData, K, V>,
+}
+
+impl<K: Pod, V: Pod> Lpm<K, V> {
+    fn open(layout: &PinLayout, name: &'static str, capacity: u32) -> Result<Self> {
+        let (map, _) = open_map(layout, name)?;
+        let map = LpmTrie::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self {
+            name,
+            capacity,
+            map,
+        })
+    }
+
+    /// Adds or replaces the entry of `key` with `prefix_len` bits.
+    pub fn insert(&mut self, prefix_len: u32, key: K, value: &V) -> Result<(), WriteError> {
+        match self.map.insert(&LpmKey::new(prefix_len, key), value, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOSPC) => {
+                Err(MapFull {
+                    name: self.name,
+                    capacity: self.capacity,
+                }
+                .into())
+            }
+            Err(e) => Err(DatapathError::map("writing", self.name, e).into()),
+        }
+    }
+
+    /// Removes the entry of exactly `key` with `prefix_len` bits; false when there was none.
+    pub fn remove(&mut self, prefix_len: u32, key: K) -> Result<bool> {
+        match self.map.remove(&LpmKey::new(prefix_len, key)) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(DatapathError::map("deleting from", self.name, e)),
+        }
+    }
+
+    /// The value of the longest prefix matching all 8 x `size_of::<K>()` bits of `key`, as the
+    /// programs look it up.
+    pub fn longest_match(&self, key: K) -> Result<Option<V>> {
+        let bits = 8 * size_of::<K>() as u32;
+        match self.map.get(&LpmKey::new(bits, key), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(e) => Err(DatapathError::map("reading", self.name, e)),
+        }
+    }
+
+    /// Every entry: (prefix length, key, value).
+    pub fn entries(&self) -> Result<Vec<(u32, K, V)>> {
+        self.map
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (k.prefix_len(), k.data(), v))
+                    .map_err(|e| DatapathError::map("iterating", self.name, e))
+            })
+            .collect()
+    }
 }
 
 /// The host network namespace's cookie (`HOST_NETNS_V1`, one element): the socket hooks apply
@@ -483,6 +561,9 @@ impl Maps {
             tunnels: Tunnels::open(layout)?,
             nodes: TypedHash::open(layout, map_names::NODES)?,
             host_netns: HostNetns::open(layout)?,
+            ipcache: Lpm::open(layout, map_names::IPCACHE, ferrox_abi::capacity::IPCACHE)?,
+            policies: Lpm::open(layout, map_names::POLICIES, ferrox_abi::capacity::POLICIES)?,
+            policy_endpoints: TypedHash::open(layout, map_names::POLICY_ENDPOINTS)?,
         })
     }
 }

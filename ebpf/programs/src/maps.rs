@@ -20,9 +20,9 @@ use aya_ebpf::{
 };
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
-    DatapathConfig, EndpointInfo, EndpointKey, FragKey, FragValue, MAGLEV_TABLE_SIZE, NodeInfo,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey,
-    capacity,
+    DatapathConfig, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheKey, IpcacheValue,
+    MAGLEV_TABLE_SIZE, NodeInfo, PolicyEndpoint, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, capacity,
 };
 
 #[map]
@@ -105,3 +105,19 @@ pub static FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity
 /// Element 0: the host network namespace's cookie (see `ferrox_abi::map_names::HOST_NETNS`).
 #[map]
 pub static HOST_NETNS_V1: Array<u64> = Array::pinned(1, 0);
+
+/// NetworkPolicy: the identity of each address (written by the agent; read by the policy
+/// checks, which come with issue #19's next part).
+#[map]
+pub static IPCACHE_V1: LpmTrie<IpcacheKey, IpcacheValue> =
+    LpmTrie::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
+
+/// NetworkPolicy: what each isolated local pod allows.
+#[map]
+pub static POLICY_V1: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::pinned(capacity::POLICIES, BPF_F_NO_PREALLOC);
+
+/// NetworkPolicy: the local pods some policy isolates.
+#[map]
+pub static POLICY_EP_V1: HashMap<EndpointKey, PolicyEndpoint> =
+    HashMap::pinned(capacity::POLICY_ENDPOINTS, BPF_F_NO_PREALLOC);

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::{PortPrefix, compile, port_prefixes};
 use crate::policy::{
     model::{Direction, Protocol, Verdict, World},
-    testing::{policy, world},
+    testing::{policy, sample_worlds, world},
 };
 
 #[test]
@@ -81,75 +81,9 @@ fn agree(what: &str, w: &World) -> Vec<String> {
 
 #[test]
 fn the_compiled_tables_agree_with_the_model() {
-    let worlds = vec![
-        ("none", vec![]),
-        (
-            "deny all ingress in x",
-            vec![policy("x", "deny", json!({"podSelector": {}}))],
-        ),
-        (
-            "selectors of every kind",
-            vec![
-                policy(
-                    "x",
-                    "a",
-                    json!({"podSelector": {"matchLabels": {"pod": "a"}},
-                           "ingress": [
-                               {"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]},
-                               {"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
-                                          "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "c"]}]}}],
-                                "ports": [{"port": 80}, {"protocol": "UDP", "port": 81}]}]}),
-                ),
-                policy(
-                    "y",
-                    "egress",
-                    json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "NotIn", "values": ["c"]}]},
-                           "policyTypes": ["Egress"],
-                           "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "serve-80-tcp"}]},
-                                      {"to": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}]}]}),
-                ),
-            ],
-        ),
-        (
-            "blocks overlapping pods and each other",
-            vec![
-                policy(
-                    "z",
-                    "blocks",
-                    json!({"podSelector": {},
-                           "ingress": [
-                               {"from": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.0/24", "10.0.3.3/32"]}}],
-                                "ports": [{"port": 79, "endPort": 81}]},
-                               {"from": [{"ipBlock": {"cidr": "10.0.2.0/23"}}], "ports": [{"protocol": "SCTP"}]}],
-                           "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}],
-                           "policyTypes": ["Ingress", "Egress"]}),
-                ),
-                policy(
-                    "x",
-                    "named",
-                    json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}]}),
-                ),
-            ],
-        ),
-        (
-            "allow everything to a, deny egress everywhere in y",
-            vec![
-                policy(
-                    "x",
-                    "open",
-                    json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{}]}),
-                ),
-                policy(
-                    "y",
-                    "no-egress",
-                    json!({"podSelector": {}, "policyTypes": ["Egress"]}),
-                ),
-            ],
-        ),
-    ];
     let mut failures = Vec::new();
-    for (what, policies) in worlds {
-        failures.extend(agree(what, &world(policies)));
+    for (what, w) in sample_worlds() {
+        failures.extend(agree(what, &w));
     }
     assert!(
         failures.is_empty(),
