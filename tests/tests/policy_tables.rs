@@ -14,9 +14,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use ferrox::policy::{
     compile::compile,
-    model::{Direction, Protocol, Verdict, World},
+    model::World,
     tables::{table_verdict, write},
-    testing::sample_worlds,
+    testing::{disagreements, sample_worlds},
 };
 use ferrox_datapath::{Datapath, bpffs::ScratchBpffs};
 
@@ -25,43 +25,6 @@ fn local(w: &World) -> BTreeMap<String, Ipv4Addr> {
         .iter()
         .map(|p| (format!("{}/{}", p.namespace, p.name), p.ip))
         .collect()
-}
-
-fn disagreements(dp: &Datapath, what: &str, w: &World) -> Vec<String> {
-    let mut peers: Vec<Ipv4Addr> = w.pods.iter().map(|p| p.ip).collect();
-    peers.extend([
-        Ipv4Addr::new(10, 0, 9, 9),
-        Ipv4Addr::new(192, 0, 2, 1),
-        Ipv4Addr::new(192, 0, 2, 200),
-        Ipv4Addr::new(198, 51, 100, 7),
-    ]);
-    let mut out = Vec::new();
-    for pod in &w.pods {
-        for dir in [Direction::Ingress, Direction::Egress] {
-            for peer in &peers {
-                for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
-                    for port in [79u16, 80, 81, 443, 8080] {
-                        let model = w.verdict(pod, dir, *peer, w.pod_by_ip(*peer), protocol, port);
-                        let kernel =
-                            table_verdict(dp.maps(), pod.ip, dir, *peer, protocol, port).unwrap();
-                        let same = matches!(
-                            (&model, kernel),
-                            (Verdict::NotIsolated, None)
-                                | (Verdict::Denied, Some(None))
-                                | (Verdict::Allowed { .. }, Some(Some(_)))
-                        );
-                        if !same {
-                            out.push(format!(
-                                "{what}: {}/{} {dir:?} peer {peer} {protocol:?}/{port}: model {model:?}, kernel {kernel:?}",
-                                pod.namespace, pod.name
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -76,7 +39,9 @@ fn the_kernel_tables_give_the_models_verdicts_and_updates_leave_nothing_stale() 
         let names: Vec<String> = l.keys().cloned().collect();
         let c = compile(w, &names);
         let first = write(dp.maps_mut(), &c, &l).unwrap();
-        failures.extend(disagreements(&dp, what, w));
+        failures.extend(disagreements(what, w, |pod, dir, peer, protocol, port| {
+            table_verdict(dp.maps(), pod.ip, dir, peer, protocol, port).unwrap()
+        }));
         let again = write(dp.maps_mut(), &c, &l).unwrap();
         if again != Default::default() {
             failures.push(format!(

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{Value, json};
 
-use super::model::{PodInfo, Policy, Protocol, World};
+use super::model::{Direction, PodInfo, Policy, Protocol, Verdict, World};
 
 pub fn policy(ns: &str, name: &str, spec: Value) -> Policy {
     let np: NetworkPolicy = serde_json::from_value(json!({
@@ -139,4 +139,48 @@ pub fn sample_worlds() -> Vec<(&'static str, World)> {
     .into_iter()
     .map(|(what, policies)| (what, world(policies)))
     .collect()
+}
+
+/// Every probe of `w`'s verdicts: each pod, direction, peer (every pod, and addresses inside and
+/// outside the sample worlds' blocks), protocol and port, with the model's verdict; and the
+/// probes where `tables` (a table's verdict for the pod: `None` when not isolated, else the
+/// allowing entry if any) disagrees with it, described.
+pub fn disagreements<T: std::fmt::Debug>(
+    what: &str,
+    w: &World,
+    mut tables: impl FnMut(&PodInfo, Direction, Ipv4Addr, Protocol, u16) -> Option<Option<T>>,
+) -> Vec<String> {
+    let mut peers: Vec<Ipv4Addr> = w.pods.iter().map(|p| p.ip).collect();
+    peers.extend([
+        Ipv4Addr::new(10, 0, 9, 9),
+        Ipv4Addr::new(192, 0, 2, 1),
+        Ipv4Addr::new(192, 0, 2, 200),
+        Ipv4Addr::new(198, 51, 100, 7),
+    ]);
+    let mut out = Vec::new();
+    for pod in &w.pods {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for peer in &peers {
+                for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                    for port in [79u16, 80, 81, 443, 8080] {
+                        let model = w.verdict(pod, dir, *peer, w.pod_by_ip(*peer), protocol, port);
+                        let table = tables(pod, dir, *peer, protocol, port);
+                        let same = matches!(
+                            (&model, &table),
+                            (Verdict::NotIsolated, None)
+                                | (Verdict::Denied, Some(None))
+                                | (Verdict::Allowed { .. }, Some(Some(_)))
+                        );
+                        if !same {
+                            out.push(format!(
+                                "{what}: {}/{} {dir:?} peer {peer} {protocol:?}/{port}: model {model:?}, tables {table:?}",
+                                pod.namespace, pod.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }

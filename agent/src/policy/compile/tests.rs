@@ -1,14 +1,12 @@
 //! The compiled tables give the model's verdict for every local pod, direction, peer (every pod
 //! and addresses outside them), protocol and port of a set of worlds.
 
-use std::net::Ipv4Addr;
-
 use serde_json::json;
 
 use super::{PortPrefix, compile, port_prefixes};
 use crate::policy::{
-    model::{Direction, Protocol, Verdict, World},
-    testing::{policy, sample_worlds, world},
+    model::World,
+    testing::{disagreements, policy, sample_worlds, world},
 };
 
 #[test]
@@ -43,40 +41,15 @@ fn agree(what: &str, w: &World) -> Vec<String> {
         .map(|p| format!("{}/{}", p.namespace, p.name))
         .collect();
     let c = compile(w, &local);
-    let mut peers: Vec<Ipv4Addr> = w.pods.iter().map(|p| p.ip).collect();
-    peers.extend([
-        Ipv4Addr::new(10, 0, 9, 9),
-        Ipv4Addr::new(192, 0, 2, 1),
-        Ipv4Addr::new(192, 0, 2, 200),
-        Ipv4Addr::new(198, 51, 100, 7),
-    ]);
-    let mut failures = Vec::new();
-    for pod in &w.pods {
-        let id = format!("{}/{}", pod.namespace, pod.name);
-        for dir in [Direction::Ingress, Direction::Egress] {
-            for peer in &peers {
-                let peer_pod = w.pod_by_ip(*peer);
-                for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
-                    for port in [79u16, 80, 81, 443, 8080] {
-                        let model = w.verdict(pod, dir, *peer, peer_pod, protocol, port);
-                        let tables = c.verdict(&id, dir, *peer, protocol, port);
-                        let same = matches!(
-                            (&model, tables),
-                            (Verdict::NotIsolated, None)
-                                | (Verdict::Denied, Some(None))
-                                | (Verdict::Allowed { .. }, Some(Some(_)))
-                        );
-                        if !same {
-                            failures.push(format!(
-                                "{what}: {id} {dir:?} peer {peer} {protocol:?}/{port}: model {model:?}, tables {tables:?}"
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    failures
+    disagreements(what, w, |pod, dir, peer, protocol, port| {
+        c.verdict(
+            &format!("{}/{}", pod.namespace, pod.name),
+            dir,
+            peer,
+            protocol,
+            port,
+        )
+    })
 }
 
 #[test]

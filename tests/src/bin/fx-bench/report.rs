@@ -323,6 +323,27 @@ fn section_3(md: &mut String, programming: &[Value], plots: &Path) {
     );
 }
 
+/// The machine-wide profiles (`perf record -a` during a row's last run) of the rows that have one.
+fn system_profiles(md: &mut String, rows: &[Value]) {
+    let profiled: Vec<&Value> = rows
+        .iter()
+        .filter(|r| !arr(&r["profile"]).is_empty())
+        .collect();
+    if profiled.is_empty() {
+        return;
+    }
+    md.push_str("Where the machine's time goes during the last run of each (`perf record -a`; share of all samples by process and symbol, `swapper` being idle):\n\n");
+    for r in profiled {
+        let top: Vec<String> = arr(&r["profile"])
+            .iter()
+            .take(10)
+            .map(|t| format!("{} {:.1}%", s(&t["symbol"]), f(&t["percent"])))
+            .collect();
+        let _ = writeln!(md, "- {}: {}", s(&r["path"]), top.join(", "));
+    }
+    md.push('\n');
+}
+
 fn section_4(md: &mut String, tp: &[Value], plots: &Path) {
     md.push_str("## 4. Pod to pod throughput across nodes\n\n");
     md.push_str("Method: a 2-node harness cluster (nodes are network namespaces on one machine, joined by veths and a bridge, so the \"wire\" is memory and both ends share the same CPUs); `iperf3 -c` (one TCP stream) from a pod on node-1 to a pod on node-2 (sender pinned to CPU 0, receiver to CPU 1, as on two machines: left to the scheduler, the pair's placement moves either mode's throughput by a quarter), run by the real agent and CNI plugin (release build). CPU is the whole machine's busy time (`/proc/stat`, all but idle and iowait) during the run, per second and per Gbit/s: sender, receiver and the path together. VXLAN: the kernel's device (VNI 42, static flood entries), pods at MTU 1450, ferrox's routing off; IP-in-IP pods at 1480; direct at 1500. Each figure is the median (min, max) of the runs; ratios are between medians. Retransmits: TCP retransmissions the senders counted over all runs.\n\n");
@@ -354,22 +375,7 @@ fn section_4(md: &mut String, tp: &[Value], plots: &Path) {
         });
     }
     md.push('\n');
-    let profiled: Vec<&Value> = tp
-        .iter()
-        .filter(|r| !arr(&r["profile"]).is_empty())
-        .collect();
-    if !profiled.is_empty() {
-        md.push_str("Where the machine's time goes during the last run of each path (`perf record -a`; share of all samples by process and symbol, `swapper` being idle):\n\n");
-        for r in profiled {
-            let top: Vec<String> = arr(&r["profile"])
-                .iter()
-                .take(10)
-                .map(|t| format!("{} {:.1}%", s(&t["symbol"]), f(&t["percent"])))
-                .collect();
-            let _ = writeln!(md, "- {}: {}", s(&r["path"]), top.join(", "));
-        }
-        md.push('\n');
-    }
+    system_profiles(md, tp);
     plot(
         md,
         plots,
@@ -411,22 +417,7 @@ fn section_4b(md: &mut String, rows: &[Value]) {
         );
     }
     md.push('\n');
-    let profiled: Vec<&Value> = rows
-        .iter()
-        .filter(|r| !arr(&r["profile"]).is_empty())
-        .collect();
-    if !profiled.is_empty() {
-        md.push_str("Where the machine's time goes during the last run of each (`perf record -a`, share of all samples by process and symbol):\n\n");
-        for r in profiled {
-            let top: Vec<String> = arr(&r["profile"])
-                .iter()
-                .take(10)
-                .map(|t| format!("{} {:.1}%", s(&t["symbol"]), f(&t["percent"])))
-                .collect();
-            let _ = writeln!(md, "- {}: {}", s(&r["path"]), top.join(", "));
-        }
-        md.push('\n');
-    }
+    system_profiles(md, rows);
 }
 
 fn section_5(md: &mut String, cni: &[Value], plots: &Path) {
