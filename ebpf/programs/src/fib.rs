@@ -10,14 +10,14 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
-    maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
 };
-use ferrox_abi::{EndpointKey, Reason, TunnelKey, endpoint_flags, tunnel_flags};
+use ferrox_abi::{EndpointKey, Reason, endpoint_flags};
 
 use crate::{
-    maps::{CONFIG_V1, ENDPOINTS_V1, TUNNEL_V1},
+    maps::{CONFIG_V1, ENDPOINTS_V1},
     packet::Hooked,
+    tunnel::reached_in_ipip,
 };
 
 pub(crate) const AF_INET: u8 = 2;
@@ -114,10 +114,7 @@ pub(crate) fn peer_of(daddr: u32, ifindex: u32) -> bool {
 #[inline(always)]
 pub(crate) fn encap_of(daddr: u32, ifindex: u32) -> bool {
     let uplink = CONFIG_V1.get(0).map_or(0, |c| c.uplink_ifindex);
-    ifindex == uplink
-        && TUNNEL_V1
-            .get(&LpmKey::new(32, TunnelKey { addr: daddr }))
-            .is_some_and(|t| t.flags & tunnel_flags::IPIP != 0)
+    ifindex == uplink && reached_in_ipip(daddr)
 }
 
 /// Whether `ctx`'s hook can itself send a rewritten packet out of `ifindex` (`peer`: into the

@@ -6,19 +6,18 @@
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_redirect_neigh,
-    maps::lpm_trie::Key as LpmKey,
     programs::TcContext,
 };
-use ferrox_abi::{Hook, Reason, ServiceKey, TunnelKey, scope, tunnel_flags};
+use ferrox_abi::{Hook, Reason, ServiceKey, scope};
 
 use crate::{
     conntrack::{Origin, new_flow, tracked},
     counters::count,
     flow::{Flow, Parsed, action_of, flow_dropped, parse, untranslated},
     icmp::icmp,
-    maps::{CONFIG_V1, SVC_V1, TUNNEL_V1},
+    maps::{CONFIG_V1, SVC_V1},
     packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
-    tunnel::fits_wrapped,
+    tunnel::{fits_wrapped, reached_in_ipip},
 };
 
 /// Pod veth ingress (packets leaving a pod): translate replies of flows a local backend serves
@@ -59,8 +58,7 @@ pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
 /// block's route says (fragmentation needed, so the sender learns the path's MTU).
 #[inline(always)]
 fn to_remote_block(ctx: &TcContext, daddr: u32) -> Option<i32> {
-    let tunnel = TUNNEL_V1.get(&LpmKey::new(32, TunnelKey { addr: daddr }))?;
-    if tunnel.flags & tunnel_flags::IPIP == 0 {
+    if !reached_in_ipip(daddr) {
         return None;
     }
     let uplink = CONFIG_V1.get(0).map_or(0, |c| c.uplink_ifindex);

@@ -115,6 +115,14 @@ pub fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
     (Reason::TunnelEncap, TC_ACT_UNSPEC)
 }
 
+/// Whether `daddr` lies in a remote pod block reached in IP-in-IP (one [`encap`] wraps).
+#[inline(always)]
+pub fn reached_in_ipip(daddr: u32) -> bool {
+    TUNNEL_V1
+        .get(&LpmKey::new(32, TunnelKey { addr: daddr }))
+        .is_some_and(|t| t.flags & tunnel_flags::IPIP != 0)
+}
+
 /// Whether each segment of this GSO packet still fits the interface with the outer header (true
 /// for a packet that is not GSO).
 #[inline(always)]
