@@ -1,8 +1,10 @@
 //! Datapath tier: NetworkPolicy's compiled tables written into the kernel's maps (ipcache,
 //! policy entries, isolated endpoints) give the reference model's verdict for every pod,
-//! direction, peer, protocol and port of the sample worlds, looked up as the programs will
+//! direction, peer, protocol and port of the sample worlds, looked up as the programs do
 //! (longest-prefix matches in the kernel's tries); an update rewrites only what changed and
-//! leaves nothing stale. Needs root (bpf).
+//! leaves nothing stale; and the programs themselves (BPF_PROG_TEST_RUN of the pod and uplink
+//! hooks) drop exactly the flows the model denies, and let replies of allowed flows through.
+//! Needs root (bpf).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -14,11 +16,12 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use ferrox::policy::{
     compile::compile,
-    model::World,
+    model::{Direction, PodInfo, Protocol, Verdict, World},
     tables::{table_verdict, write},
-    testing::{disagreements, sample_worlds},
+    testing::{disagreements, pod, sample_worlds},
 };
-use ferrox_datapath::{Datapath, bpffs::ScratchBpffs};
+use ferrox_abi::{Hook, Reason};
+use ferrox_datapath::{Datapath, TcProgram, bpffs::ScratchBpffs};
 
 fn local(w: &World) -> BTreeMap<String, Ipv4Addr> {
     w.pods
@@ -81,4 +84,253 @@ fn the_kernel_tables_give_the_models_verdicts_and_updates_leave_nothing_stale() 
         failures.len(),
         failures[..failures.len().min(30)].join("\n")
     );
+}
+
+#[path = "../../ebpf/datapath/tests/packets/mod.rs"]
+mod packets;
+
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+
+/// What the programs did with one packet: its action and the policy reason counted, if any.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Passed,
+    Denied(Reason),
+}
+
+/// Runs `packet` through the pod hook (when `from_pod`) or the uplink's ingress, with the policy
+/// conntrack emptied first unless `keep` (so each probe is a new flow).
+fn run(dp: &mut Datapath, packet: &packets::Packet, from_pod: bool, keep: bool) -> Seen {
+    if !keep {
+        let flows: Vec<_> = dp.maps().policy_ct.entries().unwrap();
+        for (k, _) in flows {
+            dp.maps_mut().policy_ct.remove(&k).unwrap();
+        }
+    }
+    let (program, hook) = if from_pod {
+        (TcProgram::FromPod, Hook::TcFromPod)
+    } else {
+        (TcProgram::UplinkIngress, Hook::TcUplinkIngress)
+    };
+    let drops = |dp: &Datapath| {
+        [Reason::DropPolicyEgress, Reason::DropPolicyIngress]
+            .map(|r| dp.maps().counters.get(hook, r).unwrap().packets)
+    };
+    let before = drops(dp);
+    let out = dp.test_run_tc(program, &packet.build(), 1).unwrap();
+    let after = drops(dp);
+    let reason = match (after[0] - before[0], after[1] - before[1]) {
+        (0, 0) => None,
+        (1, 0) => Some(Reason::DropPolicyEgress),
+        (0, 1) => Some(Reason::DropPolicyIngress),
+        moved => panic!("policy drop counters moved by {moved:?}"),
+    };
+    match (out.action, reason) {
+        (TC_ACT_UNSPEC, None) => Seen::Passed,
+        (TC_ACT_SHOT, Some(r)) => Seen::Denied(r),
+        other => panic!("action and policy counters disagree: {other:?}"),
+    }
+}
+
+fn packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: Protocol,
+    sport: u16,
+    dport: u16,
+) -> packets::Packet {
+    let p = packets::pkt().ipv4(src.octets(), dst.octets());
+    match protocol {
+        Protocol::Tcp => p.tcp(sport, dport),
+        Protocol::Udp => p.udp(sport, dport),
+        Protocol::Sctp => p.sctp(sport, dport),
+    }
+}
+
+/// What the model says of a new flow from `src` to `dst`: the source's egress is judged first,
+/// then the destination's ingress (only pods of `w` are isolated).
+fn expected(w: &World, src: Ipv4Addr, dst: Ipv4Addr, protocol: Protocol, port: u16) -> Seen {
+    let denied = |pod: Option<&PodInfo>, dir, peer| {
+        pod.is_some_and(|pod| {
+            w.verdict(pod, dir, peer, w.pod_by_ip(peer), protocol, port) == Verdict::Denied
+        })
+    };
+    if denied(w.pod_by_ip(src), Direction::Egress, dst) {
+        Seen::Denied(Reason::DropPolicyEgress)
+    } else if denied(w.pod_by_ip(dst), Direction::Ingress, src) {
+        Seen::Denied(Reason::DropPolicyIngress)
+    } else {
+        Seen::Passed
+    }
+}
+
+/// The kernel's programs, fed a new flow between every two pods of each sample world (and
+/// between pods and addresses outside), TCP, UDP and SCTP, on ports inside and outside the
+/// policies' ranges, drop exactly what the model denies, with the reason of the side that denies
+/// it (a pod's packets through its veth's hook, the others' through the uplink's).
+#[test]
+fn the_programs_drop_exactly_the_flows_the_model_denies() {
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-policy-kernel").unwrap();
+    let mut dp = Datapath::open(&bpffs.layout()).unwrap();
+    let outside = [
+        Ipv4Addr::new(10, 0, 9, 9),
+        Ipv4Addr::new(192, 0, 2, 1),
+        Ipv4Addr::new(192, 0, 2, 200),
+    ];
+    let mut failures = Vec::new();
+    let mut probes = 0;
+    for (what, w) in &sample_worlds() {
+        let l = local(w);
+        let c = compile(w, &l.keys().cloned().collect::<Vec<_>>());
+        write(dp.maps_mut(), &c, &l).unwrap();
+        let mut addrs: Vec<Ipv4Addr> = w.pods.iter().map(|p| p.ip).collect();
+        addrs.extend(outside);
+        for &src in &addrs {
+            for &dst in &addrs {
+                let from_pod = w.pod_by_ip(src).is_some();
+                if src == dst || (!from_pod && w.pod_by_ip(dst).is_none()) {
+                    continue;
+                }
+                for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                    for port in [79u16, 80, 81, 443] {
+                        probes += 1;
+                        let want = expected(w, src, dst, protocol, port);
+                        let got = run(
+                            &mut dp,
+                            &packet(src, dst, protocol, 40000, port),
+                            from_pod,
+                            false,
+                        );
+                        if got != want {
+                            failures.push(format!(
+                                "{what}: {src} -> {dst} {protocol:?}/{port}: model {want:?}, kernel {got:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(probes > 5_000, "only {probes} probes");
+    assert!(
+        failures.is_empty(),
+        "{} of {probes} probes disagree:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
+}
+
+/// Policy is stateful: the replies (and later packets) of an allowed flow pass where a new flow
+/// would not, in both kinds of isolation; ICMP echo replies find their request; the node's own
+/// address reaches its pods (the kubelet's probes); with no pod isolated nothing is judged.
+#[test]
+fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-policy-state").unwrap();
+    let mut dp = Datapath::open(&bpffs.layout()).unwrap();
+    let node = Ipv4Addr::new(192, 168, 50, 2);
+    let mut cfg = dp.maps().config.get().unwrap();
+    cfg.node_addr = u32::from_ne_bytes(node.octets());
+    dp.maps_mut().config.set(&cfg).unwrap();
+    let worlds = sample_worlds();
+    let world = |name: &str| &worlds.iter().find(|(w, _)| *w == name).unwrap().1;
+    let set = |dp: &mut Datapath, w: &World| {
+        let l = local(w);
+        let c = compile(w, &l.keys().cloned().collect::<Vec<_>>());
+        write(dp.maps_mut(), &c, &l).unwrap();
+    };
+    let ip = |id: &str| pod(&worlds[0].1, id).ip;
+    let (xa, xb, ya, yb) = (ip("x/a"), ip("x/b"), ip("y/a"), ip("y/b"));
+    let tcp = |s: Ipv4Addr, d: Ipv4Addr, sp: u16, dp_: u16| packet(s, d, Protocol::Tcp, sp, dp_);
+    let denied_in = Seen::Denied(Reason::DropPolicyIngress);
+    let denied_out = Seen::Denied(Reason::DropPolicyEgress);
+
+    // Ingress isolation: x's pods take nothing from y, but their own flows' replies.
+    set(&mut dp, world("deny all ingress in x"));
+    let reply = tcp(ya, xa, 80, 40000);
+    assert_eq!(
+        run(&mut dp, &reply, true, false),
+        denied_in,
+        "a reply with no flow"
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(xa, ya, 40000, 80), true, false),
+        Seen::Passed
+    );
+    assert_eq!(
+        run(&mut dp, &reply, true, true),
+        Seen::Passed,
+        "the reply of x/a's flow"
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(xa, ya, 40000, 80), true, true),
+        Seen::Passed
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(ya, xa, 80, 40001), true, true),
+        denied_in,
+        "another port"
+    );
+    // The same over the uplink (the peer on another node).
+    assert_eq!(
+        run(&mut dp, &tcp(xb, ya, 40000, 80), true, false),
+        Seen::Passed
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(ya, xb, 80, 40000), false, true),
+        Seen::Passed
+    );
+    // ICMP: an echo reply passes after its request, not before.
+    let echo_reply = packets::pkt()
+        .ipv4(ya.octets(), xb.octets())
+        .icmp_echo_id(0, 7);
+    assert_eq!(run(&mut dp, &echo_reply, false, false), denied_in);
+    let echo = packets::pkt()
+        .ipv4(xb.octets(), ya.octets())
+        .icmp_echo_id(8, 7);
+    assert_eq!(run(&mut dp, &echo, true, false), Seen::Passed);
+    assert_eq!(run(&mut dp, &echo_reply, false, true), Seen::Passed);
+    // The node's own address reaches its pods; another node's does not.
+    assert_eq!(
+        run(&mut dp, &tcp(node, xa, 40000, 80), false, false),
+        Seen::Passed
+    );
+    let other_node = Ipv4Addr::new(192, 168, 50, 3);
+    assert_eq!(
+        run(&mut dp, &tcp(other_node, xa, 40000, 80), false, false),
+        denied_in
+    );
+
+    // Egress isolation: y's pods open nothing, but answer what they are sent.
+    set(
+        &mut dp,
+        world("allow everything to a, deny egress everywhere in y"),
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(yb, xb, 40000, 80), true, false),
+        denied_out
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(xb, yb, 40000, 80), true, false),
+        Seen::Passed
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(yb, xb, 80, 40000), true, true),
+        Seen::Passed,
+        "the reply"
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(yb, xb, 80, 40001), true, true),
+        denied_out,
+        "not a reply"
+    );
+
+    // No pod isolated: nothing is judged, nothing remembered.
+    set(&mut dp, world("none"));
+    assert_eq!(dp.maps().policy_on.get().unwrap(), 0);
+    assert_eq!(
+        run(&mut dp, &tcp(yb, xb, 40000, 80), true, false),
+        Seen::Passed
+    );
+    assert!(dp.maps().policy_ct.entries().unwrap().is_empty());
 }

@@ -28,7 +28,7 @@ use ipnet::Ipv4Net;
 use super::model::{Direction, Labels, Peer, PodInfo, PortMatch, Protocol, World};
 
 /// Identity of addresses in no listed region and belonging to no pod.
-pub const WORLD: u32 = 1;
+pub const WORLD: u32 = ferrox_abi::POLICY_WORLD_IDENTITY;
 /// The first identity handed out to a region or pod.
 const FIRST: u32 = 16;
 

@@ -147,6 +147,10 @@ pub fn write(
             done.endpoints_set += 1;
         }
     }
+    // The programs judge packets once some pod is isolated (its entries are in place).
+    if !want_ep.is_empty() && maps.policy_on.get()? == 0 {
+        maps.policy_on.set(1)?;
+    }
     // Then what no longer applies.
     let stale_ep: BTreeSet<u32> = have_ep
         .keys()
@@ -156,6 +160,9 @@ pub fn write(
     for addr in stale_ep {
         maps.policy_endpoints.remove(&EndpointKey { addr })?;
         done.endpoints_removed += 1;
+    }
+    if want_ep.is_empty() && maps.policy_on.get()? != 0 {
+        maps.policy_on.set(0)?;
     }
     for &(len, data) in have.keys().filter(|k| !want.contains_key(k)) {
         maps.policies.remove(len, PolicyKey { data })?;

@@ -80,12 +80,19 @@ pub mod map_names {
     /// [`crate::EndpointKey`] -> [`crate::PolicyEndpoint`]: the local pods some NetworkPolicy
     /// isolates, and in which directions (a pod absent here is isolated in none).
     pub const POLICY_ENDPOINTS: &str = "POLICY_EP_V1";
+    /// LRU hash of [`crate::PolicyCtKey`] -> [`crate::PolicyCtValue`]: the flows of isolated
+    /// local pods that policy allowed, so that their later packets and replies pass.
+    pub const POLICY_CT: &str = "POLICY_CT_V1";
+    /// Array of one `u32`: non-zero while some local pod is isolated (the agent sets it after
+    /// writing the first [`POLICY_ENDPOINTS`] entry and clears it after removing the last), so
+    /// that a node no policy selects a pod of pays one array read per packet and nothing else.
+    pub const POLICY_ON: &str = "POLICY_ON_V1";
 
     /// Maps earlier versions pinned and this one no longer uses; the loader unpins them.
     pub const OBSOLETE: [&str; 1] = ["COUNTERS_V1"];
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
@@ -107,6 +114,8 @@ pub mod map_names {
         IPCACHE,
         POLICIES,
         POLICY_ENDPOINTS,
+        POLICY_CT,
+        POLICY_ON,
     ];
 }
 
@@ -151,6 +160,10 @@ pub mod capacity {
     pub const POLICIES: u32 = 262_144;
     /// Local pods isolated by some NetworkPolicy.
     pub const POLICY_ENDPOINTS: u32 = 16_384;
+    /// Flows of isolated local pods (LRU: the least recently used go first; an evicted flow is
+    /// judged again by its next packet). Fixed for now (1.3 MiB preallocated); not yet sized to
+    /// the node's memory like the flow maps of `ferrox_datapath::Sizing`.
+    pub const POLICY_CT: u32 = 16_384;
 }
 
 /// Size of every Maglev lookup table: a prime, identical on every node, so that every node
@@ -591,6 +604,10 @@ pub struct IpcacheValue {
 /// The identity a [`PolicyKey`] names to allow any peer.
 pub const POLICY_ANY_IDENTITY: u32 = 0;
 
+/// The identity of an address the ipcache has nothing more specific for (no pod's, in no
+/// prefix a policy names).
+pub const POLICY_WORLD_IDENTITY: u32 = 1;
+
 /// Key of the policy table (the LPM trie's data part), as bytes so that the trie compares them
 /// in this order: the local pod's address (network byte order), the direction
 /// ([`policy_direction`]), the peer's identity (big-endian), the protocol (0: any), the
@@ -651,6 +668,36 @@ pub mod policy_isolation {
     pub const INGRESS: u32 = 1 << 0;
     pub const EGRESS: u32 = 1 << 1;
 }
+
+/// Key of the policy conntrack: a flow of an isolated local pod as the pod sees it (after any
+/// service translation), and which side opened it ([`policy_direction`]: `INGRESS`, the peer
+/// did; `EGRESS`, the pod did). Addresses and ports in network byte order. A packet passes when
+/// its flow is found under either direction: a later packet of the flow, or a reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyCtKey {
+    pub pod: u32,
+    pub peer: u32,
+    pub pod_port: u16,
+    pub peer_port: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the policy conntrack: what allowed the flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyCtValue {
+    /// The allowing policy's number ([`PolicyValue::policy`]); [`POLICY_CT_NOT_ISOLATED`] when
+    /// the pod is not isolated in the flow's direction (tracked so that replies pass the other).
+    pub policy: u32,
+    pub rule: u16,
+    pub _pad: u16,
+}
+
+/// [`PolicyCtValue::policy`] of a flow the pod's isolation did not concern.
+pub const POLICY_CT_NOT_ISOLATED: u32 = u32::MAX;
 
 /// Key of the tunnel map (the LPM trie's data part): a destination address, network byte order.
 /// The prefix length is the trie key's own field.
@@ -835,10 +882,17 @@ pub enum Reason {
     /// Pod veth: a packet to a pod block of another node reached in IP-in-IP, sent straight
     /// to the uplink (wrapped there) instead of through the host's forwarding.
     PodToTunnel = 35,
+    /// NetworkPolicy: a new flow from a local pod isolated for egress that no policy allows.
+    DropPolicyEgress = 36,
+    /// NetworkPolicy: a new flow to a local pod isolated for ingress that no policy allows.
+    DropPolicyIngress = 37,
+    /// NetworkPolicy: the policy conntrack refused the entry of an allowed new flow (its later
+    /// packets would be judged again, its replies perhaps dropped).
+    DropPolicyCtFull = 38,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 39;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -876,6 +930,9 @@ impl Reason {
         Self::DropTooBig,
         Self::PassToTc,
         Self::PodToTunnel,
+        Self::DropPolicyEgress,
+        Self::DropPolicyIngress,
+        Self::DropPolicyCtFull,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -915,7 +972,10 @@ impl Reason {
             | Self::DropTunnelEncap
             | Self::DropFragmentUnknown
             | Self::DropBackendGone
-            | Self::DropTooBig => Verdict::Drop,
+            | Self::DropTooBig
+            | Self::DropPolicyEgress
+            | Self::DropPolicyIngress
+            | Self::DropPolicyCtFull => Verdict::Drop,
         }
     }
 
@@ -957,6 +1017,9 @@ impl Reason {
             Self::DropTooBig => "too-big",
             Self::PassToTc => "to-tc",
             Self::PodToTunnel => "pod-to-tunnel",
+            Self::DropPolicyEgress => "policy-denied-egress",
+            Self::DropPolicyIngress => "policy-denied-ingress",
+            Self::DropPolicyCtFull => "policy-conntrack-full",
         }
     }
 
@@ -1057,6 +1120,8 @@ const _: () = {
     assert!(size_of::<IpcacheKey>() == 4 && size_of::<IpcacheValue>() == 4);
     assert!(size_of::<PolicyKey>() == 12 && size_of::<PolicyValue>() == 8);
     assert!(size_of::<PolicyEndpoint>() == 4);
+    assert!(size_of::<PolicyCtKey>() == 16 && offset_of!(PolicyCtKey, proto) == 12);
+    assert!(size_of::<PolicyCtValue>() == 8);
     assert!(POLICY_PREFIX_ANY_PORT + 16 == 8 * size_of::<PolicyKey>() as u32);
     assert!(Reason::COUNT <= REASON_SLOTS && Hook::COUNT <= HOOK_SLOTS);
     assert!(Reason::ALL.len() == Reason::COUNT as usize);
@@ -1094,6 +1159,8 @@ mod pod {
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PolicyEndpoint {}
+    unsafe impl aya::Pod for PolicyCtKey {}
+    unsafe impl aya::Pod for PolicyCtValue {}
 }
 
 #[cfg(test)]

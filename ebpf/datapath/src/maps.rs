@@ -14,9 +14,9 @@ use aya::{
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
     DatapathConfig, EndpointInfo, EndpointKey, Hook, IpcacheKey, IpcacheValue, NodeInfo,
-    PolicyEndpoint, PolicyKey, PolicyValue, Reason, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, counter_cell, counter_index, map_names,
-    src_range_prefixlen,
+    PolicyCtKey, PolicyCtValue, PolicyEndpoint, PolicyKey, PolicyValue, Reason, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, counter_cell,
+    counter_index, map_names, src_range_prefixlen,
 };
 
 use crate::{DatapathError, PinLayout, Result};
@@ -254,6 +254,10 @@ pub struct Maps {
     pub policies: Lpm<PolicyKey, PolicyValue>,
     /// NetworkPolicy: the isolated local pods (pod address -> directions).
     pub policy_endpoints: TypedHash<EndpointKey, PolicyEndpoint>,
+    /// NetworkPolicy: the allowed flows of isolated local pods.
+    pub policy_ct: TypedHash<PolicyCtKey, PolicyCtValue>,
+    /// NetworkPolicy: non-zero while some local pod is isolated.
+    pub policy_on: Single<u32>,
 }
 
 /// A longest-prefix-match trie of the datapath, by (prefix length, key data).
@@ -327,32 +331,34 @@ impl<K: Pod, V: Pod> Lpm<K, V> {
     }
 }
 
-/// The host network namespace's cookie (`HOST_NETNS_V1`, one element): the socket hooks apply
-/// loopback frontends only there.
-pub struct HostNetns {
-    map: Array<MapData, u64>,
+/// A map of one element (an `Array` of size 1): a value the agent sets for the programs.
+pub struct Single<T: Pod> {
+    name: &'static str,
+    map: Array<MapData, T>,
 }
 
-impl HostNetns {
-    fn open(layout: &PinLayout) -> Result<Self> {
-        let name = map_names::HOST_NETNS;
+impl<T: Pod> Single<T> {
+    fn open(layout: &PinLayout, name: &'static str) -> Result<Self> {
         let (map, _) = open_map(layout, name)?;
         let map = Array::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
-        Ok(Self { map })
+        Ok(Self { name, map })
     }
 
-    pub fn get(&self) -> Result<u64> {
+    pub fn get(&self) -> Result<T> {
         self.map
             .get(&0, 0)
-            .map_err(|e| DatapathError::map("reading", map_names::HOST_NETNS, e))
+            .map_err(|e| DatapathError::map("reading", self.name, e))
     }
 
-    pub fn set(&mut self, cookie: u64) -> Result<()> {
+    pub fn set(&mut self, value: T) -> Result<()> {
         self.map
-            .set(0, &cookie, 0)
-            .map_err(|e| DatapathError::map("writing", map_names::HOST_NETNS, e))
+            .set(0, &value, 0)
+            .map_err(|e| DatapathError::map("writing", self.name, e))
     }
 }
+
+/// The host network namespace's cookie (`HOST_NETNS_V1`).
+pub type HostNetns = Single<u64>;
 
 /// The tunnel trie: remote pod blocks reached in IP-in-IP, and their nodes.
 pub struct Tunnels {
@@ -560,10 +566,12 @@ impl Maps {
             counters: Counters::open(layout)?,
             tunnels: Tunnels::open(layout)?,
             nodes: TypedHash::open(layout, map_names::NODES)?,
-            host_netns: HostNetns::open(layout)?,
+            host_netns: Single::open(layout, map_names::HOST_NETNS)?,
             ipcache: Lpm::open(layout, map_names::IPCACHE, ferrox_abi::capacity::IPCACHE)?,
             policies: Lpm::open(layout, map_names::POLICIES, ferrox_abi::capacity::POLICIES)?,
             policy_endpoints: TypedHash::open(layout, map_names::POLICY_ENDPOINTS)?,
+            policy_ct: TypedHash::open(layout, map_names::POLICY_CT)?,
+            policy_on: Single::open(layout, map_names::POLICY_ON)?,
         })
     }
 }

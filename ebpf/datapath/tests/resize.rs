@@ -330,6 +330,7 @@ fn the_flow_maps_of_a_4_gib_node_take_a_fifth_of_a_20_gib_nodes() {
         .iter()
         .map(|m| m.bytes)
         .sum();
+    eprintln!("{} KiB of maps on a 4 GiB node", total >> 10);
     assert!(
         total < 32 << 20,
         "{} MiB of maps on a 4 GiB node",

@@ -116,7 +116,11 @@ pub(crate) fn backend_alive(entry: *const CtEntry) -> bool {
 /// must be treated as new: its backend left and this packet may start over (any UDP datagram,
 /// a TCP SYN); its entries are removed first.
 #[inline(always)]
-pub(crate) fn tracked<C: Hooked + EbpfContext>(ctx: &C, flow: &Flow) -> Option<(Reason, i32)> {
+pub(crate) fn tracked<C: Hooked + EbpfContext>(
+    ctx: &C,
+    flow: &Flow,
+    hook: Hook,
+) -> Option<(Reason, i32)> {
     let key = flow.key();
     let entry = lookup(&key)?;
     // SAFETY: the pointer comes from a successful lookup. The entry is read field by field,
@@ -151,6 +155,13 @@ pub(crate) fn tracked<C: Hooked + EbpfContext>(ctx: &C, flow: &Flow) -> Option<(
     } else {
         Reason::NatEstablished
     };
+    if !C::XDP
+        && crate::policy::enforcing()
+        && let Err(r) = crate::policy::translated(flow, entry)
+    {
+        crate::flow::flow_dropped(hook, r, flow);
+        return Some((r, C::DROP));
+    }
     Some(
         match translate(
             ctx,
@@ -159,7 +170,10 @@ pub(crate) fn tracked<C: Hooked + EbpfContext>(ctx: &C, flow: &Flow) -> Option<(
             if refresh { Cache::Refresh } else { Cache::Use },
         ) {
             Ok(outcome) => outcome.counted::<C>(reason),
-            Err(r) => (r, C::DROP),
+            Err(r) => {
+                crate::flow::flow_dropped(hook, r, flow);
+                (r, C::DROP)
+            }
         },
     )
 }
@@ -211,6 +225,9 @@ pub(crate) fn new_flow<C: Hooked + EbpfContext>(
     track_new(flow, key, frontend, origin)?;
     // Evicted already (a full LRU under pressure): as good as not tracked.
     let entry = lookup(&flow.key()).ok_or(Reason::DropConntrackFull)?;
+    if !C::XDP && crate::policy::enforcing() {
+        crate::policy::translated(flow, entry)?;
+    }
     translate(ctx, flow, entry, Cache::Refresh)
 }
 

@@ -17,6 +17,7 @@ use crate::{
     icmp::icmp,
     maps::{CONFIG_V1, SVC_V1},
     packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
+    policy,
     tunnel::{fits_wrapped, reached_in_ipip},
 };
 
@@ -26,16 +27,23 @@ use crate::{
 #[inline(always)]
 pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
     let (reason, action, daddr) = match parse(ctx) {
-        Parsed::Other(r) => (r, action_of::<TcContext>(r), 0),
+        Parsed::Other(r) => {
+            let (r, a) = policy::other_l4(ctx, Hook::TcFromPod, r, action_of::<TcContext>(r));
+            (r, a, 0)
+        }
         Parsed::Icmp(m) => {
             let (r, a) = icmp(ctx, &m);
+            let (r, a) = policy::untranslated_icmp(ctx, Hook::TcFromPod, &m, r, a);
             (r, a, m.daddr)
         }
         Parsed::Flow(flow) => {
-            let (r, a) = match tracked(ctx, &flow) {
+            let (r, a) = match tracked(ctx, &flow, Hook::TcFromPod) {
                 Some(done) => done,
                 None => pod_flow(ctx, &flow),
             };
+            // The pod's egress policy, and a local destination's ingress policy (a translated
+            // flow was judged by the translation).
+            let (r, a) = policy::untranslated_flow(Hook::TcFromPod, &flow, r, a);
             (r, a, flow.daddr)
         }
     };

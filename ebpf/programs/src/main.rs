@@ -21,6 +21,7 @@ mod lb;
 mod maps;
 mod nat;
 mod packet;
+mod policy;
 mod resizing;
 mod sock_lb;
 mod tunnel;

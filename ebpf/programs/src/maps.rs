@@ -21,8 +21,9 @@ use aya_ebpf::{
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, COUNTER_SLOTS, CounterValue, CtEntry, CtKey,
     DatapathConfig, EndpointInfo, EndpointKey, FragKey, FragValue, IpcacheKey, IpcacheValue,
-    MAGLEV_TABLE_SIZE, NodeInfo, PolicyEndpoint, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo, TunnelKey, capacity,
+    MAGLEV_TABLE_SIZE, NodeInfo, PolicyCtKey, PolicyCtValue, PolicyEndpoint, PolicyKey,
+    PolicyValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SrcRangeKey, TunnelInfo,
+    TunnelKey, capacity,
 };
 
 #[map]
@@ -106,8 +107,7 @@ pub static FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity
 #[map]
 pub static HOST_NETNS_V1: Array<u64> = Array::pinned(1, 0);
 
-/// NetworkPolicy: the identity of each address (written by the agent; read by the policy
-/// checks, which come with issue #19's next part).
+/// NetworkPolicy: the identity of each address (written by the agent).
 #[map]
 pub static IPCACHE_V1: LpmTrie<IpcacheKey, IpcacheValue> =
     LpmTrie::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
@@ -121,3 +121,12 @@ pub static POLICY_V1: LpmTrie<PolicyKey, PolicyValue> =
 #[map]
 pub static POLICY_EP_V1: HashMap<EndpointKey, PolicyEndpoint> =
     HashMap::pinned(capacity::POLICY_ENDPOINTS, BPF_F_NO_PREALLOC);
+
+/// NetworkPolicy: the allowed flows of isolated local pods.
+#[map]
+pub static POLICY_CT_V1: LruHashMap<PolicyCtKey, PolicyCtValue> =
+    LruHashMap::pinned(capacity::POLICY_CT, 0);
+
+/// NetworkPolicy: element 0 non-zero while some local pod is isolated.
+#[map]
+pub static POLICY_ON_V1: Array<u32> = Array::pinned(1, 0);

@@ -25,7 +25,7 @@ use crate::{
     maps::{CONFIG_V1, ENDPOINTS_V1, SVC_V1},
     nat::rewrite,
     packet::{Frame as _, Hooked, IP_DADDR_OFF},
-    tunnel,
+    policy, tunnel,
 };
 
 /// Uplink ingress: decapsulate IP-in-IP from the cluster's nodes, then translate external flows
@@ -45,15 +45,27 @@ pub(crate) fn uplink_ingress(ctx: &TcContext) -> i32 {
         }
     };
     let (reason, mut action) = match parse(ctx) {
-        Parsed::Other(r) => (r, action_of::<TcContext>(r)),
+        Parsed::Other(r) => {
+            policy::other_l4(ctx, Hook::TcUplinkIngress, r, action_of::<TcContext>(r))
+        }
         // Unwrapped traffic is between pods (only pod blocks are reached in IP-in-IP): its
         // destination is never a frontend, so only a flow translated elsewhere (whose reply
         // this may be) is looked up, no service.
-        Parsed::Flow(flow) if decapsulated => {
-            tracked(ctx, &flow).unwrap_or_else(|| untranslated::<TcContext>(&flow))
+        Parsed::Flow(flow) => {
+            let (r, a) = if decapsulated {
+                tracked(ctx, &flow, Hook::TcUplinkIngress)
+                    .unwrap_or_else(|| untranslated::<TcContext>(&flow))
+            } else {
+                uplink_flow(ctx, &flow, Origin::Uplink)
+            };
+            // Into a local pod untranslated: its ingress policy (a translated flow was judged
+            // by the translation).
+            policy::untranslated_flow(Hook::TcUplinkIngress, &flow, r, a)
         }
-        Parsed::Flow(flow) => uplink_flow(ctx, &flow, Origin::Uplink),
-        Parsed::Icmp(m) => icmp(ctx, &m),
+        Parsed::Icmp(m) => {
+            let (r, a) = icmp(ctx, &m);
+            policy::untranslated_icmp(ctx, Hook::TcUplinkIngress, &m, r, a)
+        }
     };
     if decapsulated && action == TC_ACT_UNSPEC {
         action = to_local_pod(ctx);
@@ -70,7 +82,7 @@ pub(crate) fn uplink_flow<C: Hooked + EbpfContext>(
     flow: &Flow,
     origin: Origin,
 ) -> (Reason, i32) {
-    if let Some(done) = tracked(ctx, flow) {
+    if let Some(done) = tracked(ctx, flow, origin.hook()) {
         return done;
     }
     if !flow.has_l4 {

@@ -200,6 +200,28 @@ impl Packet {
         self
     }
 
+    /// An ICMP echo request (`kind` 8) or reply (0) with identifier `id`.
+    pub fn icmp_echo_id(mut self, kind: u8, id: u16) -> Self {
+        let mut h = vec![0u8; 8];
+        h[0] = kind;
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        let ip = self.ip();
+        ip.proto = 1;
+        ip.l4 = h;
+        self
+    }
+
+    /// An SCTP common header with these ports (and no chunk).
+    pub fn sctp(mut self, sport: u16, dport: u16) -> Self {
+        let mut h = vec![0u8; 12];
+        h[0..2].copy_from_slice(&sport.to_be_bytes());
+        h[2..4].copy_from_slice(&dport.to_be_bytes());
+        let ip = self.ip();
+        ip.proto = 132;
+        ip.l4 = h;
+        self
+    }
+
     /// An ICMP error (`kind`, `code`, e.g. 3/4: fragmentation needed) quoting `quote` (the
     /// quoted packet's bytes from its IP header on).
     pub fn icmp_error(self, kind: u8, code: u8, quote: &[u8]) -> Self {

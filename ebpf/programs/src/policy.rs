@@ -1,0 +1,344 @@
+//! NetworkPolicy per packet: a flow's source, when it is a local pod some policy isolates, must
+//! be allowed to send it (egress), and its destination, likewise, to receive it (ingress).
+//!
+//! A flow is judged once, by its first packet: allowed, it is remembered in `POLICY_CT_V1` as
+//! its pod sees it, and every later packet and every reply passes on that entry. A pod isolated
+//! in one direction only has all its flows remembered, so that the replies of a flow it opened
+//! pass its isolated ingress. A judgement is two longest-prefix lookups (the peer's identity in
+//! the ipcache, then the pod's allowing entries, for that identity and for any peer), never a
+//! walk over rules. A node where no pod is isolated reads one array element per packet
+//! (`POLICY_ON_V1`) and nothing else.
+//!
+//! Each end sees the flow after the service translation on its side: a pod that sent to a
+//! Service is judged against the backend it reached, and a backend sees its client as the
+//! translated packet arrives (the node's address when the flow was SNATed). Traffic this node
+//! itself sends into its pods (the kubelet's probes) is not judged; nor is a packet from this
+//! node's address or the pod gateway arriving through a translation (SNATed NodePort traffic,
+//! a pod reaching itself through a Service), as upstream Kubernetes leaves it to the network
+//! plugin and kubelet probes must pass.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key as LpmKey, programs::TcContext};
+use ferrox_abi::{
+    CtEntry, EndpointKey, Hook, IpcacheKey, POD_GATEWAY, POLICY_ANY_IDENTITY,
+    POLICY_CT_NOT_ISOLATED, POLICY_WORLD_IDENTITY, PolicyCtKey, PolicyCtValue, PolicyEndpoint,
+    PolicyKey, Reason, Verdict, ct_flags, policy_direction, policy_isolation, proto,
+};
+
+use crate::{
+    flow::{Flow, IcmpPacket, flow_dropped},
+    maps::{CONFIG_V1, IPCACHE_V1, POLICY_CT_V1, POLICY_EP_V1, POLICY_ON_V1, POLICY_V1},
+    packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
+};
+
+/// One end's view of a flow: its addresses and ports as that end sees them, network byte order.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    pub(crate) saddr: u32,
+    pub(crate) daddr: u32,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+}
+
+/// A packet to judge: its protocol, the flow as its source sent it and as its destination
+/// receives it (the same for a packet nothing translates).
+#[derive(Clone, Copy)]
+pub(crate) struct Judged {
+    pub(crate) proto: u8,
+    pub(crate) sent: View,
+    pub(crate) received: View,
+}
+
+impl Judged {
+    /// A packet nothing translates.
+    #[inline(always)]
+    pub(crate) fn untranslated(flow: &Flow) -> Self {
+        let v = View {
+            saddr: flow.saddr,
+            daddr: flow.daddr,
+            sport: flow.sport,
+            dport: flow.dport,
+        };
+        Self {
+            proto: flow.proto,
+            sent: v,
+            received: v,
+        }
+    }
+}
+
+/// Whether some local pod is isolated (else nothing is judged).
+#[inline(always)]
+pub(crate) fn enforcing() -> bool {
+    POLICY_ON_V1.get(0).is_some_and(|on| *on != 0)
+}
+
+/// `Ok` when policy lets the packet go; else the drop reason (its source may not send it, or
+/// its destination may not receive it).
+#[inline(always)]
+pub(crate) fn check(j: &Judged) -> Result<(), Reason> {
+    if !enforcing() {
+        return Ok(());
+    }
+    judge(j)
+}
+
+/// The ICMP messages judged as flows: echo requests and replies (their identifier stands for
+/// both ports, so a reply finds its request's entry) and anything not an error. Errors (about a
+/// flow that passed) go through, as the kernel's conntrack lets related errors through.
+#[inline(always)]
+pub(crate) fn check_icmp(ctx: &TcContext, m: &IcmpPacket) -> Result<(), Reason> {
+    if !enforcing() {
+        return Ok(());
+    }
+    let Ok(head) = ctx.load::<[u8; 8]>(m.l4_off) else {
+        return Ok(());
+    };
+    let id = match head[0] {
+        // Destination unreachable, source quench, redirect, time exceeded, parameter problem.
+        3 | 4 | 5 | 11 | 12 => return Ok(()),
+        // Echo reply and request.
+        0 | 8 => u16::from_ne_bytes([head[4], head[5]]),
+        _ => 0,
+    };
+    let v = View {
+        saddr: m.saddr,
+        daddr: m.daddr,
+        sport: id,
+        dport: id,
+    };
+    judge(&Judged {
+        proto: proto::ICMP,
+        sent: v,
+        received: v,
+    })
+}
+
+/// A packet of a translated flow (its conntrack entry `entry`), before it is translated, at TC
+/// (XDP sends nothing into or out of a local pod): judged as each end sees the flow, a backend
+/// with its real client, a client with the backend it reached. A function of its own (a
+/// BPF-to-BPF call next to the translation's, not under it: the stack allows two levels).
+#[inline(never)]
+pub(crate) fn translated(flow: &Flow, entry: *const CtEntry) -> Result<(), Reason> {
+    // SAFETY: `entry` comes from a successful lookup; the fields read never change after the
+    // entry is created.
+    let (nat_saddr, nat_daddr, nat_sport, nat_dport, flags) = unsafe {
+        (
+            (*entry).nat_saddr,
+            (*entry).nat_daddr,
+            (*entry).nat_sport,
+            (*entry).nat_dport,
+            (*entry).flags,
+        )
+    };
+    let (to, from) = if flags & ct_flags::REPLY != 0 {
+        ((flow.daddr, flow.dport), (flow.saddr, flow.sport))
+    } else {
+        ((nat_daddr, nat_dport), (nat_saddr, nat_sport))
+    };
+    judged(&Judged {
+        proto: flow.proto,
+        sent: View {
+            saddr: flow.saddr,
+            sport: flow.sport,
+            daddr: to.0,
+            dport: to.1,
+        },
+        received: View {
+            saddr: from.0,
+            sport: from.1,
+            daddr: nat_daddr,
+            dport: nat_dport,
+        },
+    })
+}
+
+/// Both ends' checks. A function of its own (a BPF-to-BPF call): the per-packet paths that
+/// call it keep their stacks.
+#[inline(never)]
+fn judge(j: &Judged) -> Result<(), Reason> {
+    judged(j)
+}
+
+#[inline(always)]
+fn judged(j: &Judged) -> Result<(), Reason> {
+    let s = &j.sent;
+    // SAFETY: hash map values are read once, by copy.
+    if let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: s.saddr }) }.copied()
+        && !allowed(
+            &ep,
+            policy_isolation::EGRESS,
+            &PolicyCtKey {
+                pod: s.saddr,
+                peer: s.daddr,
+                pod_port: s.sport,
+                peer_port: s.dport,
+                proto: j.proto,
+                direction: policy_direction::EGRESS,
+                _pad: [0; 2],
+            },
+            s.dport,
+        )?
+    {
+        return Err(Reason::DropPolicyEgress);
+    }
+    let r = &j.received;
+    // SAFETY: as above.
+    if let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: r.daddr }) }.copied()
+        && !from_this_node(r.saddr)
+        && !allowed(
+            &ep,
+            policy_isolation::INGRESS,
+            &PolicyCtKey {
+                pod: r.daddr,
+                peer: r.saddr,
+                pod_port: r.dport,
+                peer_port: r.sport,
+                proto: j.proto,
+                direction: policy_direction::INGRESS,
+                _pad: [0; 2],
+            },
+            r.dport,
+        )?
+    {
+        return Err(Reason::DropPolicyIngress);
+    }
+    Ok(())
+}
+
+/// This node's own address, or the pod gateway (the source of a pod's flow to itself through a
+/// Service).
+#[inline(always)]
+fn from_this_node(addr: u32) -> bool {
+    addr == u32::from_ne_bytes(POD_GATEWAY)
+        || CONFIG_V1
+            .get(0)
+            .is_some_and(|c| c.node_addr != 0 && c.node_addr == addr)
+}
+
+/// One pod's side of a flow (`key`, with the direction it is judged in): a flow already
+/// remembered in either direction passes; a new one passes when the pod is not isolated in this
+/// direction or an entry allows the peer's identity (or any peer) with the protocol and
+/// `port`, and is then remembered. `Err`: allowed but not remembered (the map refused it).
+#[inline(always)]
+fn allowed(
+    ep: &PolicyEndpoint,
+    isolation: u32,
+    key: &PolicyCtKey,
+    port: u16,
+) -> Result<bool, Reason> {
+    if POLICY_CT_V1.get_ptr(key).is_some() {
+        return Ok(true);
+    }
+    let mut other = *key;
+    other.direction = policy_direction::INGRESS + policy_direction::EGRESS - key.direction;
+    if POLICY_CT_V1.get_ptr(&other).is_some() {
+        return Ok(true);
+    }
+    let value = if ep.isolated & isolation == 0 {
+        PolicyCtValue {
+            policy: POLICY_CT_NOT_ISOLATED,
+            ..PolicyCtValue::default()
+        }
+    } else {
+        let identity = IPCACHE_V1
+            .get(&LpmKey::new(32, IpcacheKey { addr: key.peer }))
+            .map_or(POLICY_WORLD_IDENTITY, |v| v.identity);
+        let port = u16::from_be(port);
+        let lookup = |identity: u32| {
+            let k = PolicyKey::new(key.pod, key.direction, identity, key.proto, port);
+            POLICY_V1.get(&LpmKey::new(96, k)).copied()
+        };
+        let Some(rule) = lookup(identity).or_else(|| lookup(POLICY_ANY_IDENTITY)) else {
+            return Ok(false);
+        };
+        PolicyCtValue {
+            policy: rule.policy,
+            rule: rule.rule,
+            _pad: 0,
+        }
+    };
+    POLICY_CT_V1
+        .insert(key, &value, 0)
+        .map_err(|_| Reason::DropPolicyCtFull)?;
+    Ok(true)
+}
+
+/// A TCP/UDP packet that passes untranslated (`reason`, `action`) at `hook`, judged: the same,
+/// or the policy's drop (told to a listening monitor).
+#[inline(always)]
+pub(crate) fn untranslated_flow(
+    hook: Hook,
+    flow: &Flow,
+    reason: Reason,
+    action: i32,
+) -> (Reason, i32) {
+    if reason.verdict() != Verdict::Pass {
+        return (reason, action);
+    }
+    match check(&Judged::untranslated(flow)) {
+        Ok(()) => (reason, action),
+        Err(r) => {
+            flow_dropped(hook, r, flow);
+            (r, TC_ACT_SHOT)
+        }
+    }
+}
+
+/// An ICMP message that passes untranslated, judged as [`untranslated_flow`] judges a flow.
+#[inline(always)]
+pub(crate) fn untranslated_icmp(
+    ctx: &TcContext,
+    hook: Hook,
+    m: &IcmpPacket,
+    reason: Reason,
+    action: i32,
+) -> (Reason, i32) {
+    if reason.verdict() != Verdict::Pass {
+        return (reason, action);
+    }
+    match check_icmp(ctx, m) {
+        Ok(()) => (reason, action),
+        Err(r) => {
+            crate::events::drop(hook, r, proto::ICMP, m.saddr, 0, m.daddr, 0);
+            (r, TC_ACT_SHOT)
+        }
+    }
+}
+
+/// A packet of another protocol that passes (`reason` [`Reason::PassOtherL4`]), judged with its
+/// protocol: SCTP with its ports (the first four bytes of its header, as in TCP and UDP), any
+/// other with none, so only a rule allowing every protocol lets it through an isolation.
+#[inline(always)]
+pub(crate) fn other_l4(ctx: &TcContext, hook: Hook, reason: Reason, action: i32) -> (Reason, i32) {
+    if reason != Reason::PassOtherL4 || !enforcing() {
+        return (reason, action);
+    }
+    let Some(ip) = ctx.header::<Ipv4Hdr>(ETH_HLEN) else {
+        return (reason, action);
+    };
+    // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
+    let ip = unsafe { ip.read_unaligned() };
+    let l4_off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
+    let [sport, dport] = match ctx.header::<[u16; 2]>(l4_off) {
+        // SAFETY: as above, for the four port bytes.
+        Some(p) if ip.proto == proto::SCTP => unsafe { p.read_unaligned() },
+        _ => [0, 0],
+    };
+    let v = View {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport,
+        dport,
+    };
+    match judge(&Judged {
+        proto: ip.proto,
+        sent: v,
+        received: v,
+    }) {
+        Ok(()) => (reason, action),
+        Err(r) => {
+            crate::events::drop(hook, r, ip.proto, ip.saddr, sport, ip.daddr, dport);
+            (r, TC_ACT_SHOT)
+        }
+    }
+}
