@@ -347,6 +347,7 @@ fn resource_of(kind: &str) -> (String, String) {
         "Endpoints" => of::<k8s_openapi::api::core::v1::Endpoints>(),
         "Namespace" => of::<k8s_openapi::api::core::v1::Namespace>(),
         "ConfigMap" => of::<ConfigMap>(),
+        "NetworkPolicy" => of::<k8s_openapi::api::networking::v1::NetworkPolicy>(),
         // Dynamic kinds: IPAM blocks and BGP peers; the ClusterRole audit below covers both.
         "DynamicObject" => (
             ferrox::ipam::GROUP.to_owned(),

@@ -265,6 +265,10 @@ pub struct AgentArgs {
     #[arg(long, env = "FERROX_IPAM_RELEASE_AFTER", default_value_t = 600)]
     pub ipam_release_after: u64,
 
+    /// Enforce Kubernetes NetworkPolicies (watches every Pod, Namespace and NetworkPolicy).
+    #[arg(long, env = "FERROX_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub network_policy: bool,
+
     /// MTU of pod interfaces; default: the uplink's MTU, minus 20 in the IP-in-IP modes.
     #[arg(long, env = "FERROX_MTU")]
     pub mtu: Option<u32>,

@@ -302,6 +302,15 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
         Duration::from_secs(args.ct_gc_interval.max(1)),
         metrics.clone(),
     ));
+    if args.network_policy {
+        tokio::spawn(crate::policy::sync::run(
+            client.clone(),
+            args.node_name.clone(),
+            layout.clone(),
+        ));
+    } else {
+        crate::policy::sync::clear(&layout)?;
+    }
     let health = observability::health::Health::default();
     tokio::spawn(health.clone().serve_healthz(args.healthz_bind_address));
     let sync_config = services::sync::SyncConfig {

@@ -247,10 +247,22 @@ pub fn compile(world: &World, local: &[String]) -> Compiled {
                         }
                         Some(set.into_iter().collect())
                     };
-                    let peer_list: Vec<Option<u32>> = match &peers {
+                    let mut peer_list: Vec<Option<u32>> = match &peers {
                         None => vec![None],
                         Some(ids) => ids.iter().map(|i| Some(*i)).collect(),
                     };
+                    // An egress rule to any peer with a named port: the name is resolved on
+                    // each destination pod, so each pod identity gets its own entries (a
+                    // destination that is no pod has no named ports).
+                    if dir == Direction::Egress
+                        && peers.is_none()
+                        && rule
+                            .ports
+                            .iter()
+                            .any(|p| matches!(p.port, PortMatch::Named(_)))
+                    {
+                        peer_list.extend(pods_by_identity.keys().map(|i| Some(*i)));
+                    }
                     for peer in peer_list {
                         // The destination pod a named port is resolved on: the local pod for
                         // ingress, the peer pod for egress (none for a region).
@@ -275,7 +287,11 @@ pub fn compile(world: &World, local: &[String]) -> Compiled {
                             continue;
                         }
                         for port in &rule.ports {
+                            // The entries of a pod identity added for its named ports only.
+                            let named_only =
+                                dir == Direction::Egress && peers.is_none() && peer.is_some();
                             match &port.port {
+                                _ if named_only && !matches!(port.port, PortMatch::Named(_)) => {}
                                 PortMatch::Any => add(Some(port.protocol), PortPrefix::ANY),
                                 PortMatch::Range(a, b) => {
                                     for pp in port_prefixes(*a, *b) {

@@ -133,6 +133,12 @@ pub fn sample_worlds() -> Vec<(&'static str, World)> {
                     "no-egress",
                     json!({"podSelector": {}, "policyTypes": ["Egress"]}),
                 ),
+                policy(
+                    "z",
+                    "egress-named",
+                    json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                           "egress": [{"ports": [{"port": "serve-80-tcp"}, {"port": 443}]}]}),
+                ),
             ],
         ),
     ]

@@ -106,6 +106,12 @@ impl Registry {
             ResourceType::namespaced("", "v1", "endpoints", "Endpoints"),
             ResourceType::namespaced("", "v1", "serviceaccounts", "ServiceAccount"),
             ResourceType::namespaced("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
+            ResourceType::namespaced(
+                "networking.k8s.io",
+                "v1",
+                "networkpolicies",
+                "NetworkPolicy",
+            ),
             ResourceType::namespaced("coordination.k8s.io", "v1", "leases", "Lease"),
             ResourceType::namespaced("events.k8s.io", "v1", "events", "Event"),
             // What authorization reads (see `rbac`).
@@ -298,6 +304,8 @@ mod tests {
             ("", "pods"),
             ("", "nodes"),
             ("discovery.k8s.io", "endpointslices"),
+            ("", "namespaces"),
+            ("networking.k8s.io", "networkpolicies"),
         ] {
             assert!(
                 registry.find(group, "v1", plural).is_some(),

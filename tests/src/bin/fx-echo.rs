@@ -110,6 +110,14 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         warmup: usize,
     },
+    /// One call to each target (`tcp:ADDR:PORT` or `udp:ADDR:PORT`), all at once; prints one
+    /// JSON line per target, `{"target", "ok", "backend"}` (a TCP call is good when the server
+    /// greeted and echoed, a UDP one when an answer came back), in the order given.
+    Probe {
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     Stream {
         target: SocketAddr,
         #[arg(long, default_value_t = 1024)]
@@ -181,6 +189,10 @@ fn main() {
             count,
             warmup,
         } => rr(target, count, warmup),
+        Cmd::Probe {
+            targets,
+            timeout_ms,
+        } => probe(&targets, Duration::from_millis(timeout_ms)),
         Cmd::HttpGet { target, path } => {
             let line = http_get(target, &path);
             let failed = line.get("error").is_some();
@@ -653,4 +665,48 @@ fn rr(target: SocketAddr, count: usize, warmup: usize) {
         })
     );
     std::process::exit(i32::from(!failures.is_empty()));
+}
+
+fn probe(targets: &[String], timeout: Duration) {
+    let calls: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let (proto, addr) = t.split_once(':').expect("tcp:ADDR:PORT or udp:ADDR:PORT");
+                let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
+                let backend = match proto {
+                    "tcp" => {
+                        let line = call_tcp(addr, timeout);
+                        line.get("error")
+                            .is_none()
+                            .then(|| line["backend"].as_str().unwrap_or_default().to_owned())
+                    }
+                    "udp" => probe_udp(addr, timeout),
+                    other => panic!("protocol {other:?}"),
+                };
+                serde_json::json!({"target": t, "ok": backend.is_some(), "backend": backend})
+            })
+        })
+        .collect();
+    for c in calls {
+        println!("{}", c.join().expect("a probe thread"));
+    }
+}
+
+/// A datagram to `target` from a new unconnected socket (sent again every third of `timeout`),
+/// and the name of the server that answered.
+fn probe_udp(target: SocketAddr, timeout: Duration) -> Option<String> {
+    let sock = UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+    sock.set_read_timeout(Some(timeout / 3)).ok()?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        sock.send_to(b"probe", target).ok()?;
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            return text.split_whitespace().next().map(str::to_owned);
+        }
+    }
+    None
 }

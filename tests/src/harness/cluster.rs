@@ -19,9 +19,7 @@ use ferrox_cni::spec::AddResult;
 use ferrox_datapath::PinLayout;
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::core::v1::{
-        Node as K8sNode, NodeAddress, NodeSpec, NodeStatus, Pod as K8sPod, PodSpec, PodStatus,
-    },
+    api::core::v1::{Node as K8sNode, NodeAddress, NodeSpec, NodeStatus, Pod as K8sPod, PodStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -600,6 +598,12 @@ impl Cluster {
         self.add_pod_inner(node, name, None)
     }
 
+    /// Like [`Cluster::add_pod`], for the Pod `template` (its namespace, name, labels and
+    /// containers' ports as the API will carry them; the node and address are filled in).
+    pub fn add_pod_as(&self, node: usize, template: K8sPod) -> Pod {
+        self.add_pod_full(node, template, None)
+    }
+
     /// Like [`Cluster::add_pod`], with the plugin binary and network configuration list a
     /// runtime would find on the node (e.g. what `ferrox install-cni` put there): the first
     /// plugin of `conflist`, given the list's name and version, as libcni does.
@@ -622,6 +626,35 @@ impl Cluster {
         name: &str,
         with: Option<(&Path, &serde_json::Value)>,
     ) -> Pod {
+        let template = K8sPod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.add_pod_full(node, template, with)
+    }
+
+    fn add_pod_full(
+        &self,
+        node: usize,
+        template: K8sPod,
+        with: Option<(&Path, &serde_json::Value)>,
+    ) -> Pod {
+        let name = template.metadata.name.clone().expect("the Pod's name");
+        let namespace = template
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let qualified = if namespace == "default" {
+            name.clone()
+        } else {
+            format!("{namespace}/{name}")
+        };
+        let name = name.as_str();
         let n = self.node(node);
         let k = self.next_pod.fetch_add(1, Ordering::Relaxed);
         let netns = NetNs::create(&format!("{}{}-p{k}", leaks::NETNS_PREFIX, self.id));
@@ -633,9 +666,9 @@ impl Cluster {
                 "ADD",
                 &container_id,
                 Some(&netns.path()),
-                name,
+                &qualified,
             ),
-            None => n.cni("ADD", &container_id, Some(&netns.path()), name),
+            None => n.cni("ADD", &container_id, Some(&netns.path()), &qualified),
         };
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let netns_path = netns.path();
@@ -643,7 +676,7 @@ impl Cluster {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(PodRecord {
-                name: name.into(),
+                name: qualified.clone(),
                 node,
                 container_id: container_id.clone(),
                 netns_path: netns_path.clone(),
@@ -657,21 +690,16 @@ impl Cluster {
         let cni_result: AddResult =
             serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("CNI result {stdout:?}: {e}"));
         let ip = cni_result.ips[0].address.addr();
+        let mut spec = template.spec.clone().unwrap_or_default();
+        spec.node_name = Some(n.name.clone());
         self.api().apply(&K8sPod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("default".into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(n.name.clone()),
-                ..Default::default()
-            }),
+            spec: Some(spec),
             status: Some(PodStatus {
                 pod_ip: Some(ip.to_string()),
                 phase: Some("Running".into()),
                 ..Default::default()
             }),
+            ..template
         });
         Pod {
             place: Place {
@@ -1169,6 +1197,8 @@ impl Node {
         netns: Option<&Path>,
         pod: &str,
     ) -> std::process::Output {
+        // `pod` is `namespace/name`, or a name in the default namespace.
+        let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
         let mut cmd = Command::new(plugin);
         cmd.env_clear()
             .env("CNI_COMMAND", command)
@@ -1177,7 +1207,7 @@ impl Node {
             .env("CNI_PATH", plugin.parent().unwrap())
             .env(
                 "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"),
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
