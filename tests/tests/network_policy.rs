@@ -973,9 +973,42 @@ fn egress_to_services_is_judged_on_backends_and_allowed_flows_outlive_updates_an
     node.wait_agent_ready();
     seen = progress(&stream, seen + 64 * 1024);
     policy_denies(node, &xc, &target);
+
     assert!(
         reaches(&xb.place, &target),
         "x/b still reaches x/a after the restart"
+    );
+    // What `ferrox policy` says on that node: the policy, the pod it selects and isolates, and
+    // the connection, allowed by it.
+    let list: Value =
+        serde_json::from_str(&node.ferrox(&["policy", "list", "-o", "json"])).unwrap();
+    let to_a = list["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "x/to-a")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(to_a["selects"], json!(["x/a"]), "{list}");
+    assert!(
+        list["isolated"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pod"] == "x/a" && p["ingress"] == true && p["egress"] == false),
+        "{list}"
+    );
+    let flows: Value =
+        serde_json::from_str(&node.ferrox(&["policy", "flows", "-o", "json"])).unwrap();
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["pod"].as_str().unwrap().starts_with(&target)
+                && f["peer"].as_str().unwrap().starts_with(&xb.ip.to_string())
+                && f["first"] == "ingress"
+                && f["allowed_by"].as_str().unwrap().starts_with("x/to-a")),
+        "{flows}"
     );
     let status = stream.signal_and_wait(libc::SIGTERM);
     let summary = stream.lines().last().cloned().unwrap_or_default();

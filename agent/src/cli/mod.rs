@@ -16,6 +16,7 @@ pub mod install_cni;
 pub mod ipam;
 pub mod monitor;
 pub mod output;
+pub mod policy;
 pub mod routes;
 pub mod status;
 pub mod svc;
@@ -70,6 +71,10 @@ pub enum Command {
     Ct(ct::CtCommand),
     /// This node's pod endpoints: address, veth, pod.
     Endpoints(NodeArgs),
+    /// NetworkPolicy on this node: policies and the pods they select, isolated pods, the flows
+    /// remembered as allowed.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// BGP sessions and routes (asks the agent).
     #[command(subcommand)]
     Bgp(bgp::BgpCommand),
@@ -116,6 +121,7 @@ pub fn run(command: Command, layout: &PinLayout) -> anyhow::Result<ExitCode> {
         Command::Ct(cmd) => ct::run(cmd, layout)?,
         Command::Endpoints(a) => endpoints::run(layout, &a.node_config, a.output)?,
         Command::Bgp(cmd) => bgp::run(cmd)?,
+        Command::Policy(cmd) => policy::run(cmd, layout)?,
         Command::Routes(a) => routes::run(layout, a.output)?,
         Command::Status(a) => status::run(layout, &a.node_config, a.output)?,
         Command::Monitor { filter, output } => monitor::run(layout, &filter, output)?,

@@ -307,6 +307,7 @@ pub async fn run(args: AgentArgs, layout: PinLayout) -> anyhow::Result<()> {
             client.clone(),
             args.node_name.clone(),
             layout.clone(),
+            args.node_config.clone(),
         ));
     } else {
         crate::policy::sync::clear(&layout)?;

@@ -6,6 +6,7 @@
 
 pub mod compile;
 pub mod model;
+pub mod report;
 pub mod sync;
 pub mod tables;
 pub mod testing;

@@ -178,7 +178,7 @@ pub fn world_of(
 }
 
 /// Keeps this node's policy tables in step with the API, until the process ends.
-pub async fn run(client: Client, node: String, layout: PinLayout) {
+pub async fn run(client: Client, node: String, layout: PinLayout, node_config: std::path::PathBuf) {
     let notify = Arc::new(Notify::new());
     let pods = reflect(Api::<Pod>::all(client.clone()), slim_pod, notify.clone());
     let namespaces = reflect(
@@ -224,13 +224,19 @@ pub async fn run(client: Client, node: String, layout: PinLayout) {
             }
         }
         reported = errors
-            .into_iter()
+            .iter()
+            .cloned()
             .chain(world.policies.iter().flat_map(|p| {
                 p.unsupported
                     .iter()
                     .map(|u| (format!("{}: {u}", p.id()), String::new()))
             }))
             .collect();
+        let report = super::report::PolicyReport::new(&world, &local, &errors);
+        let report_path = super::report::PolicyReport::path(&node_config);
+        if let Err(e) = report.write(&report_path) {
+            warn!(path = %report_path.display(), error = %e, "policy: writing the report failed");
+        }
         let names: Vec<String> = local.keys().cloned().collect();
         let compiled = compile(&world, &names);
         match tables::write(&mut maps, &compiled, &local) {

@@ -10,9 +10,9 @@ use std::{
 };
 
 use ferrox_abi::{
-    EndpointKey, IpcacheKey, IpcacheValue, POLICY_ANY_IDENTITY, POLICY_PREFIX_ANY_PORT,
-    POLICY_PREFIX_ANY_PROTO, PolicyEndpoint, PolicyKey, PolicyValue, policy_direction,
-    policy_isolation, proto,
+    EndpointKey, IpcacheKey, IpcacheValue, POLICY_ANY_IDENTITY, POLICY_CT_NOT_ISOLATED,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyEndpoint, PolicyKey, PolicyValue,
+    policy_direction, policy_isolation, proto,
 };
 use ferrox_datapath::Maps;
 
@@ -27,6 +27,22 @@ pub fn protocol_number(p: Protocol) -> u8 {
         Protocol::Tcp => proto::TCP,
         Protocol::Udp => proto::UDP,
         Protocol::Sctp => 132,
+    }
+}
+
+/// The number the kernel's entries (and the flows they allow) name a policy by: a hash of its
+/// `namespace/name` (FNV-1a), the same on every node and across restarts, so a remembered flow
+/// keeps naming the policy that allowed it while others come and go. Never
+/// [`POLICY_CT_NOT_ISOLATED`].
+pub fn policy_number(id: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    if h == POLICY_CT_NOT_ISOLATED {
+        h - 1
+    } else {
+        h
     }
 }
 
@@ -116,7 +132,10 @@ pub fn write(
             let (len, key) = policy_key(*addr, e);
             // Several rules may allow the same key: the first (policy, rule) in order names it.
             want.entry((len, key.data)).or_insert(PolicyValue {
-                policy: e.policy,
+                policy: compiled
+                    .policies
+                    .get(e.policy as usize)
+                    .map_or(POLICY_CT_NOT_ISOLATED - 1, |id| policy_number(id)),
                 rule: e.rule,
                 _pad: 0,
             });
