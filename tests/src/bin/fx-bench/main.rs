@@ -41,6 +41,7 @@ use serde_json::{Value, json};
 
 mod bgp;
 mod cni;
+mod policy;
 mod proxy;
 mod report;
 mod xdp;
@@ -1099,6 +1100,12 @@ fn main() {
         vec![]
     };
 
+    let network_policy = if on(8) {
+        policy::policy_costs(runs)
+    } else {
+        Value::Null
+    };
+
     let uname = Command::new("uname").arg("-r").output().unwrap();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -1130,6 +1137,7 @@ fn main() {
         "maps_by_node": maps,
         "cni": cni,
         "bgp": bgp,
+        "network_policy": network_policy,
     });
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = root.join("bench/results");

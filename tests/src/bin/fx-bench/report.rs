@@ -155,6 +155,7 @@ pub fn write(doc: &Value, docs: &Path, raw: &str) {
     section_5(&mut md, arr(&doc["cni"]), &plots);
     section_6(&mut md, doc, &plots);
     section_7(&mut md, doc);
+    section_8(&mut md, &doc["network_policy"]);
     std::fs::write(docs.join("benchmarks.md"), md).unwrap();
 }
 
@@ -689,4 +690,54 @@ fn section_7(md: &mut String, doc: &Value) {
         "| IP-in-IP throughput / direct routing's | >= 0.95 | {ratio_tp:.2} x | {met} |"
     );
     md.push_str("\nFigures without a goal of their own (connection latency, map memory) are reported as ratios to their baselines above. The time for a new node's routes to be usable on the others (goal: under 1 s) is measured by the routing cluster test (`tests/tests/routing.rs`, printed as a figure), not here.\n");
+}
+
+fn section_8(md: &mut String, np: &Value) {
+    if np.is_null() {
+        return;
+    }
+    md.push_str("## 8. NetworkPolicy\n\n");
+    md.push_str(
+        "Per packet at the pod's veth (`tc_from_pod`, BPF_PROG_TEST_RUN). Remembered flows: the \
+         same packet passed many times (amortised); new flows: single runs on fresh source \
+         ports, test-run overhead included, to compare with the single runs without policy.\n\n",
+    );
+    md.push_str("| Path | Policies selecting the pod | Runs | Median ns | Min | Max |\n| --- | ---: | --- | ---: | ---: | ---: |\n");
+    for r in arr(&np["per_packet"]) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            s(&r["path"]),
+            r["policies_selecting"],
+            if r["single_runs"] == true {
+                "single"
+            } else {
+                "amortised"
+            },
+            r["median_ns"],
+            r["min_ns"],
+            r["max_ns"]
+        );
+    }
+    let p = &np["programming"];
+    let _ = writeln!(
+        md,
+        "\nProgramming {} policies over {} pods for a node's {} pods ({} isolated; {} ipcache \
+         entries, {} policy entries; the tables take {:.1} MiB of kernel memory): first compile {:.0} ms + write \
+         {:.0} ms; unchanged {:.0} + {:.0} ms; one policy changed {:.0} + {:.0} ms (the agent's \
+         reading of its watch caches not included).\n",
+        p["policies"],
+        p["pods"],
+        p["local_pods"],
+        p["isolated_local_pods"],
+        p["ipcache_entries"],
+        p["entries"],
+        f(&p["tables_kernel_bytes"]) / 1_048_576.0,
+        f(&p["first"]["compile_ms"]),
+        f(&p["first"]["write_ms"]),
+        f(&p["unchanged"]["compile_ms"]),
+        f(&p["unchanged"]["write_ms"]),
+        f(&p["one_policy_changed"]["compile_ms"]),
+        f(&p["one_policy_changed"]["write_ms"]),
+    );
 }
