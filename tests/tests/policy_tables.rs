@@ -327,7 +327,7 @@ fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
 
     // No pod isolated: nothing is judged, nothing remembered.
     set(&mut dp, world("none"));
-    assert_eq!(dp.maps().policy_on.get().unwrap(), 0);
+    assert_eq!(dp.maps().policy_filter.marked().unwrap(), 0);
     assert_eq!(
         run(&mut dp, &tcp(yb, xb, 40000, 80), true, false),
         Seen::Passed

@@ -105,6 +105,11 @@ pub fn uninstall(args: &UninstallArgs, layout: &PinLayout) -> anyhow::Result<Rem
         &crate::observability::status::socket_path(&args.node_config),
         &mut removed,
     )?;
+    // Its NetworkPolicy report, beside it too.
+    remove_file(
+        &crate::policy::report::PolicyReport::path(&args.node_config),
+        &mut removed,
+    )?;
     match std::fs::remove_dir_all(&args.ipam_dir) {
         Ok(()) => removed.files.push(args.ipam_dir.clone()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

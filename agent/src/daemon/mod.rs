@@ -386,6 +386,7 @@ fn write_datapath_config(
 fn cleanup(args: &AgentArgs, layout: &PinLayout) -> anyhow::Result<()> {
     let report = ferrox_datapath::cleanup(layout)?;
     let _ = std::fs::remove_file(observability::status::socket_path(&args.node_config));
+    let _ = std::fs::remove_file(crate::policy::report::PolicyReport::path(&args.node_config));
     match std::fs::remove_file(&args.node_config) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

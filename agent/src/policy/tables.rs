@@ -166,9 +166,11 @@ pub fn write(
             done.endpoints_set += 1;
         }
     }
-    // The programs judge packets once some pod is isolated (its entries are in place).
-    if !want_ep.is_empty() && maps.policy_on.get()? == 0 {
-        maps.policy_on.set(1)?;
+    // The programs judge a pod's packets once its filter slot is marked (its entries are in
+    // place). Every isolated pod's slot is written each time: a slot left unmarked by a crash
+    // between two writes is marked again.
+    for &addr in want_ep.keys() {
+        maps.policy_filter.set(addr, true)?;
     }
     // Then what no longer applies.
     let stale_ep: BTreeSet<u32> = have_ep
@@ -180,8 +182,15 @@ pub fn write(
         maps.policy_endpoints.remove(&EndpointKey { addr })?;
         done.endpoints_removed += 1;
     }
-    if want_ep.is_empty() && maps.policy_on.get()? != 0 {
-        maps.policy_on.set(0)?;
+    // Slots no isolated pod falls on any more (another may share a slot).
+    let want_slots: BTreeSet<u32> = want_ep
+        .keys()
+        .map(|a| ferrox_abi::policy_filter_slot(*a))
+        .collect();
+    for &addr in have_ep.keys() {
+        if !want_slots.contains(&ferrox_abi::policy_filter_slot(addr)) {
+            maps.policy_filter.set(addr, false)?;
+        }
     }
     for &(len, data) in have.keys().filter(|k| !want.contains_key(k)) {
         maps.policies.remove(len, PolicyKey { data })?;

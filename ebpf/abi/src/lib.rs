@@ -83,9 +83,12 @@ pub mod map_names {
     /// LRU hash of [`crate::PolicyCtKey`] -> [`crate::PolicyCtValue`]: the flows of isolated
     /// local pods that policy allowed, so that their later packets and replies pass.
     pub const POLICY_CT: &str = "POLICY_CT_V1";
-    /// Array of one `u32`: non-zero while some local pod is isolated (the agent sets it after
-    /// writing the first [`POLICY_ENDPOINTS`] entry and clears it after removing the last), so
-    /// that a node no policy selects a pod of pays one array read per packet and nothing else.
+    /// Array of [`crate::POLICY_FILTER_SLOTS`] `u8`, indexed by [`crate::policy_filter_slot`]
+    /// of an address: non-zero where some isolated local pod's address falls (the agent sets a
+    /// slot before that pod's [`POLICY_ENDPOINTS`] entry needs it and clears it after the last
+    /// such entry went). A packet whose two addresses fall on zero slots is not judged: a pod no
+    /// policy selects pays one array read per address and nothing else (a pod sharing a slot
+    /// with an isolated one, one hash lookup more).
     pub const POLICY_ON: &str = "POLICY_ON_V1";
 
     /// Maps earlier versions pinned and this one no longer uses; the loader unpins them.
@@ -694,6 +697,16 @@ pub struct PolicyCtValue {
     pub policy: u32,
     pub rule: u16,
     pub _pad: u16,
+}
+
+/// Slots of the policy filter (`POLICY_ON_V1`): a power of two.
+pub const POLICY_FILTER_SLOTS: u32 = 16_384;
+
+/// The policy filter's slot of an address (network byte order): its low bits, so the pods of a
+/// node's block fall on distinct slots.
+#[inline(always)]
+pub const fn policy_filter_slot(addr: u32) -> u32 {
+    u32::from_be(addr) & (POLICY_FILTER_SLOTS - 1)
 }
 
 /// [`PolicyCtValue::policy`] of a flow the pod's isolation did not concern.

@@ -256,8 +256,8 @@ pub struct Maps {
     pub policy_endpoints: TypedHash<EndpointKey, PolicyEndpoint>,
     /// NetworkPolicy: the allowed flows of isolated local pods.
     pub policy_ct: TypedHash<PolicyCtKey, PolicyCtValue>,
-    /// NetworkPolicy: non-zero while some local pod is isolated.
-    pub policy_on: Single<u32>,
+    /// NetworkPolicy: the filter of addresses that may be isolated local pods.
+    pub policy_filter: PolicyFilter,
 }
 
 /// A longest-prefix-match trie of the datapath, by (prefix length, key data).
@@ -354,6 +354,47 @@ impl<T: Pod> Single<T> {
         self.map
             .set(0, &value, 0)
             .map_err(|e| DatapathError::map("writing", self.name, e))
+    }
+}
+
+/// The policy filter (`POLICY_ON_V1`): a byte per [`ferrox_abi::policy_filter_slot`].
+pub struct PolicyFilter {
+    map: Array<MapData, u8>,
+}
+
+impl PolicyFilter {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let name = map_names::POLICY_ON;
+        let (map, _) = open_map(layout, name)?;
+        let map = Array::try_from(map).map_err(|e| DatapathError::map("typing", name, e))?;
+        Ok(Self { map })
+    }
+
+    /// Marks (or unmarks) the slot of `addr` (network byte order).
+    pub fn set(&mut self, addr: u32, on: bool) -> Result<()> {
+        self.map
+            .set(ferrox_abi::policy_filter_slot(addr), &u8::from(on), 0)
+            .map_err(|e| DatapathError::map("writing", map_names::POLICY_ON, e))
+    }
+
+    pub fn get(&self, addr: u32) -> Result<bool> {
+        self.map
+            .get(&ferrox_abi::policy_filter_slot(addr), 0)
+            .map(|v| v != 0)
+            .map_err(|e| DatapathError::map("reading", map_names::POLICY_ON, e))
+    }
+
+    /// How many slots are marked.
+    pub fn marked(&self) -> Result<usize> {
+        let mut n = 0;
+        for slot in 0..ferrox_abi::POLICY_FILTER_SLOTS {
+            let v = self
+                .map
+                .get(&slot, 0)
+                .map_err(|e| DatapathError::map("reading", map_names::POLICY_ON, e))?;
+            n += usize::from(v != 0);
+        }
+        Ok(n)
     }
 }
 
@@ -571,7 +612,7 @@ impl Maps {
             policies: Lpm::open(layout, map_names::POLICIES, ferrox_abi::capacity::POLICIES)?,
             policy_endpoints: TypedHash::open(layout, map_names::POLICY_ENDPOINTS)?,
             policy_ct: TypedHash::open(layout, map_names::POLICY_CT)?,
-            policy_on: Single::open(layout, map_names::POLICY_ON)?,
+            policy_filter: PolicyFilter::open(layout)?,
         })
     }
 }

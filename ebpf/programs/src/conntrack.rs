@@ -156,7 +156,7 @@ pub(crate) fn tracked<C: Hooked + EbpfContext>(
         Reason::NatEstablished
     };
     if !C::XDP
-        && crate::policy::enforcing()
+        && crate::policy::concerns_translated(flow, entry)
         && let Err(r) = crate::policy::translated(flow, entry)
     {
         crate::flow::flow_dropped(hook, r, flow);
@@ -225,7 +225,7 @@ pub(crate) fn new_flow<C: Hooked + EbpfContext>(
     track_new(flow, key, frontend, origin)?;
     // Evicted already (a full LRU under pressure): as good as not tracked.
     let entry = lookup(&flow.key()).ok_or(Reason::DropConntrackFull)?;
-    if !C::XDP && crate::policy::enforcing() {
+    if !C::XDP && crate::policy::concerns_translated(flow, entry) {
         crate::policy::translated(flow, entry)?;
     }
     translate(ctx, flow, entry, Cache::Refresh)

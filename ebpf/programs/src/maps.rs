@@ -127,6 +127,6 @@ pub static POLICY_EP_V1: HashMap<EndpointKey, PolicyEndpoint> =
 pub static POLICY_CT_V1: LruHashMap<PolicyCtKey, PolicyCtValue> =
     LruHashMap::pinned(capacity::POLICY_CT, 0);
 
-/// NetworkPolicy: element 0 non-zero while some local pod is isolated.
+/// NetworkPolicy: the filter of addresses that may be isolated local pods.
 #[map]
-pub static POLICY_ON_V1: Array<u32> = Array::pinned(1, 0);
+pub static POLICY_ON_V1: Array<u8> = Array::pinned(ferrox_abi::POLICY_FILTER_SLOTS, 0);

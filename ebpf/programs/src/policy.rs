@@ -6,8 +6,8 @@
 //! in one direction only has all its flows remembered, so that the replies of a flow it opened
 //! pass its isolated ingress. A judgement is two longest-prefix lookups (the peer's identity in
 //! the ipcache, then the pod's allowing entries, for that identity and for any peer), never a
-//! walk over rules. A node where no pod is isolated reads one array element per packet
-//! (`POLICY_ON_V1`) and nothing else.
+//! walk over rules. A packet whose addresses are no isolated local pod's costs one array read
+//! per address (the filter `POLICY_ON_V1`) and nothing else.
 //!
 //! Each end sees the flow after the service translation on its side: a pod that sent to a
 //! Service is judged against the backend it reached, and a backend sees its client as the
@@ -21,7 +21,8 @@ use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key as LpmKey, programs::T
 use ferrox_abi::{
     CtEntry, EndpointKey, Hook, IpcacheKey, POD_GATEWAY, POLICY_ANY_IDENTITY,
     POLICY_CT_NOT_ISOLATED, POLICY_WORLD_IDENTITY, PolicyCtKey, PolicyCtValue, PolicyEndpoint,
-    PolicyKey, Reason, Verdict, ct_flags, policy_direction, policy_isolation, proto,
+    PolicyKey, Reason, Verdict, ct_flags, policy_direction, policy_filter_slot, policy_isolation,
+    proto,
 };
 
 use crate::{
@@ -66,17 +67,32 @@ impl Judged {
     }
 }
 
-/// Whether some local pod is isolated (else nothing is judged).
+/// Whether `addr` may be an isolated local pod's (the filter's slot is set; a miss is certain).
 #[inline(always)]
-pub(crate) fn enforcing() -> bool {
-    POLICY_ON_V1.get(0).is_some_and(|on| *on != 0)
+fn maybe_isolated(addr: u32) -> bool {
+    POLICY_ON_V1
+        .get(policy_filter_slot(addr))
+        .is_some_and(|on| *on != 0)
+}
+
+/// Whether policy may concern a packet from `saddr` to `daddr` (else nothing is judged).
+#[inline(always)]
+pub(crate) fn concerns(saddr: u32, daddr: u32) -> bool {
+    maybe_isolated(saddr) || maybe_isolated(daddr)
+}
+
+/// [`concerns`] for a packet of a translated flow: its sender and its final destination.
+#[inline(always)]
+pub(crate) fn concerns_translated(flow: &Flow, entry: *const CtEntry) -> bool {
+    // SAFETY: `entry` comes from a successful lookup; the field never changes after creation.
+    concerns(flow.saddr, unsafe { (*entry).nat_daddr })
 }
 
 /// `Ok` when policy lets the packet go; else the drop reason (its source may not send it, or
 /// its destination may not receive it).
 #[inline(always)]
 pub(crate) fn check(j: &Judged) -> Result<(), Reason> {
-    if !enforcing() {
+    if !concerns(j.sent.saddr, j.received.daddr) {
         return Ok(());
     }
     judge(j)
@@ -87,7 +103,7 @@ pub(crate) fn check(j: &Judged) -> Result<(), Reason> {
 /// flow that passed) go through, as the kernel's conntrack lets related errors through.
 #[inline(always)]
 pub(crate) fn check_icmp(ctx: &TcContext, m: &IcmpPacket) -> Result<(), Reason> {
-    if !enforcing() {
+    if !concerns(m.saddr, m.daddr) {
         return Ok(());
     }
     let Ok(head) = ctx.load::<[u8; 8]>(m.l4_off) else {
@@ -310,7 +326,7 @@ pub(crate) fn untranslated_icmp(
 /// other with none, so only a rule allowing every protocol lets it through an isolation.
 #[inline(always)]
 pub(crate) fn other_l4(ctx: &TcContext, hook: Hook, reason: Reason, action: i32) -> (Reason, i32) {
-    if reason != Reason::PassOtherL4 || !enforcing() {
+    if reason != Reason::PassOtherL4 {
         return (reason, action);
     }
     let Some(ip) = ctx.header::<Ipv4Hdr>(ETH_HLEN) else {
@@ -318,6 +334,9 @@ pub(crate) fn other_l4(ctx: &TcContext, hook: Hook, reason: Reason, action: i32)
     };
     // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
     let ip = unsafe { ip.read_unaligned() };
+    if !concerns(ip.saddr, ip.daddr) {
+        return (reason, action);
+    }
     let l4_off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
     let [sport, dport] = match ctx.header::<[u16; 2]>(l4_off) {
         // SAFETY: as above, for the four port bytes.

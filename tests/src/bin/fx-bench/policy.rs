@@ -122,7 +122,7 @@ pub fn policy_costs(runs: u32) -> Value {
 
     // No policy at all on the node, then policies selecting another pod only.
     program(&mut dp, &world(200, 0, 0), &a);
-    assert_eq!(dp.maps().policy_on.get().unwrap(), 0);
+    assert_eq!(dp.maps().policy_filter.marked().unwrap(), 0);
     let m = measure_repeat(
         &mut dp,
         TcProgram::FromPod,
@@ -145,7 +145,12 @@ pub fn policy_costs(runs: u32) -> Value {
         &world(200, 50, 0),
         &["ns-0/p-0".to_owned(), "bench/a".to_owned()],
     );
-    assert_eq!(dp.maps().policy_on.get().unwrap(), 1);
+    assert!(
+        !dp.maps()
+            .policy_filter
+            .get(u32::from_ne_bytes(LOCAL_POD))
+            .unwrap()
+    );
     let m = measure_repeat(
         &mut dp,
         TcProgram::FromPod,
