@@ -908,6 +908,21 @@ fn egress_to_services_is_judged_on_backends_and_allowed_flows_outlive_updates_an
     let xa_node = lab.cluster.node(xa.node);
     policy_denies(xa_node, &hooked, "10.96.0.50:80");
     policy_denies(xa_node, &unhooked, "10.96.0.50:80");
+    // `ferrox trace` says so, and why.
+    let trace = |node: &ferrox_tests::harness::Node| -> Value {
+        serde_json::from_str(&node.ferrox(&[
+            "trace",
+            &xa.ip.to_string(),
+            "10.96.0.50:80/tcp",
+            "-o",
+            "json",
+        ]))
+        .unwrap()
+    };
+    let t = trace(xa_node);
+    assert_eq!(t["policy"][0]["direction"], "egress", "{t}");
+    assert_eq!(t["policy"][0]["allowed"], false, "{t}");
+    assert_eq!(t["policy"][0]["peer"], format!("{yb}:80"), "{t}");
     assert!(reaches(&hooked, &format!("{}:80", lab.ip("y/c"))));
     lab.set_policies(&egress_to("b"));
     eventually(
@@ -922,6 +937,12 @@ fn egress_to_services_is_judged_on_backends_and_allowed_flows_outlive_updates_an
         lab.cluster.node(xa.node),
         &hooked,
         &format!("{}:80", lab.ip("y/c")),
+    );
+    let t = trace(lab.cluster.node(xa.node));
+    assert_eq!(t["policy"][0]["allowed"], true, "{t}");
+    assert_eq!(
+        t["policy"][0]["verdict"], "allowed by x/egress rule 0",
+        "{t}"
     );
 
     // A connection from x/b to x/a, allowed by each policy x/a gets in turn.
@@ -965,6 +986,30 @@ fn egress_to_services_is_judged_on_backends_and_allowed_flows_outlive_updates_an
         policy_denies(lab.cluster.node(xa.node), &xc, &target);
         seen = progress(&stream, seen + 64 * 1024);
     }
+    // `ferrox monitor` shows x/c's denied connection, and the policy isolating x/a.
+    let node = lab.cluster.node(xa.node);
+    let maps = ferrox_datapath::Maps::open(&node.layout()).unwrap();
+    let mut cmd = std::process::Command::new(ferrox_tests::harness::bin_path("ferrox"));
+    cmd.args(["monitor", "-o", "json"])
+        .env("FERROX_BPFFS_ROOT", node.layout().root())
+        .env("FERROX_NODE_CONFIG", node.node_config());
+    let mut monitor = node.spawn("monitor", cmd);
+    ferrox_tests::harness::wait_for("the monitor to listen", Duration::from_secs(10), || {
+        if maps.config.get().unwrap().monitor != 0 {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    policy_denies(node, &xc, &target);
+    let drop = monitor.wait_for_line("the policy drop", Duration::from_secs(10), |l| {
+        l.contains("policy-denied-ingress")
+    });
+    let drop: Value = serde_json::from_str(&drop).unwrap();
+    assert_eq!(drop["dst"], target.as_str(), "{drop}");
+    assert_eq!(drop["isolated_by"], "x/a: x/to-a", "{drop}");
+    assert!(monitor.signal_and_wait(libc::SIGTERM).success());
+
     // The agent of x/a's node killed and restarted: the flow goes on, the policy holds.
     let node = lab.cluster.node(xa.node);
     node.kill_agent();

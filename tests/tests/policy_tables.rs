@@ -324,6 +324,28 @@ fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
         denied_out,
         "not a reply"
     );
+    // A new flow a policy allows is counted once (x/a takes anything: policy x/open).
+    let allowed_new = |dp: &Datapath| {
+        dp.maps()
+            .counters
+            .get(Hook::TcFromPod, Reason::PolicyAllowedNew)
+            .unwrap()
+            .packets
+    };
+    let before = allowed_new(&dp);
+    assert_eq!(
+        run(&mut dp, &tcp(xb, xa, 40000, 80), true, false),
+        Seen::Passed
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(xb, xa, 40000, 80), true, true),
+        Seen::Passed
+    );
+    assert_eq!(
+        allowed_new(&dp) - before,
+        1,
+        "counted for the flow's first packet only"
+    );
 
     // No pod isolated: nothing is judged, nothing remembered.
     set(&mut dp, world("none"));

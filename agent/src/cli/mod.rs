@@ -89,6 +89,10 @@ pub enum Command {
         filter: monitor::Filter,
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// The node configuration the agent wrote (beside it, the NetworkPolicy report that
+        /// names the policies behind a policy drop).
+        #[arg(long, env = "FERROX_NODE_CONFIG", default_value = ferrox_cni::node_config::DEFAULT_PATH)]
+        node_config: PathBuf,
     },
     /// Prints a shell completion script (e.g. `ferrox completion bash > /etc/bash_completion.d/ferrox`).
     Completion { shell: clap_complete::Shell },
@@ -124,7 +128,11 @@ pub fn run(command: Command, layout: &PinLayout) -> anyhow::Result<ExitCode> {
         Command::Policy(cmd) => policy::run(cmd, layout)?,
         Command::Routes(a) => routes::run(layout, a.output)?,
         Command::Status(a) => status::run(layout, &a.node_config, a.output)?,
-        Command::Monitor { filter, output } => monitor::run(layout, &filter, output)?,
+        Command::Monitor {
+            filter,
+            output,
+            node_config,
+        } => monitor::run(layout, &filter, output, &node_config)?,
         Command::Completion { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(shell, &mut Cli::command(), "ferrox", &mut std::io::stdout());

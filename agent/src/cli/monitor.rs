@@ -14,6 +14,7 @@ use ferrox_datapath::{Events, Maps, PinLayout};
 use serde::Serialize;
 
 use super::{ct::sock, output::Output};
+use crate::policy::report::PolicyReport;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -44,6 +45,28 @@ pub struct Line {
     pub dst: String,
     /// Where it was sent (translations).
     pub to: Option<String>,
+    /// A NetworkPolicy drop: the policies that isolate the pod in that direction (none allowed
+    /// the flow), as the agent's report names them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolated_by: Option<String>,
+}
+
+/// The policies isolating the pod a policy drop concerns (its source for egress, its
+/// destination for ingress), from `report`.
+pub fn isolated_by(ev: &MonitorEvent, report: &PolicyReport) -> Option<String> {
+    let (pod, egress) = match Reason::from_u32(u32::from(ev.reason))? {
+        Reason::DropPolicyEgress => (ev.saddr, true),
+        Reason::DropPolicyIngress => (ev.daddr, false),
+        _ => return None,
+    };
+    let name = report.local_pods.get(&Ipv4Addr::from(pod.to_ne_bytes()))?;
+    let ids: Vec<&str> = report
+        .policies
+        .iter()
+        .filter(|p| (if egress { p.egress } else { p.ingress }) && p.selects.contains(name))
+        .map(|p| p.id.as_str())
+        .collect();
+    Some(format!("{name}: {}", ids.join(", ")))
 }
 
 /// The printed form of an event, `None` when `filter` leaves it out.
@@ -71,11 +94,14 @@ pub fn line(ev: &MonitorEvent, filter: &Filter) -> Option<Line> {
         proto: match ev.proto {
             proto::TCP => "tcp",
             proto::UDP => "udp",
+            proto::ICMP => "icmp",
+            proto::SCTP => "sctp",
             _ => "other",
         },
         src: (ev.saddr != 0).then(|| sock(ev.saddr, ev.sport).to_string()),
         dst: sock(ev.daddr, ev.dport).to_string(),
         to: (ev.kind == event_kind::TRANSLATE).then(|| sock(ev.nat_addr, ev.nat_port).to_string()),
+        isolated_by: None,
     })
 }
 
@@ -86,7 +112,20 @@ fn set_listening(maps: &mut Maps, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(layout: &PinLayout, filter: &Filter, output: Output) -> anyhow::Result<()> {
+pub fn run(
+    layout: &PinLayout,
+    filter: &Filter,
+    output: Output,
+    node_config: &std::path::Path,
+) -> anyhow::Result<()> {
+    let report_path = PolicyReport::path(node_config);
+    let read_report = || {
+        PolicyReport::read(&report_path)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    };
+    let mut report = read_report();
     let mut maps = Maps::open(layout)?;
     let mut events = Events::open(layout)?;
     // SAFETY: the handler only stores to an atomic.
@@ -105,7 +144,10 @@ pub fn run(layout: &PinLayout, filter: &Filter, output: Output) -> anyhow::Resul
         let mut any = false;
         while let Some(ev) = events.next_event() {
             any = true;
-            let Some(l) = line(&ev, filter) else { continue };
+            let Some(mut l) = line(&ev, filter) else {
+                continue;
+            };
+            l.isolated_by = isolated_by(&ev, &report);
             let text = match output {
                 Output::Json => serde_json::to_string(&l)?,
                 // One YAML document per event.
@@ -113,24 +155,31 @@ pub fn run(layout: &PinLayout, filter: &Filter, output: Output) -> anyhow::Resul
                     "---\n{}",
                     serde_yaml::to_string(&serde_json::to_value(&l)?)?.trim_end()
                 ),
-                Output::Table => format!(
-                    "{:<9} {:<18} {:<22} {} {} -> {}{}",
-                    l.kind.to_uppercase(),
-                    l.hook,
-                    l.reason,
-                    l.proto,
-                    l.src.as_deref().unwrap_or("(socket)"),
-                    l.dst,
-                    l.to.as_deref()
-                        .map(|t| format!(" => {t}"))
+                Output::Table => {
+                    format!(
+                        "{:<9} {:<18} {:<22} {} {} -> {}{}",
+                        l.kind.to_uppercase(),
+                        l.hook,
+                        l.reason,
+                        l.proto,
+                        l.src.as_deref().unwrap_or("(socket)"),
+                        l.dst,
+                        l.to.as_deref()
+                            .map(|t| format!(" => {t}"))
+                            .unwrap_or_default()
+                    ) + &l
+                        .isolated_by
+                        .as_deref()
+                        .map(|p| format!(" (isolated by {p})"))
                         .unwrap_or_default()
-                ),
+                }
             };
             writeln!(out, "{text}")?;
             out.flush()?;
         }
         if asserted.elapsed() >= Duration::from_secs(1) {
             set_listening(&mut maps, true)?;
+            report = read_report();
             asserted = Instant::now();
         }
         if !any {
@@ -148,6 +197,53 @@ mod tests {
 
     fn be(a: [u8; 4]) -> u32 {
         u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn a_policy_drop_names_the_policies_isolating_its_pod_in_its_direction() {
+        use crate::policy::report::PolicyRow;
+        let row = |id: &str, ingress: bool, egress: bool| PolicyRow {
+            id: id.into(),
+            ingress,
+            egress,
+            selects: vec!["x/a".into()],
+            ..PolicyRow::default()
+        };
+        let report = PolicyReport {
+            policies: vec![
+                row("x/in", true, false),
+                row("x/out", false, true),
+                row("x/both", true, true),
+            ],
+            local_pods: [(Ipv4Addr::new(10, 244, 1, 5), "x/a".to_owned())].into(),
+            ..PolicyReport::default()
+        };
+        let ev = |reason: Reason, saddr: [u8; 4], daddr: [u8; 4]| MonitorEvent {
+            kind: event_kind::DROP,
+            reason: reason as u8,
+            saddr: be(saddr),
+            daddr: be(daddr),
+            ..MonitorEvent::default()
+        };
+        let pod = [10, 244, 1, 5];
+        let other = [10, 244, 2, 9];
+        assert_eq!(
+            isolated_by(&ev(Reason::DropPolicyIngress, other, pod), &report).as_deref(),
+            Some("x/a: x/in, x/both")
+        );
+        assert_eq!(
+            isolated_by(&ev(Reason::DropPolicyEgress, pod, other), &report).as_deref(),
+            Some("x/a: x/out, x/both")
+        );
+        // Another pod, or another drop: nothing to name.
+        assert_eq!(
+            isolated_by(&ev(Reason::DropPolicyIngress, pod, other), &report),
+            None
+        );
+        assert_eq!(
+            isolated_by(&ev(Reason::DropSourceRange, other, pod), &report),
+            None
+        );
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct TraceArgs {
     pub dst: String,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// The node configuration the agent wrote (beside it, the NetworkPolicy report that names
+    /// the policies).
+    #[arg(long, env = "FERROX_NODE_CONFIG", default_value = ferrox_cni::node_config::DEFAULT_PATH)]
+    pub node_config: std::path::PathBuf,
 }
 
 /// `ferrox trace`: explains the packet from the pinned maps and prints the explanation.
@@ -39,10 +43,122 @@ pub fn run(layout: &ferrox_datapath::PinLayout, t: &TraceArgs) -> anyhow::Result
     let (dst, dport, l4) = parse_dst(&t.dst)?;
     let view = Pinned::open(layout)?;
     let origin = view.origin_of(src);
-    print(
-        &explain(&view, origin, src, sport, dst, dport, l4),
-        t.output,
+    let mut trace = explain(&view, origin, src, sport, dst, dport, l4);
+    let report = crate::policy::report::PolicyReport::read(
+        &crate::policy::report::PolicyReport::path(&t.node_config),
     )
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    // NetworkPolicy, on the flow as it reaches each possible destination.
+    let destinations: Vec<(Ipv4Addr, u16)> = match &trace.verdict {
+        Verdict::Translated { backend } => backend
+            .parse::<SocketAddrV4>()
+            .ok()
+            .into_iter()
+            .map(|a| (*a.ip(), a.port()))
+            .collect(),
+        Verdict::OneOf { backends } => backends
+            .iter()
+            .filter_map(|b| b.parse::<SocketAddrV4>().ok())
+            .map(|a| (*a.ip(), a.port()))
+            .collect(),
+        Verdict::Passed => vec![(dst, dport)],
+        Verdict::Dropped { .. } => vec![],
+    };
+    let protocol = if l4 == proto::TCP {
+        crate::policy::model::Protocol::Tcp
+    } else {
+        crate::policy::model::Protocol::Udp
+    };
+    for (to, port) in destinations {
+        trace.policy.extend(policy_judgements(
+            &view.maps, &report, src, to, protocol, port,
+        )?);
+    }
+    print(&trace, t.output)
+}
+
+/// One side's NetworkPolicy verdict on a flow, as the kernel's tables give it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyJudgement {
+    /// The local pod judged (`address (namespace/name)`).
+    pub pod: String,
+    /// `egress` (the pod sends) or `ingress` (it receives).
+    pub direction: &'static str,
+    pub peer: String,
+    /// `not isolated`, `allowed by <policy> rule <n>`, or `denied`.
+    pub verdict: String,
+    pub allowed: bool,
+}
+
+/// The judgements of a new flow from `src` to `dst`:`port` (after translation): the sender's
+/// egress and the receiver's ingress, for whichever is a local pod some policy isolates.
+pub fn policy_judgements(
+    maps: &ferrox_datapath::Maps,
+    report: &crate::policy::report::PolicyReport,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: crate::policy::model::Protocol,
+    port: u16,
+) -> anyhow::Result<Vec<PolicyJudgement>> {
+    use crate::policy::{model::Direction, tables::table_verdict};
+    let node = addr(maps.config.get()?.node_addr);
+    let mut out = Vec::new();
+    for (pod, peer, dir) in [
+        (src, dst, Direction::Egress),
+        (dst, src, Direction::Ingress),
+    ] {
+        if !maps
+            .policy_endpoints
+            .get(&ferrox_abi::EndpointKey { addr: be(pod) })?
+            .is_some()
+        {
+            continue;
+        }
+        let name = report
+            .local_pods
+            .get(&pod)
+            .map_or_else(|| pod.to_string(), |n| format!("{pod} ({n})"));
+        let (verdict, allowed) = if dir == Direction::Ingress
+            && (peer == node || peer.octets() == ferrox_abi::POD_GATEWAY)
+        {
+            ("allowed: from this node".to_owned(), true)
+        } else {
+            match table_verdict(maps, pod, dir, peer, protocol, port)? {
+                None => ("not isolated".to_owned(), true),
+                Some(None) => ("denied: isolated, no policy allows it".to_owned(), false),
+                Some(Some(v)) => (
+                    format!(
+                        "allowed by {} rule {}",
+                        report
+                            .policies
+                            .iter()
+                            .find(|p| p.number == v.policy)
+                            .map_or_else(|| format!("policy #{}", v.policy), |p| p.id.clone()),
+                        v.rule
+                    ),
+                    true,
+                ),
+            }
+        };
+        out.push(PolicyJudgement {
+            pod: name,
+            direction: if dir == Direction::Egress {
+                "egress"
+            } else {
+                "ingress"
+            },
+            peer: if dir == Direction::Egress {
+                format!("{peer}:{port}")
+            } else {
+                peer.to_string()
+            },
+            verdict,
+            allowed,
+        });
+    }
+    Ok(out)
 }
 
 /// The maps [`explain`] reads.
@@ -139,6 +255,9 @@ pub struct Trace {
     pub steps: Vec<Step>,
     #[serde(flatten)]
     pub verdict: Verdict,
+    /// NetworkPolicy on the flow as it reaches its destination (empty: no isolated local pod
+    /// concerned).
+    pub policy: Vec<PolicyJudgement>,
 }
 
 fn backend_name(b: &Backend) -> String {
@@ -178,6 +297,7 @@ pub fn explain(
         proto: if l4 == proto::TCP { "tcp" } else { "udp" },
         steps,
         verdict,
+        policy: Vec::new(),
     }
 }
 
@@ -430,6 +550,12 @@ pub fn print(trace: &Trace, output: Output) -> anyhow::Result<()> {
                     Verdict::Passed => "passed untranslated (routed as is)".into(),
                 }
             );
+            for j in &trace.policy {
+                println!(
+                    "  policy: {} {} {}: {}",
+                    j.pod, j.direction, j.peer, j.verdict
+                );
+            }
         }
     }
     Ok(())

@@ -902,10 +902,13 @@ pub enum Reason {
     /// NetworkPolicy: the policy conntrack refused the entry of an allowed new flow (its later
     /// packets would be judged again, its replies perhaps dropped).
     DropPolicyCtFull = 38,
+    /// NetworkPolicy: a new flow of an isolated pod that a policy allowed (remembered from then
+    /// on). Counted besides the packet's own reason, once per flow and side, without bytes.
+    PolicyAllowedNew = 39,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 39;
+    pub const COUNT: u32 = 40;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -946,6 +949,7 @@ impl Reason {
         Self::DropPolicyEgress,
         Self::DropPolicyIngress,
         Self::DropPolicyCtFull,
+        Self::PolicyAllowedNew,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -962,7 +966,8 @@ impl Reason {
             | Self::TunnelEncap
             | Self::TunnelDecap
             | Self::PassToTc
-            | Self::PodToTunnel => Verdict::Pass,
+            | Self::PodToTunnel
+            | Self::PolicyAllowedNew => Verdict::Pass,
             Self::TranslateToBackend
             | Self::TranslateToFrontend
             | Self::TranslateAffinity
@@ -1033,6 +1038,7 @@ impl Reason {
             Self::DropPolicyEgress => "policy-denied-egress",
             Self::DropPolicyIngress => "policy-denied-ingress",
             Self::DropPolicyCtFull => "policy-conntrack-full",
+            Self::PolicyAllowedNew => "policy-allowed-new-flow",
         }
     }
 

@@ -155,12 +155,14 @@ pub(crate) fn tracked<C: Hooked + EbpfContext>(
     } else {
         Reason::NatEstablished
     };
-    if !C::XDP
-        && crate::policy::concerns_translated(flow, entry)
-        && let Err(r) = crate::policy::translated(flow, entry)
-    {
-        crate::flow::flow_dropped(hook, r, flow);
-        return Some((r, C::DROP));
+    if !C::XDP && crate::policy::concerns_translated(flow, entry) {
+        match crate::policy::translated(flow, entry) {
+            Ok(j) => j.count(hook),
+            Err(r) => {
+                crate::flow::flow_dropped(hook, r, flow);
+                return Some((r, C::DROP));
+            }
+        }
     }
     Some(
         match translate(
@@ -226,7 +228,7 @@ pub(crate) fn new_flow<C: Hooked + EbpfContext>(
     // Evicted already (a full LRU under pressure): as good as not tracked.
     let entry = lookup(&flow.key()).ok_or(Reason::DropConntrackFull)?;
     if !C::XDP && crate::policy::concerns_translated(flow, entry) {
-        crate::policy::translated(flow, entry)?;
+        crate::policy::translated(flow, entry)?.count(origin.hook());
     }
     translate(ctx, flow, entry, Cache::Refresh)
 }

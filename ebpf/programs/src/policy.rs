@@ -67,6 +67,25 @@ impl Judged {
     }
 }
 
+/// What a judgement that let the packet go found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Judgement {
+    /// A flow already remembered, or no isolation concerned.
+    Passed,
+    /// A new flow a policy allowed (counted as [`Reason::PolicyAllowedNew`]).
+    NewAllowed,
+}
+
+impl Judgement {
+    /// Counts an allowed new flow at `hook`.
+    #[inline(always)]
+    pub(crate) fn count(self, hook: Hook) {
+        if self == Self::NewAllowed {
+            crate::counters::count(hook, Reason::PolicyAllowedNew, 0);
+        }
+    }
+}
+
 /// Whether `addr` may be an isolated local pod's (the filter's slot is set; a miss is certain).
 #[inline(always)]
 fn maybe_isolated(addr: u32) -> bool {
@@ -91,9 +110,9 @@ pub(crate) fn concerns_translated(flow: &Flow, entry: *const CtEntry) -> bool {
 /// `Ok` when policy lets the packet go; else the drop reason (its source may not send it, or
 /// its destination may not receive it).
 #[inline(always)]
-pub(crate) fn check(j: &Judged) -> Result<(), Reason> {
+pub(crate) fn check(j: &Judged) -> Result<Judgement, Reason> {
     if !concerns(j.sent.saddr, j.received.daddr) {
-        return Ok(());
+        return Ok(Judgement::Passed);
     }
     judge(j)
 }
@@ -102,16 +121,16 @@ pub(crate) fn check(j: &Judged) -> Result<(), Reason> {
 /// both ports, so a reply finds its request's entry) and anything not an error. Errors (about a
 /// flow that passed) go through, as the kernel's conntrack lets related errors through.
 #[inline(always)]
-pub(crate) fn check_icmp(ctx: &TcContext, m: &IcmpPacket) -> Result<(), Reason> {
+pub(crate) fn check_icmp(ctx: &TcContext, m: &IcmpPacket) -> Result<Judgement, Reason> {
     if !concerns(m.saddr, m.daddr) {
-        return Ok(());
+        return Ok(Judgement::Passed);
     }
     let Ok(head) = ctx.load::<[u8; 8]>(m.l4_off) else {
-        return Ok(());
+        return Ok(Judgement::Passed);
     };
     let id = match head[0] {
         // Destination unreachable, source quench, redirect, time exceeded, parameter problem.
-        3 | 4 | 5 | 11 | 12 => return Ok(()),
+        3 | 4 | 5 | 11 | 12 => return Ok(Judgement::Passed),
         // Echo reply and request.
         0 | 8 => u16::from_ne_bytes([head[4], head[5]]),
         _ => 0,
@@ -134,7 +153,7 @@ pub(crate) fn check_icmp(ctx: &TcContext, m: &IcmpPacket) -> Result<(), Reason> 
 /// with its real client, a client with the backend it reached. A function of its own (a
 /// BPF-to-BPF call next to the translation's, not under it: the stack allows two levels).
 #[inline(never)]
-pub(crate) fn translated(flow: &Flow, entry: *const CtEntry) -> Result<(), Reason> {
+pub(crate) fn translated(flow: &Flow, entry: *const CtEntry) -> Result<Judgement, Reason> {
     // SAFETY: `entry` comes from a successful lookup; the fields read never change after the
     // entry is created.
     let (nat_saddr, nat_daddr, nat_sport, nat_dport, flags) = unsafe {
@@ -171,54 +190,52 @@ pub(crate) fn translated(flow: &Flow, entry: *const CtEntry) -> Result<(), Reaso
 /// Both ends' checks. A function of its own (a BPF-to-BPF call): the per-packet paths that
 /// call it keep their stacks.
 #[inline(never)]
-fn judge(j: &Judged) -> Result<(), Reason> {
+fn judge(j: &Judged) -> Result<Judgement, Reason> {
     judged(j)
 }
 
 #[inline(always)]
-fn judged(j: &Judged) -> Result<(), Reason> {
+fn judged(j: &Judged) -> Result<Judgement, Reason> {
     let s = &j.sent;
+    let mut found = Judgement::Passed;
     // SAFETY: hash map values are read once, by copy.
-    if let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: s.saddr }) }.copied()
-        && !allowed(
-            &ep,
-            policy_isolation::EGRESS,
-            &PolicyCtKey {
-                pod: s.saddr,
-                peer: s.daddr,
-                pod_port: s.sport,
-                peer_port: s.dport,
-                proto: j.proto,
-                direction: policy_direction::EGRESS,
-                _pad: [0; 2],
-            },
-            s.dport,
-        )?
-    {
-        return Err(Reason::DropPolicyEgress);
+    if let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: s.saddr }) }.copied() {
+        let key = PolicyCtKey {
+            pod: s.saddr,
+            peer: s.daddr,
+            pod_port: s.sport,
+            peer_port: s.dport,
+            proto: j.proto,
+            direction: policy_direction::EGRESS,
+            _pad: [0; 2],
+        };
+        match allowed(&ep, policy_isolation::EGRESS, &key, s.dport)? {
+            Some(Judgement::NewAllowed) => found = Judgement::NewAllowed,
+            Some(Judgement::Passed) => {}
+            None => return Err(Reason::DropPolicyEgress),
+        }
     }
     let r = &j.received;
     // SAFETY: as above.
     if let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: r.daddr }) }.copied()
         && !from_this_node(r.saddr)
-        && !allowed(
-            &ep,
-            policy_isolation::INGRESS,
-            &PolicyCtKey {
-                pod: r.daddr,
-                peer: r.saddr,
-                pod_port: r.dport,
-                peer_port: r.sport,
-                proto: j.proto,
-                direction: policy_direction::INGRESS,
-                _pad: [0; 2],
-            },
-            r.dport,
-        )?
     {
-        return Err(Reason::DropPolicyIngress);
+        let key = PolicyCtKey {
+            pod: r.daddr,
+            peer: r.saddr,
+            pod_port: r.dport,
+            peer_port: r.sport,
+            proto: j.proto,
+            direction: policy_direction::INGRESS,
+            _pad: [0; 2],
+        };
+        match allowed(&ep, policy_isolation::INGRESS, &key, r.dport)? {
+            Some(Judgement::NewAllowed) => found = Judgement::NewAllowed,
+            Some(Judgement::Passed) => {}
+            None => return Err(Reason::DropPolicyIngress),
+        }
     }
-    Ok(())
+    Ok(found)
 }
 
 /// This node's own address, or the pod gateway (the source of a pod's flow to itself through a
@@ -234,21 +251,22 @@ fn from_this_node(addr: u32) -> bool {
 /// One pod's side of a flow (`key`, with the direction it is judged in): a flow already
 /// remembered in either direction passes; a new one passes when the pod is not isolated in this
 /// direction or an entry allows the peer's identity (or any peer) with the protocol and
-/// `port`, and is then remembered. `Err`: allowed but not remembered (the map refused it).
+/// `port`, and is then remembered. `None`: denied. `Err`: allowed but not remembered (the map
+/// refused it).
 #[inline(always)]
 fn allowed(
     ep: &PolicyEndpoint,
     isolation: u32,
     key: &PolicyCtKey,
     port: u16,
-) -> Result<bool, Reason> {
+) -> Result<Option<Judgement>, Reason> {
     if POLICY_CT_V1.get_ptr(key).is_some() {
-        return Ok(true);
+        return Ok(Some(Judgement::Passed));
     }
     let mut other = *key;
     other.direction = policy_direction::INGRESS + policy_direction::EGRESS - key.direction;
     if POLICY_CT_V1.get_ptr(&other).is_some() {
-        return Ok(true);
+        return Ok(Some(Judgement::Passed));
     }
     let value = if ep.isolated & isolation == 0 {
         PolicyCtValue {
@@ -265,7 +283,7 @@ fn allowed(
             POLICY_V1.get(&LpmKey::new(96, k)).copied()
         };
         let Some(rule) = lookup(identity).or_else(|| lookup(POLICY_ANY_IDENTITY)) else {
-            return Ok(false);
+            return Ok(None);
         };
         PolicyCtValue {
             policy: rule.policy,
@@ -276,7 +294,11 @@ fn allowed(
     POLICY_CT_V1
         .insert(key, &value, 0)
         .map_err(|_| Reason::DropPolicyCtFull)?;
-    Ok(true)
+    Ok(Some(if value.policy == POLICY_CT_NOT_ISOLATED {
+        Judgement::Passed
+    } else {
+        Judgement::NewAllowed
+    }))
 }
 
 /// A TCP/UDP packet that passes untranslated (`reason`, `action`) at `hook`, judged: the same,
@@ -292,7 +314,10 @@ pub(crate) fn untranslated_flow(
         return (reason, action);
     }
     match check(&Judged::untranslated(flow)) {
-        Ok(()) => (reason, action),
+        Ok(j) => {
+            j.count(hook);
+            (reason, action)
+        }
         Err(r) => {
             flow_dropped(hook, r, flow);
             (r, TC_ACT_SHOT)
@@ -313,7 +338,10 @@ pub(crate) fn untranslated_icmp(
         return (reason, action);
     }
     match check_icmp(ctx, m) {
-        Ok(()) => (reason, action),
+        Ok(j) => {
+            j.count(hook);
+            (reason, action)
+        }
         Err(r) => {
             crate::events::drop(hook, r, proto::ICMP, m.saddr, 0, m.daddr, 0);
             (r, TC_ACT_SHOT)
@@ -354,7 +382,10 @@ pub(crate) fn other_l4(ctx: &TcContext, hook: Hook, reason: Reason, action: i32)
         sent: v,
         received: v,
     }) {
-        Ok(()) => (reason, action),
+        Ok(j) => {
+            j.count(hook);
+            (reason, action)
+        }
         Err(r) => {
             crate::events::drop(hook, r, ip.proto, ip.saddr, sport, ip.daddr, dport);
             (r, TC_ACT_SHOT)
