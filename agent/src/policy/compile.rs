@@ -6,7 +6,7 @@
 //!   region; every prefix that an ipBlock names (its CIDR and each `except`) to the identity of
 //!   that region; `0.0.0.0/0` to the world's. A *region* is the longest such prefix containing
 //!   an address, so two addresses in one region are in and out of exactly the same blocks, and
-//!   pods with equal labels in one region share an identity.
+//!   pods of one namespace equal on the labels peer selectors read share an identity in one region.
 //! - **Policy entries.** Per local pod and direction, entries keyed by (peer identity or any,
 //!   protocol or any, port prefix) say the traffic is allowed, and by which policy and rule.
 //!   Port ranges (`endPort`) become at most 30 aligned prefixes; "any port" and "any protocol"
@@ -37,7 +37,8 @@ const FIRST: u32 = 16;
 enum IdentityKey {
     /// Addresses of no pod whose longest listed prefix is this one.
     Region(Ipv4Net),
-    /// Pods of one namespace with these labels and named ports, in this region.
+    /// Pods of one namespace with these labels (those some peer selector reads) and named
+    /// ports, in this region.
     Pod {
         namespace: String,
         labels: Labels,
@@ -152,12 +153,36 @@ pub fn compile(world: &World, local: &[String]) -> Compiled {
     for p in &prefixes {
         ipcache.insert(*p, id_of(IdentityKey::Region(*p)));
     }
+    // The label keys some peer selector reads: pods equal on these (and on the rest of the
+    // identity key) are equal to every policy, whatever their other labels (a pod-name label
+    // would otherwise give every pod an identity of its own, and every rule an entry per pod).
+    let mut relevant: BTreeSet<&str> = BTreeSet::new();
+    for p in &world.policies {
+        for rules in [&p.ingress, &p.egress].into_iter().flatten() {
+            for r in rules {
+                for peer in &r.peers {
+                    if let Peer::Pods {
+                        pods: Some(sel), ..
+                    } = peer
+                    {
+                        relevant.extend(sel.match_labels.keys().map(String::as_str));
+                        relevant.extend(sel.expressions.iter().map(|e| e.key.as_str()));
+                    }
+                }
+            }
+        }
+    }
     // Each pod's identity, and which pods have it.
     let mut pod_identity: Vec<u32> = Vec::with_capacity(world.pods.len());
     for pod in &world.pods {
         let id = id_of(IdentityKey::Pod {
             namespace: pod.namespace.clone(),
-            labels: pod.labels.clone(),
+            labels: pod
+                .labels
+                .iter()
+                .filter(|(k, _)| relevant.contains(k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             named_ports: pod.named_ports.clone(),
             region: region_of(pod.ip),
         });

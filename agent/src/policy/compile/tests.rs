@@ -87,3 +87,66 @@ fn pods_alike_share_an_identity_and_unselected_pods_get_no_table() {
     let ids: std::collections::BTreeSet<u32> = c.ipcache.values().copied().collect();
     assert_eq!(ids.len(), 4, "one identity per namespace, and the world's");
 }
+
+/// Labels no peer selector reads (a pod-name label, say) give no pod an identity of its own:
+/// the entries of a rule grow with the distinct peers policies can tell apart, not with pods;
+/// and the verdicts stay the model's.
+#[test]
+fn labels_no_peer_selector_reads_do_not_split_identities() {
+    let mut w = world(vec![
+        policy(
+            "x",
+            "from-b",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        ),
+        // Its own pod selector reads `idx`: that selects local pods, it does not tell peers apart.
+        policy(
+            "y",
+            "one",
+            json!({"podSelector": {"matchLabels": {"idx": "4"}}, "policyTypes": ["Egress"]}),
+        ),
+    ]);
+    // A second replica of every pod, then a distinct `idx` on each of the 18.
+    let replicas: Vec<_> = w
+        .pods
+        .iter()
+        .map(|p| {
+            let mut r = p.clone();
+            r.name = format!("{}-2", p.name);
+            r.ip = std::net::Ipv4Addr::from(u32::from(p.ip) + 100);
+            r
+        })
+        .collect();
+    w.pods.extend(replicas);
+    for (i, p) in w.pods.iter_mut().enumerate() {
+        p.labels.insert("idx".into(), i.to_string());
+        // The same named ports everywhere, so only namespace and `pod` tell pods apart.
+        p.named_ports.clear();
+    }
+    let local: Vec<String> = w
+        .pods
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
+    let c = compile(&w, &local);
+    let identities: std::collections::BTreeSet<u32> =
+        w.pods.iter().map(|p| c.identity(p.ip)).collect();
+    assert_eq!(
+        identities.len(),
+        9,
+        "one per (namespace, pod label), not per pod"
+    );
+    // x/a allows every b: one entry per namespace's b, whatever their idx.
+    let xa = &c.endpoints["x/a"];
+    assert_eq!(xa.entries.len(), 3, "{:?}", xa.entries);
+    let wrong = disagreements("idx labels", &w, |pod, dir, peer, protocol, port| {
+        c.verdict(
+            &format!("{}/{}", pod.namespace, pod.name),
+            dir,
+            peer,
+            protocol,
+            port,
+        )
+    });
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

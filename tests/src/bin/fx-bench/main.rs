@@ -1101,7 +1101,7 @@ fn main() {
     };
 
     let network_policy = if on(8) {
-        policy::policy_costs(runs)
+        policy::policy_costs(runs, quick)
     } else {
         Value::Null
     };

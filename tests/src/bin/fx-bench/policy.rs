@@ -111,7 +111,7 @@ fn row(what: &str, policies: usize, m: (u64, u64, u64), single: bool) -> Value {
            "median_ns": m.0, "min_ns": m.1, "max_ns": m.2})
 }
 
-pub fn policy_costs(runs: u32) -> Value {
+pub fn policy_costs(runs: u32, quick: bool) -> Value {
     let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-bench-policy").unwrap();
     let mut dp = Datapath::open(&bpffs.layout()).unwrap();
     let amortised_runs = (runs / 10).max(20);
@@ -244,5 +244,146 @@ pub fn policy_costs(runs: u32) -> Value {
         "tables_kernel_bytes": memory,
     });
     eprintln!("policy programming at scale: {programming}");
-    json!({"per_packet": per_packet, "programming": programming})
+    let through_api = programming_through_api(10_000, 1_000, if quick { 3 } else { 9 });
+    json!({"per_packet": per_packet, "programming": programming, "through_api": through_api})
+}
+
+/// Through the API, on a running agent: `pods` Pods (100 of them on the node, with addresses)
+/// and `policies` NetworkPolicies in the API; then a new policy isolating one more local pod, timed
+/// from the API write to that pod's entry in the kernel's isolated-pods map (polled on that
+/// entry), several times. Also the agent's memory with all of it watched.
+pub fn programming_through_api(pods: usize, policies: usize, repeats: usize) -> Value {
+    use std::time::Duration;
+
+    use ferrox_tests::harness::{Cluster, wait_for};
+    use k8s_openapi::api::{
+        core::v1::{Namespace, Pod, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    let c = Cluster::builder().nodes(1).build();
+    let node = c.node(1);
+    let namespaces = (pods / 100).max(1);
+    for n in 0..namespaces {
+        c.api().apply(&Namespace {
+            metadata: ObjectMeta {
+                name: Some(format!("ns-{n}")),
+                labels: Some([("team".to_owned(), format!("t-{}", n % 7))].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+    }
+    let ip_of = |j: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + j as u32 + 1);
+    let local = |j: usize| j % (pods / 100).max(1) == 0;
+    for j in 0..pods {
+        c.api().apply(&Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("p-{j}")),
+                namespace: Some(format!("ns-{}", j % namespaces)),
+                labels: Some(
+                    [
+                        ("app".to_owned(), format!("app-{}", j % 10)),
+                        ("idx".to_owned(), format!("{j}")),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(if local(j) {
+                    node.name.clone()
+                } else {
+                    "elsewhere".into()
+                }),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: Some(ip_of(j).to_string()),
+                phase: Some("Running".into()),
+                ..Default::default()
+            }),
+        });
+    }
+    let np = |ns: usize, name: &str, spec: Value| -> NetworkPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": format!("ns-{ns}"), "name": name}, "spec": spec,
+        }))
+        .unwrap()
+    };
+    for i in 0..policies {
+        c.api().apply(&np(
+            i % namespaces,
+            &format!("ingress-{i}"),
+            json!({"podSelector": {"matchLabels": {"app": format!("app-{}", i % 10)}},
+                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("t-{}", (i + 1) % 7)}}}],
+                                "ports": [{"port": 8000 + (i % 100)}]}]}),
+        ));
+    }
+    let maps = ferrox_datapath::Maps::open(&node.layout()).unwrap();
+    let isolated = |j: usize| {
+        maps.policy_endpoints
+            .get(&ferrox_abi::EndpointKey {
+                addr: u32::from_ne_bytes(ip_of(j).octets()),
+            })
+            .unwrap()
+            .is_some()
+    };
+    // Every local pod some policy selects is isolated: the first full programming.
+    let first_local = (0..pods).find(|j| local(*j)).unwrap();
+    wait_for("the first tables", Duration::from_secs(300), || {
+        if isolated(first_local) {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    // Local pods no policy selects yet: the app labels cover them all, so select by idx.
+    let mut times = Vec::new();
+    for r in 0..repeats {
+        let j = (0..pods).filter(|j| local(*j)).nth(r + 1).unwrap();
+        let started = Instant::now();
+        c.api().apply(&np(
+            j % namespaces,
+            &format!("egress-only-{j}"),
+            json!({"podSelector": {"matchLabels": {"idx": format!("{j}")}}, "policyTypes": ["Egress"]}),
+        ));
+        wait_for(
+            "the new policy's isolation",
+            Duration::from_secs(60),
+            || {
+                let ep = maps
+                    .policy_endpoints
+                    .get(&ferrox_abi::EndpointKey {
+                        addr: u32::from_ne_bytes(ip_of(j).octets()),
+                    })
+                    .unwrap();
+                if ep.is_some_and(|e| e.isolated & ferrox_abi::policy_isolation::EGRESS != 0) {
+                    Ok(())
+                } else {
+                    Err("not yet".into())
+                }
+            },
+        );
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let pid = node.agent_pid();
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let out = json!({
+        "pods": pods, "policies": policies, "local_pods": (0..pods).filter(|j| local(*j)).count(),
+        "policy_added_ms": {"p50": times[times.len() / 2], "min": times[0], "max": times[times.len() - 1]},
+        "agent_rss_kib": rss_kib,
+    });
+    eprintln!("policy programming through the API: {out}");
+    drop(maps);
+    drop(c);
+    out
 }

@@ -740,4 +740,20 @@ fn section_8(md: &mut String, np: &Value) {
         f(&p["one_policy_changed"]["compile_ms"]),
         f(&p["one_policy_changed"]["write_ms"]),
     );
+    let a = &np["through_api"];
+    if !a.is_null() {
+        let _ = writeln!(
+            md,
+            "Through the API on a running agent ({} Pods, {} NetworkPolicies, {} pods on the node): \
+             a new policy isolating one more local pod is in the kernel {:.0} ms after the API \
+             write (p50; min {:.0}, max {:.0}); the agent's RSS with all of it watched {:.1} MiB.\n",
+            a["pods"],
+            a["policies"],
+            a["local_pods"],
+            f(&a["policy_added_ms"]["p50"]),
+            f(&a["policy_added_ms"]["min"]),
+            f(&a["policy_added_ms"]["max"]),
+            f(&a["agent_rss_kib"]) / 1024.0,
+        );
+    }
 }
