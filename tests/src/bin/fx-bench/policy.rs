@@ -276,7 +276,7 @@ pub fn programming_through_api(pods: usize, policies: usize, repeats: usize) -> 
         });
     }
     let ip_of = |j: usize| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + j as u32 + 1);
-    let local = |j: usize| j % (pods / 100).max(1) == 0;
+    let local = |j: usize| j.is_multiple_of((pods / 100).max(1));
     for j in 0..pods {
         c.api().apply(&Pod {
             metadata: ObjectMeta {
