@@ -196,46 +196,79 @@ fn judge(j: &Judged) -> Result<Judgement, Reason> {
 
 #[inline(always)]
 fn judged(j: &Judged) -> Result<Judgement, Reason> {
-    let s = &j.sent;
-    let mut found = Judgement::Passed;
+    let (s, r) = (&j.sent, &j.received);
+    // Each side's endpoint is looked up only where the filter says it may be isolated.
+    let egress = side(
+        j.proto,
+        s.saddr,
+        s.sport,
+        s.daddr,
+        s.dport,
+        policy_direction::EGRESS,
+    )?;
+    let ingress = if from_this_node(r.saddr) {
+        Judgement::Passed
+    } else {
+        side(
+            j.proto,
+            r.daddr,
+            r.dport,
+            r.saddr,
+            r.sport,
+            policy_direction::INGRESS,
+        )?
+    };
+    Ok(
+        if egress == Judgement::NewAllowed || ingress == Judgement::NewAllowed {
+            Judgement::NewAllowed
+        } else {
+            Judgement::Passed
+        },
+    )
+}
+
+/// One pod's side (`pod`:`pod_port` with `peer`:`peer_port`, judged in `direction`): passed
+/// when `pod` is no isolated local pod; else as [`allowed`] says, denied with the direction's
+/// reason. The policy port is the destination's: the peer's for egress, the pod's for ingress.
+#[inline(always)]
+fn side(
+    proto: u8,
+    pod: u32,
+    pod_port: u16,
+    peer: u32,
+    peer_port: u16,
+    direction: u8,
+) -> Result<Judgement, Reason> {
+    if !maybe_isolated(pod) {
+        return Ok(Judgement::Passed);
+    }
     // SAFETY: hash map values are read once, by copy.
-    if let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: s.saddr }) }.copied() {
-        let key = PolicyCtKey {
-            pod: s.saddr,
-            peer: s.daddr,
-            pod_port: s.sport,
-            peer_port: s.dport,
-            proto: j.proto,
-            direction: policy_direction::EGRESS,
-            _pad: [0; 2],
-        };
-        match allowed(&ep, policy_isolation::EGRESS, &key, s.dport)? {
-            Some(Judgement::NewAllowed) => found = Judgement::NewAllowed,
-            Some(Judgement::Passed) => {}
-            None => return Err(Reason::DropPolicyEgress),
-        }
-    }
-    let r = &j.received;
-    // SAFETY: as above.
-    if let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: r.daddr }) }.copied()
-        && !from_this_node(r.saddr)
-    {
-        let key = PolicyCtKey {
-            pod: r.daddr,
-            peer: r.saddr,
-            pod_port: r.dport,
-            peer_port: r.sport,
-            proto: j.proto,
-            direction: policy_direction::INGRESS,
-            _pad: [0; 2],
-        };
-        match allowed(&ep, policy_isolation::INGRESS, &key, r.dport)? {
-            Some(Judgement::NewAllowed) => found = Judgement::NewAllowed,
-            Some(Judgement::Passed) => {}
-            None => return Err(Reason::DropPolicyIngress),
-        }
-    }
-    Ok(found)
+    let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: pod }) }.copied() else {
+        return Ok(Judgement::Passed);
+    };
+    let key = PolicyCtKey {
+        pod,
+        peer,
+        pod_port,
+        peer_port,
+        proto,
+        direction,
+        _pad: [0; 2],
+    };
+    let (isolation, port, denied) = if direction == policy_direction::EGRESS {
+        (
+            policy_isolation::EGRESS,
+            peer_port,
+            Reason::DropPolicyEgress,
+        )
+    } else {
+        (
+            policy_isolation::INGRESS,
+            pod_port,
+            Reason::DropPolicyIngress,
+        )
+    };
+    allowed(&ep, isolation, &key, port)?.ok_or(denied)
 }
 
 /// This node's own address, or the pod gateway (the source of a pod's flow to itself through a
