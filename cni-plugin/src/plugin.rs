@@ -457,19 +457,24 @@ fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
             Err(e) => wrong.push(format!("listing the host's routes failed: {e}")),
         }
         let layout = PinLayout::new(&node.bpffs_root);
-        match ferrox_datapath::pod_hook(&layout, &host_ifname) {
-            Ok(Some(ferrox_datapath::PodHook::Filter { .. })) => {}
-            Ok(Some(ferrox_datapath::PodHook::Link {
-                target: ferrox_datapath::LinkTarget::Tcx { ifindex, .. },
-                ..
-            })) if ifindex == index => {}
-            Ok(Some(ferrox_datapath::PodHook::Link { target, .. })) => wrong.push(format!(
-                "the pod program is attached to {target:?}, not {host_ifname}"
-            )),
-            Ok(None) => wrong.push(format!("the pod program is not attached to {host_ifname}")),
-            Err(e) => wrong.push(format!(
-                "reading the pod program's hook on {host_ifname} failed: {e}"
-            )),
+        for side in ferrox_datapath::PodSide::BOTH {
+            let program = side.program();
+            match ferrox_datapath::pod_hook(&layout, &host_ifname, side) {
+                Ok(Some(ferrox_datapath::PodHook::Filter { .. })) => {}
+                Ok(Some(ferrox_datapath::PodHook::Link {
+                    target: ferrox_datapath::LinkTarget::Tcx { ifindex, .. },
+                    ..
+                })) if ifindex == index => {}
+                Ok(Some(ferrox_datapath::PodHook::Link { target, .. })) => wrong.push(format!(
+                    "the pod program {program} is attached to {target:?}, not {host_ifname}"
+                )),
+                Ok(None) => wrong.push(format!(
+                    "the pod program {program} is not attached to {host_ifname}"
+                )),
+                Err(e) => wrong.push(format!(
+                    "reading the hook of {program} on {host_ifname} failed: {e}"
+                )),
+            }
         }
         match Maps::open(&layout).and_then(|m| {
             m.endpoints.get(&EndpointKey {
@@ -575,9 +580,11 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
         ..e
     })?;
     let layout = PinLayout::new(&node.bpffs_root);
-    let prog = layout.program(ferrox_abi::program_names::TC_FROM_POD);
+    let from_pod = layout.program(ferrox_abi::program_names::TC_FROM_POD);
+    let to_pod = layout.program(ferrox_abi::program_names::TC_TO_POD);
     for path in [
-        prog.as_path(),
+        from_pod.as_path(),
+        to_pod.as_path(),
         layout.map(ferrox_abi::map_names::ENDPOINTS).as_path(),
     ] {
         if !Path::new(path).exists() {

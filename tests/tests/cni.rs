@@ -500,8 +500,9 @@ fn chained_before_portmap_bandwidth_and_tuning() {
     // clsact one): ferrox attached its program as a TCX link, which needs no qdisc.
     assert!(tc.contains("qdisc ingress"), "{tc}");
     assert!(
-        node.layout().pod_link(&host_ifname).exists(),
-        "the pod program of a shaped pod is a pinned TCX link"
+        node.layout().pod_link(&host_ifname).exists()
+            && node.layout().to_pod_link(&host_ifname).exists(),
+        "the pod programs of a shaped pod are pinned TCX links, both ways"
     );
     // Its packets must cross the host veth's qdiscs: not handed straight into the pod.
     let endpoint = ferrox_datapath::Maps::open(&node.layout())
@@ -821,9 +822,16 @@ fn del_retires_the_veth_at_once_and_the_agent_destroys_it_later() {
             .trim()
             .parse()
             .unwrap();
-        assert_eq!(pod_filters(), [format!("filters/{host_ifname}")]);
+        assert_eq!(
+            pod_filters(),
+            [
+                format!("filters/{host_ifname}"),
+                format!("filters-to-pod/{host_ifname}")
+            ],
+            "a filter out of the pod and one into it"
+        );
         assert!(
-            !layout.pod_link(&host_ifname).exists(),
+            !layout.pod_link(&host_ifname).exists() && !layout.to_pod_link(&host_ifname).exists(),
             "a filter has no pin"
         );
 
@@ -843,6 +851,7 @@ fn del_retires_the_veth_at_once_and_the_agent_destroys_it_later() {
             .unwrap_or_else(|| panic!("{retired} in {veths:?}"));
         assert!(!up, "{retired} is down");
         assert!(pod_filters().contains(&format!("filters/{retired}")));
+        assert!(pod_filters().contains(&format!("filters-to-pod/{retired}")));
         assert!(retired_pins().is_empty());
         assert_eq!(
             node.netns()

@@ -1062,3 +1062,182 @@ fn egress_to_services_is_judged_on_backends_and_allowed_flows_outlive_updates_an
     let denied = lab.cluster.denied_requests();
     assert!(denied.is_empty(), "denied API requests: {denied:#?}");
 }
+
+/// One TCP call from `place` to `target` (ip:port), from the local address `from`.
+fn reaches_from(place: &ferrox_tests::harness::Place, from: &str, target: &str) -> bool {
+    let (_, lines) = place.run(&[
+        "probe",
+        "--timeout-ms",
+        "1000",
+        "--from",
+        from,
+        &format!("tcp:{target}"),
+    ]);
+    lines[0]["ok"].as_bool().unwrap()
+}
+
+/// Ingress is judged at the pod's own veth (`tc_to_pod`), whatever hands the packet to it: here
+/// processes of the node itself. One sending from an address that is not the node's (on a
+/// second interface of the node) is a peer like any other: denied by a default-deny, with the
+/// drop counted at the hook into the pod, and let in by an ipBlock. The node's own address (the
+/// kubelet's probes) reaches its pods also when they are isolated both ways: their replies
+/// pass their isolated egress.
+#[test]
+fn ingress_is_judged_at_the_pods_veth_whatever_hands_it_the_packet() {
+    let mut lab = Lab::new();
+    let xa = lab
+        .pods
+        .iter()
+        .find(|(id, _)| id == "x/a")
+        .unwrap()
+        .1
+        .clone();
+    let node = lab.cluster.node(xa.node);
+    for args in [
+        &[
+            "link",
+            "add",
+            "fxextra",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "fxextra-p",
+        ][..],
+        &["addr", "add", "10.99.0.1/32", "dev", "fxextra"],
+        &["link", "set", "fxextra", "up"],
+        &["link", "set", "fxextra-p", "up"],
+    ] {
+        node.netns().ip(args);
+    }
+    let host = node.host();
+    let layout = node.layout();
+    let target = format!("{}:80", xa.ip);
+    let extra = "10.99.0.1";
+    assert!(reaches(&host, &target), "the node reaches its pod");
+    assert!(reaches_from(&host, extra, &target), "and from {extra}");
+    // x/c, on the same node: reached as well before the policies.
+    let other = format!("{}:80", lab.ip("x/c"));
+    assert!(reaches_from(&host, extra, &other));
+    let drops_into_pods = || {
+        let maps = ferrox_datapath::Maps::open(&layout).unwrap();
+        maps.counters
+            .get(
+                ferrox_abi::Hook::TcToPod,
+                ferrox_abi::Reason::DropPolicyIngress,
+            )
+            .unwrap()
+            .packets
+    };
+
+    let deny_all = np(
+        "x",
+        "deny-all",
+        json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+    );
+    lab.set_policies(std::slice::from_ref(&deny_all));
+    eventually(&format!("{extra} to x/a under deny-all"), false, || {
+        reaches_from(&host, extra, &target)
+    });
+    let before = drops_into_pods();
+    assert!(!reaches_from(&host, extra, &target));
+    assert!(
+        drops_into_pods() > before,
+        "denied, but no policy drop counted at tc-to-pod"
+    );
+    for _ in 0..3 {
+        assert!(
+            reaches(&host, &target),
+            "the node's own address reaches its pod isolated both ways (kubelet probes)"
+        );
+    }
+
+    let from_extra = np(
+        "x",
+        "from-extra",
+        json!({"podSelector": sel(&[("pod", "a")]), "policyTypes": ["Ingress"],
+               "ingress": [{"from": [{"ipBlock": {"cidr": "10.99.0.0/24"}}]}]}),
+    );
+    lab.set_policies(&[deny_all, from_extra]);
+    eventually(
+        &format!("{extra} to x/a, allowed by an ipBlock"),
+        true,
+        || reaches_from(&host, extra, &target),
+    );
+    assert!(
+        !reaches_from(&host, extra, &other),
+        "the ipBlock policy selects x/a only"
+    );
+    lab.set_policies(&[]);
+
+    // A pod whose traffic crosses its host veth's qdiscs (registered with a bandwidth limit, so
+    // nothing is handed straight into it), isolated for ingress, reaching a Service through
+    // the per-packet path: the replies come into it from the frontend's address, translated
+    // back before its veth, and pass as its own flow's (on each node: backend y/b local to
+    // node 1, remote from node 2).
+    use ferrox::services::testing::{slice, svc};
+    let c = &lab.cluster;
+    let yb = lab.ip("y/b");
+    c.api().apply(
+        &svc("web")
+            .namespace("y")
+            .cluster_ip("10.96.0.51")
+            .port("", 80, "TCP")
+            .build(),
+    );
+    c.api().apply(
+        &slice("web", "web-1")
+            .namespace("y")
+            .port("", 80, "TCP")
+            .ready(yb)
+            .build(),
+    );
+    let cni = ferrox_tests::harness::bin_path("ferrox-cni");
+    let mut shaped = Vec::new();
+    for n in [1, 2] {
+        c.node(n).wait_for_backends("10.96.0.51:80/TCP", 1);
+        let mut plugin = c.node(n).cni_conf();
+        plugin["runtimeConfig"] = json!({"bandwidth": {
+            "ingressRate": 1_000_000_000u64, "ingressBurst": 100_000_000u64,
+            "egressRate": 1_000_000_000u64, "egressBurst": 100_000_000u64}});
+        let conflist = json!({"cniVersion": "1.1.0", "name": "ferrox", "plugins": [plugin]});
+        let pod = c.add_pod_from_conflist(n, &format!("shaped-{n}"), &cni, &conflist);
+        let host_ifname = ferrox_cni::pod::host_ifname(&pod.container_id, "eth0");
+        assert!(
+            c.node(n).layout().to_pod_link(&host_ifname).exists(),
+            "the program into a pod that cannot take clsact is a TCX link"
+        );
+        shaped.push(pod);
+    }
+    let xa_place = lab
+        .pods
+        .iter()
+        .find(|(id, _)| id == "x/a")
+        .unwrap()
+        .1
+        .place
+        .clone();
+    let first = shaped[0].ip;
+    let _server = shaped[0].serve(8080);
+    assert!(reaches(&xa_place, &format!("{first}:8080")));
+    lab.set_policies(&[np(
+        "default",
+        "deny-ingress",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    )]);
+    eventually("x/a to an ingress-isolated pod", false, || {
+        reaches(&xa_place, &format!("{first}:8080"))
+    });
+    policy_denies(lab.cluster.node(1), &xa_place, &format!("{first}:8080"));
+    for pod in &shaped {
+        let unhooked = lab.cluster.unhooked(pod);
+        for _ in 0..3 {
+            assert!(
+                reaches(&unhooked, "10.96.0.51:80"),
+                "{}: the replies of its own flow through the per-packet path",
+                pod.name
+            );
+            assert!(reaches(&pod.place, "10.96.0.51:80"), "{}", pod.name);
+        }
+    }
+}

@@ -102,16 +102,31 @@ enum Seen {
 /// Runs `packet` through the pod hook (when `from_pod`) or the uplink's ingress, with the policy
 /// conntrack emptied first unless `keep` (so each probe is a new flow).
 fn run(dp: &mut Datapath, packet: &packets::Packet, from_pod: bool, keep: bool) -> Seen {
+    let program = if from_pod {
+        TcProgram::FromPod
+    } else {
+        TcProgram::UplinkIngress
+    };
+    run_at(dp, packet, program, keep)
+}
+
+/// Runs `packet` through the hook into a pod (its host veth's egress).
+fn into_pod(dp: &mut Datapath, packet: &packets::Packet, keep: bool) -> Seen {
+    run_at(dp, packet, TcProgram::ToPod, keep)
+}
+
+fn run_at(dp: &mut Datapath, packet: &packets::Packet, program: TcProgram, keep: bool) -> Seen {
     if !keep {
         let flows: Vec<_> = dp.maps().policy_ct.entries().unwrap();
         for (k, _) in flows {
             dp.maps_mut().policy_ct.remove(&k).unwrap();
         }
     }
-    let (program, hook) = if from_pod {
-        (TcProgram::FromPod, Hook::TcFromPod)
-    } else {
-        (TcProgram::UplinkIngress, Hook::TcUplinkIngress)
+    let hook = match program {
+        TcProgram::FromPod => Hook::TcFromPod,
+        TcProgram::ToPod => Hook::TcToPod,
+        TcProgram::UplinkIngress => Hook::TcUplinkIngress,
+        TcProgram::UplinkEgress => Hook::TcUplinkEgress,
     };
     let drops = |dp: &Datapath| {
         [Reason::DropPolicyEgress, Reason::DropPolicyIngress]
@@ -168,7 +183,9 @@ fn expected(w: &World, src: Ipv4Addr, dst: Ipv4Addr, protocol: Protocol, port: u
 /// The kernel's programs, fed a new flow between every two pods of each sample world (and
 /// between pods and addresses outside), TCP, UDP and SCTP, on ports inside and outside the
 /// policies' ranges, drop exactly what the model denies, with the reason of the side that denies
-/// it (a pod's packets through its veth's hook, the others' through the uplink's).
+/// it (a pod's packets through its veth's hook, the others' through the uplink's); and the hook
+/// into a pod, fed the same flows as the host would hand them over, drops exactly those the
+/// receiving pod's ingress denies.
 #[test]
 fn the_programs_drop_exactly_the_flows_the_model_denies() {
     let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-policy-kernel").unwrap();
@@ -207,12 +224,36 @@ fn the_programs_drop_exactly_the_flows_the_model_denies() {
                                 "{what}: {src} -> {dst} {protocol:?}/{port}: model {want:?}, kernel {got:?}"
                             ));
                         }
+                        let Some(to) = w.pod_by_ip(dst) else {
+                            continue;
+                        };
+                        probes += 1;
+                        let want = if w.verdict(
+                            to,
+                            Direction::Ingress,
+                            src,
+                            w.pod_by_ip(src),
+                            protocol,
+                            port,
+                        ) == Verdict::Denied
+                        {
+                            Seen::Denied(Reason::DropPolicyIngress)
+                        } else {
+                            Seen::Passed
+                        };
+                        let got =
+                            into_pod(&mut dp, &packet(src, dst, protocol, 40000, port), false);
+                        if got != want {
+                            failures.push(format!(
+                                "{what}: into {dst} from {src} {protocol:?}/{port}: model {want:?}, kernel {got:?}"
+                            ));
+                        }
                     }
                 }
             }
         }
     }
-    assert!(probes > 5_000, "only {probes} probes");
+    assert!(probes > 10_000, "only {probes} probes");
     assert!(
         failures.is_empty(),
         "{} of {probes} probes disagree:\n{}",
@@ -271,6 +312,17 @@ fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
         denied_in,
         "another port"
     );
+    // The same where the host hands the reply to the pod.
+    assert_eq!(
+        into_pod(&mut dp, &reply, true),
+        Seen::Passed,
+        "the reply, into the pod"
+    );
+    assert_eq!(
+        into_pod(&mut dp, &tcp(ya, xa, 80, 40001), true),
+        denied_in,
+        "another port, into the pod"
+    );
     // The same over the uplink (the peer on another node).
     assert_eq!(
         run(&mut dp, &tcp(xb, ya, 40000, 80), true, false),
@@ -290,6 +342,8 @@ fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
         .icmp_echo_id(8, 7);
     assert_eq!(run(&mut dp, &echo, true, false), Seen::Passed);
     assert_eq!(run(&mut dp, &echo_reply, false, true), Seen::Passed);
+    assert_eq!(into_pod(&mut dp, &echo_reply, true), Seen::Passed);
+    assert_eq!(into_pod(&mut dp, &echo_reply, false), denied_in);
     // The node's own address reaches its pods; another node's does not.
     assert_eq!(
         run(&mut dp, &tcp(node, xa, 40000, 80), false, false),
@@ -298,6 +352,15 @@ fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
     let other_node = Ipv4Addr::new(192, 168, 50, 3);
     assert_eq!(
         run(&mut dp, &tcp(other_node, xa, 40000, 80), false, false),
+        denied_in
+    );
+    // Likewise into the pod (the node's own processes, what the host forwards).
+    assert_eq!(
+        into_pod(&mut dp, &tcp(node, xa, 40000, 80), false),
+        Seen::Passed
+    );
+    assert_eq!(
+        into_pod(&mut dp, &tcp(other_node, xa, 40000, 80), false),
         denied_in
     );
 
@@ -323,6 +386,23 @@ fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
         run(&mut dp, &tcp(yb, xb, 80, 40001), true, true),
         denied_out,
         "not a reply"
+    );
+    // The kubelet's probe of a pod isolated for egress: the probe is remembered as it enters
+    // the pod, so its reply passes the pod's isolated egress; the pod opening a flow to the
+    // node does not.
+    assert_eq!(
+        into_pod(&mut dp, &tcp(node, yb, 40000, 80), false),
+        Seen::Passed
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(yb, node, 80, 40000), true, true),
+        Seen::Passed,
+        "the probe's reply"
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(yb, node, 80, 40001), true, true),
+        denied_out,
+        "not the probe's reply"
     );
     // A new flow a policy allows is counted once (x/a takes anything: policy x/open).
     let allowed_new = |dp: &Datapath| {
@@ -353,6 +433,24 @@ fn replies_of_allowed_flows_pass_where_new_flows_would_not() {
     assert_eq!(
         run(&mut dp, &tcp(yb, xb, 40000, 80), true, false),
         Seen::Passed
+    );
+    assert!(dp.maps().policy_ct.entries().unwrap().is_empty());
+    let not_isolated = |dp: &Datapath| {
+        dp.maps()
+            .counters
+            .get(Hook::TcToPod, Reason::PassPodNotIsolated)
+            .unwrap()
+            .packets
+    };
+    let before = not_isolated(&dp);
+    assert_eq!(
+        into_pod(&mut dp, &tcp(yb, xb, 40000, 80), false),
+        Seen::Passed
+    );
+    assert_eq!(
+        not_isolated(&dp) - before,
+        1,
+        "one filter read, nothing judged"
     );
     assert!(dp.maps().policy_ct.entries().unwrap().is_empty());
 }

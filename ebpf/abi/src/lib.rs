@@ -130,6 +130,8 @@ pub mod program_names {
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
     /// Attached at TC ingress of a pod's host-side veth: packets leaving the pod.
     pub const TC_FROM_POD: &str = "tc_from_pod";
+    /// Attached at TC egress of a pod's host-side veth: packets the host hands to the pod.
+    pub const TC_TO_POD: &str = "tc_to_pod";
     /// Attached at TC ingress of the node's uplink.
     pub const TC_UPLINK_INGRESS: &str = "tc_uplink_in";
     /// Attached at TC egress of the node's uplink.
@@ -163,10 +165,10 @@ pub mod capacity {
     pub const POLICIES: u32 = 262_144;
     /// Local pods isolated by some NetworkPolicy.
     pub const POLICY_ENDPOINTS: u32 = 16_384;
-    /// Flows of isolated local pods (LRU: the least recently used go first; an evicted flow is
-    /// judged again by its next packet). Fixed for now (1.3 MiB preallocated); not yet sized to
-    /// the node's memory like the flow maps of `ferrox_datapath::Sizing`.
-    pub const POLICY_CT: u32 = 16_384;
+    /// Flows of isolated local pods, one entry per flow and side (LRU: the least recently used
+    /// go first; an evicted flow is judged again by its next packet). The ceiling: the node's
+    /// memory sizes it like the other flow maps (`ferrox_datapath::Sizing`).
+    pub const POLICY_CT: u32 = 98_304;
 }
 
 /// Size of every Maglev lookup table: a prime, identical on every node, so that every node
@@ -775,10 +777,11 @@ pub enum Hook {
     TcUplinkIngress = 5,
     TcUplinkEgress = 6,
     XdpUplink = 7,
+    TcToPod = 8,
 }
 
 impl Hook {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::SockConnect4,
         Self::SockSendmsg4,
@@ -788,6 +791,7 @@ impl Hook {
         Self::TcUplinkIngress,
         Self::TcUplinkEgress,
         Self::XdpUplink,
+        Self::TcToPod,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -800,6 +804,7 @@ impl Hook {
             Self::TcUplinkIngress => "tc-uplink-ingress",
             Self::TcUplinkEgress => "tc-uplink-egress",
             Self::XdpUplink => "xdp-uplink",
+            Self::TcToPod => "tc-to-pod",
         }
     }
 }
@@ -905,10 +910,13 @@ pub enum Reason {
     /// NetworkPolicy: a new flow of an isolated pod that a policy allowed (remembered from then
     /// on). Counted besides the packet's own reason, once per flow and side, without bytes.
     PolicyAllowedNew = 39,
+    /// Pod veth, towards the pod: its address is in no isolated pod's filter slot, so no
+    /// policy is judged (one array read).
+    PassPodNotIsolated = 40,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 40;
+    pub const COUNT: u32 = 41;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIpv4,
         Self::PassTcp,
@@ -950,6 +958,7 @@ impl Reason {
         Self::DropPolicyIngress,
         Self::DropPolicyCtFull,
         Self::PolicyAllowedNew,
+        Self::PassPodNotIsolated,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -967,7 +976,8 @@ impl Reason {
             | Self::TunnelDecap
             | Self::PassToTc
             | Self::PodToTunnel
-            | Self::PolicyAllowedNew => Verdict::Pass,
+            | Self::PolicyAllowedNew
+            | Self::PassPodNotIsolated => Verdict::Pass,
             Self::TranslateToBackend
             | Self::TranslateToFrontend
             | Self::TranslateAffinity
@@ -1039,6 +1049,7 @@ impl Reason {
             Self::DropPolicyIngress => "policy-denied-ingress",
             Self::DropPolicyCtFull => "policy-conntrack-full",
             Self::PolicyAllowedNew => "policy-allowed-new-flow",
+            Self::PassPodNotIsolated => "pod-not-isolated",
         }
     }
 

@@ -22,7 +22,7 @@ use ferrox_abi::program_names as names;
 use crate::{
     Datapath, DatapathError, PinLayout, Result,
     link_info::{LinkTarget, PinnedLinkInfo, pinned_link_info},
-    tc_filter::{BpfFilter, TcSocket},
+    tc_filter::{BpfFilter, FilterHook, TcSocket},
 };
 
 /// What happened to one attachment.
@@ -331,23 +331,85 @@ impl Datapath {
 /// What [`Datapath::update_pod_links`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PodLinks {
-    /// Pod hooks (filters, or links of earlier versions) that ran an earlier program and now
-    /// run the current one, by host interface.
+    /// Pods (by host interface) with a hook (filter or link) that ran an earlier program and
+    /// now runs the current one.
     pub updated: Vec<String>,
-    /// Pod hooks that already ran the current program.
+    /// Pods whose hooks all ran the current programs already.
     pub current: Vec<String>,
+    /// Pods attached by a version without the program into the pod, which now have it.
+    pub added: Vec<String>,
     /// Link pins whose interface is gone (a pod removed without its CNI DEL): left for DEL or
     /// `ferrox datapath cleanup`.
     pub defunct: Vec<String>,
 }
 
-/// How a pod's program is attached.
+/// The two hooks of a pod's host veth, each with its own program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PodSide {
+    /// TC ingress of the host veth, packets leaving the pod: `tc_from_pod` (translation, the
+    /// pod's egress policy and, for what it hands straight into a pod, that pod's ingress).
+    FromPod,
+    /// TC egress of the host veth, packets the host hands to the pod: `tc_to_pod` (the pod's
+    /// ingress policy).
+    ToPod,
+}
+
+impl PodSide {
+    pub const BOTH: [Self; 2] = [Self::FromPod, Self::ToPod];
+
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::FromPod => names::TC_FROM_POD,
+            Self::ToPod => names::TC_TO_POD,
+        }
+    }
+
+    pub const fn filter_hook(self) -> FilterHook {
+        match self {
+            Self::FromPod => FilterHook::Ingress,
+            Self::ToPod => FilterHook::Egress,
+        }
+    }
+
+    fn tcx(self) -> TcAttachType {
+        match self {
+            Self::FromPod => TcAttachType::Ingress,
+            Self::ToPod => TcAttachType::Egress,
+        }
+    }
+
+    /// Where the link of this side of the pod behind `host_ifname` is pinned (link mode).
+    pub fn link_pin(self, layout: &PinLayout, host_ifname: &str) -> PathBuf {
+        match self {
+            Self::FromPod => layout.pod_link(host_ifname),
+            Self::ToPod => layout.to_pod_link(host_ifname),
+        }
+    }
+
+    fn links_dir(self, layout: &PinLayout) -> PathBuf {
+        match self {
+            Self::FromPod => layout.pod_links_dir(),
+            Self::ToPod => layout.to_pod_links_dir(),
+        }
+    }
+
+    fn retired_pin(self, layout: &PinLayout, ifindex: u32) -> PathBuf {
+        match self {
+            Self::FromPod => layout.retired_link(ifindex),
+            Self::ToPod => layout.retired_to_pod_link(ifindex),
+        }
+    }
+}
+
+/// How one of a pod's programs is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PodHook {
-    /// A `cls_bpf` filter at the clsact ingress of its host veth (what the CNI plugin makes).
+    /// A `cls_bpf` filter at a clsact hook of its host veth (what the CNI plugin makes).
     Filter { ifindex: u32, prog_id: u32 },
-    /// A pinned TCX link, as versions before the filters made them; `target` says where it is.
+    /// A pinned TCX link (pods whose veth cannot take clsact, and pods of versions before the
+    /// filters); `target` says where it is.
     Link { prog_id: u32, target: LinkTarget },
 }
 
@@ -360,10 +422,18 @@ impl PodHook {
     }
 }
 
+/// Both programs of a pod, as [`attach_pod`] left them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PodHooks {
+    pub from_pod: PodHook,
+    pub to_pod: PodHook,
+}
+
 /// A pod's filter found on an interface of this network namespace.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PodFilter {
     pub interface: String,
+    pub side: PodSide,
     pub filter: BpfFilter,
 }
 
@@ -389,8 +459,8 @@ fn open_tc(interface: &str) -> Result<TcSocket> {
 /// The name a pod filter of `layout` carries (`TCA_BPF_NAME`, shown by `tc filter show`): the
 /// program and the bpffs root, so that each node's datapath (tests run several in one network
 /// namespace) finds only its own filters.
-fn pod_filter_name(layout: &PinLayout) -> String {
-    let mut name = format!("{}@{}", names::TC_FROM_POD, layout.root().display());
+fn pod_filter_name(layout: &PinLayout, side: PodSide) -> String {
+    let mut name = format!("{}@{}", side.program(), layout.root().display());
     // CLS_BPF_NAME_LEN, with the terminating NUL.
     while name.len() > 255 {
         name.pop();
@@ -398,46 +468,50 @@ fn pod_filter_name(layout: &PinLayout) -> String {
     name
 }
 
-/// Every pod filter of `layout` on the interfaces of the calling thread's network namespace.
+/// Every pod filter of `layout` (both sides) on the interfaces of the calling thread's network
+/// namespace.
 pub fn pod_filters(layout: &PinLayout) -> Result<Vec<PodFilter>> {
-    let own = pod_filter_name(layout);
     let mut tc = open_tc("all")?;
     let interfaces = nix::net::if_::if_nameindex()
         .map_err(|e| DatapathError::filter("listing", "all", e.into()))?;
     let mut out = Vec::new();
     for i in interfaces.iter() {
         let interface = i.name().to_string_lossy().into_owned();
-        let filters = tc
-            .ingress_filters(i.index())
-            .map_err(|e| DatapathError::filter("listing", &interface, e))?;
-        out.extend(
-            filters
-                .into_iter()
-                .filter(|f| f.is_pod_filter(&own))
-                .map(|filter| PodFilter {
-                    interface: interface.clone(),
-                    filter,
-                }),
-        );
+        for side in PodSide::BOTH {
+            let own = pod_filter_name(layout, side);
+            let filters = tc
+                .filters(i.index(), side.filter_hook())
+                .map_err(|e| DatapathError::filter("listing", &interface, e))?;
+            out.extend(
+                filters
+                    .into_iter()
+                    .filter(|f| f.is_pod_filter(&own))
+                    .map(|filter| PodFilter {
+                        interface: interface.clone(),
+                        side,
+                        filter,
+                    }),
+            );
+        }
     }
     Ok(out)
 }
 
-/// How the pod program is attached to `host_ifname`, if it is: its filter, else the link an
-/// earlier version pinned for it.
-pub fn pod_hook(layout: &PinLayout, host_ifname: &str) -> Result<Option<PodHook>> {
+/// How `side`'s program is attached to `host_ifname`, if it is: its filter, else its pinned
+/// link.
+pub fn pod_hook(layout: &PinLayout, host_ifname: &str, side: PodSide) -> Result<Option<PodHook>> {
     let index = ifindex(host_ifname)?;
     let filters = open_tc(host_ifname)?
-        .ingress_filters(index)
+        .filters(index, side.filter_hook())
         .map_err(|e| DatapathError::filter("listing", host_ifname, e))?;
-    let own = pod_filter_name(layout);
+    let own = pod_filter_name(layout, side);
     if let Some(f) = filters.iter().find(|f| f.is_pod_filter(&own)) {
         return Ok(Some(PodHook::Filter {
             ifindex: index,
             prog_id: f.prog_id,
         }));
     }
-    let pin = layout.pod_link(host_ifname);
+    let pin = side.link_pin(layout, host_ifname);
     if !pin.exists() {
         return Ok(None);
     }
@@ -449,25 +523,96 @@ pub fn pod_hook(layout: &PinLayout, host_ifname: &str) -> Result<Option<PodHook>
 }
 
 impl Datapath {
-    /// Moves every pod to the current pod-facing program, atomically per pod: each pod filter's
-    /// program is swapped in place, each link of an earlier version moved with
-    /// `bpf_link_update`. After an upgrade (or a resize) no pod keeps running the previous
-    /// program.
+    /// Moves every pod to the current pod-facing programs, atomically per pod and side: each
+    /// pod filter's program is swapped in place, each link moved with `bpf_link_update`. A pod
+    /// attached by a version without the program into the pod (`tc_to_pod`) gets it, the way
+    /// its other side is attached. After an upgrade (or a resize) no pod keeps running a
+    /// previous program.
     pub fn update_pod_links(&mut self) -> Result<PodLinks> {
-        use std::os::fd::AsFd as _;
-        let name = names::TC_FROM_POD;
         let mut out = PodLinks::default();
-        let prog = self.programs.tc(name)?;
-        let (id, fd) = id_and_fd(prog, name)?;
+        let filters = pod_filters(&self.layout)?;
         let mut tc = open_tc("pods")?;
-        let filter_name = pod_filter_name(&self.layout);
-        for PodFilter { interface, filter } in pod_filters(&self.layout)? {
-            if filter.prog_id == id {
-                out.current.push(interface);
+        for side in PodSide::BOTH {
+            self.update_pod_filters(&mut tc, side, &filters, &mut out)?;
+        }
+        // Pods with a filter out of the pod and none into it.
+        for f in filters.iter().filter(|f| f.side == PodSide::FromPod) {
+            let missing = !filters
+                .iter()
+                .any(|g| g.side == PodSide::ToPod && g.filter.ifindex == f.filter.ifindex);
+            if missing {
+                match attach_side(
+                    &self.layout,
+                    &f.interface,
+                    PodSide::ToPod,
+                    PodAttach::Filter,
+                ) {
+                    Ok(_) => out.added.push(f.interface.clone()),
+                    Err(DatapathError::NoInterface { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for side in PodSide::BOTH {
+            self.update_side_links(side, &mut out)?;
+        }
+        // Pods with a link out of the pod and none into it.
+        let dir = self.layout.pod_links_dir();
+        for host_ifname in pin_names(&dir)? {
+            if out.defunct.contains(&host_ifname) || self.layout.to_pod_link(&host_ifname).exists()
+            {
                 continue;
             }
-            match tc.set_pod_filter(filter.ifindex, fd.as_fd(), &filter_name, false) {
-                Ok(()) => out.updated.push(interface),
+            match attach_side(&self.layout, &host_ifname, PodSide::ToPod, PodAttach::Link) {
+                Ok(_) => out.added.push(host_ifname),
+                Err(DatapathError::NoInterface { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // A pod is current when all its hooks were.
+        for list in [&mut out.updated, &mut out.added, &mut out.current] {
+            list.sort();
+            list.dedup();
+        }
+        let changed = |p: &String| out.updated.contains(p) || out.added.contains(p);
+        let current = out
+            .current
+            .iter()
+            .filter(|p| !changed(p))
+            .cloned()
+            .collect();
+        out.current = current;
+        Ok(out)
+    }
+
+    fn update_pod_filters(
+        &mut self,
+        tc: &mut TcSocket,
+        side: PodSide,
+        filters: &[PodFilter],
+        out: &mut PodLinks,
+    ) -> Result<()> {
+        use std::os::fd::AsFd as _;
+        let name = side.program();
+        let prog = self.programs.tc(name)?;
+        let (id, fd) = id_and_fd(prog, name)?;
+        let filter_name = pod_filter_name(&self.layout, side);
+        for PodFilter {
+            interface, filter, ..
+        } in filters.iter().filter(|f| f.side == side)
+        {
+            if filter.prog_id == id {
+                out.current.push(interface.clone());
+                continue;
+            }
+            match tc.set_pod_filter(
+                filter.ifindex,
+                side.filter_hook(),
+                fd.as_fd(),
+                &filter_name,
+                false,
+            ) {
+                Ok(()) => out.updated.push(interface.clone()),
                 // The pod went while this ran.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) => {}
                 Err(e) => {
@@ -479,20 +624,21 @@ impl Datapath {
                 }
             }
         }
+        Ok(())
+    }
 
-        let dir = self.layout.pod_links_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(DatapathError::io("listing", &dir, e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| DatapathError::io("listing", &dir, e))?;
-            let pin = entry.path();
-            let host_ifname = entry.file_name().to_string_lossy().into_owned();
+    fn update_side_links(&mut self, side: PodSide, out: &mut PodLinks) -> Result<()> {
+        let name = side.program();
+        let prog = self.programs.tc(name)?;
+        let (id, _) = id_and_fd(prog, name)?;
+        let dir = side.links_dir(&self.layout);
+        for host_ifname in pin_names(&dir)? {
+            let pin = dir.join(&host_ifname);
             let info = pinned_link_info(&pin)?;
             if !info.target.is_live() {
-                out.defunct.push(host_ifname);
+                if !out.defunct.contains(&host_ifname) {
+                    out.defunct.push(host_ifname);
+                }
                 continue;
             }
             if info.prog_id == id {
@@ -511,41 +657,74 @@ impl Datapath {
             );
             out.updated.push(host_ifname);
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// The names pinned in `dir` (none when it does not exist).
+fn pin_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(DatapathError::io("listing", dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| DatapathError::io("listing", dir, e))?;
+        out.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// How [`attach_pod`] attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodAttach {
-    /// A `cls_bpf` filter on a clsact qdisc (see `tc_filter`): no RCU grace period, nothing to
+    /// `cls_bpf` filters on a clsact qdisc (see `tc_filter`): no RCU grace period, nothing to
     /// detach.
     Filter,
-    /// A pinned TCX link: for a veth whose ingress qdisc someone else must add (the `bandwidth`
-    /// plugin shaping the pod's egress adds an `ingress` qdisc, which excludes clsact). Creating
-    /// it waits for an RCU grace period.
+    /// Pinned TCX links: for a veth whose ingress qdisc someone else must add (the `bandwidth`
+    /// plugin shaping the pod's egress adds an `ingress` qdisc, which excludes clsact).
+    /// Creating each waits for an RCU grace period.
     Link,
 }
 
-/// Attaches the pod-facing program at the ingress of a pod's host-side veth (packets leaving
-/// the pod). Used by the CNI plugin: it needs only the pins, not a loaded datapath. Attaching
-/// again swaps the program in place (filter) or adopts the link.
-pub fn attach_pod(layout: &PinLayout, host_ifname: &str, how: PodAttach) -> Result<PodHook> {
+/// Attaches the pod-facing programs to a pod's host-side veth: `tc_from_pod` at its ingress
+/// (packets leaving the pod), `tc_to_pod` at its egress (packets into the pod). Used by the
+/// CNI plugin: it needs only the pins, not a loaded datapath. Attaching again swaps the
+/// programs in place (filter) or adopts the links.
+pub fn attach_pod(layout: &PinLayout, host_ifname: &str, how: PodAttach) -> Result<PodHooks> {
+    Ok(PodHooks {
+        from_pod: attach_side(layout, host_ifname, PodSide::FromPod, how)?,
+        to_pod: attach_side(layout, host_ifname, PodSide::ToPod, how)?,
+    })
+}
+
+/// Attaches one side's program (see [`attach_pod`]).
+fn attach_side(
+    layout: &PinLayout,
+    host_ifname: &str,
+    side: PodSide,
+    how: PodAttach,
+) -> Result<PodHook> {
     use std::os::fd::AsFd as _;
-    let name = names::TC_FROM_POD;
+    let name = side.program();
     if how == PodAttach::Link {
         let mut prog = SchedClassifier::from_pin(layout.program(name))
             .map_err(|e| DatapathError::program("opening pinned", name, e))?;
-        let pin = layout.pod_link(host_ifname);
+        let pin = side.link_pin(layout, host_ifname);
         let index = ifindex(host_ifname)?;
-        attach_tcx(&mut prog, name, &pin, index, TcAttachType::Ingress)?;
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DatapathError::io("creating", dir, e))?;
+        }
+        attach_tcx(&mut prog, name, &pin, index, side.tcx())?;
         let info = pinned_link_info(&pin)?;
         return Ok(PodHook::Link {
             prog_id: info.prog_id,
             target: info.target,
         });
     }
-    let filter_name = pod_filter_name(layout);
+    let filter_name = pod_filter_name(layout, side);
     let index = ifindex(host_ifname)?;
     let mut tc = open_tc(host_ifname)?;
     tc.ensure_clsact(index)
@@ -562,10 +741,15 @@ pub fn attach_pod(layout: &PinLayout, host_ifname: &str, how: PodAttach) -> Resu
         let prog = SchedClassifier::from_pin(layout.program(name))
             .map_err(|e| DatapathError::program("opening pinned", name, e))?;
         let (id, fd) = id_and_fd(&prog, name)?;
-        tc.set_pod_filter(index, fd.as_fd(), &filter_name, true)
+        tc.set_pod_filter(index, side.filter_hook(), fd.as_fd(), &filter_name, true)
             .map_err(|e| DatapathError::filter("attaching the pod program to", host_ifname, e))?;
         if pinned_id()? == id {
-            tracing::debug!(host_ifname, prog_id = id, "pod program attached");
+            tracing::debug!(
+                host_ifname,
+                prog_id = id,
+                program = name,
+                "pod program attached"
+            );
             return Ok(PodHook::Filter {
                 ifindex: index,
                 prog_id: id,
@@ -579,41 +763,37 @@ pub fn attach_pod(layout: &PinLayout, host_ifname: &str, how: PodAttach) -> Resu
     ))
 }
 
-/// Moves the link of a pod whose veth was just retired (down, renamed, destroyed later) out of
-/// the pods' links, to `links/retired/<ifindex>`, without detaching it: a detach holds RTNL for
-/// an RCU grace period, which every other link change of the node would wait for. The link goes
-/// with the veth; [`remove_retired_links`] then unpins it. False when no link was pinned.
+/// Moves the links of a pod whose veth was just retired (down, renamed, destroyed later) out
+/// of the pods' links, to `links/retired/<ifindex>` (and `<ifindex>-to-pod`), without
+/// detaching them: a detach holds RTNL for an RCU grace period, which every other link change
+/// of the node would wait for. The links go with the veth; [`remove_retired_links`] then
+/// unpins them. False when no link was pinned.
 pub fn retire_pod_link(layout: &PinLayout, host_ifname: &str, ifindex: u32) -> Result<bool> {
-    let pin = layout.pod_link(host_ifname);
     let dir = layout.retired_links_dir();
     std::fs::create_dir_all(&dir).map_err(|e| DatapathError::io("creating", &dir, e))?;
-    match std::fs::rename(&pin, layout.retired_link(ifindex)) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(DatapathError::io("moving", pin, e)),
+    let mut any = false;
+    for side in PodSide::BOTH {
+        let pin = side.link_pin(layout, host_ifname);
+        match std::fs::rename(&pin, side.retired_pin(layout, ifindex)) {
+            Ok(()) => any = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DatapathError::io("moving", pin, e)),
+        }
     }
+    Ok(any)
 }
 
 /// Unpins the retired links (see [`retire_pod_link`]) whose interface `exists` no longer
 /// says is there; returns how many.
 pub fn remove_retired_links(layout: &PinLayout, exists: impl Fn(u32) -> bool) -> Result<usize> {
     let dir = layout.retired_links_dir();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(DatapathError::io("listing", &dir, e)),
-    };
     let mut removed = 0;
-    for entry in entries {
-        let entry = entry.map_err(|e| DatapathError::io("listing", &dir, e))?;
-        let ifindex = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok());
+    for name in pin_names(&dir)? {
+        let ifindex = name.split('-').next().and_then(|n| n.parse::<u32>().ok());
         if ifindex.is_some_and(&exists) {
             continue;
         }
-        let path = entry.path();
+        let path = dir.join(&name);
         match std::fs::remove_file(&path) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -623,14 +803,18 @@ pub fn remove_retired_links(layout: &PinLayout, exists: impl Fn(u32) -> bool) ->
     Ok(removed)
 }
 
-/// Removes a pod's link pin. Returns false when there was none (idempotent DEL).
+/// Removes a pod's link pins (both sides). Returns false when there was none (idempotent DEL).
 pub fn detach_pod(layout: &PinLayout, host_ifname: &str) -> Result<bool> {
-    let pin = layout.pod_link(host_ifname);
-    match std::fs::remove_file(&pin) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(DatapathError::io("unpinning", pin, e)),
+    let mut any = false;
+    for side in PodSide::BOTH {
+        let pin = side.link_pin(layout, host_ifname);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => any = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DatapathError::io("unpinning", pin, e)),
+        }
     }
+    Ok(any)
 }
 
 #[cfg(test)]

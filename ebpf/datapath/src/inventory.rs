@@ -95,7 +95,10 @@ pub fn inventory(layout: &PinLayout) -> Result<Vec<PinnedObject>> {
     for f in crate::attach::pod_filters(layout)? {
         out.push(PinnedObject {
             kind: ObjectKind::Filter,
-            name: format!("filters/{}", f.interface),
+            name: match f.side {
+                crate::PodSide::FromPod => format!("filters/{}", f.interface),
+                crate::PodSide::ToPod => format!("filters-to-pod/{}", f.interface),
+            },
             path: None,
             id: f.filter.prog_id,
             target: Some(LinkTarget::TcFilter {
@@ -179,7 +182,7 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
         .map_err(|e| DatapathError::filter("opening netlink for", "pods", e))?;
     for f in crate::attach::pod_filters(layout)? {
         if tc
-            .delete_pod_filter(f.filter.ifindex)
+            .delete_pod_filter(f.filter.ifindex, f.side.filter_hook())
             .map_err(|e| DatapathError::filter("removing the pod filter of", &f.interface, e))?
         {
             report.filters += 1;
@@ -200,6 +203,7 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
     }
     for dir in [
         layout.pod_links_dir(),
+        layout.to_pod_links_dir(),
         layout.retired_links_dir(),
         layout.links_dir(),
         layout.progs_dir(),

@@ -64,6 +64,16 @@ impl PinLayout {
         self.pod_links_dir().join(host_ifname)
     }
 
+    /// Links of the program at the egress of a pod's host veth (packets into the pod), for pods
+    /// whose veth cannot take a filter (see [`Self::pod_links_dir`]).
+    pub fn to_pod_links_dir(&self) -> PathBuf {
+        self.links_dir().join("to-pods")
+    }
+
+    pub fn to_pod_link(&self, host_ifname: &str) -> PathBuf {
+        self.to_pod_links_dir().join(host_ifname)
+    }
+
     /// Links of released pods whose veth is retired but not yet destroyed, by ifindex.
     pub fn retired_links_dir(&self) -> PathBuf {
         self.links_dir().join("retired")
@@ -71,6 +81,11 @@ impl PinLayout {
 
     pub fn retired_link(&self, ifindex: u32) -> PathBuf {
         self.retired_links_dir().join(ifindex.to_string())
+    }
+
+    /// The retired link of the program into the pod behind `ifindex`.
+    pub fn retired_to_pod_link(&self, ifindex: u32) -> PathBuf {
+        self.retired_links_dir().join(format!("{ifindex}-to-pod"))
     }
 }
 

@@ -21,8 +21,9 @@ mod tc_filter;
 mod testrun;
 
 pub use attach::{
-    AttachOutcome, Attachment, PodAttach, PodFilter, PodHook, PodLinks, XdpAttachMode, attach_pod,
-    detach_pod, ifindex, pod_filters, pod_hook, remove_retired_links, retire_pod_link,
+    AttachOutcome, Attachment, PodAttach, PodFilter, PodHook, PodHooks, PodLinks, PodSide,
+    XdpAttachMode, attach_pod, detach_pod, ifindex, pod_filters, pod_hook, remove_retired_links,
+    retire_pod_link,
 };
 pub use error::{DatapathError, Result};
 pub use inventory::{

@@ -30,8 +30,9 @@ pub const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType); 4] = [
 ];
 
 /// The TC programs.
-pub const TC_PROGRAMS: [&str; 3] = [
+pub const TC_PROGRAMS: [&str; 4] = [
     names::TC_FROM_POD,
+    names::TC_TO_POD,
     names::TC_UPLINK_INGRESS,
     names::TC_UPLINK_EGRESS,
 ];

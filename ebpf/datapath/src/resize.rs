@@ -35,7 +35,8 @@ use aya::{
 };
 use ferrox_abi::{
     AffinityKey, AffinityValue, Backend, CtEntry, CtKey, EndpointInfo, EndpointKey, NodeInfo,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
+    PolicyCtKey, PolicyCtValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    map_names,
 };
 
 use crate::{DatapathError, PinLayout, Result, Sizing};
@@ -44,7 +45,7 @@ use crate::{DatapathError, PinLayout, Result, Sizing};
 const BPF_NOEXIST: u64 = 1;
 
 /// The maps that can be given another capacity or other flags.
-pub const RESIZABLE: [&str; 7] = [
+pub const RESIZABLE: [&str; 8] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::ENDPOINTS,
@@ -52,6 +53,7 @@ pub const RESIZABLE: [&str; 7] = [
     map_names::CONNTRACK,
     map_names::SOCK_REVNAT,
     map_names::AFFINITY,
+    map_names::POLICY_CT,
 ];
 
 /// What one copy from a map into another did.
@@ -264,6 +266,9 @@ macro_rules! typed {
                 $f::<SockRevNatKey, SockRevNatValue>(map_names::SOCK_REVNAT, $($arg),*)
             }
             map_names::AFFINITY => $f::<AffinityKey, AffinityValue>(map_names::AFFINITY, $($arg),*),
+            map_names::POLICY_CT => {
+                $f::<PolicyCtKey, PolicyCtValue>(map_names::POLICY_CT, $($arg),*)
+            }
             other => Err(DatapathError::MapMissing {
                 name: RESIZABLE.iter().find(|n| **n == other).copied().unwrap_or("unknown"),
             }),
@@ -315,6 +320,14 @@ fn previous_of(name: &str) -> Option<&'static str> {
         map_names::AFFINITY => Some(map_names::AFFINITY_PREVIOUS),
         _ => None,
     }
+}
+
+/// The maps the kernel programs write: those with a previous copy the programs reach while a
+/// resize finishes, and the policy flows (which the programs do not look up in a previous
+/// copy: a flow the previous programs remembered between the copy and the move of the hooks
+/// is judged again by its next packet until the merge at the end brings it over).
+fn written_by_programs(name: &str) -> bool {
+    previous_of(name).is_some() || name == map_names::POLICY_CT
 }
 
 fn previous_map(
@@ -372,9 +385,9 @@ pub(crate) fn merge_leftovers(layout: &PinLayout) -> Result<Vec<Leftover>> {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         let current = layout.map(&name);
-        // The maps the kernel programs write (those with a previous copy the programs reach):
-        // what the previous copy gained is merged into the current one.
-        let merged = if previous_of(&name).is_some() && current.exists() {
+        // The maps the kernel programs write: what the previous copy gained is merged into the
+        // current one.
+        let merged = if written_by_programs(&name) && current.exists() {
             Some(copy(&name, &path, &current)?)
         } else {
             None

@@ -1,26 +1,27 @@
 //! How many entries the maps the kernel programs write get on this node.
 //!
-//! Those maps (conntrack, socket reverse NAT, session affinity) are LRU hashes, which the
-//! kernel preallocates at their full capacity: their size is memory the node pays for whether
-//! or not it carries that many flows. So their capacity follows the node's memory: the ceiling
-//! (the capacity in `ferrox_abi::capacity`, what the object declares) on a node of
-//! [`REFERENCE_MEMORY`] or more, in proportion to the memory on smaller nodes (rounded down to a
-//! multiple of 1,024), and never below a floor that still holds a busy small node's flows.
+//! Those maps (conntrack, socket reverse NAT, session affinity, NetworkPolicy's flows) are LRU
+//! hashes, which the kernel preallocates at their full capacity: their size is memory the node
+//! pays for whether or not it carries that many flows. So their capacity follows the node's
+//! memory: the ceiling (the capacity in `ferrox_abi::capacity`, what the object declares) on a
+//! node of [`REFERENCE_MEMORY`] or more, in proportion to the memory on smaller nodes (rounded
+//! down to a multiple of 1,024), and never below a floor that still holds a busy small node's
+//! flows.
 //!
 //! The maps only user space writes (services, backends, endpoints, nodes) are not preallocated
 //! (`BPF_F_NO_PREALLOC`: the kernel allocates an entry when the agent writes it, which costs
 //! nothing per packet), so they keep their ceiling everywhere and cost what they hold.
 //!
-//! With per-entry costs of 128 bytes (conntrack), 88 (reverse NAT) and 96 (affinity), the three
-//! take about 0.5% of the node's memory:
+//! With per-entry costs of 128 bytes (conntrack), 88 (reverse NAT), 96 (affinity) and 80
+//! (policy flows), the four take about 0.5% of the node's memory:
 //!
-//! | node memory | conntrack | socket reverse NAT | affinity | preallocated |
-//! |---|---:|---:|---:|---:|
-//! | 2.5 GiB and less | 65,536 | 32,768 | 16,384 | 12.3 MiB |
-//! | 4 GiB | 104,448 | 52,224 | 25,600 | 19.5 MiB |
-//! | 8 GiB | 208,896 | 104,448 | 52,224 | 39.1 MiB |
-//! | 16 GiB | 418,816 | 208,896 | 104,448 | 78.1 MiB |
-//! | 20 GiB and more | 524,288 | 262,144 | 131,072 | 98.0 MiB |
+//! | node memory | conntrack | socket reverse NAT | affinity | policy flows | preallocated |
+//! |---|---:|---:|---:|---:|---:|
+//! | 2.5 GiB and less | 65,536 | 32,768 | 16,384 | 16,384 | 13.5 MiB |
+//! | 4 GiB | 104,448 | 52,224 | 25,600 | 19,456 | 21.0 MiB |
+//! | 8 GiB | 208,896 | 104,448 | 52,224 | 38,912 | 42.1 MiB |
+//! | 16 GiB | 418,816 | 208,896 | 104,448 | 77,824 | 84.0 MiB |
+//! | 20 GiB and more | 524,288 | 262,144 | 131,072 | 98,304 | 105.5 MiB |
 //!
 //! The rest of the maps take about 10 MiB whatever the node (the hash tables' buckets, the
 //! Maglev outer table, the event ring, fragments, counters), plus what the maps user space
@@ -38,6 +39,7 @@ pub mod floor {
     pub const CONNTRACK: u32 = 65_536;
     pub const SOCK_REVNAT: u32 = 32_768;
     pub const AFFINITY: u32 = 16_384;
+    pub const POLICY_CT: u32 = 16_384;
 }
 
 /// Capacities of the maps the kernel programs write.
@@ -48,6 +50,8 @@ pub struct Sizing {
     pub conntrack: u32,
     pub sock_revnat: u32,
     pub affinity: u32,
+    /// Flows of pods NetworkPolicy isolates (`POLICY_CT_V1`).
+    pub policy_ct: u32,
 }
 
 /// `ceiling × memory / REFERENCE_MEMORY`, rounded down to a multiple of 1,024, within
@@ -66,6 +70,7 @@ impl Sizing {
             conntrack: scaled(capacity::CONNTRACK, floor::CONNTRACK, memory),
             sock_revnat: scaled(capacity::SOCK_REVNAT, floor::SOCK_REVNAT, memory),
             affinity: scaled(capacity::AFFINITY, floor::AFFINITY, memory),
+            policy_ct: scaled(capacity::POLICY_CT, floor::POLICY_CT, memory),
         }
     }
 
@@ -81,6 +86,7 @@ impl Sizing {
             conntrack: capacity::CONNTRACK,
             sock_revnat: capacity::SOCK_REVNAT,
             affinity: capacity::AFFINITY,
+            policy_ct: capacity::POLICY_CT,
         }
     }
 
@@ -90,6 +96,7 @@ impl Sizing {
             map_names::CONNTRACK => Some(self.conntrack),
             map_names::SOCK_REVNAT => Some(self.sock_revnat),
             map_names::AFFINITY => Some(self.affinity),
+            map_names::POLICY_CT => Some(self.policy_ct),
             _ => None,
         }
     }
@@ -123,28 +130,28 @@ mod tests {
 
     #[test]
     fn capacities_follow_memory_between_floor_and_ceiling() {
-        // (memory, conntrack, socket reverse NAT, affinity)
+        // (memory, conntrack, socket reverse NAT, affinity, policy flows)
         let table = [
-            (512 << 20, 65_536, 32_768, 16_384),
-            (GIB, 65_536, 32_768, 16_384),
-            (2 * GIB, 65_536, 32_768, 16_384),
-            (3 * GIB, 77_824, 38_912, 19_456),
+            (512 << 20, 65_536, 32_768, 16_384, 16_384),
+            (GIB, 65_536, 32_768, 16_384, 16_384),
+            (2 * GIB, 65_536, 32_768, 16_384, 16_384),
+            (3 * GIB, 77_824, 38_912, 19_456, 16_384),
             // What a 4 GiB VM reports (MemTotal is a little less than the nominal size).
-            (3_900_000 * 1024, 97_280, 48_128, 23_552),
-            (4 * GIB, 104_448, 52_224, 25_600),
-            (8 * GIB, 208_896, 104_448, 52_224),
-            (16 * GIB, 418_816, 208_896, 104_448),
-            (20 * GIB, 524_288, 262_144, 131_072),
-            (24 * GIB, 524_288, 262_144, 131_072),
-            (1024 * GIB, 524_288, 262_144, 131_072),
-            (0, 65_536, 32_768, 16_384),
-            (u64::MAX, 524_288, 262_144, 131_072),
+            (3_900_000 * 1024, 97_280, 48_128, 23_552, 17_408),
+            (4 * GIB, 104_448, 52_224, 25_600, 19_456),
+            (8 * GIB, 208_896, 104_448, 52_224, 38_912),
+            (16 * GIB, 418_816, 208_896, 104_448, 77_824),
+            (20 * GIB, 524_288, 262_144, 131_072, 98_304),
+            (24 * GIB, 524_288, 262_144, 131_072, 98_304),
+            (1024 * GIB, 524_288, 262_144, 131_072, 98_304),
+            (0, 65_536, 32_768, 16_384, 16_384),
+            (u64::MAX, 524_288, 262_144, 131_072, 98_304),
         ];
-        for (memory, ct, rnat, aff) in table {
+        for (memory, ct, rnat, aff, pct) in table {
             let s = Sizing::for_memory(memory);
             assert_eq!(
-                (s.conntrack, s.sock_revnat, s.affinity),
-                (ct, rnat, aff),
+                (s.conntrack, s.sock_revnat, s.affinity, s.policy_ct),
+                (ct, rnat, aff, pct),
                 "{memory} bytes"
             );
         }
@@ -161,6 +168,7 @@ mod tests {
         assert_eq!(s.entries(map_names::CONNTRACK), Some(104_448));
         assert_eq!(s.entries(map_names::SOCK_REVNAT), Some(52_224));
         assert_eq!(s.entries(map_names::AFFINITY), Some(25_600));
+        assert_eq!(s.entries(map_names::POLICY_CT), Some(19_456));
         assert_eq!(s.entries(map_names::SERVICES), None);
         assert_eq!(s.entries(map_names::FRAGMENTS), None);
     }

@@ -1,4 +1,4 @@
-//! Pod programs as `cls_bpf` filters at the clsact ingress of each pod's host veth.
+//! Pod programs as `cls_bpf` filters at the clsact ingress and egress of each pod's host veth.
 //!
 //! The uplink's programs are TCX links; a pod's is a netlink filter in direct-action mode,
 //! because creating a TCX link waits for an RCU grace period with RTNL held
@@ -38,11 +38,35 @@ const CLSACT_INGRESS: TcHandle = TcHandle {
     major: 0xffff,
     minor: TcHandle::MIN_INGRESS,
 };
+const CLSACT_EGRESS: TcHandle = TcHandle {
+    major: 0xffff,
+    minor: TcHandle::MIN_EGRESS,
+};
 
-/// One bpf filter at the ingress hook of an interface.
+/// Which of an interface's clsact hooks a filter sits at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilterHook {
+    /// Packets the interface receives.
+    Ingress,
+    /// Packets the interface transmits.
+    Egress,
+}
+
+impl FilterHook {
+    fn parent(self) -> TcHandle {
+        match self {
+            Self::Ingress => CLSACT_INGRESS,
+            Self::Egress => CLSACT_EGRESS,
+        }
+    }
+}
+
+/// One bpf filter at a clsact hook of an interface.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct BpfFilter {
     pub ifindex: u32,
+    pub hook: FilterHook,
     pub priority: u16,
     pub handle: u32,
     /// The name given at attach time (`TCA_BPF_NAME`): the program and bpffs root for ours.
@@ -93,12 +117,13 @@ impl TcSocket {
     pub(crate) fn set_pod_filter(
         &mut self,
         ifindex: u32,
+        hook: FilterHook,
         prog_fd: std::os::fd::BorrowedFd<'_>,
         name: &str,
         create: bool,
     ) -> io::Result<()> {
         use std::os::fd::AsRawFd as _;
-        let mut msg = pod_filter_message(ifindex);
+        let mut msg = pod_filter_message(ifindex, hook);
         msg.attributes.push(TcAttribute::Options(vec![
             TcOption::Bpf(TcFilterBpfOption::ProgFd(prog_fd.as_raw_fd() as u32)),
             TcOption::Bpf(TcFilterBpfOption::ProgName(name.into())),
@@ -109,10 +134,10 @@ impl TcSocket {
             .map(drop)
     }
 
-    /// Removes the pod filter of `ifindex` (which detaches its program); false when there was
-    /// none.
-    pub(crate) fn delete_pod_filter(&mut self, ifindex: u32) -> io::Result<bool> {
-        let msg = pod_filter_message(ifindex);
+    /// Removes the pod filter at `hook` of `ifindex` (which detaches its program); false when
+    /// there was none.
+    pub(crate) fn delete_pod_filter(&mut self, ifindex: u32, hook: FilterHook) -> io::Result<bool> {
+        let msg = pod_filter_message(ifindex, hook);
         match self.request(RouteNetlinkMessage::DelTrafficFilter(msg), 0) {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => Ok(false),
@@ -120,10 +145,10 @@ impl TcSocket {
         }
     }
 
-    /// The bpf filters at the ingress hook of `ifindex` (none without a clsact qdisc).
-    pub(crate) fn ingress_filters(&mut self, ifindex: u32) -> io::Result<Vec<BpfFilter>> {
+    /// The bpf filters at `hook` of `ifindex` (none without a clsact qdisc).
+    pub(crate) fn filters(&mut self, ifindex: u32, hook: FilterHook) -> io::Result<Vec<BpfFilter>> {
         let mut msg = TcMessage::with_index(ifindex as i32);
-        msg.header.parent = CLSACT_INGRESS;
+        msg.header.parent = hook.parent();
         let replies = match self.request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_DUMP) {
             Ok(r) => r,
             // The interface went away between listing and dumping.
@@ -133,7 +158,7 @@ impl TcSocket {
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewTrafficFilter(f) => bpf_filter(ifindex, f),
+                RouteNetlinkMessage::NewTrafficFilter(f) => bpf_filter(ifindex, hook, f),
                 _ => None,
             })
             .collect())
@@ -192,11 +217,11 @@ impl TcSocket {
     }
 }
 
-/// A request about the pod filter of `ifindex` (its hook, priority, handle and kind).
-fn pod_filter_message(ifindex: u32) -> TcMessage {
+/// A request about the pod filter at `hook` of `ifindex` (its hook, priority, handle and kind).
+fn pod_filter_message(ifindex: u32, hook: FilterHook) -> TcMessage {
     let mut msg = TcMessage::with_index(ifindex as i32);
     msg.header.handle = TcHandle::from(POD_FILTER_HANDLE);
-    msg.header.parent = CLSACT_INGRESS;
+    msg.header.parent = hook.parent();
     msg.header.info = filter_info(POD_FILTER_PRIORITY);
     msg.attributes
         .push(TcAttribute::Kind(TcFilterBpf::KIND.into()));
@@ -208,9 +233,10 @@ fn filter_info(priority: u16) -> u32 {
     (u32::from(priority) << 16) | u32::from(ETH_P_ALL.to_be())
 }
 
-fn bpf_filter(ifindex: u32, message: TcMessage) -> Option<BpfFilter> {
+fn bpf_filter(ifindex: u32, hook: FilterHook, message: TcMessage) -> Option<BpfFilter> {
     let mut filter = BpfFilter {
         ifindex,
+        hook,
         priority: (message.header.info >> 16) as u16,
         handle: message.header.handle.into(),
         name: String::new(),
@@ -262,16 +288,20 @@ mod tests {
             TcOption::Bpf(TcFilterBpfOption::ProgId(42)),
             TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
         ]));
-        let f = bpf_filter(7, m.clone()).unwrap();
+        let f = bpf_filter(7, FilterHook::Ingress, m.clone()).unwrap();
         assert!(f.is_pod_filter("tc_from_pod"));
         assert!(!f.is_pod_filter("tc_uplink_ingress"));
         assert_eq!((f.prog_id, f.direct_action), (42, true));
 
         let mut head = m.clone();
         head.attributes.truncate(1);
-        assert_eq!(bpf_filter(7, head), None, "a chain head has no program");
+        assert_eq!(
+            bpf_filter(7, FilterHook::Ingress, head),
+            None,
+            "a chain head has no program"
+        );
         let mut u32_filter = m;
         u32_filter.attributes[0] = TcAttribute::Kind("u32".into());
-        assert_eq!(bpf_filter(7, u32_filter), None);
+        assert_eq!(bpf_filter(7, FilterHook::Ingress, u32_filter), None);
     }
 }

@@ -19,16 +19,23 @@ const XDP_MD_INGRESS_IFINDEX: usize = 12;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcProgram {
     FromPod,
+    ToPod,
     UplinkIngress,
     UplinkEgress,
 }
 
 impl TcProgram {
-    pub const ALL: [Self; 3] = [Self::FromPod, Self::UplinkIngress, Self::UplinkEgress];
+    pub const ALL: [Self; 4] = [
+        Self::FromPod,
+        Self::ToPod,
+        Self::UplinkIngress,
+        Self::UplinkEgress,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Self::FromPod => names::TC_FROM_POD,
+            Self::ToPod => names::TC_TO_POD,
             Self::UplinkIngress => names::TC_UPLINK_INGRESS,
             Self::UplinkEgress => names::TC_UPLINK_EGRESS,
         }

@@ -664,6 +664,7 @@ fn play(dp: &mut Datapath, rows: &[Row], snat_port: &mut u16) -> Vec<String> {
         }
         let hook = match row.program {
             Prog::Tc(TcProgram::FromPod) => Hook::TcFromPod,
+            Prog::Tc(TcProgram::ToPod) => Hook::TcToPod,
             Prog::Tc(TcProgram::UplinkIngress) => Hook::TcUplinkIngress,
             Prog::Tc(TcProgram::UplinkEgress) => Hook::TcUplinkEgress,
             Prog::Xdp => Hook::XdpUplink,
@@ -1575,6 +1576,7 @@ fn while_a_conntrack_resize_finishes_flows_are_seen_in_both_maps() {
             conntrack: 4096,
             sock_revnat: 2048,
             affinity: 1024,
+            policy_ct: 1024,
         };
         let mut dp = Datapath::open_with(&layout, &small).unwrap();
         backend(&mut dp, 1, LOCAL_POD, 8080, proto::TCP, true);

@@ -14,7 +14,8 @@ use std::path::Path;
 
 use aya::{maps::MapInfo, programs::ProgramInfo};
 use ferrox_abi::{
-    CtEntry, CtKey, ServiceKey, ServiceValue, capacity, ct_flags, map_names, program_names,
+    CtEntry, CtKey, PolicyCtKey, PolicyCtValue, ServiceKey, ServiceValue, capacity, ct_flags,
+    map_names, policy_direction, program_names,
 };
 use ferrox_datapath::{Datapath, MapCopy, PinLayout, Sizing, bpffs::ScratchBpffs};
 
@@ -50,6 +51,7 @@ fn sizing(conntrack: u32, sock_revnat: u32, affinity: u32) -> Sizing {
         conntrack,
         sock_revnat,
         affinity,
+        policy_ct: 16_384,
     }
 }
 
@@ -61,7 +63,7 @@ fn capacity_of(layout: &PinLayout, name: &str) -> (u32, u32, u32) {
 /// The maps a pinned program runs against.
 /// The program a pod's hook runs (its filter's, or an earlier version's link's).
 fn pod_program(layout: &PinLayout, host_ifname: &str) -> u32 {
-    ferrox_datapath::pod_hook(layout, host_ifname)
+    ferrox_datapath::pod_hook(layout, host_ifname, ferrox_datapath::PodSide::FromPod)
         .unwrap()
         .expect("the pod program is attached")
         .prog_id()
@@ -325,6 +327,7 @@ fn the_flow_maps_of_a_4_gib_node_take_a_fifth_of_a_20_gib_nodes() {
     assert_eq!(dp.maps().conntrack.capacity(), small.conntrack);
     assert_eq!(dp.maps().sock_revnat.capacity(), small.sock_revnat);
     assert_eq!(dp.maps().affinity.capacity(), small.affinity);
+    assert_eq!(dp.maps().policy_ct.capacity(), small.policy_ct);
     let total: u64 = ferrox_datapath::map_memory(&layout)
         .unwrap()
         .iter()
@@ -377,5 +380,71 @@ fn the_previous_flow_maps_are_reachable_by_the_programs_until_the_resize_ends() 
     dp.finish_upgrade().unwrap();
     for (_, outer) in outers {
         assert!(previous_ids(&layout, outer).is_empty(), "{outer}");
+    }
+}
+
+/// The policy flows (`POLICY_CT_V1`) follow the node's memory like the other flow maps: grown,
+/// the map keeps every remembered flow, and what the previous programs remembered after the
+/// copy is merged when the upgrade finishes (so replies of allowed flows keep passing).
+#[test]
+fn policy_flows_survive_a_resize() {
+    let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-resize-test").unwrap();
+    let layout = bpffs.layout();
+    let pkey = |n: u32| PolicyCtKey {
+        pod: u32::from_ne_bytes([10, 244, 1, 5]),
+        peer: u32::from_ne_bytes([10, 244, 2, 7]),
+        pod_port: (40_000 + n as u16).to_be(),
+        peer_port: 80u16.to_be(),
+        proto: 6,
+        direction: policy_direction::EGRESS,
+        _pad: [0; 2],
+    };
+    let value = PolicyCtValue {
+        policy: 7,
+        rule: 1,
+        _pad: 0,
+    };
+    let small = Sizing {
+        policy_ct: 16_384,
+        ..sizing(16_384, 2048, 1024)
+    };
+    let mut dp = Datapath::open_with(&layout, &small).unwrap();
+    for n in 0..200 {
+        dp.maps_mut().policy_ct.insert(&pkey(n), &value).unwrap();
+    }
+    drop(dp);
+    let larger = Sizing {
+        policy_ct: 32_768,
+        ..small
+    };
+    let mut dp = Datapath::open_with(&layout, &larger).unwrap();
+    let resized: Vec<_> = dp
+        .resized()
+        .iter()
+        .map(|r| (r.map, r.from_entries, r.to_entries, r.copy.copied))
+        .collect();
+    assert_eq!(resized, [(map_names::POLICY_CT, 16_384, 32_768, 200)]);
+    assert_eq!(dp.maps().policy_ct.capacity(), 32_768);
+    // A flow the previous programs remember before their hooks move.
+    let staged = layout.maps_dir().join("resize").join(map_names::POLICY_CT);
+    {
+        let data = aya::maps::MapData::from_pin(&staged).unwrap();
+        let map = aya::maps::Map::from_map_data(data).unwrap();
+        let mut previous: aya::maps::HashMap<_, PolicyCtKey, PolicyCtValue> =
+            aya::maps::HashMap::try_from(map).unwrap();
+        previous.insert(&pkey(500), &value, 0).unwrap();
+    }
+    let finished = dp.finish_upgrade().unwrap();
+    assert_eq!(
+        finished
+            .leftovers
+            .iter()
+            .map(|l| (l.map.as_str(), l.merged.map(|m| m.copied)))
+            .collect::<Vec<_>>(),
+        [(map_names::POLICY_CT, Some(1))]
+    );
+    assert!(!staged.exists());
+    for n in (0..200).chain([500]) {
+        assert_eq!(dp.maps().policy_ct.get(&pkey(n)).unwrap(), Some(value));
     }
 }

@@ -130,6 +130,7 @@ fn cases() -> Vec<Case> {
 fn hook_of(p: TcProgram) -> Hook {
     match p {
         TcProgram::FromPod => Hook::TcFromPod,
+        TcProgram::ToPod => Hook::TcToPod,
         TcProgram::UplinkIngress => Hook::TcUplinkIngress,
         TcProgram::UplinkEgress => Hook::TcUplinkEgress,
     }
@@ -149,7 +150,12 @@ fn tc_programs_classify_count_and_pass_or_drop() {
     let bpffs = ScratchBpffs::new(Path::new("/run"), "ferrox-dp-test").unwrap();
     let mut dp = Datapath::open(&bpffs.layout()).unwrap();
     let mut failures = Vec::new();
-    for program in TcProgram::ALL {
+    // The program into a pod classifies nothing for a pod no policy isolates (the host already
+    // accepted and routed the packet): its table is in tests/tests/policy_tables.rs.
+    for program in TcProgram::ALL
+        .into_iter()
+        .filter(|p| *p != TcProgram::ToPod)
+    {
         for case in cases() {
             let bytes = case.packet.build();
             let before = all_counters(&dp);

@@ -15,7 +15,7 @@ use std::path::Path;
 use aya::programs::{SchedClassifier, TcAttachType, tc::TcAttach};
 use ferrox_abi::{CtEntry, CtEntryV1, CtKey, ct_flags, fwd_flags, map_names, program_names};
 use ferrox_datapath::{
-    ConntrackCopy, Datapath, PinLayout, PodAttach, bpffs::ScratchBpffs, pinned_link_info,
+    ConntrackCopy, Datapath, PinLayout, PodAttach, PodSide, bpffs::ScratchBpffs, pinned_link_info,
 };
 
 mod netns;
@@ -117,6 +117,7 @@ fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
         ("pod2", "pod2p"),
         ("pod3", "pod3p"),
         ("pod4", "pod4p"),
+        ("pod5", "pod5p"),
     ] {
         ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
         ns.ip(&["link", "set", a, "up"]);
@@ -130,6 +131,18 @@ fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
         // pod4: attached by the CNI plugin for a pod whose egress the bandwidth plugin shapes
         // (a TCX link: the ingress qdisc is the bandwidth plugin's).
         ferrox_datapath::attach_pod(&layout, "pod4", PodAttach::Link).unwrap();
+        // pod5: a filter out of the pod only, as versions before the program into the pod
+        // attached it.
+        ferrox_datapath::attach_pod(&layout, "pod5", PodAttach::Filter).unwrap();
+        let del = std::process::Command::new("tc")
+            .args(["filter", "del", "dev", "pod5", "egress"])
+            .status()
+            .unwrap();
+        assert!(del.success());
+        assert_eq!(
+            ferrox_datapath::pod_hook(&layout, "pod5", PodSide::ToPod).unwrap(),
+            None
+        );
         // pod2 and pod3: links pinned by an earlier version, running another program (here
         // the uplink's egress program stands in for the previous pod program).
         let mut other =
@@ -156,6 +169,11 @@ fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
             .info()
             .unwrap()
             .id();
+        let current_to_pod = SchedClassifier::from_pin(layout.program(program_names::TC_TO_POD))
+            .unwrap()
+            .info()
+            .unwrap()
+            .id();
         // pod3's interface goes away without a CNI DEL.
         ferrox_datapath::ifindex("pod3").unwrap();
         std::process::Command::new("ip")
@@ -163,14 +181,27 @@ fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
             .status()
             .unwrap();
 
-        let mut got = dp.update_pod_links().unwrap();
-        got.updated.sort();
-        got.current.sort();
+        let got = dp.update_pod_links().unwrap();
         assert_eq!(got.updated, ["pod2"]);
         assert_eq!(got.current, ["pod1", "pod4"]);
+        // Pods attached without the program into the pod get it, the way their other side is
+        // attached.
+        assert_eq!(got.added, ["pod2", "pod5"]);
         assert_eq!(got.defunct, ["pod3"]);
         assert_eq!(
-            ferrox_datapath::pod_hook(&layout, "pod1").unwrap(),
+            ferrox_datapath::pod_hook(&layout, "pod5", PodSide::ToPod).unwrap(),
+            Some(ferrox_datapath::PodHook::Filter {
+                ifindex: ferrox_datapath::ifindex("pod5").unwrap(),
+                prog_id: current_to_pod
+            }),
+            "pod5 got a filter into the pod"
+        );
+        for pod in ["pod2", "pod4"] {
+            let info = pinned_link_info(&layout.to_pod_link(pod)).unwrap();
+            assert_eq!(info.prog_id, current_to_pod, "{pod}'s link into the pod");
+        }
+        assert_eq!(
+            ferrox_datapath::pod_hook(&layout, "pod1", PodSide::FromPod).unwrap(),
             Some(ferrox_datapath::PodHook::Filter {
                 ifindex: ferrox_datapath::ifindex("pod1").unwrap(),
                 prog_id: current
@@ -187,6 +218,7 @@ fn pod_links_move_to_the_current_program_and_defunct_ones_are_reported() {
         }
         let again = dp.update_pod_links().unwrap();
         assert!(again.updated.is_empty(), "{again:?}");
-        assert_eq!(again.current.len(), 3);
+        assert!(again.added.is_empty(), "{again:?}");
+        assert_eq!(again.current, ["pod1", "pod2", "pod4", "pod5"]);
     });
 }

@@ -17,7 +17,7 @@ use crate::{
     icmp::icmp,
     maps::{CONFIG_V1, SVC_V1},
     packet::{ETH_HLEN, Frame as _, Ipv4Hdr},
-    policy,
+    policy::{self, Sides},
     tunnel::{fits_wrapped, reached_in_ipip},
 };
 
@@ -28,12 +28,18 @@ use crate::{
 pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
     let (reason, action, daddr) = match parse(ctx) {
         Parsed::Other(r) => {
-            let (r, a) = policy::other_l4(ctx, Hook::TcFromPod, r, action_of::<TcContext>(r));
+            let (r, a) = policy::other_l4(
+                ctx,
+                Hook::TcFromPod,
+                Sides::Both,
+                r,
+                action_of::<TcContext>(r),
+            );
             (r, a, 0)
         }
         Parsed::Icmp(m) => {
             let (r, a) = icmp(ctx, &m);
-            let (r, a) = policy::untranslated_icmp(ctx, Hook::TcFromPod, &m, r, a);
+            let (r, a) = policy::untranslated_icmp(ctx, Hook::TcFromPod, Sides::Both, &m, r, a);
             (r, a, m.daddr)
         }
         Parsed::Flow(flow) => {
@@ -43,7 +49,7 @@ pub(crate) fn from_pod(ctx: &TcContext) -> i32 {
             };
             // The pod's egress policy, and a local destination's ingress policy (a translated
             // flow was judged by the translation).
-            let (r, a) = policy::untranslated_flow(Hook::TcFromPod, &flow, r, a);
+            let (r, a) = policy::untranslated_flow(Hook::TcFromPod, Sides::Both, &flow, r, a);
             (r, a, flow.daddr)
         }
     };

@@ -24,6 +24,7 @@ mod packet;
 mod policy;
 mod resizing;
 mod sock_lb;
+mod to_pod;
 mod tunnel;
 mod uplink;
 
@@ -61,6 +62,12 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
     from_pod::from_pod(&ctx)
+}
+
+/// Packets the host hands to a pod (TC egress of its host-side veth).
+#[classifier]
+pub fn tc_to_pod(ctx: TcContext) -> i32 {
+    to_pod::to_pod(&ctx)
 }
 
 /// Packets entering the node from its uplink.

@@ -20,9 +20,8 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, maps::lpm_trie::Key as LpmKey, programs::TcContext};
 use ferrox_abi::{
     CtEntry, EndpointKey, Hook, IpcacheKey, POD_GATEWAY, POLICY_ANY_IDENTITY,
-    POLICY_CT_NOT_ISOLATED, POLICY_WORLD_IDENTITY, PolicyCtKey, PolicyCtValue, PolicyEndpoint,
-    PolicyKey, Reason, Verdict, ct_flags, policy_direction, policy_filter_slot, policy_isolation,
-    proto,
+    POLICY_CT_NOT_ISOLATED, POLICY_WORLD_IDENTITY, PolicyCtKey, PolicyCtValue, PolicyKey, Reason,
+    Verdict, policy_direction, policy_filter_slot, policy_isolation, proto,
 };
 
 use crate::{
@@ -88,7 +87,7 @@ impl Judgement {
 
 /// Whether `addr` may be an isolated local pod's (the filter's slot is set; a miss is certain).
 #[inline(always)]
-fn maybe_isolated(addr: u32) -> bool {
+pub(crate) fn maybe_isolated(addr: u32) -> bool {
     POLICY_ON_V1
         .get(policy_filter_slot(addr))
         .is_some_and(|on| *on != 0)
@@ -107,24 +106,38 @@ pub(crate) fn concerns_translated(flow: &Flow, entry: *const CtEntry) -> bool {
     concerns(flow.saddr, unsafe { (*entry).nat_daddr })
 }
 
+/// Which ends of a packet a hook judges: both where it leaves a pod or enters the node (the
+/// receiver's side too, for what is handed straight into a pod), the receiver's only where the
+/// host hands it to a pod (its sender's, if a local pod, was judged as it left).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sides {
+    Both,
+    Receiver,
+}
+
 /// `Ok` when policy lets the packet go; else the drop reason (its source may not send it, or
 /// its destination may not receive it).
 #[inline(always)]
-pub(crate) fn check(j: &Judged) -> Result<Judgement, Reason> {
-    if !concerns(j.sent.saddr, j.received.daddr) {
+pub(crate) fn check(j: &Judged, sides: Sides) -> Result<Judgement, Reason> {
+    let concerned = match sides {
+        Sides::Both => concerns(j.sent.saddr, j.received.daddr),
+        Sides::Receiver => maybe_isolated(j.received.daddr),
+    };
+    if !concerned {
         return Ok(Judgement::Passed);
     }
-    judge(j)
+    judge(j, sides)
 }
 
 /// The ICMP messages judged as flows: echo requests and replies (their identifier stands for
 /// both ports, so a reply finds its request's entry) and anything not an error. Errors (about a
 /// flow that passed) go through, as the kernel's conntrack lets related errors through.
 #[inline(always)]
-pub(crate) fn check_icmp(ctx: &TcContext, m: &IcmpPacket) -> Result<Judgement, Reason> {
-    if !concerns(m.saddr, m.daddr) {
-        return Ok(Judgement::Passed);
-    }
+pub(crate) fn check_icmp(
+    ctx: &TcContext,
+    m: &IcmpPacket,
+    sides: Sides,
+) -> Result<Judgement, Reason> {
     let Ok(head) = ctx.load::<[u8; 8]>(m.l4_off) else {
         return Ok(Judgement::Passed);
     };
@@ -141,83 +154,71 @@ pub(crate) fn check_icmp(ctx: &TcContext, m: &IcmpPacket) -> Result<Judgement, R
         sport: id,
         dport: id,
     };
-    judge(&Judged {
-        proto: proto::ICMP,
-        sent: v,
-        received: v,
-    })
+    check(
+        &Judged {
+            proto: proto::ICMP,
+            sent: v,
+            received: v,
+        },
+        sides,
+    )
 }
 
 /// A packet of a translated flow (its conntrack entry `entry`), before it is translated, at TC
-/// (XDP sends nothing into or out of a local pod): judged as each end sees the flow, a backend
-/// with its real client, a client with the backend it reached. A function of its own (a
-/// BPF-to-BPF call next to the translation's, not under it: the stack allows two levels).
+/// (XDP sends nothing into or out of a local pod): its sender sees it as it is, its receiver as
+/// it will be, so each end remembers the flow as its socket sees it (a pod whose packets to a
+/// Service are translated per packet remembers the frontend, which its replies come from);
+/// each end is judged against the real other end (a client against the backend it reached, a
+/// backend against its client). A function of its own (a BPF-to-BPF call next to the
+/// translation's, not under it: the stack allows two levels).
 #[inline(never)]
 pub(crate) fn translated(flow: &Flow, entry: *const CtEntry) -> Result<Judgement, Reason> {
     // SAFETY: `entry` comes from a successful lookup; the fields read never change after the
     // entry is created.
-    let (nat_saddr, nat_daddr, nat_sport, nat_dport, flags) = unsafe {
-        (
-            (*entry).nat_saddr,
-            (*entry).nat_daddr,
-            (*entry).nat_sport,
-            (*entry).nat_dport,
-            (*entry).flags,
-        )
-    };
-    let (to, from) = if flags & ct_flags::REPLY != 0 {
-        ((flow.daddr, flow.dport), (flow.saddr, flow.sport))
-    } else {
-        ((nat_daddr, nat_dport), (nat_saddr, nat_sport))
+    let received = unsafe {
+        View {
+            saddr: (*entry).nat_saddr,
+            daddr: (*entry).nat_daddr,
+            sport: (*entry).nat_sport,
+            dport: (*entry).nat_dport,
+        }
     };
     judged(&Judged {
         proto: flow.proto,
         sent: View {
             saddr: flow.saddr,
             sport: flow.sport,
-            daddr: to.0,
-            dport: to.1,
+            daddr: flow.daddr,
+            dport: flow.dport,
         },
-        received: View {
-            saddr: from.0,
-            sport: from.1,
-            daddr: nat_daddr,
-            dport: nat_dport,
-        },
+        received,
     })
 }
 
-/// Both ends' checks. A function of its own (a BPF-to-BPF call): the per-packet paths that
-/// call it keep their stacks.
+/// The checks of `sides`. Functions of their own (BPF-to-BPF calls): the per-packet paths that
+/// call them keep their stacks.
+#[inline(always)]
+fn judge(j: &Judged, sides: Sides) -> Result<Judgement, Reason> {
+    match sides {
+        Sides::Both => judge_both(j),
+        Sides::Receiver => judge_receiver(j),
+    }
+}
+
 #[inline(never)]
-fn judge(j: &Judged) -> Result<Judgement, Reason> {
+fn judge_both(j: &Judged) -> Result<Judgement, Reason> {
     judged(j)
+}
+
+#[inline(never)]
+fn judge_receiver(j: &Judged) -> Result<Judgement, Reason> {
+    ingress_side(j)
 }
 
 #[inline(always)]
 fn judged(j: &Judged) -> Result<Judgement, Reason> {
-    let (s, r) = (&j.sent, &j.received);
-    // Each side's endpoint is looked up only where the filter says it may be isolated.
-    let egress = side(
-        j.proto,
-        s.saddr,
-        s.sport,
-        s.daddr,
-        s.dport,
-        policy_direction::EGRESS,
-    )?;
-    let ingress = if from_this_node(r.saddr) {
-        Judgement::Passed
-    } else {
-        side(
-            j.proto,
-            r.daddr,
-            r.dport,
-            r.saddr,
-            r.sport,
-            policy_direction::INGRESS,
-        )?
-    };
+    let egress = egress_side(j)?;
+    let ingress = ingress_side(j)?;
     Ok(
         if egress == Judgement::NewAllowed || ingress == Judgement::NewAllowed {
             Judgement::NewAllowed
@@ -227,48 +228,88 @@ fn judged(j: &Judged) -> Result<Judgement, Reason> {
     )
 }
 
-/// One pod's side (`pod`:`pod_port` with `peer`:`peer_port`, judged in `direction`): passed
-/// when `pod` is no isolated local pod; else as [`allowed`] says, denied with the direction's
-/// reason. The policy port is the destination's: the peer's for egress, the pod's for ingress.
+/// The sender's side: remembered as it sent the packet, judged against the real destination
+/// and its port (the backend a Service translated to).
 #[inline(always)]
-fn side(
-    proto: u8,
+fn egress_side(j: &Judged) -> Result<Judgement, Reason> {
+    let (s, r) = (&j.sent, &j.received);
+    side(
+        &Side {
+            pod: s.saddr,
+            pod_port: s.sport,
+            peer: s.daddr,
+            peer_port: s.dport,
+            who: r.daddr,
+            port: r.dport,
+            direction: policy_direction::EGRESS,
+        },
+        j.proto,
+        false,
+    )
+}
+
+/// The receiver's side: remembered as it receives the packet, judged against the real source
+/// (the client a translation hid) and its own port. Packets from this node's address or the pod
+/// gateway pass (kubelet probes, SNATed NodePort traffic, a pod reaching itself through a
+/// Service), and are remembered so that their replies pass an isolated egress.
+#[inline(always)]
+fn ingress_side(j: &Judged) -> Result<Judgement, Reason> {
+    let (s, r) = (&j.sent, &j.received);
+    side(
+        &Side {
+            pod: r.daddr,
+            pod_port: r.dport,
+            peer: r.saddr,
+            peer_port: r.sport,
+            who: s.saddr,
+            port: r.dport,
+            direction: policy_direction::INGRESS,
+        },
+        j.proto,
+        from_this_node(r.saddr),
+    )
+}
+
+/// One pod's side of a flow: `pod`:`pod_port` with `peer`:`peer_port` as the pod sees it (the
+/// key it is remembered under), judged in `direction` against `who`'s identity and the
+/// destination port `port` (network byte order).
+struct Side {
     pod: u32,
     pod_port: u16,
     peer: u32,
     peer_port: u16,
+    who: u32,
+    port: u16,
     direction: u8,
-) -> Result<Judgement, Reason> {
-    if !maybe_isolated(pod) {
+}
+
+/// Passed when `pod` is no isolated local pod; else as [`allowed`] says, denied with the
+/// direction's reason. `trusted`: allowed whatever the policies say (still remembered).
+#[inline(always)]
+fn side(s: &Side, proto: u8, trusted: bool) -> Result<Judgement, Reason> {
+    if !maybe_isolated(s.pod) {
         return Ok(Judgement::Passed);
     }
     // SAFETY: hash map values are read once, by copy.
-    let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: pod }) }.copied() else {
+    let Some(ep) = unsafe { POLICY_EP_V1.get(&EndpointKey { addr: s.pod }) }.copied() else {
         return Ok(Judgement::Passed);
     };
     let key = PolicyCtKey {
-        pod,
-        peer,
-        pod_port,
-        peer_port,
+        pod: s.pod,
+        peer: s.peer,
+        pod_port: s.pod_port,
+        peer_port: s.peer_port,
         proto,
-        direction,
+        direction: s.direction,
         _pad: [0; 2],
     };
-    let (isolation, port, denied) = if direction == policy_direction::EGRESS {
-        (
-            policy_isolation::EGRESS,
-            peer_port,
-            Reason::DropPolicyEgress,
-        )
+    let (isolation, denied) = if s.direction == policy_direction::EGRESS {
+        (policy_isolation::EGRESS, Reason::DropPolicyEgress)
     } else {
-        (
-            policy_isolation::INGRESS,
-            pod_port,
-            Reason::DropPolicyIngress,
-        )
+        (policy_isolation::INGRESS, Reason::DropPolicyIngress)
     };
-    allowed(&ep, isolation, &key, port)?.ok_or(denied)
+    let isolated = if trusted { 0 } else { ep.isolated & isolation };
+    allowed(isolated, &key, s.who, s.port)?.ok_or(denied)
 }
 
 /// This node's own address, or the pod gateway (the source of a pod's flow to itself through a
@@ -282,15 +323,15 @@ fn from_this_node(addr: u32) -> bool {
 }
 
 /// One pod's side of a flow (`key`, with the direction it is judged in): a flow already
-/// remembered in either direction passes; a new one passes when the pod is not isolated in this
-/// direction or an entry allows the peer's identity (or any peer) with the protocol and
+/// remembered in either direction passes; a new one passes when the pod is not `isolated` in
+/// this direction or an entry allows `who`'s identity (or any peer) with the protocol and
 /// `port`, and is then remembered. `None`: denied. `Err`: allowed but not remembered (the map
 /// refused it).
 #[inline(always)]
 fn allowed(
-    ep: &PolicyEndpoint,
-    isolation: u32,
+    isolated: u32,
     key: &PolicyCtKey,
+    who: u32,
     port: u16,
 ) -> Result<Option<Judgement>, Reason> {
     if POLICY_CT_V1.get_ptr(key).is_some() {
@@ -301,14 +342,14 @@ fn allowed(
     if POLICY_CT_V1.get_ptr(&other).is_some() {
         return Ok(Some(Judgement::Passed));
     }
-    let value = if ep.isolated & isolation == 0 {
+    let value = if isolated == 0 {
         PolicyCtValue {
             policy: POLICY_CT_NOT_ISOLATED,
             ..PolicyCtValue::default()
         }
     } else {
         let identity = IPCACHE_V1
-            .get(&LpmKey::new(32, IpcacheKey { addr: key.peer }))
+            .get(&LpmKey::new(32, IpcacheKey { addr: who }))
             .map_or(POLICY_WORLD_IDENTITY, |v| v.identity);
         let port = u16::from_be(port);
         let lookup = |identity: u32| {
@@ -339,6 +380,7 @@ fn allowed(
 #[inline(always)]
 pub(crate) fn untranslated_flow(
     hook: Hook,
+    sides: Sides,
     flow: &Flow,
     reason: Reason,
     action: i32,
@@ -346,7 +388,7 @@ pub(crate) fn untranslated_flow(
     if reason.verdict() != Verdict::Pass {
         return (reason, action);
     }
-    match check(&Judged::untranslated(flow)) {
+    match check(&Judged::untranslated(flow), sides) {
         Ok(j) => {
             j.count(hook);
             (reason, action)
@@ -363,6 +405,7 @@ pub(crate) fn untranslated_flow(
 pub(crate) fn untranslated_icmp(
     ctx: &TcContext,
     hook: Hook,
+    sides: Sides,
     m: &IcmpPacket,
     reason: Reason,
     action: i32,
@@ -370,7 +413,7 @@ pub(crate) fn untranslated_icmp(
     if reason.verdict() != Verdict::Pass {
         return (reason, action);
     }
-    match check_icmp(ctx, m) {
+    match check_icmp(ctx, m, sides) {
         Ok(j) => {
             j.count(hook);
             (reason, action)
@@ -386,7 +429,13 @@ pub(crate) fn untranslated_icmp(
 /// protocol: SCTP with its ports (the first four bytes of its header, as in TCP and UDP), any
 /// other with none, so only a rule allowing every protocol lets it through an isolation.
 #[inline(always)]
-pub(crate) fn other_l4(ctx: &TcContext, hook: Hook, reason: Reason, action: i32) -> (Reason, i32) {
+pub(crate) fn other_l4(
+    ctx: &TcContext,
+    hook: Hook,
+    sides: Sides,
+    reason: Reason,
+    action: i32,
+) -> (Reason, i32) {
     if reason != Reason::PassOtherL4 {
         return (reason, action);
     }
@@ -395,9 +444,6 @@ pub(crate) fn other_l4(ctx: &TcContext, hook: Hook, reason: Reason, action: i32)
     };
     // SAFETY: `header` checked that a whole `Ipv4Hdr` lies inside the frame.
     let ip = unsafe { ip.read_unaligned() };
-    if !concerns(ip.saddr, ip.daddr) {
-        return (reason, action);
-    }
     let l4_off = ETH_HLEN + usize::from(ip.version_ihl & 0x0f) * 4;
     let [sport, dport] = match ctx.header::<[u16; 2]>(l4_off) {
         // SAFETY: as above, for the four port bytes.
@@ -410,11 +456,12 @@ pub(crate) fn other_l4(ctx: &TcContext, hook: Hook, reason: Reason, action: i32)
         sport,
         dport,
     };
-    match judge(&Judged {
+    let j = Judged {
         proto: ip.proto,
         sent: v,
         received: v,
-    }) {
+    };
+    match check(&j, sides) {
         Ok(j) => {
             j.count(hook);
             (reason, action)

@@ -25,7 +25,8 @@ use crate::{
     maps::{CONFIG_V1, ENDPOINTS_V1, SVC_V1},
     nat::rewrite,
     packet::{Frame as _, Hooked, IP_DADDR_OFF},
-    policy, tunnel,
+    policy::{self, Sides},
+    tunnel,
 };
 
 /// Uplink ingress: decapsulate IP-in-IP from the cluster's nodes, then translate external flows
@@ -45,9 +46,13 @@ pub(crate) fn uplink_ingress(ctx: &TcContext) -> i32 {
         }
     };
     let (reason, mut action) = match parse(ctx) {
-        Parsed::Other(r) => {
-            policy::other_l4(ctx, Hook::TcUplinkIngress, r, action_of::<TcContext>(r))
-        }
+        Parsed::Other(r) => policy::other_l4(
+            ctx,
+            Hook::TcUplinkIngress,
+            Sides::Both,
+            r,
+            action_of::<TcContext>(r),
+        ),
         // Unwrapped traffic is between pods (only pod blocks are reached in IP-in-IP): its
         // destination is never a frontend, so only a flow translated elsewhere (whose reply
         // this may be) is looked up, no service.
@@ -60,11 +65,11 @@ pub(crate) fn uplink_ingress(ctx: &TcContext) -> i32 {
             };
             // Into a local pod untranslated: its ingress policy (a translated flow was judged
             // by the translation).
-            policy::untranslated_flow(Hook::TcUplinkIngress, &flow, r, a)
+            policy::untranslated_flow(Hook::TcUplinkIngress, Sides::Both, &flow, r, a)
         }
         Parsed::Icmp(m) => {
             let (r, a) = icmp(ctx, &m);
-            policy::untranslated_icmp(ctx, Hook::TcUplinkIngress, &m, r, a)
+            policy::untranslated_icmp(ctx, Hook::TcUplinkIngress, Sides::Both, &m, r, a)
         }
     };
     if decapsulated && action == TC_ACT_UNSPEC {

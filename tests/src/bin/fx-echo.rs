@@ -117,6 +117,9 @@ enum Cmd {
         targets: Vec<String>,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// TCP only: connect from this local address (one of the namespace's own).
+        #[arg(long)]
+        from: Option<std::net::Ipv4Addr>,
     },
     Stream {
         target: SocketAddr,
@@ -192,7 +195,8 @@ fn main() {
         Cmd::Probe {
             targets,
             timeout_ms,
-        } => probe(&targets, Duration::from_millis(timeout_ms)),
+            from,
+        } => probe(&targets, Duration::from_millis(timeout_ms), from),
         Cmd::HttpGet { target, path } => {
             let line = http_get(target, &path);
             let failed = line.get("error").is_some();
@@ -667,7 +671,7 @@ fn rr(target: SocketAddr, count: usize, warmup: usize) {
     std::process::exit(i32::from(!failures.is_empty()));
 }
 
-fn probe(targets: &[String], timeout: Duration) {
+fn probe(targets: &[String], timeout: Duration, from: Option<std::net::Ipv4Addr>) {
     let calls: Vec<_> = targets
         .iter()
         .map(|t| {
@@ -677,7 +681,10 @@ fn probe(targets: &[String], timeout: Duration) {
                 let addr: SocketAddr = addr.parse().expect("ADDR:PORT");
                 let backend = match proto {
                     "tcp" => {
-                        let line = call_tcp(addr, timeout);
+                        let line = match from {
+                            Some(ip) => call_tcp_from(SocketAddr::from((ip, 0)), addr, timeout),
+                            None => call_tcp(addr, timeout),
+                        };
                         line.get("error")
                             .is_none()
                             .then(|| line["backend"].as_str().unwrap_or_default().to_owned())

@@ -1002,18 +1002,20 @@ fn maps_by_node(sizes_gib: &[u64], services: u32) -> Vec<Value> {
         }
         let filled = total(&layout);
         eprintln!(
-            "maps of a {gib} GiB node: {:.1} MiB empty, {:.1} MiB with {services} Services x 10 endpoints (conntrack {}, reverse NAT {}, affinity {})",
+            "maps of a {gib} GiB node: {:.1} MiB empty, {:.1} MiB with {services} Services x 10 endpoints (conntrack {}, reverse NAT {}, affinity {}, policy flows {})",
             empty as f64 / 1_048_576.0,
             filled as f64 / 1_048_576.0,
             sizing.conntrack,
             sizing.sock_revnat,
-            sizing.affinity
+            sizing.affinity,
+            sizing.policy_ct
         );
         rows.push(json!({
             "node_memory_gib": gib,
             "conntrack": sizing.conntrack,
             "sock_revnat": sizing.sock_revnat,
             "affinity": sizing.affinity,
+            "policy_ct": sizing.policy_ct,
             "empty_bytes": empty,
             "services": services,
             "filled_bytes": filled,

@@ -1,8 +1,9 @@
 //! Section 8: what NetworkPolicy costs (issue #19, item 3). Per packet, at the pod's veth
-//! (BPF_PROG_TEST_RUN of `tc_from_pod`): no policy on the node, policies on the node but none
-//! selecting the pod, and the pod selected by 1, 100 and 1,000 policies, for a flow already
-//! remembered (repeatable, amortised over many passes) and for new flows (single runs, each a new
-//! source port, test-run overhead included, next to the same single runs without policy).
+//! (BPF_PROG_TEST_RUN of `tc_from_pod`, and of `tc_to_pod` for the replies the host hands to the
+//! pod): no policy on the node, policies on the node but none selecting the pod, and the pod
+//! selected by 1, 100 and 1,000 policies, for a flow already remembered (repeatable, amortised
+//! over many passes) and for new flows (single runs, each a new source port, test-run overhead
+//! included, next to the same single runs without policy).
 //! Programming: compiling 1,000 policies over 10,000 pods for a node's 100 pods, writing the
 //! tables into the kernel's maps, rewriting them unchanged and after one policy changed, and
 //! the maps' kernel memory.
@@ -117,6 +118,19 @@ pub fn policy_costs(runs: u32, quick: bool) -> Value {
     let amortised_runs = (runs / 10).max(20);
     let established = |_| tcp_flags(LOCAL_POD, 40_000, PEER, 80, ACK);
     let new_flow = |i: u32| tcp_flags(LOCAL_POD, (20_000 + i) as u16, PEER, 80, 0x02);
+    // The peer's answer, as the host hands it to the pod (`tc_to_pod`).
+    let reply = |_| tcp_flags(PEER, 80, LOCAL_POD, 40_000, ACK);
+    let into_pod = |dp: &mut Datapath| {
+        measure_repeat(
+            dp,
+            TcProgram::ToPod,
+            1,
+            amortised_runs,
+            REPEAT,
+            reply,
+            UNSPEC,
+        )
+    };
     let mut per_packet = Vec::new();
     let a = vec!["bench/a".to_owned()];
 
@@ -133,6 +147,8 @@ pub fn policy_costs(runs: u32, quick: bool) -> Value {
         UNSPEC,
     );
     per_packet.push(row("no policy on the node", 0, m, false));
+    let m = into_pod(&mut dp);
+    per_packet.push(row("into the pod: no policy on the node", 0, m, false));
     let base_single = measure(&mut dp, TcProgram::FromPod, 1, runs, new_flow, UNSPEC);
     per_packet.push(row(
         "no policy on the node, new flows",
@@ -166,6 +182,13 @@ pub fn policy_costs(runs: u32, quick: bool) -> Value {
         m,
         false,
     ));
+    let m = into_pod(&mut dp);
+    per_packet.push(row(
+        "into the pod: policies on the node, none selecting it",
+        0,
+        m,
+        false,
+    ));
     for n in [1usize, 100, 1_000] {
         program(&mut dp, &world(200, n, n), &a);
         // The flow remembered by its first packet, then every pass a hit.
@@ -183,6 +206,13 @@ pub fn policy_costs(runs: u32, quick: bool) -> Value {
             UNSPEC,
         );
         per_packet.push(row("pod selected, remembered flow", n, m, false));
+        let m = into_pod(&mut dp);
+        per_packet.push(row(
+            "into the pod: selected, reply of a remembered flow",
+            n,
+            m,
+            false,
+        ));
         let flows: Vec<_> = dp.maps().policy_ct.entries().unwrap();
         for (k, _) in flows {
             dp.maps_mut().policy_ct.remove(&k).unwrap();

@@ -505,15 +505,16 @@ fn section_6(md: &mut String, doc: &Value, plots: &Path) {
     let maps = arr(&doc["maps_by_node"]);
     if !maps.is_empty() {
         md.push_str("Kernel maps by node size, at default settings (the flow maps sized to the node's memory, see `ebpf/datapath/src/sizing.rs`): a datapath loaded with the capacities a node of that memory gets, its maps' kernel memory (`memlock`) empty and with 10,000 Services x 10 endpoints written as the agent writes them.\n\n");
-        md.push_str("| node memory | conntrack | socket reverse NAT | affinity | maps, empty MiB | maps, 10k Services MiB |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        md.push_str("| node memory | conntrack | socket reverse NAT | affinity | policy flows | maps, empty MiB | maps, 10k Services MiB |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for r in maps {
             let _ = writeln!(
                 md,
-                "| {} GiB | {} | {} | {} | {:.1} | {:.1} |",
+                "| {} GiB | {} | {} | {} | {} | {:.1} | {:.1} |",
                 r["node_memory_gib"],
                 r["conntrack"],
                 r["sock_revnat"],
                 r["affinity"],
+                r["policy_ct"],
                 f(&r["empty_bytes"]) / 1_048_576.0,
                 f(&r["filled_bytes"]) / 1_048_576.0
             );
@@ -698,9 +699,11 @@ fn section_8(md: &mut String, np: &Value) {
     }
     md.push_str("## 8. NetworkPolicy\n\n");
     md.push_str(
-        "Per packet at the pod's veth (`tc_from_pod`, BPF_PROG_TEST_RUN). Remembered flows: the \
-         same packet passed many times (amortised); new flows: single runs on fresh source \
-         ports, test-run overhead included, to compare with the single runs without policy.\n\n",
+        "Per packet at the pod's veth (BPF_PROG_TEST_RUN): `tc_from_pod` for what the pod sends, \
+         `tc_to_pod` (rows *into the pod*) for the replies the host hands to it. Remembered \
+         flows: the same packet passed many times (amortised); new flows: single runs on fresh \
+         source ports, test-run overhead included, to compare with the single runs without \
+         policy.\n\n",
     );
     md.push_str("| Path | Policies selecting the pod | Runs | Median ns | Min | Max |\n| --- | ---: | --- | ---: | ---: | ---: |\n");
     for r in arr(&np["per_packet"]) {
