@@ -148,7 +148,37 @@ impl Lab {
     }
 
     fn ip(&self, id: &str) -> std::net::Ipv4Addr {
-        self.pods.iter().find(|(p, _)| p == id).unwrap().1.ip
+        self.pod(id).ip
+    }
+
+    /// The pod `namespace/name`.
+    fn pod(&self, id: &str) -> Pod {
+        self.pods.iter().find(|(p, _)| p == id).unwrap().1.clone()
+    }
+
+    /// Service `web` of namespace y at `cluster_ip`:80, its one backend y/b, programmed on
+    /// both nodes.
+    fn web_service(&self, cluster_ip: &str) {
+        use ferrox::services::testing::{slice, svc};
+        let c = &self.cluster;
+        c.api().apply(
+            &svc("web")
+                .namespace("y")
+                .cluster_ip(cluster_ip)
+                .port("", 80, "TCP")
+                .build(),
+        );
+        c.api().apply(
+            &slice("web", "web-1")
+                .namespace("y")
+                .port("", 80, "TCP")
+                .ready(self.ip("y/b"))
+                .build(),
+        );
+        for n in [1, 2] {
+            c.node(n)
+                .wait_for_backends(&format!("{cluster_ip}:80/TCP"), 1);
+        }
     }
 
     /// Replaces the policies in the API (and in the model) by `policies`.
@@ -856,33 +886,11 @@ fn progress(stream: &ferrox_tests::harness::Proc, at_least: u64) -> u64 {
 /// restarted, after which the policies still hold.
 #[test]
 fn egress_to_services_is_judged_on_backends_and_allowed_flows_outlive_updates_and_restarts() {
-    use ferrox::services::testing::{slice, svc};
     let mut lab = Lab::new();
+    lab.web_service("10.96.0.50");
     let c = &lab.cluster;
     let yb = lab.ip("y/b");
-    c.api().apply(
-        &svc("web")
-            .namespace("y")
-            .cluster_ip("10.96.0.50")
-            .port("", 80, "TCP")
-            .build(),
-    );
-    c.api().apply(
-        &slice("web", "web-1")
-            .namespace("y")
-            .port("", 80, "TCP")
-            .ready(yb)
-            .build(),
-    );
-    c.node(1).wait_for_backends("10.96.0.50:80/TCP", 1);
-    c.node(2).wait_for_backends("10.96.0.50:80/TCP", 1);
-    let xa = lab
-        .pods
-        .iter()
-        .find(|(id, _)| id == "x/a")
-        .unwrap()
-        .1
-        .clone();
+    let xa = lab.pod("x/a");
     let hooked = xa.place.clone();
     let unhooked = c.unhooked(&xa);
     assert!(reaches(&hooked, "10.96.0.50:80"));
@@ -947,21 +955,8 @@ fn egress_to_services_is_judged_on_backends_and_allowed_flows_outlive_updates_an
 
     // A connection from x/b to x/a, allowed by each policy x/a gets in turn.
     lab.set_policies(&[]);
-    let xb = lab
-        .pods
-        .iter()
-        .find(|(id, _)| id == "x/b")
-        .unwrap()
-        .1
-        .clone();
-    let xc = lab
-        .pods
-        .iter()
-        .find(|(id, _)| id == "x/c")
-        .unwrap()
-        .1
-        .place
-        .clone();
+    let xb = lab.pod("x/b");
+    let xc = lab.pod("x/c").place;
     let target = format!("{}:80", xa.ip);
     let mut stream = xb.spawn(&["stream", &target]);
     let mut seen = progress(&stream, 1);
@@ -1085,13 +1080,7 @@ fn reaches_from(place: &ferrox_tests::harness::Place, from: &str, target: &str) 
 #[test]
 fn ingress_is_judged_at_the_pods_veth_whatever_hands_it_the_packet() {
     let mut lab = Lab::new();
-    let xa = lab
-        .pods
-        .iter()
-        .find(|(id, _)| id == "x/a")
-        .unwrap()
-        .1
-        .clone();
+    let xa = lab.pod("x/a");
     let node = lab.cluster.node(xa.node);
     for args in [
         &[
@@ -1175,27 +1164,11 @@ fn ingress_is_judged_at_the_pods_veth_whatever_hands_it_the_packet() {
     // the per-packet path: the replies come into it from the frontend's address, translated
     // back before its veth, and pass as its own flow's (on each node: backend y/b local to
     // node 1, remote from node 2).
-    use ferrox::services::testing::{slice, svc};
+    lab.web_service("10.96.0.51");
     let c = &lab.cluster;
-    let yb = lab.ip("y/b");
-    c.api().apply(
-        &svc("web")
-            .namespace("y")
-            .cluster_ip("10.96.0.51")
-            .port("", 80, "TCP")
-            .build(),
-    );
-    c.api().apply(
-        &slice("web", "web-1")
-            .namespace("y")
-            .port("", 80, "TCP")
-            .ready(yb)
-            .build(),
-    );
     let cni = ferrox_tests::harness::bin_path("ferrox-cni");
     let mut shaped = Vec::new();
     for n in [1, 2] {
-        c.node(n).wait_for_backends("10.96.0.51:80/TCP", 1);
         let mut plugin = c.node(n).cni_conf();
         plugin["runtimeConfig"] = json!({"bandwidth": {
             "ingressRate": 1_000_000_000u64, "ingressBurst": 100_000_000u64,
@@ -1209,14 +1182,7 @@ fn ingress_is_judged_at_the_pods_veth_whatever_hands_it_the_packet() {
         );
         shaped.push(pod);
     }
-    let xa_place = lab
-        .pods
-        .iter()
-        .find(|(id, _)| id == "x/a")
-        .unwrap()
-        .1
-        .place
-        .clone();
+    let xa_place = lab.pod("x/a").place;
     let first = shaped[0].ip;
     let _server = shaped[0].serve(8080);
     assert!(reaches(&xa_place, &format!("{first}:8080")));

@@ -253,6 +253,7 @@ fn the_programs_drop_exactly_the_flows_the_model_denies() {
             }
         }
     }
+    eprintln!("{probes} probes");
     assert!(probes > 10_000, "only {probes} probes");
     assert!(
         failures.is_empty(),
