@@ -10,12 +10,16 @@
 //!   [`sockets`] (closing sockets to departed backends), [`observability`] (`/metrics`,
 //!   `/healthz`, the status socket and the status document).
 //!
+//! - Shared by them: [`logging`] (log output) and [`heap`] (the allocator's arenas, and giving
+//!   freed memory back).
+//!
 //! `cargo xtask lint` checks that these modules import each other without a cycle.
 
 pub mod bgp;
 pub mod cli;
 pub mod conntrack;
 pub mod daemon;
+pub mod heap;
 pub mod ipam;
 pub mod logging;
 pub mod observability;

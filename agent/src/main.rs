@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(args) => {
             logging::init(args.log_format);
+            ferrox::heap::use_one_arena();
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

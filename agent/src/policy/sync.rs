@@ -341,19 +341,9 @@ pub async fn run(client: Client, node: String, layout: PinLayout, node_config: s
             }
         }
         drop((world, compiled, report));
-        give_back_freed_memory();
+        crate::heap::give_back_free_memory();
         notify.notified().await;
         tokio::time::sleep(COALESCE).await;
-    }
-}
-
-/// Returns the heap the compile just freed to the kernel: a world of 10,000 Pods is tens of
-/// MiB while it is built, which the allocator would otherwise keep as resident memory.
-fn give_back_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory at the top of the heap and in free pages.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -310,24 +310,13 @@ pub async fn run(
         }
         health.synced();
         if full {
-            release_free_memory();
+            crate::heap::give_back_free_memory();
             for s in &table.skipped {
                 debug!(service = %format!("{}/{}", s.namespace, s.name), reason = ?s.reason, "service not programmed");
             }
         }
     }
     anyhow::bail!("every watch ended")
-}
-
-/// Hands the heap's free pages back to the kernel after a full sync: decoding a (re)list of
-/// thousands of objects frees most of what it allocated, and glibc's allocator would otherwise
-/// keep those pages resident. (musl's allocator, in the image, unmaps freed memory itself.)
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// When to retry entries that failed to program: 1 s after the first failing sync, doubling up
