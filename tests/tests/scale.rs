@@ -149,7 +149,7 @@ fn ten_thousand_services_converge_and_one_more_works_at_once() {
         m.services.remove(&k).unwrap();
     }
     for (id, _) in m.backends.entries().unwrap() {
-        m.backends.remove(&id).unwrap();
+        m.remove_backend(id).unwrap();
     }
     eprintln!("emptied the maps in {:.1?}", emptied.elapsed());
     let restarted = Instant::now();

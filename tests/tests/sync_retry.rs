@@ -73,7 +73,7 @@ fn an_entry_that_hit_a_full_map_is_retried_until_it_is_programmed() {
 
     // Room again: the next retry programs it, with no change from the API.
     for i in 0..filled {
-        maps.backends.remove(&junk(i)).unwrap();
+        maps.remove_backend(junk(i)).unwrap();
     }
     n.wait_for_backends("10.96.8.8:80/TCP", 1);
     let (answers, _) = c.add_pod(1, "client").call_tcp("10.96.8.8:80", 3);

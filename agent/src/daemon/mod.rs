@@ -378,6 +378,8 @@ fn write_datapath_config(
     };
     dp.maps_mut().config.set(&cfg)?;
     dp.maps_mut().host_netns.set(node::netns_cookie()?)?;
+    // Backends may have left while no agent ran: every tracked flow checks its own again.
+    dp.maps_mut().backends_removed()?;
     info!(node_addr = ?node_addr, uplink, "datapath configuration written");
     Ok(node_addr)
 }

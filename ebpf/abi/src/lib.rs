@@ -70,6 +70,12 @@ pub mod map_names {
     /// Array of one `u64`: the network namespace cookie of the node's host namespace (set by the
     /// agent); loopback frontends (`127.0.0.1:<nodePort>`) apply only there.
     pub const HOST_NETNS: &str = "HOST_NETNS_V1";
+    /// Array of one `u32`: how many times backends were removed from [`BACKENDS`] (written by
+    /// the agent after each removal, and once at its start). A packet of a tracked flow looks
+    /// its backend up only when this count moved since its entry last did
+    /// ([`crate::CtEntry::backends_gen`]), or when the entry's last-seen time is refreshed: a
+    /// busy flow's packets do no [`BACKENDS`] lookup while no backend leaves.
+    pub const BACKENDS_GEN: &str = "BACKENDS_GEN_V1";
 
     /// LPM trie of [`crate::IpcacheKey`] -> [`crate::IpcacheValue`]: the NetworkPolicy
     /// identity of every address (pods by /32, the prefixes policies' ipBlocks name).
@@ -95,7 +101,7 @@ pub mod map_names {
     pub const OBSOLETE: [&str; 1] = ["COUNTERS_V1"];
 
     /// Every map the datapath pins, in a stable order.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         BACKENDS,
         SOCK_REVNAT,
@@ -119,6 +125,7 @@ pub mod map_names {
         POLICY_ENDPOINTS,
         POLICY_CT,
         POLICY_ON,
+        BACKENDS_GEN,
     ];
 }
 
@@ -386,7 +393,10 @@ pub struct CtEntry {
     /// The largest IP total length the cached route was checked to carry; a longer packet
     /// looks its route up again (and learns the path's MTU).
     pub fwd_max_len: u16,
-    pub _pad: [u8; 2],
+    /// The low 16 bits of [`map_names::BACKENDS_GEN`] when this original-direction entry's
+    /// backend was last found present; while they still match, its packets skip the lookup.
+    /// (Entries of earlier versions hold 0 here, which the agent's bump at start makes stale.)
+    pub backends_gen: u16,
 }
 
 /// Bits of [`CtEntry::fwd_flags`]. The programs fill the cache from a FIB lookup and look the

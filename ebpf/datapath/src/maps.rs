@@ -235,7 +235,11 @@ impl Counters {
 /// Every map of the datapath, opened from its pin.
 pub struct Maps {
     pub services: TypedHash<ServiceKey, ServiceValue>,
+    /// Backend id -> backend. Remove through [`Maps::remove_backend`], which tells the
+    /// programs' conntrack to look again.
     pub backends: TypedHash<u32, Backend>,
+    /// How many times backends were removed (`BACKENDS_GEN_V1`).
+    pub backends_gen: Single<u32>,
     pub sock_revnat: TypedHash<SockRevNatKey, SockRevNatValue>,
     pub endpoints: TypedHash<EndpointKey, EndpointInfo>,
     pub affinity: TypedHash<AffinityKey, AffinityValue>,
@@ -598,6 +602,7 @@ impl Maps {
         Ok(Self {
             services: TypedHash::open(layout, map_names::SERVICES)?,
             backends: TypedHash::open(layout, map_names::BACKENDS)?,
+            backends_gen: Single::open(layout, map_names::BACKENDS_GEN)?,
             sock_revnat: TypedHash::open(layout, map_names::SOCK_REVNAT)?,
             endpoints: TypedHash::open(layout, map_names::ENDPOINTS)?,
             affinity: TypedHash::open(layout, map_names::AFFINITY)?,
@@ -614,6 +619,25 @@ impl Maps {
             policy_ct: TypedHash::open(layout, map_names::POLICY_CT)?,
             policy_filter: PolicyFilter::open(layout)?,
         })
+    }
+
+    /// Removes a backend (true if it was there) and counts the removal in `BACKENDS_GEN_V1`,
+    /// after it: a tracked flow's next packet then looks its backend up (flows skip that lookup
+    /// while the count stands still), so a flow whose backend left learns it at once.
+    pub fn remove_backend(&mut self, id: u32) -> Result<bool> {
+        let removed = self.backends.remove(&id)?;
+        if removed {
+            self.backends_removed()?;
+        }
+        Ok(removed)
+    }
+
+    /// Counts a removal of backends without removing one: every tracked flow's next packet
+    /// checks its backend. The agent calls it at start, when the backends may have changed
+    /// while no agent ran.
+    pub fn backends_removed(&mut self) -> Result<()> {
+        let n = self.backends_gen.get()?;
+        self.backends_gen.set(n.wrapping_add(1))
     }
 }
 

@@ -1239,7 +1239,7 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
                 },
             )
             .unwrap();
-        dp.maps_mut().backends.remove(&6).unwrap();
+        dp.maps_mut().remove_backend(6).unwrap();
         failures.extend(play(&mut dp, &phase3, &mut snat_port));
         failures
     });

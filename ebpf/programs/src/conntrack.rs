@@ -14,7 +14,7 @@ use crate::{
     ct_map::{EEXIST, create, lookup, remove},
     flow::Flow,
     lb::{admit, flow_hash, pick_backend},
-    maps::{BACKENDS_V1, CONFIG_V1},
+    maps::{BACKENDS_GEN_V1, BACKENDS_V1, CONFIG_V1},
     nat::{Cache, Outcome, translate},
     packet::Hooked,
 };
@@ -45,6 +45,14 @@ pub(crate) fn touch(entry: *mut CtEntry, last_seen_ns: u64) -> bool {
     } else {
         false
     }
+}
+
+/// The low 16 bits of the count of backend removals (`BACKENDS_GEN_V1`), which an entry
+/// compares with the count its backend was last found present at.
+#[inline(always)]
+pub(crate) fn backends_gen() -> u16 {
+    // Array element 0 always exists; truncation to the bits an entry keeps is intended.
+    BACKENDS_GEN_V1.get(0).map_or(0, |g| *g as u16)
 }
 
 /// How many source ports SNAT tries for a new flow before giving up.
@@ -112,6 +120,59 @@ pub(crate) fn backend_alive(entry: *const CtEntry) -> bool {
     }
 }
 
+/// What [`check_backend`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// There; `refreshed`: the entry's last-seen time was written (see [`touch`]).
+    Present { refreshed: bool },
+    /// Gone, and the packet may start the flow over: its entries were removed.
+    StartOver,
+    /// Gone, and the packet cannot start over (a TCP segment other than a SYN); the entry's
+    /// time is left as it was, so that packets dropped for it do not keep it from idling out.
+    Gone,
+}
+
+/// Whether the backend of an original-direction entry (last seen at `last_seen_ns`) is still
+/// there, marking the entry used when it is. The backend is looked up only when some backend
+/// left since the entry last found its own present, or when the entry's time is due anyway
+/// (which bounds what a lost count could miss): a busy flow's other packets skip the lookup.
+/// A gone backend's entries are removed when the packet may start over (`restart`: any UDP
+/// datagram, a TCP SYN). A function of its own (a BPF-to-BPF call): its locals stay off the
+/// packet path's stack.
+#[inline(never)]
+pub(crate) fn check_backend(
+    entry: *mut CtEntry,
+    key: &CtKey,
+    last_seen_ns: u64,
+    restart: bool,
+) -> Backend {
+    let now = now_ns();
+    let stale = now.wrapping_sub(last_seen_ns) > LAST_SEEN_RESOLUTION_NS;
+    let current = backends_gen();
+    // SAFETY: `entry` comes from a successful lookup; one field read.
+    if !stale && unsafe { (*entry).backends_gen } == current {
+        return Backend::Present { refreshed: false };
+    }
+    if backend_alive(entry) {
+        // SAFETY: as above; only these two fields are written (a torn timestamp is harmless).
+        unsafe {
+            (*entry).backends_gen = current;
+            if stale {
+                (*entry).last_seen_ns = now;
+            }
+        }
+        return Backend::Present { refreshed: stale };
+    }
+    if !restart {
+        return Backend::Gone;
+    }
+    // SAFETY: as above, read by copy.
+    let other = other_direction(key, &unsafe { *entry });
+    remove(&other);
+    remove(key);
+    Backend::StartOver
+}
+
 /// A packet of a tracked flow: translated as its conntrack entry says. `None` when the flow
 /// must be treated as new: its backend left and this packet may start over (any UDP datagram,
 /// a TCP SYN); its entries are removed first.
@@ -134,17 +195,16 @@ pub(crate) fn tracked<C: Hooked + EbpfContext>(
         _ => 0,
     };
     let syn = tcp & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if flags & ct_flags::REPLY == 0 && !backend_alive(entry) {
-        if flow.proto == proto::UDP || syn {
-            // SAFETY: as above, read by copy.
-            let other = other_direction(&key, &unsafe { *entry });
-            remove(&other);
-            remove(&key);
-            return None;
+    let refresh = if flags & ct_flags::REPLY == 0 {
+        let restart = flow.proto == proto::UDP || syn;
+        match check_backend(entry, &key, last_seen_ns, restart) {
+            Backend::Present { refreshed } => refreshed,
+            Backend::StartOver => return None,
+            Backend::Gone => return Some((Reason::DropBackendGone, C::DROP)),
         }
-        return Some((Reason::DropBackendGone, C::DROP));
-    }
-    let refresh = touch(entry, last_seen_ns);
+    } else {
+        touch(entry, last_seen_ns)
+    };
     if tcp & (TCP_FIN | TCP_RST) != 0 || (syn && flags & (ct_flags::FIN | ct_flags::CLOSING) != 0) {
         tcp_state(&key, entry, tcp, syn);
     }
@@ -283,6 +343,7 @@ pub(crate) fn track_new(
         rev_nat_id: frontend.rev_nat_id,
         flags,
         last_seen_ns: now,
+        backends_gen: backends_gen(),
         ..CtEntry::default()
     };
     let reply = CtEntry {

@@ -107,6 +107,10 @@ pub static FRAG_V1: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity
 #[map]
 pub static HOST_NETNS_V1: Array<u64> = Array::pinned(1, 0);
 
+/// Element 0: how many times backends were removed (see `ferrox_abi::map_names::BACKENDS_GEN`).
+#[map]
+pub static BACKENDS_GEN_V1: Array<u32> = Array::pinned(1, 0);
+
 /// NetworkPolicy: the identity of each address (written by the agent).
 #[map]
 pub static IPCACHE_V1: LpmTrie<IpcacheKey, IpcacheValue> =

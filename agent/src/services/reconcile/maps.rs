@@ -61,7 +61,7 @@ impl ServiceMaps for NodeMaps {
         self.maps.backends.insert(&id, backend)
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
-        self.maps.backends.remove(&id).map(drop)
+        self.maps.remove_backend(id).map(drop)
     }
     fn write_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), WriteError> {
         self.maps.services.insert(key, value)

@@ -507,7 +507,7 @@ pub fn ferrox(sizes: &[usize], exchanges: usize) -> (Vec<Value>, Vec<Value>, Vec
             m.services.remove(&k).unwrap();
         }
         for (id, _) in m.backends.entries().unwrap() {
-            m.backends.remove(&id).unwrap();
+            m.remove_backend(id).unwrap();
         }
         // Timed by the agent's own log: when its full sync ended (polling the maps would cost
         // the agent CPU at 10,000 Services).
