@@ -41,7 +41,7 @@ pub use programs::{OBJECT, Origin};
 pub use resize::{KeptLarger, Leftover, MapCopy, RESIZABLE, Resize};
 pub use sizing::Sizing;
 pub use tc_filter::{BpfFilter, POD_FILTER_HANDLE, POD_FILTER_PRIORITY};
-pub use testrun::{TcProgram, TestRunOutput};
+pub use testrun::{RunStats, TcProgram, TestRunOutput};
 
 /// The loaded (or re-adopted) datapath of one node.
 pub struct Datapath {

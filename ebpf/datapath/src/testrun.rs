@@ -144,3 +144,47 @@ impl Datapath {
         })
     }
 }
+
+/// The kernel's run-time accounting of BPF programs, on while this lives (`BPF_ENABLE_STATS`):
+/// every run of every program then also reads the clock twice, so only a measurement that
+/// wants each program's own time (without the test run's set-up around it) turns it on.
+pub struct RunStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl RunStats {
+    pub fn enable() -> Result<Self> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(|fd| Self { _fd: fd })
+            .map_err(|e| DatapathError::Syscall {
+                cmd: "BPF_ENABLE_STATS",
+                path: "run time".into(),
+                source: e.io_error,
+            })
+    }
+}
+
+impl Datapath {
+    /// A TC program's total run time (ns) and run count so far, as the kernel accounts them
+    /// while [`RunStats`] are on.
+    pub fn tc_run_stats(&mut self, program: TcProgram) -> Result<(u64, u64)> {
+        let name = program.name();
+        let info = self
+            .programs
+            .tc(name)?
+            .info()
+            .map_err(|e| DatapathError::program("reading the info of", name, e))?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+    }
+
+    /// The same for the uplink's XDP program.
+    pub fn xdp_run_stats(&mut self) -> Result<(u64, u64)> {
+        let name = crate::programs::XDP_PROGRAM;
+        let info = self
+            .programs
+            .xdp
+            .info()
+            .map_err(|e| DatapathError::program("reading the info of", name, e))?;
+        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+    }
+}

@@ -109,8 +109,16 @@ pub fn encap(ctx: &TcContext, reason: Reason) -> (Reason, i32) {
         daddr: tunnel.remote,
     };
     outer.check = ipv4_checksum(&outer);
-    if ctx.store(ETH_HLEN, &outer, 0).is_err() {
-        return (Reason::DropTunnelEncap, TC_ACT_SHOT);
+    // Written in place where the room lies in the linear data (as it does: the kernel makes it
+    // there), with the helper otherwise.
+    match ctx.header_mut::<Ipv4Hdr>(ETH_HLEN) {
+        // SAFETY: `header_mut` checked that a whole `Ipv4Hdr` lies in the writable frame.
+        Some(p) => unsafe { p.write_unaligned(outer) },
+        None => {
+            if ctx.store(ETH_HLEN, &outer, 0).is_err() {
+                return (Reason::DropTunnelEncap, TC_ACT_SHOT);
+            }
+        }
     }
     (Reason::TunnelEncap, TC_ACT_UNSPEC)
 }
@@ -215,8 +223,15 @@ pub fn decap(ctx: &TcContext) -> Decap {
     if ihl < 20 {
         return Decap::Drop(Reason::DropTunnelMalformed);
     }
-    // Copied out with a helper: the offset depends on the outer header's length.
-    let inner_version = ctx.load::<u8>(ETH_HLEN + ihl).map_or(0, |b| b >> 4);
+    // Read in place behind an outer header without options (the usual one), else copied out
+    // with a helper (the verifier cannot follow a variable offset).
+    let inner_version = if ihl == 20 {
+        // SAFETY: `header` checked that the byte lies inside the frame.
+        ctx.header::<u8>(ETH_HLEN + 20)
+            .map_or(0, |b| unsafe { *b } >> 4)
+    } else {
+        ctx.load::<u8>(ETH_HLEN + ihl).map_or(0, |b| b >> 4)
+    };
     if inner_version != 4 {
         return Decap::Drop(Reason::DropTunnelMalformed);
     }

@@ -15,7 +15,10 @@
 //! runs of [`REPEAT`] passes where a pass's output is again an input of the same path: the
 //! baseline and the miss leave the packet alone, and an established flow and a reply go through
 //! a pair of conntrack entries that translate into each other ([`ping_pong`]); for the other
-//! paths it is the single-run median less the overhead the baseline shows. The classify-and-
+//! paths (a new flow must be new, encapsulation and decapsulation change the packet's path) it
+//! is the program's own time in single runs, from the kernel's run-time stats ([`program_time`]:
+//! the test run's set-up is outside it), less the stats' own clock reads, compared with the
+//! baseline's own time measured alike ([`figures`]). The classify-and-
 //! count program of the uplink's egress is the baseline every path is compared with. A full run
 //! (or `--profile`) has `perf` record where the time of each repeatable path goes;
 //! `FX_BENCH_KEEP_PERF=<dir>` keeps the recordings (`perf report -i <dir>/<program>.perf`).
@@ -35,7 +38,7 @@ use ferrox_abi::{
     Backend, CtEntry, CtKey, DatapathConfig, ServiceKey, ServiceValue, backend_flags, ct_flags,
     scope, svc_flags,
 };
-use ferrox_datapath::{Datapath, TcProgram, bpffs::ScratchBpffs};
+use ferrox_datapath::{Datapath, RunStats, TcProgram, bpffs::ScratchBpffs};
 use ferrox_tests::harness::Cluster;
 use serde_json::{Value, json};
 
@@ -299,8 +302,10 @@ fn xdp_ping_pong(dp: &mut Datapath, layout: &ferrox_datapath::PinLayout, port: u
 
 /// Where the time of a path goes: `perf record` on this thread while it runs the path over and
 /// over (runs of `repeat` passes over `input(i)`; 1 for a path that needs a fresh input every
-/// time, whose profile then includes the test-run overhead), then the symbols with the most
-/// samples (percent, name). Empty when `perf` is not there or records nothing.
+/// time), then the symbols with the most samples (percent, name). Single runs are recorded with
+/// call chains and only the samples inside the program (the JIT-ed `bpf_prog_<tag>_<name>` and
+/// what it calls) are kept, as percentages of those: the test run's set-up, which dominates a
+/// single run, is left out. Empty when `perf` is not there or records nothing.
 fn profile(
     dp: &mut Datapath,
     program: impl Into<Run>,
@@ -314,7 +319,9 @@ fn profile(
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     let Ok(mut perf) = Command::new("perf")
-        .args(["record", "-q", "-F", "9999", "-t", &tid.to_string(), "-o"])
+        .args(["record", "-q", "-F", "9999", "-t", &tid.to_string()])
+        .args(if repeat == 1 { &["-g"][..] } else { &[] })
+        .arg("-o")
         .arg(&data)
         .args(["--", "sleep", "2"])
         .stdout(std::process::Stdio::null())
@@ -335,16 +342,15 @@ fn profile(
         i += 1;
     }
     let _ = perf.wait();
+    let inside = repeat == 1;
     let report = Command::new("perf")
-        .args([
-            "report",
-            "--stdio",
-            "-q",
-            "--no-children",
-            "--sort",
-            "sym",
-            "-i",
-        ])
+        .args(["report", "--stdio", "-q", "--no-children", "--sort", "sym"])
+        .args(if inside {
+            &["-g", "none", "--parent", "^bpf_prog_[0-9a-f]{16}_", "-x"][..]
+        } else {
+            &[]
+        })
+        .arg("-i")
         .arg(&data)
         .output();
     if let Ok(keep) = std::env::var("FX_BENCH_KEEP_PERF") {
@@ -354,55 +360,105 @@ fn profile(
     let Ok(report) = report else {
         return Vec::new();
     };
-    String::from_utf8_lossy(&report.stdout)
+    let rows: Vec<(f64, String)> = String::from_utf8_lossy(&report.stdout)
         .lines()
         .filter_map(|l| {
             let (pct, rest) = l.trim().split_once('%')?;
-            let sym = rest.trim().trim_start_matches(['[', 'k', ']', '.']).trim();
+            let rest = rest.trim().trim_start_matches(['[', 'k', ']', '.']).trim();
+            // With call chains, a second column names the program the sample was under.
+            let sym = if inside {
+                rest.split_whitespace().next()?
+            } else {
+                rest
+            };
             Some((pct.trim().parse().ok()?, sym.to_owned()))
         })
+        .collect();
+    // Inside the program: shares of the program's samples.
+    let total: f64 = if inside {
+        rows.iter().map(|r| r.0).sum()
+    } else {
+        100.0
+    };
+    rows.into_iter()
+        .filter(|_| total > 0.0)
+        .map(|(p, sym)| (p * 100.0 / total, sym))
         .take(20)
         .collect()
 }
 
-/// The rows of one Service count: each path's single-run figures, and its cost per packet
-/// without the test-run overhead: the amortised median where the path has one, else the
-/// single-run median less the overhead (the baseline's single-run median less its amortised
-/// one).
+/// The rows of one Service count: each path's single-run figures, its cost per packet without
+/// the test-run overhead, and its ratio to the baseline. Where the path has an amortised median
+/// (the same packet passed many times), that is its cost and the ratio is to the baseline's
+/// amortised median. Else the cost is the program's own time in single runs (run-time stats,
+/// `own`) less what single runs add to the baseline's (its own time less its amortised median:
+/// the stats' clock reads, and a colder start); for XDP paths, to the XDP miss's. A single run
+/// on a fresh input being colder than a pass over the same packet, by more the more the path
+/// does, the ratio of such a path is its own time to the baseline's own time, both single runs
+/// measured alike. The former estimate, the single-run median less the whole test-run overhead
+/// the baseline shows, stays in the JSON.
 fn figures(
     n: u32,
     single: &[(&str, (u64, u64, u64))],
     amortised: &[(&str, (u64, u64, u64))],
+    own: &[(&str, Own)],
 ) -> Vec<Value> {
     let find = |v: &[(&str, (u64, u64, u64))], p: &str| v.iter().find(|x| x.0 == p).map(|x| x.1);
     // The test run's own overhead differs between TC (an skb to build) and XDP: each path's
     // is measured on its hook's cheapest repeatable path.
-    let overhead_of = |reference: &str| match (find(single, reference), find(amortised, reference))
-    {
+    let less = |v: &[(&str, (u64, u64, u64))], reference: &str| match (
+        find(v, reference),
+        find(amortised, reference),
+    ) {
         (Some(s), Some(a)) => s.0.saturating_sub(a.0),
         _ => 0,
     };
-    let (tc_overhead, xdp_overhead) = (overhead_of(BASELINE), overhead_of(XDP_MISS));
+    let (tc_overhead, xdp_overhead) = (less(single, BASELINE), less(single, XDP_MISS));
+    let own_of = |p: &str| own.iter().find(|x| x.0 == p).map(|x| x.1);
+    let clock_of = |reference: &str| match (own_of(reference), find(amortised, reference)) {
+        (Some(o), Some(a)) => o.median.saturating_sub(a.0),
+        _ => 0,
+    };
+    let (tc_clock, xdp_clock) = (clock_of(BASELINE), clock_of(XDP_MISS));
+    let base_amortised = find(amortised, BASELINE).map_or(0, |a| a.0);
+    let ratio = |a: u64, b: u64| {
+        if b == 0 {
+            f64::NAN
+        } else {
+            a as f64 / b as f64
+        }
+    };
     single
         .iter()
         .map(|&(path, m)| {
-            let overhead = if path.starts_with("XDP") {
-                xdp_overhead
-            } else {
-                tc_overhead
-            };
-            let (per_packet, method, am) = match find(amortised, path) {
-                Some(a) => (a.0, "repeated", Some(a)),
-                None => (m.0.saturating_sub(overhead), "single run less overhead", None),
+            let xdp = path.starts_with("XDP");
+            let overhead = if xdp { xdp_overhead } else { tc_overhead };
+            let clock = if xdp { xdp_clock } else { tc_clock };
+            let less_overhead = m.0.saturating_sub(overhead);
+            let (per_packet, method, to_base, am) = match (find(amortised, path), own_of(path)) {
+                (Some(a), _) => (a.0, "repeated", ratio(a.0, base_amortised), Some(a)),
+                (None, Some(o)) => {
+                    let cost = o.median.saturating_sub(clock);
+                    (cost, "program's own time, single runs", ratio(o.median, o.baseline), None)
+                }
+                (None, None) => (
+                    less_overhead,
+                    "single run less overhead",
+                    ratio(less_overhead, base_amortised),
+                    None,
+                ),
             };
             eprintln!(
-                "{n:>7} services  {path:<54} {per_packet:>5} ns per packet ({method}); single run median {} (min {}, max {})",
+                "{n:>7} services  {path:<54} {per_packet:>5} ns per packet ({method}), {to_base:.2}x the baseline; single run median {} (min {}, max {})",
                 m.0, m.1, m.2
             );
             json!({
                 "services": n, "path": path, "median_ns": m.0, "min_ns": m.1, "max_ns": m.2,
                 "per_packet_ns": per_packet, "per_packet_method": method,
+                "ratio_to_baseline": to_base,
                 "amortised": am.map(|a| json!({"median_ns": a.0, "min_ns": a.1, "max_ns": a.2, "repeat": REPEAT})),
+                "own_time": own_of(path).map(|o| json!({"median_ns": o.median, "min_ns": o.min, "max_ns": o.max, "baseline_median_ns": o.baseline, "single_run_extra_ns": clock})),
+                "single_less_overhead_ns": less_overhead,
                 "test_run_overhead_ns": overhead,
             })
         })
@@ -518,6 +574,71 @@ fn measure_repeat(
         .collect();
     d.sort_unstable();
     (d[d.len() / 2], d[0], d[d.len() - 1])
+}
+
+/// The program's own time over `runs` single runs on inputs from `input(i)`, from the kernel's
+/// run-time stats (on only while this runs: they add two clock reads to every run of every
+/// program): the test run's set-up around the program (the skb, the copies, the syscall) is
+/// outside it. Each run is followed by one of the baseline on its fixed packet, so that the
+/// path and its reference see the machine alike (this VM's speed drifts within a run):
+/// median, min, max of the path, and the baseline's median.
+fn program_time(
+    dp: &mut Datapath,
+    program: impl Into<Run>,
+    ifindex: u32,
+    runs: u32,
+    input: impl Fn(u32) -> Vec<u8>,
+    want_action: i32,
+) -> Own {
+    let program = program.into();
+    let base_ifindex = ferrox_datapath::ifindex("up0").unwrap();
+    let base_input = tcp(NODE, 22, CLIENT, 40000);
+    let _stats = RunStats::enable().unwrap();
+    let one = |dp: &mut Datapath, program: Run, ifindex: u32, input: &[u8], want: i32| {
+        let stats = |dp: &mut Datapath| {
+            match program {
+                Run::Tc(p) => dp.tc_run_stats(p),
+                Run::Xdp => dp.xdp_run_stats(),
+            }
+            .unwrap()
+        };
+        let (t0, c0) = stats(dp);
+        let out = test_run(dp, program, input, ifindex, 1);
+        let (t1, c1) = stats(dp);
+        assert_eq!(out.action, want, "{program:?}: unexpected verdict");
+        assert_eq!(c1 - c0, 1, "{program:?}: one run accounted");
+        t1 - t0
+    };
+    let mut d = Vec::new();
+    let mut b = Vec::new();
+    for i in 0..runs {
+        d.push(one(dp, program, ifindex, &input(i), want_action));
+        b.push(one(
+            dp,
+            Run::Tc(TcProgram::UplinkEgress),
+            base_ifindex,
+            &base_input,
+            -1,
+        ));
+    }
+    d.sort_unstable();
+    b.sort_unstable();
+    Own {
+        median: d[d.len() / 2],
+        min: d[0],
+        max: d[d.len() - 1],
+        baseline: b[b.len() / 2],
+    }
+}
+
+/// What [`program_time`] measured.
+#[derive(Clone, Copy, Debug)]
+struct Own {
+    median: u64,
+    min: u64,
+    max: u64,
+    /// The baseline's median, in runs interleaved with the path's.
+    baseline: u64,
 }
 
 /// Busy CPU time of the whole machine so far, in seconds (`/proc/stat`: all but idle and iowait).
@@ -863,6 +984,13 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                 amortised.push((MISS, measure_repeat(&mut dp, TcProgram::UplinkIngress, up0, amortised_runs, REPEAT, |_| tcp(CLIENT, 40000, NODE, 22), PASS)));
                 let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |i| tcp(CLIENT, (20_000 + i) as u16, NODE, port), REDIRECT);
                 single.push((NEW, m));
+                // The programs' own time (run-time stats) where the per-packet figure comes
+                // from single runs; the baseline's and the XDP miss's calibrate the stats' own
+                // clock reads. New flows from clients of their own (198.20.x.y).
+                let mut own = Vec::new();
+                own.push((BASELINE, program_time(&mut dp, TcProgram::UplinkEgress, up0, runs, |_| tcp(NODE, 22, CLIENT, 40000), PASS)));
+                own.push((ESTABLISHED, program_time(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| tcp_flags(CLIENT, 20_000, NODE, port, ACK), REDIRECT)));
+                own.push((NEW, program_time(&mut dp, TcProgram::UplinkIngress, up0, runs, |i| tcp([198, 20, (i >> 8) as u8, i as u8], 20_000, NODE, port), REDIRECT)));
                 let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| tcp_flags(CLIENT, 20_000, NODE, port, ACK), REDIRECT);
                 single.push((ESTABLISHED, m));
                 let m = measure(&mut dp, TcProgram::FromPod, pod0, runs, |_| tcp_flags(LOCAL_POD, 8080, CLIENT, 20_000, ACK), REDIRECT);
@@ -878,6 +1006,8 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                 // SNATed flows: at most 1,000 of the 4,536 SNAT ports, so a port is always found.
                 let m = measure(&mut dp, Run::Xdp, up0, runs.min(1_000), |i| tcp(CLIENT, (30_100 + i) as u16, NODE, XDP_NEW_PORT), XDP_TX);
                 single.push((XDP_NEW, m));
+                own.push((XDP_MISS, program_time(&mut dp, Run::Xdp, up0, runs, |_| tcp(CLIENT, 40000, NODE, 22), XDP_PASS)));
+                own.push((XDP_NEW, program_time(&mut dp, Run::Xdp, up0, runs.min(1_000), |i| tcp(CLIENT, (31_100 + i) as u16, NODE, XDP_NEW_PORT), XDP_TX)));
                 let m = measure(&mut dp, Run::Xdp, up0, runs, |_| tcp_flags(CLIENT, XDP_PING_PONG_PORT, FRONTEND2, port, ACK), XDP_TX);
                 single.push((XDP_ESTABLISHED, m));
                 amortised.push((XDP_ESTABLISHED, measure_repeat(&mut dp, Run::Xdp, up0, amortised_runs, REPEAT, |_| tcp_flags(CLIENT, XDP_PING_PONG_PORT, FRONTEND2, port, ACK), XDP_TX)));
@@ -893,7 +1023,7 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                     ];
                     for (path, program, ifindex, input, repeat, action) in paths {
                         let top = profile(&mut dp, program, ifindex, &*input, repeat, action);
-                        eprintln!("profile of {path}{}:", if repeat == 1 { " (single runs, test-run overhead included)" } else { "" });
+                        eprintln!("profile of {path}{}:", if repeat == 1 { " (single runs, inside the program)" } else { "" });
                         for (pct, sym) in &top {
                             eprintln!("  {pct:>6.2}%  {sym}");
                         }
@@ -925,6 +1055,8 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                 single.push((ENCAP, m));
                 let m = measure(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| ipip(&tcp(REMOTE_POD, 8080, LOCAL_POD, 40000), NODE2, NODE), REDIRECT);
                 single.push((DECAP, m));
+                own.push((ENCAP, program_time(&mut dp, TcProgram::UplinkEgress, up0, runs, |_| tcp(LOCAL_POD, 40000, REMOTE_POD, 8080), PASS)));
+                own.push((DECAP, program_time(&mut dp, TcProgram::UplinkIngress, up0, runs, |_| ipip(&tcp(REMOTE_POD, 8080, LOCAL_POD, 40000), NODE2, NODE), REDIRECT)));
                 if profiling && n == 1 {
                     let paths: [(&str, TcProgram, Input, i32); 2] = [
                         (ENCAP, TcProgram::UplinkEgress, Box::new(|_| tcp(LOCAL_POD, 40000, REMOTE_POD, 8080)), PASS),
@@ -932,14 +1064,14 @@ fn per_packet(runs: u32, profiling: bool) -> (Vec<Value>, Vec<Value>) {
                     ];
                     for (path, program, input, action) in paths {
                         let top = profile(&mut dp, program, up0, &*input, 1, action);
-                        eprintln!("profile of {path} (single runs, test-run overhead included):");
+                        eprintln!("profile of {path} (single runs, inside the program):");
                         for (pct, sym) in &top {
                             eprintln!("  {pct:>6.2}%  {sym}");
                         }
                         profiles.push(json!({"path": path, "single_runs": true, "top": top.iter().map(|(p, s)| json!({"percent": p, "symbol": s})).collect::<Vec<_>>()}));
                     }
                 }
-                rows.extend(figures(n, &single, &amortised));
+                rows.extend(figures(n, &single, &amortised, &own));
                 dp.maps_mut().tunnels.remove("10.244.2.0/24".parse().unwrap()).unwrap();
             }
             (rows, profiles)
