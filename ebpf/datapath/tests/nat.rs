@@ -1255,7 +1255,9 @@ fn fragments_tcp_state_gone_backends_path_mtu_and_host_backends() {
 /// next packets are sent with it without a FIB lookup, even when the neighbour changed, until
 /// the entry's last-seen time is refreshed (a quarter second; here: aged by hand), when the
 /// route is looked up again; a packet longer than the cached route was checked for looks it up
-/// too (and a path too small for it answers with fragmentation-needed).
+/// too (and a path too small for it answers with fragmentation-needed). The same bound holds
+/// for the entry's backend: a removal nobody counted in `BACKENDS_GEN_V1` is noticed when the
+/// entry's time is due, and the dropped packets leave that time alone.
 #[test]
 fn established_flows_follow_the_route_cached_in_their_entry_until_it_is_refreshed() {
     let ns = node("c");
@@ -1419,6 +1421,50 @@ fn established_flows_follow_the_route_cached_in_their_entry_until_it_is_refreshe
             failures.push(format!(
                 "a DF packet over the new path MTU: action {}, packet {:02x?}",
                 out.action, out.packet
+            ));
+        }
+        // The backend leaves without the removal being counted (a writer other than
+        // `Maps::remove_backend`): the entry found its backend at the current count, so its
+        // packets skip the lookup until its time is due; then the packet finds it gone.
+        // (ACKs: a SYN to a gone backend starts its flow over instead.)
+        let ack = tcp(CLIENT, 40000, NODE, 30080)
+            .tcp_flags(0x10)
+            .dont_fragment()
+            .macs(up0_mac, CLIENT_MAC)
+            .build();
+        let ack_to_pod = tcp(CLIENT, 40000, LOCAL_POD, 8080)
+            .tcp_flags(0x10)
+            .dont_fragment()
+            .macs(POD_MAC, pod0_mac)
+            .build();
+        dp.maps_mut().backends.remove(&1).unwrap();
+        let out = dp
+            .test_run_tc_on(TcProgram::UplinkIngress, &ack, Some(up0), 1)
+            .unwrap();
+        if out.action != TC_ACT_REDIRECT || out.packet != ack_to_pod {
+            failures.push(format!(
+                "backend left uncounted, entry not due: action {} output\n  got  {:02x?}\n  want {:02x?}",
+                out.action, out.packet, ack_to_pod
+            ));
+        }
+        let aged = ferrox_abi::CtEntry {
+            last_seen_ns: 0,
+            ..dp.maps().conntrack.get(&key).unwrap().unwrap()
+        };
+        dp.maps_mut().conntrack.insert(&key, &aged).unwrap();
+        let out = dp
+            .test_run_tc_on(TcProgram::UplinkIngress, &ack, Some(up0), 1)
+            .unwrap();
+        if out.action != TC_ACT_SHOT {
+            failures.push(format!(
+                "an entry due whose backend left uncounted: action {} want {TC_ACT_SHOT}",
+                out.action
+            ));
+        }
+        let e = dp.maps().conntrack.get(&key).unwrap().unwrap();
+        if e.last_seen_ns != 0 {
+            failures.push(format!(
+                "a packet dropped for a gone backend refreshed the entry: {e:?}"
             ));
         }
         failures
