@@ -169,22 +169,20 @@ impl Datapath {
     /// while [`RunStats`] are on.
     pub fn tc_run_stats(&mut self, program: TcProgram) -> Result<(u64, u64)> {
         let name = program.name();
-        let info = self
-            .programs
-            .tc(name)?
-            .info()
-            .map_err(|e| DatapathError::program("reading the info of", name, e))?;
-        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+        run_stats(name, self.programs.tc(name)?.info())
     }
 
     /// The same for the uplink's XDP program.
     pub fn xdp_run_stats(&mut self) -> Result<(u64, u64)> {
-        let name = crate::programs::XDP_PROGRAM;
-        let info = self
-            .programs
-            .xdp
-            .info()
-            .map_err(|e| DatapathError::program("reading the info of", name, e))?;
-        Ok((info.run_time().as_nanos() as u64, info.run_count()))
+        run_stats(crate::programs::XDP_PROGRAM, self.programs.xdp.info())
     }
+}
+
+/// Total run time (ns) and run count from a program's info.
+fn run_stats(
+    name: &'static str,
+    info: std::result::Result<aya::programs::ProgramInfo, aya::programs::ProgramError>,
+) -> Result<(u64, u64)> {
+    let info = info.map_err(|e| DatapathError::program("reading the info of", name, e))?;
+    Ok((info.run_time().as_nanos() as u64, info.run_count()))
 }

@@ -31,20 +31,26 @@ pub(crate) fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The time now when a last-seen time is older than its resolution (the entry's time is due,
+/// and so is a refresh of its cached route), else `None`.
+#[inline(always)]
+fn due(last_seen_ns: u64) -> Option<u64> {
+    let now = now_ns();
+    (now.wrapping_sub(last_seen_ns) > LAST_SEEN_RESOLUTION_NS).then_some(now)
+}
+
 /// Marks the entry used now. The time is written only when the stored one is older than its
 /// resolution (then true: the entry's cached route is due for a refresh too): most packets of a
 /// busy flow leave the entry's cache line alone.
 #[inline(always)]
 pub(crate) fn touch(entry: *mut CtEntry, last_seen_ns: u64) -> bool {
-    let now = now_ns();
-    if now.wrapping_sub(last_seen_ns) > LAST_SEEN_RESOLUTION_NS {
-        // SAFETY: `entry` comes from a successful lookup; only the timestamp is written (a torn
-        // timestamp is harmless).
-        unsafe { (*entry).last_seen_ns = now };
-        true
-    } else {
-        false
-    }
+    let Some(now) = due(last_seen_ns) else {
+        return false;
+    };
+    // SAFETY: `entry` comes from a successful lookup; only the timestamp is written (a torn
+    // timestamp is harmless).
+    unsafe { (*entry).last_seen_ns = now };
+    true
 }
 
 /// The low 16 bits of the count of backend removals (`BACKENDS_GEN_V1`), which an entry
@@ -146,22 +152,23 @@ pub(crate) fn check_backend(
     last_seen_ns: u64,
     restart: bool,
 ) -> Backend {
-    let now = now_ns();
-    let stale = now.wrapping_sub(last_seen_ns) > LAST_SEEN_RESOLUTION_NS;
+    let due = due(last_seen_ns);
     let current = backends_gen();
     // SAFETY: `entry` comes from a successful lookup; one field read.
-    if !stale && unsafe { (*entry).backends_gen } == current {
+    if due.is_none() && unsafe { (*entry).backends_gen } == current {
         return Backend::Present { refreshed: false };
     }
     if backend_alive(entry) {
         // SAFETY: as above; only these two fields are written (a torn timestamp is harmless).
         unsafe {
             (*entry).backends_gen = current;
-            if stale {
+            if let Some(now) = due {
                 (*entry).last_seen_ns = now;
             }
         }
-        return Backend::Present { refreshed: stale };
+        return Backend::Present {
+            refreshed: due.is_some(),
+        };
     }
     if !restart {
         return Backend::Gone;

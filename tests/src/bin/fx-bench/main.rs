@@ -565,13 +565,16 @@ fn measure_repeat(
     want_action: i32,
 ) -> (u64, u64, u64) {
     let program = program.into();
-    let mut d: Vec<u64> = (0..runs)
-        .map(|i| {
-            let out = test_run(dp, program, &input(i), ifindex, repeat);
-            assert_eq!(out.action, want_action, "{program:?}: unexpected verdict");
-            out.duration_ns
-        })
-        .collect();
+    spread((0..runs).map(|i| {
+        let out = test_run(dp, program, &input(i), ifindex, repeat);
+        assert_eq!(out.action, want_action, "{program:?}: unexpected verdict");
+        out.duration_ns
+    }))
+}
+
+/// median, min, max of some figures (at least one).
+fn spread(figures: impl Iterator<Item = u64>) -> (u64, u64, u64) {
+    let mut d: Vec<u64> = figures.collect();
     d.sort_unstable();
     (d[d.len() / 2], d[0], d[d.len() - 1])
 }
@@ -621,13 +624,12 @@ fn program_time(
             -1,
         ));
     }
-    d.sort_unstable();
-    b.sort_unstable();
+    let (median, min, max) = spread(d.into_iter());
     Own {
-        median: d[d.len() / 2],
-        min: d[0],
-        max: d[d.len() - 1],
-        baseline: b[b.len() / 2],
+        median,
+        min,
+        max,
+        baseline: spread(b.into_iter()).0,
     }
 }
 
